@@ -1,0 +1,100 @@
+"""The embedded default: a tiny linear DiT on the procedural shapes data, on CPU.
+
+    python -m sanajax.train --config=configs/tiny.py --workdir=/tmp/sanajax_tiny
+
+Trains the tiny DC-AE first (configs/dcae_tiny.py) when `config.ae.workdir` holds no
+checkpoint, then the DiT, then writes a sample grid and the GenEval-lite table.
+Same modules, trainer and checkpoint format as configs/sana_1600m.py; only numbers differ.
+Sizes were chosen by measuring step time on a 2-core CPU (see README, "Results").
+"""
+import ml_collections
+
+from sanajax import config_utils
+
+dcae_tiny = config_utils.load_sibling(__file__, "dcae_tiny")
+
+
+def get_config(arg=None):
+  del arg
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "shapes"  # or "folder:/path/to/images"
+  c.data.resolution = 64
+  c.data.num_workers = 0  # grain worker processes; 0 reads in the main process.
+  c.data.caption_clip_threshold = 25.0  # SANA `clip_thr`.
+  c.data.caption_temperature = 0.1  # SANA `clip_thr_temperature`.
+
+  # Autoencoder: a config of sanajax.models.dcae plus where its checkpoint lives.
+  c.ae = dcae_tiny.get_config().ae
+  c.ae.workdir = ""  # empty: WORKDIR/ae, trained first if it holds no checkpoint.
+  c.ae_train = dcae_tiny.get_config().train
+
+  # Text encoder: a tiny Gemma-2-architecture encoder, random from the seed, frozen.
+  c.text = ml_collections.ConfigDict()
+  c.text.kind = "tiny_gemma2"
+  c.text.max_length = 20  # tokens kept: BOS + the last max_length - 1.
+  c.text.chi_prompt = ""  # SANA's complex-human-instruction prefix (empty for tiny).
+  c.text.hidden_size = 64
+  c.text.num_layers = 2
+  c.text.num_heads = 4
+  c.text.num_kv_heads = 2
+  c.text.head_dim = 16
+  c.text.intermediate_size = 128
+  c.text.sliding_window = 8
+  c.text.final_logit_softcapping = 30.0
+  c.text.attn_logit_softcapping = 50.0
+  c.text.seed = 1234
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "sana_dit"
+  c.model.depth = 6
+  c.model.hidden_size = 128
+  c.model.linear_head_dim = 32  # self-attn heads = hidden / 32, as in SANA.
+  c.model.cross_num_heads = 4
+  c.model.cross_head_dim = 32
+  c.model.mlp_ratio = 2.5
+  c.model.patch_size = 1
+  c.model.caption_channels = c.text.get_ref("hidden_size")
+  c.model.in_channels = c.ae.get_ref("latent_channels")
+  c.model.use_pe = False
+  c.model.attn_eps = 1e-15  # diffusers; the original code uses 1e-8.
+  c.model.norm_eps = 1e-6
+  c.model.y_norm_scale = 0.01
+  c.model.qk_norm = False
+  c.model.dtype = "float32"  # compute dtype; parameters stay float32.
+  c.model.attn_impl = "xla"
+  c.model.remat = "none"
+
+  c.diffusion = ml_collections.ConfigDict()
+  c.diffusion.weighting = "logit_normal"  # logit_normal | mode | cosmap | uniform
+  c.diffusion.logit_mean = 0.0
+  c.diffusion.logit_std = 1.0
+  c.diffusion.mode_scale = 1.29
+  c.diffusion.flow_shift = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 1500
+  c.train.batch_size = 64
+  c.train.optimizer = "adamw"  # adamw | came
+  c.train.learning_rate = 1e-3
+  c.train.warmup_steps = 100
+  c.train.schedule = "constant"  # constant | cosine
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 1.0
+  c.train.ema_decay = 0.999
+  c.train.caption_dropout = 0.1
+  c.train.log_every = 25
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 2
+  c.train.sample_every = 0  # 0: only at the end.
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.sampler = "flow_dpm"
+  c.sample.steps = 20
+  c.sample.cfg = 4.5
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_prompts = 240
+  return c

@@ -1,0 +1,65 @@
+"""Loading configs: `configs/*.py` files with `get_config(arg)`, as big_vision does.
+
+CLIs use `ml_collections.config_flags` (`--config=configs/tiny.py:ARG --config.train.num_steps=10`);
+tests and notebooks call `load_config(path, arg, overrides)`, which goes through the same code.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Mapping
+
+import ml_collections
+
+REPO_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def load_sibling(config_file: str, name: str):
+  """Imports configs/NAME.py next to `config_file` (config files are not a package)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), name + ".py")
+  spec = importlib.util.spec_from_file_location(f"sanajax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def config_path(name_or_path: str) -> str:
+  """Accepts 'tiny', 'configs/tiny.py' or any path to a config file."""
+  if os.path.exists(name_or_path):
+    return name_or_path
+  candidate = os.path.join(REPO_CONFIG_DIR, name_or_path if name_or_path.endswith(".py") else name_or_path + ".py")
+  if os.path.exists(candidate):
+    return candidate
+  raise FileNotFoundError(f"No config file {name_or_path!r} (looked in the working directory and {REPO_CONFIG_DIR}).")
+
+
+def load_config(name_or_path: str, arg: str | None = None,
+                overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """Loads a config file and applies dotted overrides, e.g. {"train.num_steps": 10}.
+
+  An override naming a field the config does not have is an error, as on the command line.
+  """
+  if ":" in name_or_path and arg is None and not os.path.exists(name_or_path):
+    name_or_path, arg = name_or_path.split(":", 1)
+  path = config_path(name_or_path)
+  spec = importlib.util.spec_from_file_location("sanajax_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg) if arg is not None else module.get_config()
+  for key, value in (overrides or {}).items():
+    set_field(config, key, value)
+  return config
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+  """Sets config.a.b.c = value, refusing unknown fields with the list of known ones."""
+  *parents, leaf = dotted.split(".")
+  node = config
+  for i, name in enumerate(parents):
+    if name not in node:
+      raise KeyError(f"Unknown config field {'.'.join(parents[:i + 1])!r}; known: {sorted(node.keys())}")
+    node = node[name]
+  if leaf not in node:
+    raise KeyError(f"Unknown config field {dotted!r}; known fields of {'.'.join(parents) or 'config'}: "
+                   f"{sorted(node.keys())}")
+  node[leaf] = value

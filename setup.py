@@ -1,0 +1,44 @@
+"""sanajax: SANA / SANA-Sprint in JAX + Flax.
+
+`kernels/` ships as `sanajax.kernels` (the bare name `kernels` is taken on PyPI).
+"""
+from setuptools import find_packages, setup
+
+_sanajax_packages = [p for p in find_packages(exclude=("tests", "tests.*", "kernels", "kernels.*"))
+                     if p == "sanajax" or p.startswith("sanajax.")]
+_kernel_packages = ["sanajax.kernels" + p[len("kernels"):] for p in find_packages(include=("kernels", "kernels.*"))]
+
+setup(
+    name="sanajax",
+    version="0.1.0",
+    description="SANA (linear DiT + deep-compression AE) and SANA-Sprint in JAX/Flax",
+    python_requires=">=3.11",
+    packages=_sanajax_packages + _kernel_packages,
+    package_dir={"sanajax.kernels": "kernels"},
+    install_requires=[
+        "jax>=0.10,<0.12",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "ml_collections>=1.0",
+        "absl-py>=2.0",
+        "grain>=0.2.12",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tensorboardX>=2.6",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        # PyTorch references for parity tests: the CPU wheel (torch==2.13.0) lies on disk.
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "torch==2.13.0",
+            "diffusers>=0.35",
+            "transformers>=4.50",
+            "safetensors>=0.4",
+        ],
+        "gpu": ["jax[cuda12]>=0.10,<0.12", "jax-triton"],
+        "tpu": ["jax[tpu]>=0.10,<0.12"],
+    },
+)
