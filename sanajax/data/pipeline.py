@@ -1,0 +1,228 @@
+"""Training input pipeline: source -> shard -> shuffle -> decode -> caption -> batch.
+
+Built on grain's `MapDataset` so that the whole order is a pure function of
+(seed, process_index, process_count, len(source)): the iterator state is only "how far
+along the stream we are", which makes checkpointed resume exact.
+
+    index stream   MapDataset.range(N)[p::P].seed(seed).shuffle().repeat()
+    example        source[idx] + one caption drawn with rng([seed, idx, epoch, 7])
+    iter           to_iter_dataset -> drop undecodable (counted) -> batch(B)
+                   [-> mp_prefetch(num_workers)]
+    host           uint8 -> float32 in [-1, 1]; tokenize_fn(captions)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+
+from sanajax.data.captions import pick_caption
+
+log = logging.getLogger(__name__)
+
+TokenizeFn = Callable[[Sequence[str]], tuple[Any, Any]]
+
+# Salt mixed into per-example caption rngs so they never collide with other uses of
+# np.random.default_rng([seed, index]) elsewhere in the data code.
+_CAPTION_RNG_SALT = 7
+_MAX_WARNINGS = 5
+
+
+class _LoadExample:
+  """Maps (stream position k, source index idx) -> example dict. Picklable for workers.
+
+  The caption draw depends only on (seed, idx, epoch): identical whether the stream is
+  read in one go or resumed from a checkpoint, and fresh for each epoch.
+  """
+
+  def __init__(self, source, seed: int, shard_len: int, threshold: float,
+               temperature: float):
+    self.source = source
+    self.seed = int(seed)
+    self.shard_len = int(shard_len)
+    self.threshold = float(threshold)
+    self.temperature = float(temperature)
+
+  def __call__(self, k: int, idx: int) -> dict[str, Any]:
+    idx = int(idx)
+    epoch = int(k) // self.shard_len
+    ex = self.source[idx]
+    image = ex["image"]
+    caption = ""
+    if image is not None:
+      rng = np.random.default_rng([self.seed, idx, epoch, _CAPTION_RNG_SALT])
+      caption = pick_caption(ex["captions"], ex.get("scores"), rng,
+                             self.threshold, self.temperature)
+    return {"image": image, "caption": caption, "where": ex.get("path", f"index {idx}")}
+
+
+class _DropUndecodable(grain.IterDataset):
+  """Drops examples whose image is None and records how many were dropped.
+
+  Each output example carries `skipped` = number of undecodable examples dropped just
+  before it. The count travels with the data (not as a side effect in this process),
+  so it stays exact with mp_prefetch workers and after batching.
+  """
+
+  def __init__(self, parent: grain.IterDataset, shard_len: int):
+    super().__init__(parent)
+    self._shard_len = shard_len
+
+  def __iter__(self):
+    return _DropUndecodableIterator(self._parent.__iter__(), self._shard_len)
+
+  def __str__(self) -> str:
+    return "DropUndecodable"
+
+
+class _DropUndecodableIterator(grain.DatasetIterator):
+  """Iterator of `_DropUndecodable`; holds no state beyond its parent's."""
+
+  def __init__(self, parent: grain.DatasetIterator, shard_len: int):
+    super().__init__(parent)
+    self._shard_len = shard_len
+    self._warned = 0
+
+  def __next__(self) -> dict[str, Any]:
+    skipped = 0
+    while True:
+      ex = next(self._parent)
+      if ex["image"] is not None:
+        return {"image": ex["image"], "caption": ex["caption"],
+                "skipped": np.int32(skipped)}
+      skipped += 1
+      if self._warned < _MAX_WARNINGS:
+        self._warned += 1
+        log.warning("skipping undecodable image %s (truncated, empty or not an image)%s",
+                    ex["where"], "; further ones are only counted"
+                    if self._warned == _MAX_WARNINGS else "")
+      if skipped > self._shard_len:
+        raise RuntimeError(f"no decodable image in a whole pass over this host's "
+                           f"{self._shard_len} examples; check the data source.")
+
+  def get_state(self) -> dict[str, Any]:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state)
+
+
+class TrainIterator:
+  """Infinite iterator of training batches with exact, JSON-serialisable state.
+
+  `next(it)` returns a dict of numpy arrays:
+    image:          float32 (B, R, R, 3) in [-1, 1];
+    input_ids:      int32 (B, L);
+    attention_mask: int32 (B, L).
+  `it.skipped` counts undecodable images dropped so far (restored by `set_state`);
+  `it.last_captions` holds the B caption strings of the latest batch (for logging).
+  """
+
+  def __init__(self, grain_iter: grain.DatasetIterator, tokenize_fn: TokenizeFn,
+               meta: dict[str, Any]):
+    self._it = grain_iter
+    self._tokenize = tokenize_fn
+    self._meta = meta
+    self.skipped = 0
+    self.last_captions: list[str] = []
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    b = next(self._it)
+    self.skipped += int(np.sum(b["skipped"]))
+    captions = [str(c) for c in b["caption"]]
+    ids, mask = self._tokenize(captions)
+    self.last_captions = captions
+    # x / 127.5 - 1 maps {0..255} onto [-1, 1] exactly at both ends.
+    image = b["image"].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
+    return {"image": image,
+            "input_ids": np.asarray(ids, dtype=np.int32),
+            "attention_mask": np.asarray(mask, dtype=np.int32)}
+
+  def get_state(self) -> dict[str, Any]:
+    """JSON-serialisable position: save it beside the model checkpoint."""
+    return {"grain": self._it.get_state(), "skipped": self.skipped,
+            "meta": dict(self._meta)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Resumes where `get_state` was taken; the next batches equal the original run's."""
+    changed = {k: (v, self._meta.get(k)) for k, v in state.get("meta", {}).items()
+               if self._meta.get(k) != v}
+    if changed:
+      # Not an error: resuming with e.g. another batch size is legitimate, but the
+      # stream will no longer match the uninterrupted run.
+      log.warning("data iterator state was saved with different settings "
+                  "(saved, now): %s; resume will not reproduce the original order.",
+                  changed)
+    self._it.set_state(state["grain"])
+    self.skipped = int(state.get("skipped", 0))
+
+  def close(self) -> None:
+    """Stops worker processes (mp_prefetch); safe to call more than once."""
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
+
+
+def _ensure_absl_flags_parsed() -> None:
+  """grain's worker processes read absl flags (profiling switches); outside an
+  `app.run` program (tests, notebooks) nothing parsed them, so accept the defaults."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: TokenizeFn,
+                        caption_threshold: float = 25.0, caption_temperature: float = 0.1,
+                        process_index: int = 0, process_count: int = 1,
+                        num_workers: int = 0, read_threads: int = 4) -> TrainIterator:
+  """Builds the infinite, shuffled, sharded, resumable training iterator.
+
+  Args:
+    source: random-access source (see `sources.py`): len() and [i] -> {"image",
+      "captions", "scores", ["path"]}.
+    batch_size: B, examples per batch on this process (the per-host batch).
+    seed: shuffle and caption seed; same seed -> same stream.
+    tokenize_fn: list of B captions -> (ids (B, L), mask (B, L)); runs in this process.
+    caption_threshold, caption_temperature: SANA's clip_thr / clip_thr_temperature.
+    process_index, process_count: this host reads source indices
+      process_index, process_index + process_count, ... (disjoint across hosts).
+    num_workers: grain worker processes (0 decodes in this process). The stream is
+      deterministic for a given num_workers but changes when it changes.
+    read_threads: threads that read/decode examples ahead of use in each process
+      (decoding in PIL and numpy releases the GIL for the heavy parts).
+
+  Returns:
+    A `TrainIterator`.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
+                     f"{process_count}.")
+  n = len(source)
+  indices = grain.MapDataset.range(n)[process_index::process_count]
+  shard_len = len(indices)
+  if shard_len == 0:
+    raise ValueError(f"source has {n} examples, fewer than process_count="
+                     f"{process_count}: process {process_index} would read nothing.")
+  load = _LoadExample(source, seed, shard_len, caption_threshold, caption_temperature)
+  ds = indices.seed(seed).shuffle().repeat().map_with_index(load)
+  # A modest prefetch buffer: at 1024 px an example is 3 MB, and grain's default (500)
+  # would hold 1.5 GB per process.
+  read = grain.ReadOptions(num_threads=read_threads,
+                           prefetch_buffer_size=max(2 * batch_size, 16))
+  it_ds = _DropUndecodable(ds.to_iter_dataset(read), shard_len)
+  it_ds = it_ds.batch(batch_size, drop_remainder=True)
+  if num_workers > 0:
+    _ensure_absl_flags_parsed()
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  meta = {"seed": int(seed), "batch_size": int(batch_size), "num_source": n,
+          "process_index": int(process_index), "process_count": int(process_count),
+          "num_workers": int(num_workers)}
+  return TrainIterator(iter(it_ds), tokenize_fn, meta)

@@ -1,0 +1,106 @@
+"""The generic training loop shared by the DiT, the AE and Sprint distillation.
+
+It owns what every run needs and nothing model-specific: resume from the latest checkpoint,
+a progress bar with ETA, metrics.jsonl + TensorBoard, throughput (images/s, TFLOP/s), the
+NaN guard, periodic asynchronous checkpoints, and optional sample grids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+from absl import logging
+from tqdm import tqdm
+
+from sanajax.training.checkpoint import Checkpointer
+from sanajax.training.metrics import MetricWriter
+from sanajax.training.state import NAN_QUANTITIES
+
+
+class NonFiniteError(FloatingPointError):
+  """Raised when a step produced a NaN/Inf: names the step and the quantity."""
+
+
+@dataclasses.dataclass
+class LoopConfig:
+  num_steps: int
+  batch_size: int
+  log_every: int = 50
+  checkpoint_every: int = 1000
+  sample_every: int = 0
+  flops_per_step: float | None = None  # model FLOPs of one training step (forward + backward).
+  description: str = "train"
+
+
+def check_finite(state: Any) -> None:
+  """Stops the run if the state recorded a non-finite update (see state.apply_gradients)."""
+  nan_step = int(jax.device_get(state.nan_step))
+  if nan_step >= 0:
+    quantity = NAN_QUANTITIES[int(jax.device_get(state.nan_code))]
+    raise NonFiniteError(
+        f"Non-finite {quantity} at step {nan_step}: the update was not applied and training stopped. "
+        f"The last checkpoint holds finite parameters; lower the learning rate or check the data.")
+
+
+def restore_or_init(ckpt: Checkpointer, init_state: Any, data_iter: Any) -> Any:
+  """Returns the latest checkpointed state (and positions data_iter) or init_state."""
+  step = ckpt.latest_step()
+  if step is None:
+    return init_state
+  state, data_state = ckpt.restore(init_state, step)
+  if data_state and hasattr(data_iter, "set_state"):
+    data_iter.set_state(data_state)
+  logging.info("Resumed from %s at step %d.", ckpt.directory, step)
+  print(f"Resumed from checkpoint at step {step} ({ckpt.directory}).", flush=True)
+  return state
+
+
+def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]], data_iter: Iterator,
+        ckpt: Checkpointer, writer: MetricWriter, *, sample_fn: Callable[[Any], np.ndarray] | None = None,
+        extra_metrics: Callable[[], dict] | None = None) -> Any:
+  """Runs step_fn from state.step to loop.num_steps and returns the final state.
+
+  step_fn(state, batch) -> (state, metrics) must be jitted; metrics are only fetched at logging
+  steps so the device is never waited on in between.
+  """
+  start = int(jax.device_get(state.step))
+  if start >= loop.num_steps:
+    print(f"{loop.description}: already at step {start} >= num_steps {loop.num_steps}; nothing to do.", flush=True)
+    return state
+  bar = tqdm(total=loop.num_steps, initial=start, desc=loop.description, unit="step", dynamic_ncols=True,
+             disable=jax.process_index() != 0, mininterval=2.0)
+  last_time, last_step = time.perf_counter(), start
+  step = start
+  metrics = {}
+  try:
+    for step in range(start + 1, loop.num_steps + 1):
+      batch = next(data_iter)
+      state, metrics = step_fn(state, batch)
+      bar.update(1)
+      if step % loop.log_every == 0 or step == loop.num_steps:
+        metrics = jax.device_get(metrics)
+        check_finite(state)
+        now = time.perf_counter()
+        steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
+        last_time, last_step = now, step
+        row = {k: float(np.asarray(v)) for k, v in metrics.items()}
+        row["steps_per_s"] = steps_per_s
+        row["images_per_s"] = steps_per_s * loop.batch_size
+        if loop.flops_per_step:
+          row["tflops_per_s"] = steps_per_s * loop.flops_per_step / 1e12
+        if extra_metrics is not None:
+          row.update(extra_metrics())
+        writer.scalars(step, row)
+        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", refresh=False)
+      if loop.sample_every and step % loop.sample_every == 0 and sample_fn is not None:
+        writer.image(step, "samples", sample_fn(state))
+      if step % loop.checkpoint_every == 0 or step == loop.num_steps:
+        check_finite(state)
+        ckpt.save(step, state, data_iter.get_state() if hasattr(data_iter, "get_state") else None)
+  finally:
+    bar.close()
+    ckpt.wait()
+  return state

@@ -1,0 +1,76 @@
+"""The train state: everything a run needs to continue exactly where it stopped.
+
+The optimizer (an optax transformation) is not part of the state: it is rebuilt from the
+config, so the state is a plain pytree of arrays that Orbax saves and restores as is.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+# What the NaN guard can name, in the order of `TrainState.nan_code`.
+NAN_QUANTITIES = ("loss", "grad_norm")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # int32 scalar: optimizer updates applied so far.
+  params: Any  # float32 master weights.
+  opt_state: Any
+  ema_params: Any  # EMA of params (a copy of params when the EMA is off, so sampling code is uniform).
+  rng: jax.Array  # uint32[2] raw key; split once per step.
+  nan_step: jax.Array  # int32: first step whose update was non-finite, -1 if none.
+  nan_code: jax.Array  # int32 index into NAN_QUANTITIES.
+
+
+def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+  """Fresh state at step 0 with the EMA initialised to the parameters."""
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      ema_params=jax.tree.map(jnp.copy, params),
+      rng=jnp.asarray(rng, jnp.uint32),
+      nan_step=jnp.full((), -1, jnp.int32),
+      nan_code=jnp.zeros((), jnp.int32),
+  )
+
+
+def ema_update(ema: Any, params: Any, decay: float) -> Any:
+  """ema <- decay * ema + (1 - decay) * params; decay 0 copies the parameters."""
+  if decay <= 0.0:
+    return params
+  return jax.tree.map(lambda e, p: e * decay + p.astype(e.dtype) * (1.0 - decay), ema, params)
+
+
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, tx: optax.GradientTransformation,
+                    ema_decay: float, rng: jax.Array) -> tuple[TrainState, jax.Array]:
+  """One optimizer update, guarded against non-finite values.
+
+  A non-finite loss or gradient norm leaves params, optimizer state and EMA untouched and
+  records the first such step and which quantity it was; the loop reads that at its next
+  logging step and stops the run (no host sync per step). Returns (new state, grad norm).
+  """
+  grad_norm = optax.global_norm(grads)
+  loss_ok = jnp.isfinite(loss)
+  grad_ok = jnp.isfinite(grad_norm)
+  ok = loss_ok & grad_ok
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = ema_update(state.ema_params, params, ema_decay)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  first_bad = (~ok) & (state.nan_step < 0)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      ema_params=keep(ema, state.ema_params),
+      rng=rng,
+      nan_step=jnp.where(first_bad, state.step, state.nan_step),
+      nan_code=jnp.where(first_bad, jnp.where(loss_ok, 1, 0), state.nan_code),
+  )
+  return new_state, grad_norm
