@@ -23,7 +23,7 @@ class TrainState:
   opt_state: Any
   ema_params: Any  # EMA of params (a copy of params when the EMA is off, so sampling code is uniform).
   rng: jax.Array  # uint32[2] raw key; split once per step.
-  nan_step: jax.Array  # int32: first step whose update was non-finite, -1 if none.
+  nan_step: jax.Array  # int32: first step (1-based, as logged) whose update was non-finite; -1 if none.
   nan_code: jax.Array  # int32 index into NAN_QUANTITIES.
 
 
@@ -70,7 +70,7 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, tx: optax.Gr
       opt_state=keep(opt_state, state.opt_state),
       ema_params=keep(ema, state.ema_params),
       rng=rng,
-      nan_step=jnp.where(first_bad, state.step, state.nan_step),
+      nan_step=jnp.where(first_bad, state.step + 1, state.nan_step),
       nan_code=jnp.where(first_bad, jnp.where(loss_ok, 1, 0), state.nan_code),
   )
   return new_state, grad_norm

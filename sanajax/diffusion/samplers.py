@@ -1,0 +1,226 @@
+"""Flow-model samplers: Flow-Euler and Flow-DPM-Solver++ (2M), with classifier-free guidance.
+
+Both reproduce the diffusers schedulers that SANA's released pipelines use, step by step:
+  * "flow_euler": `FlowMatchEulerDiscreteScheduler(shift=shift)`;
+  * "flow_dpm": `DPMSolverMultistepScheduler(flow_shift=shift, use_flow_sigmas=True,
+    prediction_type="flow_prediction")` with every other field at its default: algorithm_type
+    "dpmsolver++", solver_order 2, solver_type "midpoint", lower_order_final True,
+    final_sigmas_type "zero", num_train_timesteps 1000. This is what diffusers'
+    scripts/convert_sana_to_diffusers.py writes for `--scheduler_type flow-dpm_solver`, the
+    default (SANA 1.0 uses flow_shift 3.0; 6.0 for 4K).
+
+The two time grids differ (see `timestep_grid`), so each sampler uses its own.
+
+Model function: `model_fn(x, t, context, context_mask) -> v` with x (B, H, W, C), t (B,) flow time
+in [0, 1] (1 = noise), context (B, L, D), context_mask (B, L); v has x's shape. The model gets the
+exact float time. (diffusers' SanaPipeline feeds the DPM model `int64(sigma * 1000)`, a truncated
+time; the solver itself uses the exact sigma, as here.)
+
+Every sampler is a pure function whose step loop is a `jax.lax.fori_loop`; jit it with the static
+arguments bound, e.g. `jax.jit(functools.partial(flow_dpm_solver, model_fn, num_steps=20,
+cfg_scale=4.5, shift=3.0))`.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ModelFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
+
+NUM_TRAIN_TIMESTEPS = 1000  # diffusers' discretisation of [0, 1]; it enters both grids.
+SAMPLERS = ("flow_dpm", "flow_euler")
+
+
+def _shift_np(sigmas, shift: float):
+  """SD3 shift a s / (1 + (a - 1) s) in the dtype of `sigmas` (numpy)."""
+  return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def _euler_grid(num_steps: int, shift: float) -> np.ndarray:
+  """FlowMatchEulerDiscreteScheduler(shift).set_timesteps(num_steps).sigmas, (num_steps + 1,).
+
+  diffusers builds its training table in float32 with the shift already applied, then spaces the
+  inference times linearly between that table's ends and shifts again. Its smallest nonzero sigma is
+  therefore shift(linspace(1, shift(1/1000), n)[-1]): shifted twice (0.00893 for shift 3, 10 steps).
+  """
+  s_min = np.float32(1.0) / np.float32(NUM_TRAIN_TIMESTEPS)  # float32, as the torch table.
+  s_min = float(_shift_np(s_min, np.float32(shift)).astype(np.float32))
+  s_max = float(_shift_np(np.float32(1.0), np.float32(shift)).astype(np.float32))
+  timesteps = np.linspace(s_max * NUM_TRAIN_TIMESTEPS, s_min * NUM_TRAIN_TIMESTEPS, num_steps)
+  sigmas = _shift_np(timesteps / NUM_TRAIN_TIMESTEPS, shift).astype(np.float32)
+  return np.concatenate([sigmas, np.zeros(1, np.float32)])
+
+
+def _dpm_grid(num_steps: int, shift: float) -> np.ndarray:
+  """DPMSolverMultistepScheduler(use_flow_sigmas=True, flow_shift).sigmas, (num_steps + 1,).
+
+  Unshifted sigmas are linspace(1 - 1/1000, 0, n + 1) (so the first is shift(0.999), not 1), the
+  trailing 0 is dropped, and final_sigmas_type "zero" appends an exact 0.
+  """
+  alphas = np.linspace(1, 1 / NUM_TRAIN_TIMESTEPS, num_steps + 1)
+  sigmas = np.flip(_shift_np(1.0 - alphas, shift))[:-1]
+  return np.concatenate([sigmas, [0.0]]).astype(np.float32)
+
+
+def timestep_grid(num_steps: int, shift: float, sampler: str = "flow_euler") -> np.ndarray:
+  """The flow times a sampler visits, (num_steps + 1,) float32 numpy, decreasing to exactly 0.
+
+  Args:
+    num_steps: number of model evaluations (a Python int; the grid is a compile-time constant).
+    shift: SD3 time shift (SANA: 3.0).
+    sampler: "flow_euler" (starts at 1.0) or "flow_dpm" (starts at shift(0.999)); each equals the
+      `sigmas` of the matching diffusers scheduler after `set_timesteps(num_steps)`.
+  """
+  if num_steps < 1:
+    raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
+  if sampler == "flow_euler":
+    return _euler_grid(num_steps, shift)
+  if sampler == "flow_dpm":
+    return _dpm_grid(num_steps, shift)
+  raise ValueError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS}.")
+
+
+def _cfg_is_off(cfg_scale) -> bool:
+  """True when guidance is statically 1.0 (a Python number), so the uncond half can be skipped."""
+  return isinstance(cfg_scale, (int, float)) and float(cfg_scale) == 1.0
+
+
+def _concat_cond_uncond(context, mask, null_context, null_mask):
+  """Stacks [cond; uncond] along batch; the null context may have batch 1 (SANA's null embedding)."""
+  null_context = jnp.broadcast_to(null_context, context.shape).astype(context.dtype)
+  both_context = jnp.concatenate([context, null_context], axis=0)
+  if mask is None:
+    return both_context, None
+  null_mask = jnp.ones_like(mask) if null_mask is None else jnp.broadcast_to(null_mask, mask.shape)
+  return both_context, jnp.concatenate([mask, null_mask.astype(mask.dtype)], axis=0)
+
+
+def guided_velocity(model_fn: ModelFn, x: jax.Array, t: jax.Array, context: jax.Array, mask: jax.Array | None,
+                    null_context: jax.Array | None, null_mask: jax.Array | None, cfg_scale) -> jax.Array:
+  """Classifier-free guided velocity v = v_u + s (v_c - v_u), with ONE model call.
+
+  Args:
+    model_fn: see the module docstring.
+    x: (B, H, W, C) current latents; t: (B,) flow time.
+    context, mask: (B, L, D), (B, L) conditional text features and their mask.
+    null_context, null_mask: (B or 1, L, D), (B or 1, L) the empty-caption features.
+    cfg_scale: s. A Python 1.0 runs the conditional batch only (B rows instead of 2B); a traced
+      value always runs both halves.
+  Returns:
+    (B, H, W, C) guided velocity, float32.
+  """
+  if _cfg_is_off(cfg_scale):
+    return model_fn(x, t, context, mask).astype(jnp.float32)
+  both_context, both_mask = _concat_cond_uncond(context, mask, null_context, null_mask)
+  v = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both_context, both_mask)
+  v_cond, v_uncond = jnp.split(v.astype(jnp.float32), 2, axis=0)
+  return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+
+def _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale):
+  """Closes over the text inputs: (x (B,H,W,C) float32, sigma scalar) -> guided v float32."""
+
+  def velocity(x, sigma):
+    t = jnp.full((x.shape[0],), sigma, jnp.float32)
+    return guided_velocity(model_fn, x, t, context, mask, null_context, null_mask, cfg_scale)
+
+  return velocity
+
+
+def flow_euler(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: jax.Array | None,
+               null_context: jax.Array | None = None, null_mask: jax.Array | None = None, *,
+               num_steps: int, cfg_scale=1.0, shift: float = 1.0) -> jax.Array:
+  """Flow-Euler: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i) on the Euler grid.
+
+  Args:
+    noise: (B, H, W, C) standard normal, the state at t = 1.
+    context, mask, null_context, null_mask, cfg_scale: see `guided_velocity`.
+    num_steps, shift: static; see `timestep_grid`.
+  Returns:
+    x0 latents, (B, H, W, C) float32.
+  """
+  sigmas = jnp.asarray(timestep_grid(num_steps, shift, "flow_euler"))
+  velocity = _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale)
+
+  def step(i, x):
+    dt = sigmas[i + 1] - sigmas[i]  # negative: time runs from noise to data.
+    return x + dt * velocity(x, sigmas[i])
+
+  return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
+
+
+def _dpm_coefficients(sigmas: np.ndarray) -> np.ndarray:
+  """Per-step weights (c_x, c_0, c_1), (n, 3) float32, of x_next = c_x x + c_0 D_i + c_1 D_{i-1}.
+
+  D_i = x - sigma_i v_i is the data prediction at step i. On flow sigmas alpha = 1 - sigma and
+  lambda = log(alpha / sigma); with h = lambda_next - lambda_i and A = alpha_next (1 - e^-h),
+  DPM-Solver++ gives
+    1st order (step 0, and the last step as lower_order_final / final sigma 0 force):
+      x_next = (sigma_next / sigma_i) x + A D_i;
+    2nd order multistep, midpoint (every other step), r = h_{i-1} / h:
+      x_next = (sigma_next / sigma_i) x + A (D_i + (D_i - D_{i-1}) / (2 r)).
+  The last step lands on sigma = 0 where lambda = inf; its limit x_next = D_i is written exactly.
+  Computed in float64 from diffusers' float32 sigmas.
+  """
+  s = sigmas.astype(np.float64)
+  n = len(s) - 1
+  coef = np.zeros((n, 3), np.float64)
+  lam = np.log1p(-s[:-1]) - np.log(s[:-1])  # finite: every sigma before the last is in (0, 1).
+  for i in range(n):
+    if i == n - 1:
+      coef[i] = (0.0, 1.0, 0.0)
+      continue
+    lam_next = np.log1p(-s[i + 1]) - np.log(s[i + 1])
+    h = lam_next - lam[i]
+    a = (1 - s[i + 1]) * -np.expm1(-h)
+    if i == 0:
+      coef[i] = (s[i + 1] / s[i], a, 0.0)
+    else:
+      half_inv_r = 0.5 * h / (lam[i] - lam[i - 1])
+      coef[i] = (s[i + 1] / s[i], a * (1 + half_inv_r), -a * half_inv_r)
+  return coef.astype(np.float32)
+
+
+def flow_dpm_solver(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: jax.Array | None,
+                    null_context: jax.Array | None = None, null_mask: jax.Array | None = None, *,
+                    num_steps: int, cfg_scale=1.0, shift: float = 1.0) -> jax.Array:
+  """Flow-DPM-Solver: multistep 2nd-order DPM-Solver++ (data prediction) on the DPM flow grid.
+
+  Matches diffusers' DPMSolverMultistepScheduler as configured for SANA (module docstring); see
+  `_dpm_coefficients` for the update. Arguments and result as `flow_euler`.
+  """
+  sigmas_np = timestep_grid(num_steps, shift, "flow_dpm")
+  sigmas = jnp.asarray(sigmas_np)
+  coef = jnp.asarray(_dpm_coefficients(sigmas_np))
+  velocity = _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale)
+
+  def step(i, carry):
+    x, d_prev = carry
+    d = x - sigmas[i] * velocity(x, sigmas[i])  # data (x0) prediction.
+    x_next = coef[i, 0] * x + coef[i, 1] * d + coef[i, 2] * d_prev
+    return x_next, d
+
+  x = noise.astype(jnp.float32)
+  x, _ = jax.lax.fori_loop(0, num_steps, step, (x, jnp.zeros_like(x)))
+  return x
+
+
+_SAMPLER_FNS = {"flow_dpm": flow_dpm_solver, "flow_euler": flow_euler}
+
+
+def sample(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: jax.Array | None,
+           null_context: jax.Array | None = None, null_mask: jax.Array | None = None, *,
+           sampler: str = "flow_dpm", num_steps: int = 20, cfg_scale=4.5, shift: float = 3.0) -> jax.Array:
+  """Runs `sampler` ("flow_dpm" | "flow_euler") from `noise`; returns x0 latents (B, H, W, C).
+
+  Defaults are SANA's: Flow-DPM-Solver, 20 steps, CFG 4.5, flow shift 3.0.
+  """
+  if sampler not in _SAMPLER_FNS:
+    raise ValueError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS} (config field sample.sampler).")
+  if not _cfg_is_off(cfg_scale) and null_context is None:
+    raise ValueError(f"cfg_scale={cfg_scale} needs null_context (the empty-caption features); pass it or use 1.0.")
+  return _SAMPLER_FNS[sampler](model_fn, noise, context, mask, null_context, null_mask,
+                               num_steps=num_steps, cfg_scale=cfg_scale, shift=shift)

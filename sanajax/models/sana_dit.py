@@ -1,0 +1,247 @@
+"""SANA linear DiT (Flax Linen, NHWC), equal in math to diffusers `SanaTransformer2DModel`.
+
+    model = build_dit(config.model)
+    params = model.init(key, x, t, context, mask)["params"]
+    v = model.apply({"params": params}, x, t, context, mask)   # flow velocity, (B, H, W, C)
+
+Inputs: x (B, H, W, C) latents, t (B,) flow time in [0, 1] (t * 1000 is embedded, as diffusers'
+`timestep`), context (B, L, caption_channels) text-encoder states, context_mask (B, L) of 0/1.
+
+Parameter tree (names mirror diffusers' state-dict keys, '.' -> '/'; see
+`params_from_diffusers_state_dict`):
+  patch_embed/proj                      conv p x p, in_channels -> h
+  time_embed/emb/timestep_embedder/linear_{1,2}, time_embed/linear   adaLN-single (h -> 6h)
+  caption_projection/linear_{1,2}, caption_norm/scale
+  transformer_blocks_{i}/{attn1, attn2, ff, scale_shift_table}
+  scale_shift_table (2, h), proj_out     final layer (norm_out has no parameters)
+Logical axis names are listed in sanajax.models.layers; activations are constrained to
+("batch", "length", "embed") at block boundaries.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sanajax.models.attention import CrossAttention, LinearSelfAttention
+from sanajax.models.layers import (AdaLNSingle, CaptionProjection, MixFFN, PatchEmbed, RMSNorm, dense,
+                                   layer_norm_no_affine, logical_constraint, modulate, remat_policy,
+                                   scale_shift_table_init, unpatchify)
+
+Dtype = Any
+ACT_AXES = ("batch", "length", "embed")
+
+
+class SanaBlock(nn.Module):
+  """One SanaMSBlock / diffusers SanaTransformerBlock: (B, N, h) -> (B, N, h).
+
+  x += gate_msa * LinearAttn(LN(x) * (1 + scale_msa) + shift_msa)
+  x += CrossAttn(x, context, mask)                       (no norm, no gate)
+  x += gate_mlp * MixFFN(LN(x) * (1 + scale_mlp) + shift_mlp, H, W)
+  with (shift, scale, gate) x 2 = scale_shift_table (6, h) + t6 (B, 6h); LN non-affine.
+  """
+  hidden_size: int
+  linear_head_dim: int
+  cross_num_heads: int
+  cross_head_dim: int
+  mlp_ratio: float
+  attn_eps: float
+  norm_eps: float
+  qk_norm: bool
+  attn_impl: str
+  dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array, context: jax.Array, context_mask: jax.Array, t6: jax.Array,
+               height: int, width: int) -> jax.Array:
+    h = self.hidden_size
+    table = self.param("scale_shift_table", nn.with_logical_partitioning(scale_shift_table_init, (None, "embed")),
+                       (6, h), jnp.float32)
+    mods = table[None] + t6.astype(jnp.float32).reshape(-1, 6, h)  # (B, 6, h) in float32.
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+        mods[:, i:i + 1].astype(self.dtype) for i in range(6))
+
+    y = modulate(layer_norm_no_affine(x, self.norm_eps), shift_msa, scale_msa)
+    y = LinearSelfAttention(h, self.linear_head_dim, eps=self.attn_eps, qk_norm=self.qk_norm, impl=self.attn_impl,
+                            dtype=self.dtype, name="attn1")(y)
+    x = x + gate_msa * y
+
+    x = x + CrossAttention(h, self.cross_num_heads, self.cross_head_dim, qk_norm=self.qk_norm, dtype=self.dtype,
+                           name="attn2")(x, context, context_mask)
+
+    y = modulate(layer_norm_no_affine(x, self.norm_eps), shift_mlp, scale_mlp)
+    y = MixFFN(h, self.mlp_ratio, dtype=self.dtype, name="ff")(y, height, width)
+    x = x + gate_mlp * y
+    return logical_constraint(x, ACT_AXES)
+
+
+class SanaDiT(nn.Module):
+  """The SANA linear DiT. See the module docstring for inputs and the parameter tree.
+
+  features_at: block indices whose outputs (B, N, h) are also returned (Sprint's LADD
+  discriminator taps teacher blocks); when non-empty, __call__ returns (prediction, [features]).
+  """
+  depth: int
+  hidden_size: int
+  linear_head_dim: int
+  cross_num_heads: int
+  cross_head_dim: int
+  mlp_ratio: float = 2.5
+  patch_size: int = 1
+  caption_channels: int = 2304
+  in_channels: int = 32
+  out_channels: int | None = None
+  use_pe: bool = False
+  pe_interpolation: float = 1.0
+  pe_base_size: int | None = None
+  attn_eps: float = 1e-15
+  norm_eps: float = 1e-6
+  y_norm_scale: float = 0.01
+  qk_norm: bool = False
+  dtype: Dtype = jnp.float32
+  attn_impl: str = "xla"
+  remat: str = "none"
+  features_at: Sequence[int] = ()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array | None = None, *,
+               deterministic: bool = True):
+    del deterministic  # No dropout in SANA (DropPath 0, attention dropout 0); kept for the trainer API.
+    b, hh, ww, _ = x.shape
+    p = self.patch_size
+    gh, gw = hh // p, ww // p
+    h = self.hidden_size
+    out_channels = self.out_channels or self.in_channels
+    if context_mask is None:
+      context_mask = jnp.ones(context.shape[:2], jnp.int32)
+
+    tokens = PatchEmbed(h, p, use_pe=self.use_pe, pe_interpolation=self.pe_interpolation,
+                        pe_base_size=self.pe_base_size, dtype=self.dtype, name="patch_embed")(x)
+    tokens = logical_constraint(tokens, ACT_AXES)
+    t6, t_emb = AdaLNSingle(h, dtype=self.dtype, name="time_embed")(t.astype(jnp.float32) * 1000.0)
+
+    ctx = CaptionProjection(h, dtype=self.dtype, name="caption_projection")(context)
+    ctx = RMSNorm(1e-5, scale_init=self.y_norm_scale, dtype=self.dtype, name="caption_norm")(ctx)
+    ctx = logical_constraint(ctx, ("batch", "text_length", "embed"))
+
+    block_cls = SanaBlock
+    if self.remat != "none":
+      # static_argnums counts `self` as 0: (x, context, mask, t6, height, width) -> height=5, width=6.
+      block_cls = nn.remat(SanaBlock, policy=remat_policy(self.remat), static_argnums=(5, 6))
+    features = []
+    for i in range(self.depth):
+      tokens = block_cls(h, self.linear_head_dim, self.cross_num_heads, self.cross_head_dim, self.mlp_ratio,
+                         self.attn_eps, self.norm_eps, self.qk_norm, self.attn_impl, self.dtype,
+                         name=f"transformer_blocks_{i}")(tokens, ctx, context_mask, t6, gh, gw)
+      if i in self.features_at:
+        features.append(tokens)
+
+    # Final layer (T2IFinalLayer / SanaModulatedNorm): shift, scale from table (2, h) + embedded t.
+    table = self.param("scale_shift_table", nn.with_logical_partitioning(scale_shift_table_init, (None, "embed")),
+                       (2, h), jnp.float32)
+    mods = table[None] + t_emb.astype(jnp.float32)[:, None]
+    shift, scale = mods[:, 0:1].astype(self.dtype), mods[:, 1:2].astype(self.dtype)
+    tokens = modulate(layer_norm_no_affine(tokens, self.norm_eps), shift, scale)
+    out = dense(p * p * out_channels, ("embed", "channels"), dtype=self.dtype, name="proj_out")(tokens)
+    out = unpatchify(out, gh, gw, p).astype(x.dtype)
+    if self.features_at:
+      return out, features
+    return out
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def build_dit(model_config: Mapping[str, Any], **overrides) -> SanaDiT:
+  """SanaDiT from a config's `model` ConfigDict (fields as configs/tiny.py; optional
+  pe_interpolation, pe_base_size, out_channels). `overrides` replace fields, e.g. features_at."""
+  c = dict(model_config)
+  if c.get("name", "sana_dit") != "sana_dit":
+    raise ValueError(f"build_dit builds model.name='sana_dit', got {c['name']!r}.")
+  dtype = c.get("dtype", "float32")
+  if dtype not in _DTYPES:
+    raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+  kwargs = dict(
+      depth=c["depth"], hidden_size=c["hidden_size"], linear_head_dim=c["linear_head_dim"],
+      cross_num_heads=c["cross_num_heads"], cross_head_dim=c["cross_head_dim"], mlp_ratio=c["mlp_ratio"],
+      patch_size=c["patch_size"], caption_channels=c["caption_channels"], in_channels=c["in_channels"],
+      out_channels=c.get("out_channels"), use_pe=c.get("use_pe", False),
+      pe_interpolation=float(c.get("pe_interpolation") or 1.0), pe_base_size=c.get("pe_base_size"),
+      attn_eps=c["attn_eps"], norm_eps=c["norm_eps"], y_norm_scale=c["y_norm_scale"], qk_norm=c.get("qk_norm", False),
+      dtype=_DTYPES[dtype], attn_impl=c.get("attn_impl", "xla"), remat=c.get("remat", "none"))
+  kwargs.update(overrides)
+  if kwargs["hidden_size"] % kwargs["linear_head_dim"]:
+    raise ValueError(f"hidden_size {kwargs['hidden_size']} is not a multiple of linear_head_dim "
+                     f"{kwargs['linear_head_dim']}.")
+  return SanaDiT(**kwargs)
+
+
+def dummy_inputs(model_config: Mapping[str, Any], latent_hw: tuple[int, int], text_length: int, batch: int = 1):
+  """ShapeDtypeStructs (x, t, context, mask) for jax.eval_shape / init."""
+  c = model_config
+  return (jax.ShapeDtypeStruct((batch, *latent_hw, c["in_channels"]), jnp.float32),
+          jax.ShapeDtypeStruct((batch,), jnp.float32),
+          jax.ShapeDtypeStruct((batch, text_length, c["caption_channels"]), jnp.float32),
+          jax.ShapeDtypeStruct((batch, text_length), jnp.int32))
+
+
+# --- diffusers weights --------------------------------------------------------------------------
+
+# 1x1 convs that are Dense layers here: torch (O, I, 1, 1) -> (I, O).
+_POINTWISE = ("conv_inverted", "conv_point")
+
+
+def params_from_diffusers_state_dict(state_dict: Mapping[str, Any]) -> dict:
+  """Flax params of SanaDiT from a diffusers SanaTransformer2DModel state dict (tensors or arrays).
+
+  Rule: 'transformer_blocks.3.attn1.to_out.0.weight' -> transformer_blocks_3/attn1/to_out/kernel;
+  Linear weights transpose, conv weights (O, I, kh, kw) -> (kh, kw, I, O) (1x1 convs -> (I, O)),
+  1-D norm weights -> 'scale', scale_shift_table as is. Non-persistent buffers (pos_embed) are
+  not in the state dict; guidance / size embedders are not supported.
+  """
+  params: dict = {}
+  for key, value in state_dict.items():
+    arr = np.asarray(value.detach().cpu().float().numpy() if hasattr(value, "detach") else value, np.float32)
+    parts = key.split(".")
+    if parts[0] == "transformer_blocks":
+      parts = [f"transformer_blocks_{parts[1]}"] + parts[2:]
+    parts = [q for i, q in enumerate(parts) if not (q == "0" and i > 0 and parts[i - 1] == "to_out")]
+    leaf = parts[-1]
+    if leaf == "scale_shift_table":
+      path, out = parts, arr
+    elif leaf == "bias":
+      path, out = parts, arr
+    elif leaf == "weight" and arr.ndim == 2:
+      path, out = parts[:-1] + ["kernel"], arr.T
+    elif leaf == "weight" and arr.ndim == 4:
+      if parts[-2] in _POINTWISE:
+        out = arr[:, :, 0, 0].T
+      else:
+        out = arr.transpose(2, 3, 1, 0)
+      path = parts[:-1] + ["kernel"]
+    elif leaf == "weight" and arr.ndim == 1:
+      path, out = parts[:-1] + ["scale"], arr
+    else:
+      raise KeyError(f"Do not know how to map diffusers key {key!r} of shape {arr.shape}.")
+    node = params
+    for name in path[:-1]:
+      node = node.setdefault(name, {})
+    node[path[-1]] = jnp.asarray(out)
+  return params
+
+
+def diffusers_kwargs(model_config: Mapping[str, Any], sample_size: int = 32) -> dict:
+  """The SanaTransformer2DModel(**kwargs) equal to a `model` config (for parity tests and counts)."""
+  c = model_config
+  h = c["hidden_size"]
+  return dict(
+      in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],
+      num_attention_heads=h // c["linear_head_dim"], attention_head_dim=c["linear_head_dim"], num_layers=c["depth"],
+      num_cross_attention_heads=c["cross_num_heads"], cross_attention_head_dim=c["cross_head_dim"],
+      cross_attention_dim=h, caption_channels=c["caption_channels"], mlp_ratio=c["mlp_ratio"],
+      attention_bias=False, sample_size=sample_size, patch_size=c["patch_size"], norm_eps=c["norm_eps"],
+      interpolation_scale=(c.get("pe_interpolation") or 1.0) if c.get("use_pe") else None,
+      qk_norm="rms_norm_across_heads" if c.get("qk_norm") else None)

@@ -1,0 +1,168 @@
+"""The trainer's promises: exact resume after a kill, the NaN guard, metrics, clear CLI errors."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from sanajax import config_utils
+from sanajax import train as train_lib
+from sanajax.training import loop as loop_lib
+from sanajax.training.checkpoint import Checkpointer
+from sanajax.training.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(ae_dir, **overrides):
+  """The tiny config shrunk to seconds: 32 px, 2 blocks, batch 4."""
+  base = {
+      "data.resolution": 32, "ae.workdir": str(ae_dir), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
+      "ae_train.log_every": 1, "model.depth": 2, "model.hidden_size": 64, "train.batch_size": 4,
+      "train.num_steps": 6, "train.log_every": 1, "train.checkpoint_every": 3, "train.warmup_steps": 2,
+      "eval.num_prompts": 12,
+  }
+  base.update(overrides)
+  return config_utils.load_config("configs/tiny.py", overrides=base)
+
+
+@pytest.fixture(scope="module")
+def ae_dir(tmp_path_factory):
+  d = tmp_path_factory.mktemp("ae")
+  train_lib.ensure_ae(small_config(d), str(d))
+  return d
+
+
+def final_params(workdir):
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  return ckpt.latest_step(), ckpt
+
+
+class Killed(Exception):
+  pass
+
+
+def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch):
+  config = small_config(ae_dir)
+  train_lib.train(config, str(tmp_path / "straight"), run_eval=False)
+
+  # Kill the second run while it fetches the batch of step 5 (after the checkpoint at step 3).
+  real_iterator = train_lib.make_train_iterator
+
+  def dying_iterator(*args, **kwargs):
+    it = real_iterator(*args, **kwargs)
+
+    class Dying:
+      count = 0
+
+      def __next__(self):
+        Dying.count += 1
+        if Dying.count == 5:
+          raise Killed()
+        return next(it)
+
+      def get_state(self):
+        return it.get_state()
+
+      def set_state(self, s):
+        it.set_state(s)
+
+    return Dying()
+
+  monkeypatch.setattr(train_lib, "make_train_iterator", dying_iterator)
+  with pytest.raises(Killed):
+    train_lib.train(config, str(tmp_path / "killed"), run_eval=False)
+  monkeypatch.setattr(train_lib, "make_train_iterator", real_iterator)
+  assert Checkpointer(str(tmp_path / "killed" / "checkpoints"), read_only=True).latest_step() == 3
+  train_lib.train(config, str(tmp_path / "killed"), run_eval=False)
+
+  abstract = jax.eval_shape(lambda: train_lib.init_dit_params(config, jax.random.PRNGKey(0)))
+  for ema in (False, True):
+    a = Checkpointer(str(tmp_path / "straight" / "checkpoints"), read_only=True).restore_params(abstract, ema=ema)
+    b = Checkpointer(str(tmp_path / "killed" / "checkpoints"), read_only=True).restore_params(abstract, ema=ema)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Both runs logged the same losses for the steps after the resume.
+  straight = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "straight"))}
+  resumed = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "killed"))}
+  assert set(straight) == set(range(1, 7))
+  for s in (4, 5, 6):
+    assert straight[s] == resumed[s]
+
+
+def test_nan_guard_names_step_and_quantity(tmp_path, ae_dir, monkeypatch):
+  config = small_config(ae_dir, **{"train.num_steps": 5, "train.checkpoint_every": 100})
+  real_iterator = train_lib.make_train_iterator
+
+  def poisoned_iterator(*args, **kwargs):
+    it = real_iterator(*args, **kwargs)
+
+    class Poisoned:
+      count = 0
+
+      def __next__(self):
+        Poisoned.count += 1
+        batch = dict(next(it))
+        if Poisoned.count == 3:
+          batch["image"] = np.full_like(batch["image"], np.nan)
+        return batch
+
+      def get_state(self):
+        return it.get_state()
+
+      def set_state(self, s):
+        it.set_state(s)
+
+    return Poisoned()
+
+  monkeypatch.setattr(train_lib, "make_train_iterator", poisoned_iterator)
+  with pytest.raises(loop_lib.NonFiniteError, match=r"Non-finite loss at step 3"):
+    train_lib.train(config, str(tmp_path / "nan"), run_eval=False)
+
+
+def test_metrics_jsonl_has_step_and_loss(tmp_path, ae_dir):
+  config = small_config(ae_dir, **{"train.num_steps": 2})
+  train_lib.train(config, str(tmp_path / "m"), run_eval=False)
+  rows = read_metrics(str(tmp_path / "m"))
+  assert [r["step"] for r in rows] == [1, 2]
+  for r in rows:
+    assert np.isfinite(r["loss"]) and r["loss"] > 0 and r["grad_norm"] > 0 and r["images_per_s"] > 0
+  assert os.listdir(tmp_path / "m" / "tensorboard" / "train")
+
+
+def run_cli(*args, cwd=REPO):
+  return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_sample_cli_errors_on_missing_workdir(tmp_path):
+  r = run_cli("sanajax.sample", f"--workdir={tmp_path / 'nope'}", "--prompt=a red circle", f"--out={tmp_path / 'o'}")
+  assert r.returncode != 0
+  assert "does not exist" in r.stderr + r.stdout
+
+
+def test_sample_cli_errors_on_missing_checkpoint(tmp_path):
+  (tmp_path / "w").mkdir()
+  config = small_config(tmp_path / "ae")
+  from sanajax.training.setup import prepare_workdir
+  prepare_workdir(str(tmp_path / "w"), config)
+  r = run_cli("sanajax.sample", f"--workdir={tmp_path / 'w'}", "--prompt=a red circle", f"--out={tmp_path / 'o'}")
+  assert r.returncode != 0
+  assert "No checkpoint" in r.stderr + r.stdout
+
+
+def test_train_cli_rejects_unknown_config_field(tmp_path):
+  r = run_cli("sanajax.train", "--config=configs/tiny.py", "--config.train.no_such_field=3",
+              f"--workdir={tmp_path}")
+  assert r.returncode != 0
+  assert "no_such_field" in r.stderr + r.stdout
+
+
+def test_changed_architecture_in_existing_workdir_is_refused(tmp_path):
+  from sanajax.training.setup import prepare_workdir
+  prepare_workdir(str(tmp_path), small_config(tmp_path / "ae"))
+  with pytest.raises(ValueError, match="different config.model"):
+    prepare_workdir(str(tmp_path), small_config(tmp_path / "ae", **{"model.depth": 3}))
