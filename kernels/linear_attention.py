@@ -2,14 +2,49 @@
 
     out = relu(q) (relu(k)^T v) / (relu(q) relu(k)^T 1 + eps)
 
-The K^T V state (D x D per head) and the normaliser (D per head) are accumulated in
+The K^T V state (D x Dv per head) and the normaliser (D per head) are accumulated in
 float32 whatever the input dtype, as SANA does (`fp32_attention`), and the division is
 done in float32; the output is cast back to v's dtype.
+
+One reference (`linear_attention_reference`), one module per Pallas backend:
+  linear_attention_pallas_triton  Triton backend: any GPU; CPU via interpret=True
+  linear_attention_mosaic_gpu     Mosaic GPU: Hopper (sm_90+); forward only, unverified
+  linear_attention_tpu            Mosaic TPU; CPU via interpret=True
+Each backend module has `forward(q, k, v, *, eps, interpret) -> (out, kv, ksum)` and
+`backward(q, k, v, kv, ksum, g, *, eps, interpret) -> (dq, dk, dv)`.
+
+Autodiff: `_la_vjp` is a `jax.custom_vjp` whose backward is the backend's backward
+kernels. The public path wraps it in a `jax.custom_jvp` (forward mode is what sCM
+distillation needs, and custom_vjp alone rejects `jax.jvp`); the JVP rule's tangent is a
+`jax.custom_derivatives.linear_call` of a jnp tangent map whose *declared transpose* is
+the backward kernels. So `jax.jvp` evaluates the jnp tangent map, and `jax.grad` /
+`jax.vjp` (linearize, then transpose) call the backward kernels, not an XLA transpose.
+Limit: a `jax.grad` of a function that itself calls `jax.jvp` (second order, with
+tangents flowing through q/k/v) is not supported by `linear_call`; stop_gradient the
+jvp's primal inputs (as sCM's teacher/target branch does) or use impl="xla" there.
 """
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import linear_call
+
+_LOG = logging.getLogger(__name__)
+
+_BACKEND_MODULES = {
+    "triton": "sanajax.kernels.linear_attention_pallas_triton",
+    "mosaic_gpu": "sanajax.kernels.linear_attention_mosaic_gpu",
+    "tpu": "sanajax.kernels.linear_attention_tpu",
+}
+# impl names: "auto", "xla", "pallas", or a specific Pallas backend.
+_EXPLICIT_IMPLS = {"pallas_triton": "triton", "pallas_mosaic_gpu": "mosaic_gpu",
+                   "pallas_tpu": "tpu"}
+IMPLS = ("auto", "xla", "pallas", *_EXPLICIT_IMPLS)
 
 
 def linear_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-15) -> jax.Array:
@@ -24,15 +59,188 @@ def linear_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, eps:
   return (num / (den + eps)).astype(v.dtype)
 
 
+# ------------------------------------------------------------------------------ autodiff
+
+
+class _Config(NamedTuple):
+  """Static (hashable) kernel settings carried through the custom derivatives."""
+  backend: str  # key of _BACKEND_MODULES
+  eps: float
+  interpret: bool
+
+
+def _module(backend: str):
+  return importlib.import_module(_BACKEND_MODULES[backend])
+
+
+def _forward(cfg: _Config, q, k, v):
+  return _module(cfg.backend).forward(q, k, v, eps=cfg.eps, interpret=cfg.interpret)
+
+
+def _backward(cfg: _Config, q, k, v, kv, ksum, g):
+  # The Mosaic GPU module has no backward kernels; Hopper uses the Triton ones.
+  backend = "triton" if cfg.backend == "mosaic_gpu" else cfg.backend
+  return _module(backend).backward(q, k, v, kv, ksum, g, eps=cfg.eps, interpret=cfg.interpret)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _la_vjp(q, k, v, cfg: _Config):
+  """Reverse-mode-only kernel path: (B, N, H, D) x3 -> (B, N, H, Dv)."""
+  return _forward(cfg, q, k, v)[0]
+
+
+def _la_vjp_fwd(q, k, v, cfg):
+  out, kv, ksum = _forward(cfg, q, k, v)
+  return out, (q, k, v, kv, ksum)
+
+
+def _la_vjp_bwd(cfg, res, g):
+  return _backward(cfg, *res, g)
+
+
+_la_vjp.defvjp(_la_vjp_fwd, _la_vjp_bwd)
+
+
+def _tangent_map(eps, res, tangents):
+  """The JVP of linear attention at res = (q, k, v, kv, ksum), linear in (dq, dk, dv).
+
+  With qr = relu(q), kr = relu(k): d kv = dkr^T v + kr^T dv, d ksum = dkr^T 1,
+  d out = (dqr kv + qr dkv - out (dqr ksum + qr dksum)) / den. All fp32, O(N D Dv).
+  """
+  q, k, v, kv, ksum = res
+  dq, dk, dv = tangents
+  f32 = lambda x: x.astype(jnp.float32)
+  qr, kr = jax.nn.relu(f32(q)), jax.nn.relu(f32(k))
+  dqr = jnp.where(q > 0, f32(dq), 0.0)
+  dkr = jnp.where(k > 0, f32(dk), 0.0)
+  d_kv = jnp.einsum("bnhd,bnhe->bhde", dkr, f32(v)) + jnp.einsum("bnhd,bnhe->bhde", kr, f32(dv))
+  d_ksum = jnp.sum(dkr, axis=1)
+  den = jnp.einsum("bnhd,bhd->bnh", qr, ksum)[..., None] + eps
+  out = jnp.einsum("bnhd,bhde->bnhe", qr, kv) / den
+  d_num = jnp.einsum("bnhd,bhde->bnhe", dqr, kv) + jnp.einsum("bnhd,bhde->bnhe", qr, d_kv)
+  d_den = jnp.einsum("bnhd,bhd->bnh", dqr, ksum) + jnp.einsum("bnhd,bhd->bnh", qr, d_ksum)
+  return ((d_num - out * d_den[..., None]) / den).astype(v.dtype)
+
+
+def _transpose_map(cfg, res, g):
+  """Transpose of `_tangent_map` in (dq, dk, dv): the backward kernels."""
+  return tuple(_backward(cfg, *res, g))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _la(q, k, v, cfg: _Config):
+  return _la_vjp(q, k, v, cfg)
+
+
+@_la.defjvp
+def _la_jvp(cfg, primals, tangents):
+  q, k, v = primals
+  out, kv, ksum = _forward(cfg, q, k, v)
+  res = (q, k, v, kv, ksum)
+  t_out = linear_call(functools.partial(_tangent_map, cfg.eps),
+                      functools.partial(_transpose_map, cfg), res, tuple(tangents))
+  return out, t_out
+
+
+# ------------------------------------------------------------------------------ dispatch
+
+
+@functools.cache
+def _log_once(message: str) -> None:
+  _LOG.warning(message)
+
+
+def _platform() -> str:
+  return jax.default_backend()  # "cpu", "gpu" or "tpu" ("cuda"/"rocm" read as "gpu").
+
+
+def _is_hopper_or_newer() -> bool:
+  cc = getattr(jax.devices()[0], "compute_capability", None)
+  try:
+    return cc is not None and float(cc) >= 9.0
+  except ValueError:
+    return False
+
+
+@functools.cache
+def _compiles(backend: str, shapes: tuple, eps: float) -> str | None:
+  """Lowers and compiles forward and backward kernels for these shapes; the error or None.
+
+  Run outside any trace (jit(...).lower on abstract shapes), so a Mosaic/Triton lowering
+  failure is caught here rather than deep inside the caller's jit.
+  """
+  cfg = _Config(backend, eps, False)
+  structs = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+
+  def fwd_bwd(q, k, v):
+    out, vjp = jax.vjp(lambda *a: _la_vjp(*a, cfg), q, k, v)
+    return out, vjp(out)
+
+  try:
+    jax.jit(fwd_bwd).lower(*structs).compile()
+  except Exception as e:  # Any lowering/compile error means "not usable here".
+    return f"{type(e).__name__}: {e}"
+  return None
+
+
+def _select_backend(impl: str, interpret: bool, q, k, v, eps: float) -> str | None:
+  """Maps impl to a Pallas backend name, or None for the XLA reference."""
+  if impl not in IMPLS:
+    raise ValueError(f"Unknown linear attention impl {impl!r}; expected one of {IMPLS}.")
+  if impl == "xla":
+    return None
+  platform = _platform()
+  if impl in _EXPLICIT_IMPLS:
+    if platform == "cpu" and not interpret:
+      raise ValueError(f"impl={impl!r} on CPU needs interpret=True.")
+    return _EXPLICIT_IMPLS[impl]
+  if platform == "cpu":
+    if impl == "auto":
+      return None  # XLA's fused einsums beat an interpreted kernel on CPU.
+    if not interpret:
+      raise ValueError("impl='pallas' has no CPU kernel; pass interpret=True to run the "
+                       "Triton-backend kernel in the Pallas interpreter, or use impl='xla'.")
+    return "triton"
+  if platform == "tpu":
+    candidates = ["tpu"]
+  elif platform == "gpu":
+    candidates = (["mosaic_gpu"] if _is_hopper_or_newer() else []) + ["triton"]
+  else:
+    raise ValueError(f"impl={impl!r}: no Pallas linear-attention kernel for platform {platform!r}.")
+  if interpret:
+    return candidates[-1]
+  shapes = tuple((x.shape, jnp.dtype(x.dtype)) for x in (q, k, v))
+  for backend in candidates:
+    error = _compiles(backend, shapes, eps)
+    if error is None:
+      return backend
+    _log_once(f"linear_attention: Pallas {backend} kernel failed to compile for {shapes}; "
+              f"trying the next option. {error[:500]}")
+  if impl == "pallas":
+    raise RuntimeError(f"linear_attention: no Pallas kernel compiles on {platform} for {shapes}; "
+                       "see the warnings above, or use impl='xla'.")
+  _log_once(f"linear_attention: impl='auto' falls back to XLA on {platform} for {shapes}.")
+  return None
+
+
 def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-15, impl: str = "auto",
                      interpret: bool = False) -> jax.Array:
   """Fused ReLU linear attention. q, k, v: (B, N, H, D); returns (B, N, H, D) in v's dtype.
 
-  impl: "xla" (the jnp reference), "pallas" (the backend's Pallas kernel) or "auto".
+  impl: "xla" (the jnp reference), "pallas" (the backend's Pallas kernel: Mosaic GPU on
+  sm_90+ then Triton on GPU, Mosaic TPU on TPU, the Triton kernel interpreted on CPU when
+  interpret=True), "auto" (Pallas on GPU/TPU, logging once and using XLA if no kernel
+  compiles; XLA on CPU), or a specific backend: "pallas_triton", "pallas_mosaic_gpu",
+  "pallas_tpu" (no fallback). interpret: run the Pallas kernel in the interpreter.
+  Differentiable in forward (jax.jvp) and reverse (jax.grad) mode.
   """
-  del interpret  # Only the Pallas path reads it.
-  if impl in ("auto", "xla"):
+  backend = _select_backend(impl, interpret, q, k, v, eps)
+  if backend is None:
     return linear_attention_reference(q, k, v, eps=eps)
-  if impl == "pallas":
-    raise NotImplementedError("The Pallas linear-attention kernel is not built yet; use impl='xla'.")
-  raise ValueError(f"Unknown linear attention impl {impl!r}; expected 'auto', 'xla' or 'pallas'.")
+  return _la(q, k, v, _Config(backend, float(eps), bool(interpret)))
+
+
+def linear_attention_vjp_only(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-15,
+                              backend: str = "triton", interpret: bool = False) -> jax.Array:
+  """The bare custom_vjp kernel path (no jax.jvp); for tests and for reverse-only users."""
+  return _la_vjp(q, k, v, _Config(backend, float(eps), bool(interpret)))

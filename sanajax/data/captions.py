@@ -11,9 +11,30 @@ NVlabs/Sana `diffusion/data/datasets/sana_data.py`):
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
+
+
+def _weights(scores: Sequence[float], threshold: float,
+             temperature: float) -> list[float]:
+  """Unnormalised weights exp(log(score)/T - max); see `caption_weights`.
+
+  Plain Python on purpose: N is a handful and this runs once per example, where numpy's
+  per-call overhead would dominate.
+  """
+  if temperature <= 0:
+    raise ValueError(f"caption temperature must be > 0, got {temperature}.")
+  s = [float(x) for x in scores]
+  # Weights are score^(1/T): with T=0.1 and scores ~30 that is ~1e15, so work in log
+  # space and subtract the max before exponentiating. Non-positive scores get weight 0.
+  logw = [math.log(x) / temperature if x >= threshold and x > 0 else -math.inf for x in s]
+  top = max(logw)
+  if top == -math.inf:  # Nothing passes: all mass on the best caption (first on ties).
+    best = s.index(max(s))
+    return [1.0 if j == best else 0.0 for j in range(len(s))]
+  return [math.exp(lw - top) for lw in logw]
 
 
 def caption_weights(scores: Sequence[float], threshold: float = 25.0,
@@ -29,19 +50,7 @@ def caption_weights(scores: Sequence[float], threshold: float = 25.0,
     (N,) float64 probabilities summing to 1. When no caption passes the threshold, a
     one-hot on the best-scoring caption (first one on ties).
   """
-  if temperature <= 0:
-    raise ValueError(f"caption temperature must be > 0, got {temperature}.")
-  s = np.asarray(scores, dtype=np.float64)
-  keep = s >= threshold
-  # Weights are score^(1/T): with T=0.1 and scores ~30 that is ~1e15, so work in log space
-  # and subtract the max before exponentiating. Non-positive scores have weight 0.
-  with np.errstate(divide="ignore", invalid="ignore"):
-    logw = np.where(keep & (s > 0), np.log(np.where(s > 0, s, 1.0)) / temperature, -np.inf)
-  if not np.isfinite(logw).any():
-    onehot = np.zeros(len(s))
-    onehot[int(np.argmax(s))] = 1.0
-    return onehot
-  w = np.exp(logw - logw.max())
+  w = np.asarray(_weights(scores, threshold, temperature))
   return w / w.sum()
 
 
@@ -71,5 +80,12 @@ def pick_caption(captions: Sequence[str], scores: Sequence[float] | None,
   if len(scores) != len(captions):
     raise ValueError(f"pick_caption got {len(captions)} captions but {len(scores)} "
                      "scores; give one score per caption or none at all.")
-  p = caption_weights(scores, threshold, temperature)
-  return captions[int(rng.choice(len(captions), p=p))]
+  w = _weights(scores, threshold, temperature)
+  # Inverse-CDF draw with one uniform. u < total, so the caption found has weight > 0.
+  u = rng.random() * sum(w)
+  acc = 0.0
+  for caption, wj in zip(captions, w):
+    acc += wj
+    if u < acc:
+      return caption
+  return captions[max(j for j, wj in enumerate(w) if wj > 0)]  # Rounding guard.

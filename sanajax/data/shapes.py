@@ -56,7 +56,7 @@ COUNTS = (2, 3, 4)  # counting scenes; "one" is the single form "a red circle"
 
 # CLIP-like caption scores: base per caption form, plus uniform jitter in [-J, J].
 SCORE_FULL = 31.0        # the complete description
-SCORE_EQUIVALENT = 30.5  # the complete description reworded (swapped order / inverse relation)
+SCORE_EQUIVALENT = 30.8  # the complete description reworded (swapped order / inverse relation)
 SCORE_PREFIXED = 29.5    # the complete description with a prefix
 SCORE_COARSE = 27.0      # true but less detailed (a position scene without its relation)
 SCORE_PARTIAL = 21.5     # names only one object: below SANA's 25 threshold
@@ -308,12 +308,12 @@ def _place(rng: np.random.Generator, n: int, r: int, relation: str | None = None
   edge, gap = EDGE_FRAC * r, GAP_FRAC * r
   first = int(np.ceil(edge))
   for _ in range(tries):
-    sizes = rng.integers(lo, hi + 1, size=n)
+    sizes = rng.integers(lo, hi + 1, size=n).tolist()
     boxes = []
     for s in sizes:
       last = int(np.floor(r - edge - s))
-      for _ in range(50):
-        x0, y0 = rng.integers(first, last + 1, size=2)
+      # One draw of candidate corners per object: per-call overhead dominates otherwise.
+      for x0, y0 in rng.integers(first, last + 1, size=(50, 2)).tolist():
         box = (float(x0), float(y0), float(x0 + s), float(y0 + s))
         if not all(_separated(box, b, gap) for b in boxes):
           continue

@@ -37,7 +37,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
   if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
     # 16-bit / float greyscale: `convert("RGB")` would clip everything above 255.
     a = np.asarray(img, dtype=np.float64)
-    scale = 1.0 / 257.0 if a.max() > 255 else 1.0
+    # I;16 is 16-bit by definition; "I"/"F" say nothing about the range, so look.
+    scale = 1.0 / 257.0 if img.mode.startswith("I;16") or a.max() > 255 else 1.0
     img = Image.fromarray(np.clip(a * scale + 0.5, 0, 255).astype(np.uint8), "L")
   if img.mode == "P" or img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
       "transparency" in img.info):

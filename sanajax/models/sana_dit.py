@@ -157,7 +157,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 def build_dit(model_config: Mapping[str, Any], **overrides) -> SanaDiT:
   """SanaDiT from a config's `model` ConfigDict (fields as configs/tiny.py; optional
-  pe_interpolation, pe_base_size, out_channels). `overrides` replace fields, e.g. features_at."""
+  pe_interpolation, sample_size (the latent side the PE grid is based on, diffusers'
+  `sample_size`; default: the input's), out_channels). `overrides` replace fields, e.g. features_at."""
   c = dict(model_config)
   if c.get("name", "sana_dit") != "sana_dit":
     raise ValueError(f"build_dit builds model.name='sana_dit', got {c['name']!r}.")
@@ -169,7 +170,8 @@ def build_dit(model_config: Mapping[str, Any], **overrides) -> SanaDiT:
       cross_num_heads=c["cross_num_heads"], cross_head_dim=c["cross_head_dim"], mlp_ratio=c["mlp_ratio"],
       patch_size=c["patch_size"], caption_channels=c["caption_channels"], in_channels=c["in_channels"],
       out_channels=c.get("out_channels"), use_pe=c.get("use_pe", False),
-      pe_interpolation=float(c.get("pe_interpolation") or 1.0), pe_base_size=c.get("pe_base_size"),
+      pe_interpolation=float(c.get("pe_interpolation") or 1.0),
+      pe_base_size=(c["sample_size"] // c["patch_size"]) if c.get("sample_size") else None,
       attn_eps=c["attn_eps"], norm_eps=c["norm_eps"], y_norm_scale=c["y_norm_scale"], qk_norm=c.get("qk_norm", False),
       dtype=_DTYPES[dtype], attn_impl=c.get("attn_impl", "xla"), remat=c.get("remat", "none"))
   kwargs.update(overrides)
@@ -233,9 +235,12 @@ def params_from_diffusers_state_dict(state_dict: Mapping[str, Any]) -> dict:
   return params
 
 
-def diffusers_kwargs(model_config: Mapping[str, Any], sample_size: int = 32) -> dict:
-  """The SanaTransformer2DModel(**kwargs) equal to a `model` config (for parity tests and counts)."""
+def diffusers_kwargs(model_config: Mapping[str, Any], sample_size: int | None = None) -> dict:
+  """The SanaTransformer2DModel(**kwargs) equal to a `model` config (for parity tests and counts).
+
+  sample_size defaults to the config's (else 32, diffusers' default)."""
   c = model_config
+  sample_size = sample_size or c.get("sample_size") or 32
   h = c["hidden_size"]
   return dict(
       in_channels=c["in_channels"], out_channels=c.get("out_channels") or c["in_channels"],

@@ -1,0 +1,200 @@
+"""Optimizers: CAME (SANA's default) as an optax transformation, and `build_optimizer` from a config.
+
+CAME (Luo et al., ACL 2023, "CAME: Confidence-guided Adaptive Memory Efficient Optimization"),
+Algorithm 1, for a gradient G_t of an n x m matrix (rows = second-last axis, cols = last axis);
+1_k is a vector of k ones:
+
+  r_t = b2 r_{t-1} + (1 - b2) (G_t^2 + eps1 1_n 1_m^T) 1_m         row statistics   (n,)
+  c_t = b2 c_{t-1} + (1 - b2) 1_n^T (G_t^2 + eps1 1_n 1_m^T)       column statistics (m,)
+  v_t = r_t c_t / (1_n^T r_t)                                      factored E[G^2]  (n, m)
+  u_t = G_t / sqrt(v_t)
+  u^_t = u_t / max(1, RMS(u_t) / d)                                update clipping, d = clip_threshold
+  m_t = b1 m_{t-1} + (1 - b1) u^_t                                 first moment
+  U_t = (u^_t - m_t)^2                                             instability
+  R_t = b3 R_{t-1} + (1 - b3) (U_t + eps2 1_n 1_m^T) 1_m
+  C_t = b3 C_{t-1} + (1 - b3) 1_n^T (U_t + eps2 1_n 1_m^T)
+  S_t = R_t C_t / (1_n^T R_t)                                      factored confidence
+  theta_t = theta_{t-1} - lr m_t / sqrt(S_t)
+
+As in the authors' code (`came_pytorch`, which SANA's CAMEWrapper follows): row/column statistics
+are means rather than sums (the ratio in v_t and S_t is the same), there is no bias correction,
+parameters with >= 2 axes are factored over their last two axes (leading axes are batch-like),
+parameters with < 2 axes keep an unfactored v_t = b2 v_{t-1} + (1 - b2)(G_t^2 + eps1) and skip the
+confidence step (theta -= lr m_t), and weight decay is decoupled and scaled by the learning rate:
+theta -= lr * weight_decay * theta, using theta before the step.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = ("adamw", "came")
+SCHEDULES = ("constant", "cosine")
+
+# Stand-in for the state a parameter does not use (factored vs unfactored), as optax.adafactor does.
+_UNUSED = (1,)
+
+
+class CameState(NamedTuple):
+  """CAME state; every field but `count` is a pytree shaped like the params.
+
+  mu: first moment m_t (param shape). v_row / v_col: factored second moment, param.shape[:-1] /
+  param.shape[:-2] + param.shape[-1:]. v: unfactored second moment (param shape, < 2-D params).
+  r_row / r_col: factored instability, shapes as v_row / v_col. Unused entries have shape (1,).
+  """
+  count: jax.Array
+  mu: Any
+  v_row: Any
+  v_col: Any
+  v: Any
+  r_row: Any
+  r_col: Any
+
+
+def _factored(shape) -> bool:
+  return len(shape) >= 2
+
+
+def _rms(x: jax.Array) -> jax.Array:
+  return jnp.sqrt(jnp.mean(jnp.square(x)))
+
+
+def _factored_rsqrt(row: jax.Array, col: jax.Array) -> jax.Array:
+  """1 / sqrt(row col / mean(row)) as a (.., n, m) array from row (.., n) and col (.., m)."""
+  r_factor = jax.lax.rsqrt(row / jnp.mean(row, axis=-1, keepdims=True))[..., :, None]
+  c_factor = jax.lax.rsqrt(col)[..., None, :]
+  return r_factor * c_factor
+
+
+def _ema(old: jax.Array, new: jax.Array, beta: float) -> jax.Array:
+  return beta * old + (1 - beta) * new
+
+
+def _init_leaf(p: jax.Array):
+  """Zero state for one parameter: (mu, v_row, v_col, v, r_row, r_col), all float32."""
+  z = lambda shape: jnp.zeros(shape, jnp.float32)
+  if _factored(p.shape):
+    row, col = p.shape[:-1], p.shape[:-2] + p.shape[-1:]
+    return z(p.shape), z(row), z(col), z(_UNUSED), z(row), z(col)
+  return z(p.shape), z(_UNUSED), z(_UNUSED), z(p.shape), z(_UNUSED), z(_UNUSED)
+
+
+def _update_leaf(g, mu, v_row, v_col, v, r_row, r_col, *, b1, b2, b3, eps1, eps2, clip_threshold):
+  """One CAME step for one parameter (float32). Returns (direction, new state); params move by -lr * direction."""
+  g = g.astype(jnp.float32)
+  g2 = jnp.square(g) + eps1
+  if _factored(g.shape):
+    v_row = _ema(v_row, jnp.mean(g2, axis=-1), b2)
+    v_col = _ema(v_col, jnp.mean(g2, axis=-2), b2)
+    u = g * _factored_rsqrt(v_row, v_col)
+  else:
+    v = _ema(v, g2, b2)
+    u = g * jax.lax.rsqrt(v)
+  u = u / jnp.maximum(_rms(u) / clip_threshold, 1.0)
+  mu = _ema(mu, u, b1)
+  if _factored(g.shape):
+    instability = jnp.square(u - mu) + eps2
+    r_row = _ema(r_row, jnp.mean(instability, axis=-1), b3)
+    r_col = _ema(r_col, jnp.mean(instability, axis=-2), b3)
+    direction = mu * _factored_rsqrt(r_row, r_col)
+  else:
+    direction = mu
+  return direction, (mu, v_row, v_col, v, r_row, r_col)
+
+
+def came(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.999, b3: float = 0.9999,
+         eps1: float = 1e-30, eps2: float = 1e-16, clip_threshold: float = 1.0,
+         weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """CAME as an optax transformation (the full update rule is in the module docstring).
+
+  Args:
+    learning_rate: a float or an optax schedule of the step count (0-based, as optax does).
+    b1, b2, b3: decay of the first moment, the second moment and the instability (SANA: 0.9, 0.999,
+      0.9999).
+    eps1, eps2: added to G^2 and to the instability (SANA: 1e-30, 1e-16).
+    clip_threshold: d, the largest RMS an (unscaled) update may have.
+    weight_decay: decoupled, multiplied by the learning rate; needs `params` in `update` when > 0.
+  Returns:
+    A transformation whose updates are to be added to the params (`optax.apply_updates`); they have
+    each param's dtype while the state stays float32.
+  """
+  hyper = dict(b1=b1, b2=b2, b3=b3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold)
+
+  def init_fn(params):
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    per_field = list(zip(*[_init_leaf(p) for p in leaves])) or [()] * 6
+    fields = [jax.tree_util.tree_unflatten(treedef, list(f)) for f in per_field]
+    return CameState(jnp.zeros([], jnp.int32), *fields)
+
+  def update_fn(updates, state, params=None):
+    if weight_decay and params is None:
+      raise ValueError("came(weight_decay > 0) needs params: call update(grads, state, params).")
+    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    flat_state = [treedef.flatten_up_to(f) for f in state[1:]]
+    results = [_update_leaf(g, *s, **hyper) for g, *s in zip(leaves, *flat_state)]
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    directions = [d for d, _ in results]
+    if weight_decay:
+      directions = [d + weight_decay * p.astype(jnp.float32)
+                    for d, p in zip(directions, treedef.flatten_up_to(params))]
+    new_updates = [(-lr * d).astype(g.dtype) for d, g in zip(directions, leaves)]
+    per_field = list(zip(*[s for _, s in results])) or [()] * 6
+    fields = [jax.tree_util.tree_unflatten(treedef, list(f)) for f in per_field]
+    new_state = CameState(optax.safe_increment(state.count), *fields)
+    return jax.tree_util.tree_unflatten(treedef, new_updates), new_state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _field(config: Any, name: str, default: Any = None, *, required: bool = False) -> Any:
+  """Reads `config.name` from a ConfigDict or a dict, with a clear error when a required one is missing."""
+  if name in config:
+    return config[name]
+  if required:
+    raise ValueError(f"The train config has no field {name!r}; add `train.{name}` to the config.")
+  return default
+
+
+def _lr_schedule(peak: float, warmup_steps: int, schedule: str, num_steps: int) -> optax.Schedule:
+  """Linear warm-up 0 -> peak over `warmup_steps`, then constant or cosine decay to 0 at `num_steps`.
+
+  Step s of warm-up has lr = peak * s / warmup_steps (SANA's constant-with-warm-up; lr = 0 at s = 0).
+  """
+  if schedule == "constant":
+    main = optax.constant_schedule(peak)
+  elif schedule == "cosine":
+    main = optax.cosine_decay_schedule(peak, decay_steps=max(num_steps - warmup_steps, 1))
+  else:
+    raise ValueError(f"Unknown schedule {schedule!r} (train.schedule); choose one of {SCHEDULES}.")
+  if warmup_steps <= 0:
+    return main
+  warmup = optax.linear_schedule(0.0, peak, warmup_steps)
+  return optax.join_schedules([warmup, main], boundaries=[warmup_steps])
+
+
+def build_optimizer(train_config: Any, num_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+  """Optimizer and learning-rate schedule from a config's `train` section.
+
+  Fields: optimizer ("adamw" | "came"), learning_rate (peak), warmup_steps (linear warm-up from 0),
+  schedule ("constant" | "cosine", the cosine decays to 0 at `num_steps`), weight_decay (decoupled),
+  grad_clip (global-norm clipping before the optimizer; 0 disables).
+  Returns (transformation, schedule_fn: step -> learning rate).
+  """
+  c = train_config
+  name = _field(c, "optimizer", required=True)
+  peak = float(_field(c, "learning_rate", required=True))
+  schedule_fn = _lr_schedule(peak, int(_field(c, "warmup_steps", 0)), _field(c, "schedule", "constant"), num_steps)
+  weight_decay = float(_field(c, "weight_decay", 0.0))
+  if name == "adamw":
+    opt = optax.adamw(schedule_fn, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+  elif name == "came":
+    opt = came(schedule_fn, weight_decay=weight_decay)
+  else:
+    raise ValueError(f"Unknown optimizer {name!r} (train.optimizer); choose one of {OPTIMIZERS}.")
+  grad_clip = float(_field(c, "grad_clip", 0.0))
+  if grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
+  return opt, schedule_fn

@@ -1,0 +1,201 @@
+"""CAME against the authors' PyTorch code and a numpy transcription of Algorithm 1; build_optimizer."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from sanajax.training import optim
+
+SHAPES = {"bias": (7,), "matrix": (5, 3), "conv": (2, 4, 3)}
+
+
+def _params(seed=0):
+  rng = np.random.default_rng(seed)
+  return {k: rng.normal(size=s).astype(np.float32) for k, s in SHAPES.items()}
+
+
+def _grads(num_steps, seed=1):
+  """Per-step gradients; row 0 of the matrix is zero at step 0 (eps1 keeps it finite)."""
+  rng = np.random.default_rng(seed)
+  steps = [{k: rng.normal(size=s).astype(np.float32) * (1 + i) for k, s in SHAPES.items()} for i in range(num_steps)]
+  steps[0]["matrix"][0] = 0.0
+  return steps
+
+
+def _run_optax(tx, params, grads):
+  """Params after each step, as numpy dicts."""
+  params = jax.tree.map(jnp.asarray, params)
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  history = []
+  for g in grads:
+    updates, state = update(jax.tree.map(jnp.asarray, g), state, params)
+    params = optax.apply_updates(params, updates)
+    history.append(jax.tree.map(np.asarray, params))
+  return history
+
+
+def _assert_close(history, ref_history, rtol=1e-5, atol=1e-6):
+  for step, (p, r) in enumerate(zip(history, ref_history)):
+    for k in SHAPES:
+      np.testing.assert_allclose(p[k], r[k], rtol=rtol, atol=atol, err_msg=f"step {step}, {k}")
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_came_matches_came_pytorch(weight_decay):
+  torch = pytest.importorskip("torch")
+  came_pytorch = pytest.importorskip("came_pytorch")
+  params, grads = _params(), _grads(6)
+  torch_params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in params.items()}
+  ref_opt = came_pytorch.CAME(list(torch_params.values()), lr=3e-2, weight_decay=weight_decay,
+                              betas=(0.9, 0.999, 0.9999), eps=(1e-30, 1e-16))
+  ref_history = []
+  for g in grads:
+    for k, p in torch_params.items():
+      p.grad = torch.from_numpy(g[k])
+    ref_opt.step()
+    ref_history.append({k: p.detach().numpy().copy() for k, p in torch_params.items()})
+  history = _run_optax(optim.came(3e-2, weight_decay=weight_decay), params, grads)
+  _assert_close(history, ref_history)
+
+
+def _came_algorithm1(theta, grads, lr, b1=0.9, b2=0.999, b3=0.9999, eps1=1e-30, eps2=1e-16, d=1.0):
+  """Algorithm 1 of the CAME paper for one n x m matrix, in float64 with the paper's sums."""
+  n, m = theta.shape
+  r, c, big_r, big_c = np.zeros(n), np.zeros(m), np.zeros(n), np.zeros(m)
+  mom = np.zeros((n, m))
+  theta = theta.astype(np.float64)
+  out = []
+  for g in grads:
+    g = g.astype(np.float64)
+    r = b2 * r + (1 - b2) * (g ** 2 + eps1) @ np.ones(m)
+    c = b2 * c + (1 - b2) * np.ones(n) @ (g ** 2 + eps1)
+    v = np.outer(r, c) / (np.ones(n) @ r)
+    u = g / np.sqrt(v)
+    u_hat = u / max(1.0, np.sqrt(np.mean(u ** 2)) / d)
+    mom = b1 * mom + (1 - b1) * u_hat
+    instability = (u_hat - mom) ** 2
+    big_r = b3 * big_r + (1 - b3) * (instability + eps2) @ np.ones(m)
+    big_c = b3 * big_c + (1 - b3) * np.ones(n) @ (instability + eps2)
+    s = np.outer(big_r, big_c) / (np.ones(n) @ big_r)
+    theta = theta - lr * mom / np.sqrt(s)
+    out.append(theta)
+  return out
+
+
+def test_came_matches_algorithm_1():
+  rng = np.random.default_rng(3)
+  theta = rng.normal(size=(6, 4)).astype(np.float32)
+  grads = [rng.normal(size=(6, 4)).astype(np.float32) * s for s in (1.0, 0.1, 3.0, 1.0, 0.5)]
+  ref = _came_algorithm1(theta, grads, lr=1e-2)
+  tx = optim.came(1e-2)
+  p, state, update = jnp.asarray(theta), tx.init(jnp.asarray(theta)), jax.jit(tx.update)
+  for g, r in zip(grads, ref):
+    updates, state = update(jnp.asarray(g), state, p)
+    p = optax.apply_updates(p, updates)
+    np.testing.assert_allclose(p, r, rtol=1e-5, atol=1e-6)
+
+
+def test_came_update_is_clipped_and_state_is_small():
+  params = {"w": jnp.zeros((64, 32)), "b": jnp.zeros((32,))}
+  grads = {"w": jnp.full((64, 32), 1e3), "b": jnp.full((32,), -1e-4)}
+  tx = optim.came(1.0)
+  state = tx.init(params)
+  # Factored: O(n + m) second-moment memory for the matrix, a (1,) placeholder for the full v.
+  assert state.v_row["w"].shape == (64,) and state.v_col["w"].shape == (32,) and state.v["w"].shape == (1,)
+  assert state.v["b"].shape == (32,) and state.r_row["b"].shape == (1,)
+  updates, _ = tx.update(grads, state, params)
+  # Unfactored (1-D): no confidence step, so the move is (1 - b1) times the clipped update (RMS 1),
+  # whatever the gradient's scale.
+  np.testing.assert_allclose(updates["b"], 0.1, rtol=1e-3)
+  # Factored: the clipped update u^ = 1 everywhere, m = 0.1, instability (u^ - m)^2 = 0.81, so
+  # S = (1 - b3) 0.81 and the move is m / sqrt(S) = 0.1 / 0.009 (no bias correction in CAME).
+  np.testing.assert_allclose(updates["w"], -0.1 / (0.9 * np.sqrt(1e-4)), rtol=1e-3)
+
+
+def test_came_weight_decay_needs_params():
+  tx = optim.came(1e-3, weight_decay=0.1)
+  params = {"w": jnp.ones((3, 2))}
+  with pytest.raises(ValueError, match="params"):
+    tx.update(params, tx.init(params))
+
+
+def _train_config(**overrides):
+  c = ml_collections.ConfigDict(dict(optimizer="adamw", learning_rate=1e-3, warmup_steps=100, schedule="constant",
+                                     weight_decay=0.0, grad_clip=1.0))
+  c.update(overrides)
+  return c
+
+
+def test_schedule_warmup_constant_and_cosine():
+  _, lr = optim.build_optimizer(_train_config(), num_steps=1000)
+  assert float(lr(0)) == 0.0
+  assert float(lr(25)) == pytest.approx(2.5e-4)
+  assert float(lr(50)) == pytest.approx(5e-4)
+  assert float(lr(100)) == pytest.approx(1e-3)
+  assert float(lr(999)) == pytest.approx(1e-3)
+  _, lr = optim.build_optimizer(_train_config(schedule="cosine"), num_steps=1100)
+  assert float(lr(100)) == pytest.approx(1e-3)
+  assert float(lr(600)) == pytest.approx(5e-4, rel=1e-4)  # half way through the decay.
+  assert float(lr(1100)) == pytest.approx(0.0, abs=1e-9)
+  _, lr = optim.build_optimizer(_train_config(warmup_steps=0), num_steps=10)
+  assert float(lr(0)) == pytest.approx(1e-3)
+
+
+def test_warmup_scales_the_first_updates():
+  tx, _ = optim.build_optimizer(_train_config(grad_clip=0.0, warmup_steps=4), num_steps=10)
+  params = {"w": jnp.ones((3,))}
+  state, update = tx.init(params), jax.jit(tx.update)
+  sizes = []
+  for _ in range(5):
+    updates, state = update({"w": jnp.ones((3,))}, state, params)
+    sizes.append(float(jnp.abs(updates["w"]).max()))
+  # Adam's first updates are ~lr(step) in size: 0, 1/4, 2/4, 3/4, 1 of the peak.
+  np.testing.assert_allclose(sizes, [0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3], rtol=1e-4, atol=1e-9)
+
+
+def test_global_norm_clipping():
+  params = {"a": jnp.zeros((4,)), "b": jnp.zeros((2, 2))}
+  big = {"a": jnp.full((4,), 5.0), "b": jnp.full((2, 2), -5.0)}  # global norm sqrt(200).
+  small = {"a": jnp.array([0.1, 0.0, 0.0, 0.0]), "b": jnp.zeros((2, 2))}  # norm 0.1: untouched.
+
+  def run(grad_clip, grads_seq):
+    tx, _ = optim.build_optimizer(_train_config(grad_clip=grad_clip, warmup_steps=0), num_steps=10)
+    state, out, update = tx.init(params), [], jax.jit(tx.update)
+    for g in grads_seq:
+      updates, state = update(g, state, params)
+      out.append(updates)
+    return out
+
+  scaled = jax.tree.map(lambda g: g / np.sqrt(200.0), big)  # what clip_by_global_norm(1.0) makes of `big`.
+  expected = run(0.0, [scaled, small])
+  got = run(1.0, [big, small])
+  unclipped = run(0.0, [big, small])
+  for e, g in zip(expected, got):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), e, g)
+  # Adam is scale-free on one step, but the second step sees the clipped history.
+  assert not np.allclose(got[1]["a"], unclipped[1]["a"])
+
+
+def test_adamw_weight_decay_and_came_from_config():
+  params = {"w": jnp.full((2, 3), 2.0)}
+  zeros = {"w": jnp.zeros((2, 3))}
+  tx, _ = optim.build_optimizer(_train_config(weight_decay=0.1, warmup_steps=0, grad_clip=0.0), num_steps=10)
+  updates, _ = tx.update(zeros, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -1e-3 * 0.1 * 2.0, rtol=1e-6)
+  tx, _ = optim.build_optimizer(_train_config(optimizer="came", warmup_steps=0), num_steps=10)
+  history = _run_optax(tx, _params(), _grads(2))
+  ref = _run_optax(optax.chain(optax.clip_by_global_norm(1.0), optim.came(1e-3)), _params(), _grads(2))
+  _assert_close(history, ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("field,value,match", [("optimizer", "sgd", "optimizer"), ("schedule", "linear", "schedule")])
+def test_build_optimizer_errors(field, value, match):
+  with pytest.raises(ValueError, match=match):
+    optim.build_optimizer(_train_config(**{field: value}), num_steps=10)
+  del_cfg = dict(_train_config())
+  del del_cfg["learning_rate"]
+  with pytest.raises(ValueError, match="learning_rate"):
+    optim.build_optimizer(del_cfg, num_steps=10)

@@ -1,0 +1,174 @@
+"""SANA linear DiT: values of its parts against naive versions, and parity with diffusers."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sanajax import config_utils
+from sanajax.models import attention, layers, sana_dit
+
+
+def _tiny_model_config(**overrides):
+  c = dict(config_utils.load_config("tiny").model)
+  c.update(overrides)
+  return c
+
+
+def _inputs(c, key, batch=2, hw=(4, 6), length=7):
+  kx, kt, kc = jax.random.split(key, 3)
+  x = jax.random.normal(kx, (batch, *hw, c["in_channels"]))
+  t = jax.random.uniform(kt, (batch,))
+  ctx = jax.random.normal(kc, (batch, length, c["caption_channels"]))
+  mask = np.ones((batch, length), np.int32)
+  mask[0, 4:] = 0  # Right padding in the first sample.
+  return x, t, ctx, jnp.asarray(mask)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  c = _tiny_model_config(depth=2, hidden_size=64, cross_num_heads=2)  # Small: tests run on 2 shared cores.
+  model = sana_dit.build_dit(c)
+  x, t, ctx, mask = _inputs(c, jax.random.key(0))
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), x, t, ctx, mask)["params"])
+  apply = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
+  return c, model, params, apply, (x, t, ctx, mask)
+
+
+def test_forward_is_deterministic_and_conditioned(tiny):
+  c, _, params, apply, (x, t, ctx, mask) = tiny
+  out = apply(params, x, t, ctx, mask)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, apply(params, x, t, ctx, mask))
+  # It depends on t, on the valid context and on the mask ...
+  assert float(jnp.max(jnp.abs(out - apply(params, x, t * 0.5, ctx, mask)))) > 1e-3
+  assert float(jnp.max(jnp.abs(out[0] - apply(params, x, t, ctx.at[0, 1].add(1.0), mask)[0]))) > 1e-4
+  assert float(jnp.max(jnp.abs(out[0] - apply(params, x, t, ctx, jnp.ones_like(mask))[0]))) > 1e-5
+  # ... but not on the masked-out text tokens.
+  noisy = ctx.at[0, 4:].set(jax.random.normal(jax.random.key(5), (3, c["caption_channels"])) * 10)
+  np.testing.assert_allclose(apply(params, x, t, noisy, mask), out, rtol=0, atol=1e-6)
+
+
+def test_param_tree_and_logical_axes(tiny):
+  c, model, params, _, (x, t, ctx, mask) = tiny
+  assert {"patch_embed", "time_embed", "caption_projection", "caption_norm", "transformer_blocks_0",
+          "transformer_blocks_1", "scale_shift_table", "proj_out"} == set(params)
+  assert set(params["transformer_blocks_0"]) == {"attn1", "attn2", "ff", "scale_shift_table"}
+  np.testing.assert_allclose(params["caption_norm"]["scale"], c["y_norm_scale"])
+  boxed = jax.eval_shape(model.init, jax.random.key(1), x, t, ctx, mask)["params"]
+  axes = nn_axes(boxed)
+  assert axes["transformer_blocks_0"]["attn1"]["to_q"]["kernel"] == ("embed", "heads")
+  assert axes["transformer_blocks_0"]["ff"]["conv_inverted"]["kernel"] == ("embed", "mlp")
+  assert axes["caption_projection"]["linear_1"]["kernel"] == ("caption", "embed")
+
+
+def nn_axes(boxed):
+  return jax.tree.map(lambda b: tuple(b.names), boxed, is_leaf=lambda b: isinstance(b, nn.Partitioned))
+
+
+def test_linear_attention_module_equals_naive():
+  h, hd, n = 64, 16, 10
+  mod = attention.LinearSelfAttention(h, hd, eps=1e-15)
+  x = jax.random.normal(jax.random.key(0), (2, n, h))
+  p = nn.meta.unbox(jax.jit(mod.init)(jax.random.key(1), x)["params"])
+  got = jax.jit(mod.apply)({"params": p}, x)
+  q = np.asarray(x @ p["to_q"]["kernel"]).reshape(2, n, h // hd, hd)
+  k = np.asarray(x @ p["to_k"]["kernel"]).reshape(2, n, h // hd, hd)
+  v = np.asarray(x @ p["to_v"]["kernel"]).reshape(2, n, h // hd, hd)
+  q, k = np.maximum(q, 0).astype(np.float64), np.maximum(k, 0).astype(np.float64)
+  scores = np.einsum("bnhd,bmhd->bhnm", q, k)  # The O(N^2) form: relu(q) relu(k)^T.
+  out = np.einsum("bhnm,bmhd->bnhd", scores, v) / (scores.sum(-1).transpose(0, 2, 1)[..., None] + 1e-15)
+  want = out.reshape(2, n, h) @ np.asarray(p["to_out"]["kernel"], np.float64) + np.asarray(p["to_out"]["bias"])
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_mix_ffn_equals_numpy():
+  h, ratio, hh, ww = 8, 2.5, 3, 5
+  f = int(h * ratio)
+  mod = layers.MixFFN(h, ratio)
+  x = jax.random.normal(jax.random.key(0), (1, hh * ww, h))
+  p = nn.meta.unbox(jax.jit(mod.init, static_argnums=(2, 3))(jax.random.key(1), x, hh, ww)["params"])
+  p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), p)  # Non-zero biases.
+  got = jax.jit(mod.apply, static_argnums=(2, 3))({"params": p}, x, hh, ww)
+  silu = lambda a: a / (1 + np.exp(-a))
+  a = silu(np.asarray(x[0]) @ np.asarray(p["conv_inverted"]["kernel"]) + np.asarray(p["conv_inverted"]["bias"]))
+  a = np.pad(a.reshape(hh, ww, 2 * f), ((1, 1), (1, 1), (0, 0)))
+  kern, bias = np.asarray(p["conv_depth"]["kernel"])[:, :, 0, :], np.asarray(p["conv_depth"]["bias"])
+  dw = np.zeros((hh, ww, 2 * f))
+  for i in range(hh):
+    for j in range(ww):
+      dw[i, j] = (a[i:i + 3, j:j + 3] * kern).sum((0, 1)) + bias
+  y = dw[..., :f] * silu(dw[..., f:])
+  want = y.reshape(hh * ww, f) @ np.asarray(p["conv_point"]["kernel"])
+  np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
+
+
+def test_timestep_sinusoid_matches_diffusers():
+  torch = pytest.importorskip("torch")
+  from diffusers.models.embeddings import get_timestep_embedding
+  t = np.array([0.0, 1.5, 999.0, 421.25], np.float32)
+  want = get_timestep_embedding(torch.tensor(t), 256, flip_sin_to_cos=True, downscale_freq_shift=0).numpy()
+  np.testing.assert_allclose(layers.timestep_sinusoid(jnp.asarray(t)), want, atol=2e-4)
+
+
+def test_sincos_pe_matches_diffusers():
+  torch = pytest.importorskip("torch")
+  from diffusers.models.embeddings import get_2d_sincos_pos_embed
+  want = get_2d_sincos_pos_embed(16, (3, 5), base_size=4, interpolation_scale=2.0, output_type="pt").numpy()
+  np.testing.assert_allclose(layers.sincos_pos_embed_2d(16, 3, 5, 4, 2.0), want, atol=1e-6)
+
+
+def test_remat_and_features_match_plain(tiny):
+  c, _, params, apply, args = tiny
+  out = apply(params, *args)
+  model = sana_dit.build_dit(dict(c, remat="dots_saveable"), features_at=(0,))
+  got, feats = jax.jit(lambda p, *a: model.apply({"params": p}, *a))(params, *args)
+  np.testing.assert_allclose(got, out, rtol=1e-5, atol=1e-6)
+  assert len(feats) == 1 and feats[0].shape == (2, 4 * 6, c["hidden_size"])
+  loss = lambda p: jnp.sum(model.apply({"params": p}, *args)[0] ** 2)
+  g = jax.jit(jax.grad(loss))(params)
+  assert np.isfinite(float(jnp.sum(g["transformer_blocks_1"]["attn1"]["to_q"]["kernel"] ** 2)))
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  c = _tiny_model_config(depth=1, hidden_size=64, cross_num_heads=2, dtype="bfloat16")
+  model = sana_dit.build_dit(c)
+  x, t, ctx, mask = _inputs(c, jax.random.key(0))
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(1), x, t, ctx, mask)["params"])
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(params))
+  out = jax.jit(model.apply)({"params": params}, x, t, ctx, mask)
+  ref = jax.jit(sana_dit.build_dit(dict(c, dtype="float32")).apply)({"params": params}, x, t, ctx, mask)
+  assert out.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(out - ref))) < 0.05 * float(jnp.max(jnp.abs(ref)))
+
+
+@pytest.mark.parametrize("variant", ["p1", "p2_pe_qknorm"])
+def test_parity_with_diffusers(variant):
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  if variant == "p1":
+    c = _tiny_model_config(depth=2, hidden_size=64, linear_head_dim=16, cross_num_heads=4, cross_head_dim=8,
+                           caption_channels=24, in_channels=6)
+    hw, sample_size = (4, 6), 4
+  else:
+    c = _tiny_model_config(depth=2, hidden_size=64, linear_head_dim=16, cross_num_heads=2, cross_head_dim=24,
+                           caption_channels=24, in_channels=6, patch_size=2, use_pe=True, pe_interpolation=2.0,
+                           sample_size=6, qk_norm=True)
+    hw, sample_size = (6, 10), 6
+  torch.manual_seed(0)
+  tm = diffusers.SanaTransformer2DModel(**sana_dit.diffusers_kwargs(c, sample_size=sample_size)).eval()
+  with torch.no_grad():
+    for prm in tm.parameters():  # Randomise everything (biases, norm scales) so that all of it is checked.
+      prm.copy_(torch.randn_like(prm) * 0.2)
+  x, t, ctx, mask = _inputs(c, jax.random.key(3), hw=hw)
+  with torch.no_grad():
+    want = tm(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2), torch.tensor(np.asarray(ctx)),
+              torch.tensor(np.asarray(t)) * 1000, encoder_attention_mask=torch.tensor(np.asarray(mask)),
+              return_dict=False)[0].permute(0, 2, 3, 1).numpy()
+  params = sana_dit.params_from_diffusers_state_dict(tm.state_dict())
+  model = sana_dit.build_dit(c)
+  ref_shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, ctx, mask)["params"]
+  ref_shapes = jax.tree.map(lambda b: b.value.shape, ref_shapes, is_leaf=lambda b: hasattr(b, "names"))
+  assert jax.tree.map(jnp.shape, params) == ref_shapes
+  got = np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx, mask))
+  assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
