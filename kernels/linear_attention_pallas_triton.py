@@ -68,7 +68,7 @@ def _tiling(n: int, batch_heads: int, block_n: int) -> tuple[int, int, int]:
 def _dot(a, b, *, trans_a=False, trans_b=False):
   """fp32-accumulating matmul; IEEE fp32 when an operand is fp32."""
   precision = _HIGHEST if _F32 in (a.dtype, b.dtype) else None
-  return pl.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
+  return plgpu.dot(a, b, trans_a=trans_a, trans_b=trans_b, precision=precision)
 
 
 def _relu(x):
@@ -218,13 +218,13 @@ def _out(q, kv, ksum, out_dtype, tiling, eps, interpret):
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-15,
-            interpret: bool = False, block_n: int = DEFAULT_BLOCK_N):
+            interpret: bool = False, block_n: int | None = None):
   """q, k: (B, N, H, D); v: (B, N, H, Dv).
 
   Returns (out (B, N, H, Dv) in v's dtype, kv (B, H, D, Dv) fp32, ksum (B, H, D) fp32).
   """
   n, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
-  qp, kp, vp, tiling = _prepare(q, k, v, block_n)
+  qp, kp, vp, tiling = _prepare(q, k, v, block_n or DEFAULT_BLOCK_N)
   kv, ksum = _state(kp, vp, tiling, interpret)
   out = _out(qp, kv, ksum, v.dtype, tiling, eps, interpret)
   return out[:, :n, :, :dv], kv[:, :, :d, :dv], ksum[:, :, :d]
@@ -232,14 +232,14 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-15,
 
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv: jax.Array, ksum: jax.Array,
              g: jax.Array, *, eps: float = 1e-15, interpret: bool = False,
-             block_n: int = DEFAULT_BLOCK_N):
+             block_n: int | None = None):
   """Cotangents of `forward`'s out. g: (B, N, H, Dv); kv, ksum: the fp32 states.
 
   Returns (dq, dk, dv) in the dtypes of q, k, v.
   """
   b, n, h, d = q.shape
   dv_dim = v.shape[-1]
-  qp, kp, vp, tiling = _prepare(q, k, v, block_n)
+  qp, kp, vp, tiling = _prepare(q, k, v, block_n or DEFAULT_BLOCK_N)
   block_n, tpc, chunks = tiling
   n_pad, dp, dvp = qp.shape[1], qp.shape[-1], vp.shape[-1]
   gp = _pad_axis(_pad_axis(g, 1, n_pad), 3, dvp)

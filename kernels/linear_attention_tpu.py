@@ -167,14 +167,14 @@ def _state(k, v, block_n, interpret):
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-15,
-            interpret: bool = False, block_n: int = DEFAULT_BLOCK_N):
+            interpret: bool = False, block_n: int | None = None):
   """q, k: (B, N, H, D); v: (B, N, H, Dv).
 
   Returns (out (B, N, H, Dv) in v's dtype, kv (B, H, D, Dv) fp32, ksum (B, H, D) fp32).
   """
   bsz, n, h, d = q.shape
   dv = v.shape[-1]
-  qp, kp, vp, block_n = _prepare(q, k, v, block_n)
+  qp, kp, vp, block_n = _prepare(q, k, v, block_n or DEFAULT_BLOCK_N)
   dp, dvp = qp.shape[-1], vp.shape[-1]
   kv, ksum = _state(kp, vp, block_n, interpret)
   out = pl.pallas_call(
@@ -193,14 +193,14 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-15,
 
 def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv: jax.Array, ksum: jax.Array,
              g: jax.Array, *, eps: float = 1e-15, interpret: bool = False,
-             block_n: int = DEFAULT_BLOCK_N):
+             block_n: int | None = None):
   """Cotangents of `forward`'s out. g: (B, N, H, Dv); kv (B, H, D, Dv), ksum (B, H, D) fp32.
 
   Returns (dq, dk, dv) in the dtypes of q, k, v, layout (B, N, H, D).
   """
   bsz, n, h, d = q.shape
   dv_dim = v.shape[-1]
-  qp, kp, vp, block_n = _prepare(q, k, v, block_n)
+  qp, kp, vp, block_n = _prepare(q, k, v, block_n or DEFAULT_BLOCK_N)
   n_pad, dp, dvp = qp.shape[2], qp.shape[-1], vp.shape[-1]
   gp = _to_tpu_layout(g, n_pad, dvp)
   kv = _pad_axis(_pad_axis(kv, 2, dp), 3, dvp)

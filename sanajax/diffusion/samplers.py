@@ -85,7 +85,7 @@ def timestep_grid(num_steps: int, shift: float, sampler: str = "flow_euler") -> 
 
 def _cfg_is_off(cfg_scale) -> bool:
   """True when guidance is statically 1.0 (a Python number), so the uncond half can be skipped."""
-  return isinstance(cfg_scale, (int, float)) and float(cfg_scale) == 1.0
+  return isinstance(cfg_scale, (int, float, np.integer, np.floating)) and float(cfg_scale) == 1.0
 
 
 def _concat_cond_uncond(context, mask, null_context, null_mask):

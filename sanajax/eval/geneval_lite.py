@@ -23,7 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from sanajax.data import shapes
-from sanajax.data.shapes import CATEGORIES, COLORS, SHAPES, Obj
+from sanajax.data.shapes import CATEGORIES, COLORS, Obj
 
 # Pixel colours. A blurred edge pixel is a mix x = bg + a (c - bg) of a colour c with the
 # background; a pixel belongs to colour c when its nearest point on the segment bg -> c has
@@ -228,11 +228,12 @@ def check(objects: list[Obj], prompt: str, cat: str | None = None,
 
 
 def evaluate(images, prompts: Sequence[str], categories: Sequence[str] | None = None,
-             batch_size: int = 256) -> dict:
+             batch_pixels: int = 1 << 22) -> dict:
   """Scores images against their prompts.
 
   images: uint8 (N, R, R, 3) array or a sequence of (R_i, R_i, 3) arrays.
   categories: per-prompt category; default `shapes.category(prompt)`.
+  batch_pixels: detection runs on chunks of about this many pixels (bounds memory).
   Returns {"overall": mean of the per-category rates (categories present only),
   "num_images": N, "categories": {cat: {"rate", "passed", "total"}} in CATEGORIES order,
   "per_image": list[bool]}.
@@ -245,6 +246,8 @@ def evaluate(images, prompts: Sequence[str], categories: Sequence[str] | None = 
     raise ValueError(f"{len(images)} images, {len(prompts)} prompts, "
                      f"{len(categories)} categories")
   passed = []
+  side = np.asarray(images[0]).shape[0] if len(images) else 1
+  batch_size = max(1, batch_pixels // (side * side))
   for lo in range(0, len(prompts), batch_size):
     chunk = [np.asarray(im) for im in images[lo:lo + batch_size]]
     for im, objs, p, c in zip(chunk, _detect_all(chunk), prompts[lo:], categories[lo:]):
@@ -329,7 +332,8 @@ def load_images(directory: str, num: int) -> list[np.ndarray]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser = argparse.ArgumentParser(prog="python -m sanajax.eval.geneval_lite",
+                                   description=__doc__.split("\n")[0])
   parser.add_argument("--images", required=True, help="directory of 00000.png, 00001.png, ...")
   parser.add_argument("--prompts_file", required=True, help="one prompt per line")
   parser.add_argument("--json_out", default=None, help="optional path for the full result")
