@@ -2,6 +2,7 @@
 
 Every kernel has a pure-jnp reference with the same signature; `impl` picks one.
 """
-from sanajax.kernels.linear_attention import linear_attention, linear_attention_reference
+from sanajax.kernels.linear_attention import (linear_attention, linear_attention_reference,
+                                              linear_attention_vjp_only)
 
-__all__ = ["linear_attention", "linear_attention_reference"]
+__all__ = ["linear_attention", "linear_attention_reference", "linear_attention_vjp_only"]

