@@ -37,6 +37,7 @@ setup(
             "diffusers>=0.35",
             "transformers>=4.50",
             "safetensors>=0.4",
+            "came-pytorch==0.1.3",  # the authors' CAME, to test sanajax.training.optim.came against.
         ],
         "gpu": ["jax[cuda12]>=0.10,<0.12", "jax-triton"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],

@@ -45,8 +45,8 @@ def _assert_close(history, ref_history, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_came_matches_came_pytorch(weight_decay):
-  torch = pytest.importorskip("torch")
-  came_pytorch = pytest.importorskip("came_pytorch")
+  import came_pytorch  # A test extra (setup.py): missing it is an install error, not a skip.
+  import torch
   params, grads = _params(), _grads(6)
   torch_params = {k: torch.nn.Parameter(torch.from_numpy(v.copy())) for k, v in params.items()}
   ref_opt = came_pytorch.CAME(list(torch_params.values()), lr=3e-2, weight_decay=weight_decay,
