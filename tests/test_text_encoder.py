@@ -28,7 +28,8 @@ def test_parity_with_transformers_gemma2():
   mask = np.ones((b, l), np.int32)
   mask[1, 9:] = 0  # Right padding.
   with torch.no_grad():
-    want = tm(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
+    want = tm(input_ids=torch.tensor(ids, dtype=torch.long),
+              attention_mask=torch.tensor(mask)).last_hidden_state.numpy()
   text = ml_collections.ConfigDict(dict(
       hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=96, sliding_window=4,
       attn_logit_softcapping=3.0, query_pre_attn_scalar=24, vocab_size=40))

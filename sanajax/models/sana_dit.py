@@ -14,8 +14,9 @@ Parameter tree (names mirror diffusers' state-dict keys, '.' -> '/'; see
   caption_projection/linear_{1,2}, caption_norm/scale
   transformer_blocks_{i}/{attn1, attn2, ff, scale_shift_table}
   scale_shift_table (2, h), proj_out     final layer (norm_out has no parameters)
-Logical axis names are listed in sanajax.models.layers; activations are constrained to
-("batch", "length", "embed") at block boundaries.
+Logical axis names of parameters are listed in sanajax.models.layers; image-token activations
+are constrained to ("batch", "length", "embed") at block boundaries, the projected caption to
+("batch", "text_length", "embed").
 """
 from __future__ import annotations
 
