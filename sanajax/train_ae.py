@@ -8,123 +8,12 @@ WORKDIR/ae_info.json with the latent scaling factor (1 / std of the latents, SAN
 """
 from __future__ import annotations
 
-import functools
-import json
 import os
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from sanajax.data.pipeline import make_train_iterator
-from sanajax.data.sources import make_source
-from sanajax.models import dcae
-from sanajax.training import loop as loop_lib
-from sanajax.training.checkpoint import Checkpointer
-from sanajax.training.metrics import MetricWriter
-from sanajax.training.optim import build_optimizer
-from sanajax.training.setup import load_workdir_config, prepare_workdir
-from sanajax.training.state import TrainState, apply_gradients, create_train_state
-
-AE_INFO_FILE = "ae_info.json"
-
-
-def _no_text(captions):
-  """The AE needs no captions: one dummy token per example."""
-  return np.zeros((len(captions), 1), np.int32), np.ones((len(captions), 1), np.int32)
-
-
-def make_ae_step(model, tx, schedule, ema_decay: float):
-  def loss_fn(params, images):
-    recon = model.apply({"params": params}, images)
-    return dcae.reconstruction_loss(recon, images), recon
-
-  @functools.partial(jax.jit, donate_argnums=(0,))
-  def step(state: TrainState, batch):
-    images = jnp.asarray(batch["image"])
-    (loss, recon), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images)
-    state, grad_norm = apply_gradients(state, grads, loss, tx, ema_decay, state.rng)
-    return state, {"loss": loss, "grad_norm": grad_norm, "psnr": dcae.psnr(recon, images),
-                   "learning_rate": schedule(state.step - 1)}
-
-  return step
-
-
-def evaluate_ae(model, params, config: ml_collections.ConfigDict, *, num_images: int = 256,
-                batch_size: int = 64) -> dict:
-  """PSNR on held-out shapes images and the latent std (for the scaling factor)."""
-  source = make_source(config.data.source, config.data.resolution, config.seed + 1, split="eval")
-  it = make_train_iterator(source, batch_size=batch_size, seed=config.seed + 1, tokenize_fn=_no_text)
-  apply = jax.jit(lambda p, x: (lambda z: (z, model.apply({"params": p}, z, method=model.decode)))(
-      model.apply({"params": p}, x, method=model.encode)))
-  psnrs, latents = [], []
-  for _ in range(max(1, num_images // batch_size)):
-    images = jnp.asarray(next(it)["image"])
-    z, recon = apply(params, images)
-    psnrs.append(float(dcae.psnr(recon, images)))
-    latents.append(np.asarray(z))
-  latents = np.concatenate(latents)
-  return {"psnr": float(np.mean(psnrs)), "latent_std": float(latents.std()), "latent_mean": float(latents.mean()),
-          "scaling_factor": float(1.0 / max(latents.std(), 1e-6)), "num_images": int(latents.shape[0])}
-
-
-def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the AE in workdir; returns the evaluation dict also saved in ae_info.json."""
-  prepare_workdir(workdir, config)
-  model = dcae.build_dcae(config.ae)
-  res = config.data.resolution
-  key = jax.random.PRNGKey(config.seed)
-  params = jax.jit(model.init)(key, jnp.zeros((1, res, res, 3), jnp.float32))["params"]
-  tx, schedule = build_optimizer(config.train, config.train.num_steps)
-  state = create_train_state(params, tx, jax.random.fold_in(key, 1))
-  source = make_source(config.data.source, res, config.seed)
-  data_iter = make_train_iterator(source, batch_size=config.train.batch_size, seed=config.seed,
-                                  tokenize_fn=_no_text, num_workers=config.data.get("num_workers", 0))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-  state = loop_lib.restore_or_init(ckpt, state, data_iter)
-  writer = MetricWriter(workdir)
-  loop = loop_lib.LoopConfig(num_steps=config.train.num_steps, batch_size=config.train.batch_size,
-                             log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
-                             description="dcae")
-  step_fn = make_ae_step(model, tx, schedule, config.train.ema_decay)
-  state = loop_lib.run(loop, state, step_fn, data_iter, ckpt, writer,
-                       extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
-  info = evaluate_ae(model, state.ema_params, config)
-  writer.scalars(config.train.num_steps, {"eval_psnr": info["psnr"]})
-  writer.close()
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, AE_INFO_FILE), "w") as f:
-      json.dump(info, f, indent=2)
-  print(f"DC-AE: held-out PSNR {info['psnr']:.2f} dB on {info['num_images']} images; "
-        f"latent std {info['latent_std']:.4f} -> scaling factor {info['scaling_factor']:.4f}", flush=True)
-  ckpt.close()
-  return info
-
-
-def has_checkpoint(workdir: str) -> bool:
-  return os.path.isdir(os.path.join(workdir, "checkpoints")) and \
-      Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).latest_step() is not None
-
-
-def load_ae(workdir: str):
-  """(model, params, scaling_factor, config) of a trained AE workdir (EMA weights of the latest step)."""
-  config = load_workdir_config(workdir)
-  if not has_checkpoint(workdir):
-    raise FileNotFoundError(f"No AE checkpoint under {workdir}/checkpoints; train one with "
-                            f"`python -m sanajax.train_ae --config=configs/dcae_tiny.py --workdir={workdir}`.")
-  model = dcae.build_dcae(config.ae)
-  res = config.data.resolution
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3), jnp.float32))["params"]
-  params = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(abstract)
-  info_path = os.path.join(workdir, AE_INFO_FILE)
-  scaling = float(config.ae.scaling_factor)
-  if os.path.exists(info_path):
-    with open(info_path) as f:
-      scaling = json.load(f)["scaling_factor"]
-  return model, params, scaling, config
+from sanajax.training.autoencoder import train_ae
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dcae_tiny.py", "AE config file.", lock_config=True)

@@ -112,18 +112,36 @@ def test_wrong_prompts_fail():
 
 
 def test_check_rules():
-  objs = [S.Obj("red", "circle", (5, 20, 20, 35)), S.Obj("green", "square", (40, 22, 55, 37))]
-  assert G.check(objs, "a blue circle", "single", 64)
-  assert not G.check(objs, "a blue circle", "colors", 64)
+  circle = S.Obj("red", "circle", (5, 20, 20, 35))
+  objs = [circle, S.Obj("green", "square", (40, 22, 55, 37))]
+  assert G.check([circle], "a blue circle", "single", 64)
+  assert not G.check([circle], "a blue circle", "colors", 64)
+  assert G.check([circle], "a red circle", "colors", 64)
   assert G.check(objs, "a red circle to the left of a green square", "position", 64)
   assert not G.check(objs, "a red circle above a green square", "position", 64)
   assert G.check(objs, "a blue circle and a red square", "two", 64)
   assert not G.check(objs, "a blue circle and a red square", "attribution", 64)
   assert not G.check(objs, "two red circles", "counting", 64)
-  assert G.check(objs + [S.Obj("red", "circle", (5, 45, 20, 60))], "two red circles",
-                 "counting", 64)
+  two_circles = [circle, S.Obj("red", "circle", (5, 45, 20, 60))]
+  assert G.check(two_circles, "two red circles", "counting", 64)
   with pytest.raises(ValueError):
     G.check(objs, "a red circle", "counting", 64)
+
+
+def test_extra_objects_and_clutter_fail():
+  circle = S.Obj("red", "circle", (5, 20, 20, 35))
+  # The named object plus an unnamed one is not the scene the prompt asks for.
+  assert not G.check([circle, S.Obj("green", "square", (40, 22, 55, 37))], "a red circle", "single", 64)
+  assert not G.check([circle], "a red circle", "single", 64, clutter=G.MAX_CLUTTER_FRAC + 0.01)
+  # A correct render with coloured noise sprinkled over 20% of the background fails; clean passes.
+  scene = S.scene_for_prompt("a red circle", np.random.default_rng(0), 64)
+  rng = np.random.default_rng(1)
+  noisy = scene.image.copy()
+  bg = np.all(noisy == S.BACKGROUND, axis=-1) & (rng.random(noisy.shape[:2]) < 0.2)
+  noisy[bg] = rng.integers(0, 256, (int(bg.sum()), 3))
+  objects, clutter = G.analyze_batch(np.stack([scene.image, noisy]))
+  assert clutter[0] == 0.0 and clutter[1] > G.MAX_CLUTTER_FRAC
+  assert G.evaluate(np.stack([scene.image, noisy]), ["a red circle"] * 2, ["colors"] * 2)["per_image"] == [True, False]
 
 
 def test_default_categories_and_table():

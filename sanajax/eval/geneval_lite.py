@@ -52,6 +52,13 @@ MAX_LR_ASYMMETRY = 0.12
 # Position: centres must differ by this fraction of the side along the relation's axis (the
 # data uses 0.1; half of it leaves room for a model's placement noise).
 POSITION_MARGIN_FRAC = 0.05
+# A sample passes only if it is a clean scene: exactly the objects the prompt names (the data
+# set draws nothing else) and little clutter. Clutter = foreground pixels outside accepted
+# objects plus off-palette pixels (farther than COLOR_TOL from every background->colour
+# segment and than BACKGROUND_TOL from the background). Without this a noisy, colourful
+# image passes "single" by containing some blob of the named shape.
+MAX_CLUTTER_FRAC = 0.05
+BACKGROUND_TOL = 60.0
 
 _COLOR_NAMES = tuple(COLORS)
 _COLOR_DIRS = (np.array(list(COLORS.values()), np.float32)
@@ -61,8 +68,12 @@ _COLOR_DIRS = (np.array(list(COLORS.values()), np.float32)
 # ----------------------------------------------------------------------------- detection
 
 
-def _classify_pixels(images: np.ndarray) -> np.ndarray:
-  """Colour index per pixel: int8 (N, H, W), 0..7 palette colours, -1 background/none."""
+def _classify_pixels(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Colour index per pixel and the off-palette mask.
+
+  Returns (cls int8 (N, H, W): 0..7 palette colours, -1 background/none;
+  off_palette bool (N, H, W): neither background nor any palette colour or blend).
+  """
   # Per-channel float32 planes: several times faster than reducing over a trailing axis.
   x = [images[..., k].astype(np.float32) - v for k, v in enumerate(shapes.BACKGROUND)]
   xx = x[0] * x[0] + x[1] * x[1] + x[2] * x[2]
@@ -78,8 +89,9 @@ def _classify_pixels(images: np.ndarray) -> np.ndarray:
     cls[closer] = k
     best_alpha[closer] = alpha[closer]
     np.minimum(best, resid, out=best)
+  off_palette = (best > COLOR_TOL ** 2) & (xx > BACKGROUND_TOL ** 2)
   cls[(best > COLOR_TOL ** 2) | (best_alpha < MIN_ALPHA)] = -1
-  return cls
+  return cls, off_palette
 
 
 def _label_components(cls: np.ndarray) -> np.ndarray:
@@ -143,15 +155,25 @@ def _components(cls: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def detect_objects_batch(images: np.ndarray) -> list[list[Obj]]:
   """Objects in each image of a batch uint8 (N, R, R, 3); see detect_objects."""
+  return analyze_batch(images)[0]
+
+
+def analyze_batch(images: np.ndarray) -> tuple[list[list[Obj]], np.ndarray]:
+  """Objects in each image of a batch uint8 (N, R, R, 3) and each image's clutter fraction.
+
+  Clutter: the fraction of the image's pixels that are foreground but in no accepted object,
+  or off-palette (see MAX_CLUTTER_FRAC).
+  """
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"expected images (N, H, W, 3), got {images.shape}")
   n, h, w, _ = images.shape
-  cls = _classify_pixels(images)
+  cls, off_palette = _classify_pixels(images)
+  unexplained = (cls >= 0).reshape(n, -1).sum(1) + off_palette.reshape(n, -1).sum(1)
   pix, starts, area = _components(cls)
   out: list[list[Obj]] = [[] for _ in range(n)]
   if pix.size == 0:
-    return out
+    return out, unexplained / (h * w)
   ys, xs = (pix // w) % h, pix % w
   y0, y1 = np.minimum.reduceat(ys, starts), np.maximum.reduceat(ys, starts) + 1
   x0, x1 = np.minimum.reduceat(xs, starts), np.maximum.reduceat(xs, starts) + 1
@@ -175,7 +197,8 @@ def detect_objects_batch(images: np.ndarray) -> list[list[Obj]]:
     shape = _classify_shape(fill[k], bottom[k], left[k], bw, bh)
     box = (float(x0[k]), float(y0[k]), float(x1[k]), float(y1[k]))
     out[first // (h * w)].append(Obj(_COLOR_NAMES[cls.ravel()[first]], shape, box))
-  return out
+    unexplained[first // (h * w)] -= area[k]
+  return out, unexplained / (h * w)
 
 
 def detect_objects(image: np.ndarray) -> list[Obj]:
@@ -194,8 +217,11 @@ _KINDS_FOR = {"single": "single", "colors": "single", "two": "two", "attribution
 
 
 def check(objects: list[Obj], prompt: str, cat: str | None = None,
-          resolution: int = 64) -> bool:
+          resolution: int = 64, clutter: float = 0.0) -> bool:
   """Whether detected `objects` satisfy `prompt` under category `cat` (GenEval rules).
+
+  Every category first requires a clean scene: exactly as many objects as the prompt names
+  and a clutter fraction (see analyze_batch) of at most MAX_CLUTTER_FRAC.
 
   single: the shape is present; colors: the shape with its colour; two: both shapes;
   attribution: both with their colours; counting: exactly that many of that colour and
@@ -206,6 +232,8 @@ def check(objects: list[Obj], prompt: str, cat: str | None = None,
   cat = cat or shapes.category(prompt)
   if _KINDS_FOR.get(cat) != cap.kind:
     raise ValueError(f"prompt {prompt!r} ({cap.kind}) cannot be evaluated as {cat!r}")
+  if clutter > MAX_CLUTTER_FRAC or len(objects) != cap.count:
+    return False
   shape_counts = collections.Counter(o.shape for o in objects)
   item_counts = collections.Counter((o.color, o.shape) for o in objects)
   if cat == "single":
@@ -250,20 +278,21 @@ def evaluate(images, prompts: Sequence[str], categories: Sequence[str] | None = 
   batch_size = max(1, batch_pixels // (side * side))
   for lo in range(0, len(prompts), batch_size):
     chunk = [np.asarray(im) for im in images[lo:lo + batch_size]]
-    for im, objs, p, c in zip(chunk, _detect_all(chunk), prompts[lo:], categories[lo:]):
-      passed.append(check(objs, p, c, resolution=im.shape[0]))
+    for im, (objs, clutter), p, c in zip(chunk, _detect_all(chunk), prompts[lo:], categories[lo:]):
+      passed.append(check(objs, p, c, resolution=im.shape[0], clutter=clutter))
   return _summarize(passed, categories)
 
 
-def _detect_all(images: list[np.ndarray]) -> list[list[Obj]]:
-  """detect_objects over a list, batching images of equal shape together."""
+def _detect_all(images: list[np.ndarray]) -> list[tuple[list[Obj], float]]:
+  """(objects, clutter) for each image of a list, batching images of equal shape together."""
   out: list = [None] * len(images)
   by_shape = collections.defaultdict(list)
   for i, im in enumerate(images):
     by_shape[im.shape].append(i)
   for idx in by_shape.values():
-    for i, objs in zip(idx, detect_objects_batch(np.stack([images[i] for i in idx]))):
-      out[i] = objs
+    objects, clutter = analyze_batch(np.stack([images[i] for i in idx]))
+    for i, objs, junk in zip(idx, objects, clutter):
+      out[i] = (objs, float(junk))
   return out
 
 

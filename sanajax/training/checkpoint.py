@@ -20,7 +20,8 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                            enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -29,7 +30,7 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: dict | None = None) -> None:
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state or {}))
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state or {}))
     self._manager.save(step, args=args)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -41,9 +42,8 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
     restored = self._manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        step, args=ocp.args.Composite(state=_pytree_restore(abstract_state), data=ocp.args.JsonRestore()))
     return restored.state, dict(restored.data or {})
 
   def restore_params(self, abstract_params: Any, *, ema: bool = True, step: int | None = None) -> Any:
@@ -52,11 +52,9 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
     key = "ema_params" if ema else "params"
-    metadata = self._manager.item_metadata(step)
-    tree = metadata["state"] if "state" in metadata else metadata.state
-    abstract_full = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), dict(tree))
-    abstract_full[key] = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_params)
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_full)))
+    # Partial restore: only this subtree is read from disk (no optimizer state in memory).
+    restored = self._manager.restore(
+        step, args=ocp.args.Composite(state=_pytree_restore({key: abstract_params}, partial=True)))
     return restored.state[key]
 
   def wait(self) -> None:
@@ -65,3 +63,10 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+  """Restore args for a pytree of arrays / ShapeDtypeStructs (with shardings where given)."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+  return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                partial_restore=partial)

@@ -1,0 +1,42 @@
+"""What a config builds: the text encoder, the DiT parameters, shapes and where the AE lives."""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from sanajax.data.shapes import VOCAB
+from sanajax.models.sana_dit import build_dit
+from sanajax.models.text_encoder import TextEncoder
+from sanajax.resolution import ae_downsample
+
+
+def build_text_encoder(config: ml_collections.ConfigDict) -> TextEncoder:
+  """The frozen text encoder a config names (the tiny Gemma-2 over the shapes vocabulary)."""
+  if config.text.kind != "tiny_gemma2":
+    raise ValueError(f"config.text.kind={config.text.kind!r} is not available yet: only 'tiny_gemma2' "
+                     f"(real Gemma-2-2B weights arrive through sanajax.convert).")
+  return TextEncoder(config.text, VOCAB)
+
+
+def latent_shape(config: ml_collections.ConfigDict, downsample: int) -> tuple[int, int, int]:
+  res = config.data.resolution
+  if res % downsample:
+    raise ValueError(f"data.resolution={res} is not a multiple of the AE's downsampling factor {downsample}.")
+  return (res // downsample, res // downsample, config.ae.latent_channels)
+
+
+def ae_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  return config.ae.workdir or os.path.join(workdir, "ae")
+
+
+def init_dit_params(config: ml_collections.ConfigDict, key: jax.Array):
+  """DiT parameters (float32) for the config's latent and text shapes."""
+  dit = build_dit(config.model)
+  h, w, c = latent_shape(config, ae_downsample(config))
+  x = jnp.zeros((1, h, w, c), jnp.float32)
+  ctx = jnp.zeros((1, config.text.max_length, config.model.caption_channels), jnp.float32)
+  mask = jnp.ones((1, config.text.max_length), jnp.int32)
+  return dit.init(key, x, jnp.zeros((1,), jnp.float32), ctx, mask)["params"]

@@ -1,0 +1,164 @@
+"""Training a SANA linear DiT with rectified flow (the library behind `python -m sanajax.train`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params
+from sanajax.data.pipeline import make_train_iterator
+from sanajax.data.shapes import eval_prompt_set
+from sanajax.data.sources import make_source
+from sanajax.diffusion import flow
+from sanajax.eval import geneval_lite
+from sanajax.generation import Generator, write_images
+from sanajax.info import describe
+from sanajax.models.sana_dit import build_dit
+from sanajax.resolution import apply_resolution
+from sanajax.training import loop as loop_lib
+from sanajax.training.autoencoder import has_checkpoint, load_ae, train_ae
+from sanajax.training.checkpoint import Checkpointer
+from sanajax.training.metrics import MetricWriter
+from sanajax.training.optim import build_optimizer
+from sanajax.training.setup import prepare_workdir
+from sanajax.training.state import TrainState, apply_gradients, create_train_state
+
+
+
+
+def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The train_ae config for the AE a DiT config names (same seed and data)."""
+  c = ml_collections.ConfigDict()
+  c.seed = config.seed
+  c.ae = config.ae
+  c.train = config.ae_train
+  c.data = config.data
+  return c
+
+
+
+
+def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling: float):
+  """The jitted DiT step: AE-encode, text-encode (with caption dropout), flow-matching loss, update.
+
+  Frozen AE and text-encoder parameters are arguments (not closed-over constants) so they are
+  not baked into the compiled program.
+  """
+  null_ids, null_mask = (jnp.asarray(a) for a in text_encoder.tokenize([""]))
+  dropout = config.train.caption_dropout
+
+  def loss_fn(params, frozen, batch, key):
+    k_drop, k_t, k_eps = jax.random.split(key, 3)
+    images = batch["image"]
+    b = images.shape[0]
+    latents = ae_model.apply({"params": frozen["ae"]}, images, method=ae_model.encode) * ae_scaling
+    latents = jax.lax.stop_gradient(latents)
+    # Caption dropout for classifier-free guidance: a dropped caption becomes the empty prompt,
+    # which is also what the unconditional branch sees at sampling time.
+    drop = jax.random.bernoulli(k_drop, dropout, (b, 1))
+    ids = jnp.where(drop, null_ids, batch["input_ids"])
+    mask = jnp.where(drop, null_mask, batch["attention_mask"])
+    context = jax.lax.stop_gradient(text_encoder.embed(frozen["text"], ids, mask))
+    t = flow.sample_time_from_config(k_t, b, config.diffusion)
+    eps = jax.random.normal(k_eps, latents.shape, latents.dtype)
+    x_t = flow.interpolate(latents, eps, t)
+    pred = dit.apply({"params": params}, x_t, t, context, mask)
+    return flow.flow_matching_loss(pred, flow.velocity_target(latents, eps))
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def step(state: TrainState, frozen, batch):
+    rng, key = jax.random.split(state.rng)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, key)
+    state, grad_norm = apply_gradients(state, grads, loss, tx, config.train.ema_decay, rng)
+    return state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step - 1)}
+
+  return step
+
+
+def ensure_ae(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Returns the AE workdir, training the AE first when it holds no checkpoint and the config allows."""
+  ae_dir = ae_workdir(config, workdir)
+  if has_checkpoint(ae_dir) and os.path.exists(os.path.join(ae_dir, "ae_info.json")):
+    return ae_dir
+  if "ae_train" not in config:
+    raise FileNotFoundError(
+        f"No AE checkpoint in {ae_dir}. Set --config.ae.workdir to a trained AE (sanajax.train_ae) or to "
+        f"converted released weights (sanajax.convert).")
+  print(f"No AE checkpoint in {ae_dir}: training the AE first.", flush=True)
+  train_ae(ae_train_config(config), ae_dir)
+  return ae_dir
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, *, sampler: str | None = None,
+             steps: int | None = None, cfg: float | None = None, tag: str = "") -> dict:
+  """Samples the held-out GenEval-lite prompts with the EMA weights; writes samples and the table."""
+  sampler = sampler or config.sample.sampler
+  steps = steps or config.sample.steps
+  cfg = config.sample.cfg if cfg is None else cfg
+  prompt_set = eval_prompt_set(config.eval.num_prompts, seed=config.seed)
+  prompts = [p for p, _ in prompt_set]
+  generator = Generator.from_workdir(workdir)
+  start = time.perf_counter()
+  images = generator.generate(prompts, sampler=sampler, steps=steps, cfg=cfg, seed=config.seed)
+  seconds = time.perf_counter() - start
+  result = geneval_lite.evaluate(images, prompts, [c for _, c in prompt_set])
+  result.update(sampler=sampler, steps=steps, cfg=cfg, sampling_seconds=seconds)
+  name = f"geneval_lite{tag}"
+  out_dir = os.path.join(workdir, f"samples{tag}")
+  write_images(images, out_dir)
+  with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
+    f.write("\n".join(prompts) + "\n")
+  with open(os.path.join(workdir, f"{name}.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"GenEval-lite ({sampler}, {steps} steps, cfg {cfg}) on {len(prompts)} held-out prompts:", flush=True)
+  print(geneval_lite.format_table(result), flush=True)
+  return result
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = True) -> dict:
+  """Trains (or resumes) the DiT in workdir; returns the final GenEval-lite result (or {})."""
+  start_time = time.perf_counter()
+  config = apply_resolution(config)
+  prepare_workdir(workdir, config)
+  ae_model, ae_params, ae_scaling, _ = load_ae(ensure_ae(config, workdir))
+  text_encoder = build_text_encoder(config)
+  dit = build_dit(config.model)
+  key = jax.random.PRNGKey(config.seed)
+  params = jax.jit(functools.partial(init_dit_params, config))(jax.random.fold_in(key, 0))
+  tx, schedule = build_optimizer(config.train, config.train.num_steps)
+  state = create_train_state(params, tx, jax.random.fold_in(key, 1))
+  num_params = sum(x.size for x in jax.tree.leaves(params))
+  print(f"DiT: {num_params / 1e6:.2f}M parameters; AE scaling factor {ae_scaling:.4f}.", flush=True)
+
+  source = make_source(config.data.source, config.data.resolution, config.seed)
+  data_iter = make_train_iterator(
+      source, batch_size=config.train.batch_size, seed=config.seed, tokenize_fn=text_encoder.tokenize,
+      caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.get("num_workers", 0))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  state = loop_lib.restore_or_init(ckpt, state, data_iter)
+  frozen = {"ae": ae_params, "text": text_encoder.params}
+  step = make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling)
+  step_fn = lambda s, b: step(s, frozen, b)
+  writer = MetricWriter(workdir)
+  flops = describe(config)["train_step_flops"]
+  loop = loop_lib.LoopConfig(num_steps=config.train.num_steps, batch_size=config.train.batch_size,
+                             log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
+                             flops_per_step=flops, description="dit")
+  loop_lib.run(loop, state, step_fn, data_iter, ckpt, writer,
+               extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
+  ckpt.close()
+  writer.close()
+  print(f"Training done in {time.perf_counter() - start_time:.0f} s.", flush=True)
+  if not run_eval or not config.data.source.startswith("shapes"):
+    return {}
+  return evaluate(config, workdir)
