@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from sanajax import config_utils
-from sanajax import train as train_lib
+from sanajax.training import dit as train_lib
 from sanajax.training import loop as loop_lib
 from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.metrics import read_metrics
@@ -166,3 +166,21 @@ def test_changed_architecture_in_existing_workdir_is_refused(tmp_path):
   prepare_workdir(str(tmp_path), small_config(tmp_path / "ae"))
   with pytest.raises(ValueError, match="different config.model"):
     prepare_workdir(str(tmp_path), small_config(tmp_path / "ae", **{"model.depth": 3}))
+
+
+def test_training_on_a_folder_skips_corrupt_images(tmp_path, ae_dir):
+  from PIL import Image
+  folder = tmp_path / "images"
+  folder.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(6):
+    Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    (folder / f"img{i}.txt").write_text("a red circle\n")
+  (folder / "broken.png").write_bytes(b"not a png at all")
+  (folder / "broken.txt").write_text("a blue square\n")
+  config = small_config(ae_dir, **{"data.source": f"folder:{folder}", "train.num_steps": 3})
+  train_lib.train(config, str(tmp_path / "run"), run_eval=False)
+  rows = read_metrics(str(tmp_path / "run"))
+  assert rows[-1]["step"] == 3
+  # 3 batches of 4 from 6 good images: the broken one comes up at least once per epoch.
+  assert rows[-1]["skipped_images"] >= 1

@@ -55,7 +55,7 @@ def apply_gradients(state: TrainState, grads: Any, loss: jax.Array, tx: optax.Gr
   records the first such step and which quantity it was; the loop reads that at its next
   logging step and stops the run (no host sync per step). Returns (new state, grad norm).
   """
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   loss_ok = jnp.isfinite(loss)
   grad_ok = jnp.isfinite(grad_norm)
   ok = loss_ok & grad_ok
