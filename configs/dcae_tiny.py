@@ -15,12 +15,18 @@ def get_config(arg=None):
 
   ae = c.ae = ml_collections.ConfigDict()
   ae.in_channels = 3
-  ae.latent_channels = 8
+  # Measured (eval PSNR on 256 held-out shapes, seed 1, split "eval"): latent 8 -> 26.70 dB and
+  # latent 16 -> 27.05 dB after 400 steps at batch 32; latent 16 at batch 16 x 800 steps -> 28.06 dB.
+  ae.latent_channels = 16
   ae.attention_head_dim = 32  # SANA / DC-AE head dim
   ae.encoder_block_types = ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"]
   ae.decoder_block_types = ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"]
+  # Widths picked for CPU cost, not tuned (~0.49M params). Stage 0's 16 is unused (no layers
+  # there) but the four stages set f = 2**3 = 8, as in diffusers.
   ae.encoder_block_out_channels = [16, 32, 64, 64]
   ae.decoder_block_out_channels = [16, 32, 64, 64]
+  # Stage 0 has no blocks (as the dc-ae-*-in-1.0 AEs): conv_in is a stride-2 conv straight to
+  # 32 channels, which keeps 64x64 activations out of the model (the costliest part on CPU).
   ae.encoder_layers_per_block = [0, 1, 1, 1]
   ae.decoder_layers_per_block = [0, 1, 1, 1]
   ae.encoder_qkv_multiscales = [[], [], [], [5]]
@@ -38,11 +44,16 @@ def get_config(arg=None):
   ae.attn_impl = "xla"
   ae.workdir = ""  # empty: the trainer's WORKDIR/ae
 
+  # Measured on the shared 2-core CPU (other jobs running, so noisy): ~0.4 s/step at batch 16
+  # with little other load (1.0-1.2 s/step at load 3-6); 800 steps ~5.5 min -> 28.06 dB held-out
+  # PSNR with L1+MSE, warmup then cosine. 400 x batch 32 (same images) reached only 27.05 dB:
+  # at this size more updates beat bigger batches.
   t = c.train = ml_collections.ConfigDict()
-  t.num_steps = 600
-  t.batch_size = 32
+  t.num_steps = 800
+  t.batch_size = 16
   t.learning_rate = 2e-3
-  t.warmup_steps = 50
+  t.warmup_steps = 25
+  t.schedule = "cosine"  # to 0 at num_steps; the measurements above used it
   t.optimizer = "adamw"
   t.weight_decay = 0.0
   t.grad_clip = 1.0
