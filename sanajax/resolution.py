@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from sanajax.models import dcae
+
 # Where each preset key is written: preset field -> (section, field).
 _TARGETS = {
     "use_pe": ("model", "use_pe"),
@@ -20,11 +22,8 @@ _TARGETS = {
 
 
 def ae_downsample(config: ml_collections.ConfigDict) -> int:
-  """Spatial compression of the config's DC-AE: 2 ** (number of stages - 1) (32 for f32c32)."""
-  ae = config.ae
-  if "encoder_block_out_channels" in ae:
-    return 2 ** (len(ae.encoder_block_out_channels) - 1)
-  raise ValueError("config.ae has no encoder_block_out_channels; cannot derive the latent size.")
+  """Spatial compression of the config's DC-AE (32 for f32c32, 8 for the tiny one)."""
+  return dcae.downsample_factor(config.ae)
 
 
 def apply_resolution(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from sanajax.kernels import linear_attention
+from sanajax.models.layers import depthwise_conv2d
 
 # diffusers' RMSNorm eps everywhere in AutoencoderDC (get_normalization default, GLUMBConv, norm_out).
 NORM_EPS = 1e-5
@@ -126,10 +127,7 @@ class DepthwiseConv(nn.Module):
     k, c = self.kernel_size, x.shape[-1]
     kernel = self.param("kernel", nn.with_logical_partitioning(_torch_default_init, CONV_AXES), (k, k, 1, c),
                         jnp.float32).astype(self.dtype)
-    x = x.astype(self.dtype)
-    h, w = x.shape[1], x.shape[2]
-    xp = jnp.pad(x, ((0, 0), (k // 2, k // 2), (k // 2, k // 2), (0, 0)))
-    out = sum(xp[:, i:i + h, j:j + w, :] * kernel[i, j, 0] for i in range(k) for j in range(k))
+    out = depthwise_conv2d(x.astype(self.dtype), kernel)
     if self.use_bias:
       out = out + self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), CHANNEL_AXES), (c,),
                              jnp.float32).astype(self.dtype)
