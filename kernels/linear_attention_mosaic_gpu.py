@@ -24,6 +24,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from sanajax.kernels._common import pad_axis, round_up
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sanajax.kernels import linear_attention_pallas_triton as _triton
@@ -31,9 +33,6 @@ from sanajax.kernels import linear_attention_pallas_triton as _triton
 _F32 = jnp.float32
 BLOCK_N = 64
 
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
 
 
 def _smem_transforms(d: int, dtype) -> tuple:
@@ -85,15 +84,15 @@ def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-15,
   if jnp.dtype(v.dtype).itemsize != 2 or k.dtype != v.dtype:
     raise ValueError("The Mosaic GPU state kernel takes 16-bit k and v (WGMMA is TF32 for fp32).")
   n, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
-  n_pad, dp, dvp = _round_up(n, BLOCK_N), _round_up(d, 32), _round_up(dv, 32)
-  kp = _triton._pad_axis(_triton._pad_axis(k, 1, n_pad), 3, dp)
-  vp = _triton._pad_axis(_triton._pad_axis(v, 1, n_pad), 3, dvp)
+  n_pad, dp, dvp = round_up(n, BLOCK_N), round_up(d, 32), round_up(dv, 32)
+  kp = pad_axis(pad_axis(k, 1, n_pad), 3, dp)
+  vp = pad_axis(pad_axis(v, 1, n_pad), 3, dvp)
   kv = _state(kp, vp)[:, :, :d, :dv]
   ksum = jnp.sum(jax.nn.relu(k.astype(_F32)), axis=1)  # (B, H, D)
   # Output pass: the Triton kernel, on its own padding (power-of-two D).
   qt, _, _, tiling = _triton._prepare(q, k, v, block_n or _triton.DEFAULT_BLOCK_N)
-  kvt = _triton._pad_axis(_triton._pad_axis(kv, 2, qt.shape[-1]), 3, _triton._padded_dim(dv))
-  out = _triton._out(qt, kvt, _triton._pad_axis(ksum, 2, qt.shape[-1]), v.dtype, tiling, eps,
+  kvt = pad_axis(pad_axis(kv, 2, qt.shape[-1]), 3, _triton._padded_dim(dv))
+  out = _triton._out(qt, kvt, pad_axis(ksum, 2, qt.shape[-1]), v.dtype, tiling, eps,
                      False)
   return out[:, :n, :, :dv], kv, ksum
 

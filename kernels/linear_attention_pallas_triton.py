@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from sanajax.kernels._common import pad_axis, round_up
 from jax.experimental.pallas import triton as plgpu
 
 _F32 = jnp.float32
@@ -39,17 +41,6 @@ DEFAULT_BLOCK_N = 128
 _TARGET_PROGRAMS = 264
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-  """Zero-pads `axis` of x up to `size` (no-op when already that size)."""
-  if x.shape[axis] == size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads)
 
 
 def _padded_dim(d: int) -> int:
@@ -58,7 +49,7 @@ def _padded_dim(d: int) -> int:
 
 def _tiling(n: int, batch_heads: int, block_n: int) -> tuple[int, int, int]:
   """Returns (block_n, tiles_per_chunk, num_chunks) for a sequence of n tokens."""
-  block_n = min(block_n, _round_up(max(n, 1), 16))  # Small N: one small tile, not 128.
+  block_n = min(block_n, round_up(max(n, 1), 16))  # Small N: one small tile, not 128.
   n_tiles = -(-n // block_n)
   want_chunks = max(1, min(n_tiles, -(-_TARGET_PROGRAMS // batch_heads)))
   tiles_per_chunk = -(-n_tiles // want_chunks)
@@ -177,9 +168,9 @@ def _prepare(q, k, v, block_n):
   block_n, tpc, chunks = _tiling(n, b * h, block_n)
   n_pad = chunks * tpc * block_n
   dp, dvp = _padded_dim(d), _padded_dim(dv)
-  q = _pad_axis(_pad_axis(q, 1, n_pad), 3, dp)
-  k = _pad_axis(_pad_axis(k, 1, n_pad), 3, dp)
-  v = _pad_axis(_pad_axis(v, 1, n_pad), 3, dvp)
+  q = pad_axis(pad_axis(q, 1, n_pad), 3, dp)
+  k = pad_axis(pad_axis(k, 1, n_pad), 3, dp)
+  v = pad_axis(pad_axis(v, 1, n_pad), 3, dvp)
   return q, k, v, (block_n, tpc, chunks)
 
 
@@ -242,9 +233,9 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv: jax.Array, ksum: jax.
   qp, kp, vp, tiling = _prepare(q, k, v, block_n or DEFAULT_BLOCK_N)
   block_n, tpc, chunks = tiling
   n_pad, dp, dvp = qp.shape[1], qp.shape[-1], vp.shape[-1]
-  gp = _pad_axis(_pad_axis(g, 1, n_pad), 3, dvp)
-  kv = _pad_axis(_pad_axis(kv, 2, dp), 3, dvp)
-  ksum = _pad_axis(ksum, 2, dp)
+  gp = pad_axis(pad_axis(g, 1, n_pad), 3, dvp)
+  kv = pad_axis(pad_axis(kv, 2, dp), 3, dvp)
+  ksum = pad_axis(ksum, 2, dp)
   params = _compiler_params(dp)
 
   dkv, dksum = pl.pallas_call(

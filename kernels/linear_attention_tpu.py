@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from sanajax.kernels._common import pad_axis, round_up
 from jax.experimental.pallas import tpu as pltpu
 
 _F32 = jnp.float32
@@ -37,16 +39,6 @@ _NN = (((1,), (0,)), ((), ()))
 DEFAULT_BLOCK_N = 512
 
 
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int) -> jax.Array:
-  if x.shape[axis] == size:
-    return x
-  pads = [(0, 0)] * x.ndim
-  pads[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pads)
 
 
 def _dot(a, b, dims):
@@ -138,14 +130,14 @@ def _params(reduce: bool):
 
 def _to_tpu_layout(x: jax.Array, n_pad: int, d_pad: int) -> jax.Array:
   """(B, N, H, D) -> zero-padded (B, H, n_pad, d_pad)."""
-  return _pad_axis(_pad_axis(jnp.swapaxes(x, 1, 2), 2, n_pad), 3, d_pad)
+  return pad_axis(pad_axis(jnp.swapaxes(x, 1, 2), 2, n_pad), 3, d_pad)
 
 
 def _prepare(q, k, v, block_n):
   n, d, dv = q.shape[1], q.shape[-1], v.shape[-1]
-  block_n = min(block_n, _round_up(n, 16))
-  n_pad = _round_up(n, block_n)
-  dp, dvp = _round_up(d, 128), _round_up(dv, 128)
+  block_n = min(block_n, round_up(n, 16))
+  n_pad = round_up(n, block_n)
+  dp, dvp = round_up(d, 128), round_up(dv, 128)
   return (_to_tpu_layout(q, n_pad, dp), _to_tpu_layout(k, n_pad, dp),
           _to_tpu_layout(v, n_pad, dvp), block_n)
 
@@ -203,8 +195,8 @@ def backward(q: jax.Array, k: jax.Array, v: jax.Array, kv: jax.Array, ksum: jax.
   qp, kp, vp, block_n = _prepare(q, k, v, block_n or DEFAULT_BLOCK_N)
   n_pad, dp, dvp = qp.shape[2], qp.shape[-1], vp.shape[-1]
   gp = _to_tpu_layout(g, n_pad, dvp)
-  kv = _pad_axis(_pad_axis(kv, 2, dp), 3, dvp)
-  ksum = _pad_axis(ksum, 2, dp)[:, :, None, :]
+  kv = pad_axis(pad_axis(kv, 2, dp), 3, dvp)
+  ksum = pad_axis(ksum, 2, dp)[:, :, None, :]
   grid = (bsz, h, n_pad // block_n)
 
   dkv, dksum = pl.pallas_call(

@@ -14,6 +14,7 @@ import os
 from absl import app, flags
 
 from sanajax.generation import Generator, write_images
+from sanajax.training.setup import quiet_library_logs
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
@@ -44,6 +45,7 @@ def read_prompts(prompts_file: str | None, prompt: str | None) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
   if not _WORKDIR.value or not _OUT.value:
     raise app.UsageError("--workdir and --out are required.")
   prompts = read_prompts(_PROMPTS_FILE.value, _PROMPT.value)

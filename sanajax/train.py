@@ -16,6 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sanajax.training.dit import train
+from sanajax.training.setup import quiet_library_logs
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True)
@@ -26,6 +27,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
   config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
   workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
   print(f"Workdir: {os.path.abspath(workdir)}", flush=True)

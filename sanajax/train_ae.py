@@ -14,6 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sanajax.training.autoencoder import train_ae
+from sanajax.training.setup import quiet_library_logs
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dcae_tiny.py", "AE config file.", lock_config=True)
@@ -23,6 +24,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics g
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  quiet_library_logs()
   workdir = _WORKDIR.value or os.path.join("workdirs", "dcae")
   train_ae(_CONFIG.value, workdir)
 

@@ -18,10 +18,10 @@ from sanajax.data.shapes import eval_prompt_set
 from sanajax.data.sources import make_source
 from sanajax.diffusion import flow
 from sanajax.eval import geneval_lite
-from sanajax.generation import Generator, write_images
+from sanajax.generation import Generator, make_grid, write_images
 from sanajax.info import describe
 from sanajax.models.sana_dit import build_dit
-from sanajax.resolution import apply_resolution
+from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import has_checkpoint, load_ae, train_ae
 from sanajax.training.checkpoint import Checkpointer
@@ -98,14 +98,15 @@ def ensure_ae(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, *, sampler: str | None = None,
-             steps: int | None = None, cfg: float | None = None, tag: str = "") -> dict:
+             steps: int | None = None, cfg: float | None = None, tag: str = "",
+             generator: Generator | None = None) -> dict:
   """Samples the held-out GenEval-lite prompts with the EMA weights; writes samples and the table."""
   sampler = sampler or config.sample.sampler
   steps = steps or config.sample.steps
   cfg = config.sample.cfg if cfg is None else cfg
   prompt_set = eval_prompt_set(config.eval.num_prompts, seed=config.seed)
   prompts = [p for p, _ in prompt_set]
-  generator = Generator.from_workdir(workdir)
+  generator = generator or Generator.from_workdir(workdir)
   start = time.perf_counter()
   images = generator.generate(prompts, sampler=sampler, steps=steps, cfg=cfg, seed=config.seed)
   seconds = time.perf_counter() - start
@@ -114,13 +115,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, sampler: str | 
   name = f"geneval_lite{tag}"
   out_dir = os.path.join(workdir, f"samples{tag}")
   write_images(images, out_dir)
-  with open(os.path.join(out_dir, "prompts.txt"), "w") as f:
-    f.write("\n".join(prompts) + "\n")
+  geneval_lite.write_prompts_file(os.path.join(out_dir, "prompts.txt"), prompt_set)
   with open(os.path.join(workdir, f"{name}.json"), "w") as f:
     json.dump(result, f, indent=2)
   print(f"GenEval-lite ({sampler}, {steps} steps, cfg {cfg}) on {len(prompts)} held-out prompts:", flush=True)
   print(geneval_lite.format_table(result), flush=True)
   return result
+
+
+def make_grid_fn(config, ae_model, ae_params, ae_scaling: float, text_encoder, num_prompts: int = 16):
+  """state -> uint8 sample grid of the EMA weights on fixed held-out prompts (for TensorBoard)."""
+  prompts = [p for p, _ in eval_prompt_set(num_prompts, seed=config.seed)]
+  generator = Generator(config, None, ae_model, ae_params, ae_scaling, text_encoder, ae_downsample(config))
+
+  def grid(state) -> np.ndarray:
+    generator.dit_params = state.ema_params
+    return make_grid(generator.generate(prompts, sampler=config.sample.sampler, steps=config.sample.steps,
+                                        cfg=config.sample.cfg, seed=config.seed))
+  return grid
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = True) -> dict:
@@ -155,10 +167,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
                              log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
                              flops_per_step=flops, description="dit")
   loop_lib.run(loop, state, step_fn, data_iter, ckpt, writer,
+               sample_fn=make_grid_fn(config, ae_model, ae_params, ae_scaling, text_encoder),
                extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
   ckpt.close()
   writer.close()
   print(f"Training done in {time.perf_counter() - start_time:.0f} s.", flush=True)
   if not run_eval or not config.data.source.startswith("shapes"):
     return {}
-  return evaluate(config, workdir)
+  generator = Generator.from_workdir(workdir)
+  result = evaluate(config, workdir, generator=generator)
+  if config.eval.get("euler_steps", 0):
+    euler = evaluate(config, workdir, sampler="flow_euler", steps=config.eval.euler_steps,
+                     tag=f"_flow_euler{config.eval.euler_steps}", generator=generator)
+    result["flow_euler"] = {"overall": euler["overall"], "steps": config.eval.euler_steps}
+  print(f"Total wall time {time.perf_counter() - start_time:.0f} s.", flush=True)
+  return result
