@@ -34,7 +34,6 @@ _F32 = jnp.float32
 BLOCK_N = 64
 
 
-
 def _smem_transforms(d: int, dtype) -> tuple:
   """Tiling + swizzle for a (rows, d) SMEM tile: one swizzle row = d elements (<= 128 B)."""
   row_bytes = d * jnp.dtype(dtype).itemsize

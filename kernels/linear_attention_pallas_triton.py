@@ -41,8 +41,6 @@ DEFAULT_BLOCK_N = 128
 _TARGET_PROGRAMS = 264
 
 
-
-
 def _padded_dim(d: int) -> int:
   return max(16, pl.next_power_of_2(d))
 

@@ -39,8 +39,6 @@ _NN = (((1,), (0,)), ((), ()))
 DEFAULT_BLOCK_N = 512
 
 
-
-
 def _dot(a, b, dims):
   precision = _HIGHEST if _F32 in (a.dtype, b.dtype) else None
   return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)

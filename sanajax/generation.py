@@ -24,10 +24,6 @@ from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.setup import load_workdir_config
 
 
-
-
-
-
 def to_uint8(images: jax.Array) -> np.ndarray:
   """[-1, 1] float images -> uint8."""
   return np.asarray(jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8))

@@ -31,8 +31,6 @@ from sanajax.training.setup import prepare_workdir
 from sanajax.training.state import TrainState, apply_gradients, create_train_state
 
 
-
-
 def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The train_ae config for the AE a DiT config names (same seed and data)."""
   c = ml_collections.ConfigDict()
@@ -41,8 +39,6 @@ def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   c.train = config.ae_train
   c.data = config.data
   return c
-
-
 
 
 def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling: float):
