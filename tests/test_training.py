@@ -45,24 +45,18 @@ class Killed(Exception):
   pass
 
 
-def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch):
-  config = small_config(ae_dir)
-  train_lib.train(config, str(tmp_path / "straight"), run_eval=False)
+def wrapped_iterator(make_iterator, on_batch):
+  """make_train_iterator whose batches pass through on_batch(count, batch) (1-based count)."""
 
-  # Kill the second run while it fetches the batch of step 5 (after the checkpoint at step 3).
-  real_iterator = train_lib.make_train_iterator
+  def make(*args, **kwargs):
+    it = make_iterator(*args, **kwargs)
 
-  def dying_iterator(*args, **kwargs):
-    it = real_iterator(*args, **kwargs)
-
-    class Dying:
+    class Wrapped:
       count = 0
 
       def __next__(self):
-        Dying.count += 1
-        if Dying.count == 5:
-          raise Killed()
-        return next(it)
+        Wrapped.count += 1
+        return on_batch(Wrapped.count, next(it))
 
       def get_state(self):
         return it.get_state()
@@ -70,9 +64,23 @@ def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch):
       def set_state(self, s):
         it.set_state(s)
 
-    return Dying()
+    return Wrapped()
 
-  monkeypatch.setattr(train_lib, "make_train_iterator", dying_iterator)
+  return make
+
+
+def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch):
+  config = small_config(ae_dir)
+  train_lib.train(config, str(tmp_path / "straight"), run_eval=False)
+
+  # Kill the second run while it fetches the batch of step 5 (after the checkpoint at step 3).
+  def die_at_5(count, batch):
+    if count == 5:
+      raise Killed()
+    return batch
+
+  real_iterator = train_lib.make_train_iterator
+  monkeypatch.setattr(train_lib, "make_train_iterator", wrapped_iterator(real_iterator, die_at_5))
   with pytest.raises(Killed):
     train_lib.train(config, str(tmp_path / "killed"), run_eval=False)
   monkeypatch.setattr(train_lib, "make_train_iterator", real_iterator)
@@ -95,30 +103,13 @@ def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch):
 
 def test_nan_guard_names_step_and_quantity(tmp_path, ae_dir, monkeypatch):
   config = small_config(ae_dir, **{"train.num_steps": 5, "train.checkpoint_every": 100})
-  real_iterator = train_lib.make_train_iterator
 
-  def poisoned_iterator(*args, **kwargs):
-    it = real_iterator(*args, **kwargs)
+  def poison_3(count, batch):
+    if count == 3:
+      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+    return batch
 
-    class Poisoned:
-      count = 0
-
-      def __next__(self):
-        Poisoned.count += 1
-        batch = dict(next(it))
-        if Poisoned.count == 3:
-          batch["image"] = np.full_like(batch["image"], np.nan)
-        return batch
-
-      def get_state(self):
-        return it.get_state()
-
-      def set_state(self, s):
-        it.set_state(s)
-
-    return Poisoned()
-
-  monkeypatch.setattr(train_lib, "make_train_iterator", poisoned_iterator)
+  monkeypatch.setattr(train_lib, "make_train_iterator", wrapped_iterator(train_lib.make_train_iterator, poison_3))
   with pytest.raises(loop_lib.NonFiniteError, match=r"Non-finite loss at step 3"):
     train_lib.train(config, str(tmp_path / "nan"), run_eval=False)
 
