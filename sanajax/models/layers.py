@@ -1,6 +1,6 @@
 """Small building blocks of the SANA linear DiT (Flax Linen, NHWC, tokens as (B, N, C)).
 
-Parameter logical axis names (mapped to mesh axes by sanajax.parallel's rules):
+Parameter logical axis names (a sharding plan maps them to mesh axes; the plans are a later issue):
   embed      the DiT hidden size h
   mlp        the Mix-FFN hidden size int(h * mlp_ratio) (and 2x that before the GLU split)
   heads      a fused heads * head_dim axis (q/k/v outputs, attention-out inputs)
