@@ -54,8 +54,13 @@ def evaluate_ae(model, params, config: ml_collections.ConfigDict, *, num_images:
   """PSNR on held-out shapes images and the latent std (for the scaling factor)."""
   source = make_source(config.data.source, config.data.resolution, config.seed + 1, split="eval")
   it = make_train_iterator(source, batch_size=batch_size, seed=config.seed + 1, tokenize_fn=_no_text)
-  apply = jax.jit(lambda p, x: (lambda z: (z, model.apply({"params": p}, z, method=model.decode)))(
-      model.apply({"params": p}, x, method=model.encode)))
+
+  @jax.jit
+  def apply(p, x):
+    """(raw latent, reconstruction) of images x."""
+    z = model.apply({"params": p}, x, method=model.encode)
+    return z, model.apply({"params": p}, z, method=model.decode)
+
   psnrs, latents = [], []
   for _ in range(max(1, num_images // batch_size)):
     images = jnp.asarray(next(it)["image"])
