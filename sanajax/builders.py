@@ -13,11 +13,21 @@ from sanajax.models.text_encoder import TextEncoder
 from sanajax.resolution import ae_downsample
 
 
-def build_text_encoder(config: ml_collections.ConfigDict) -> TextEncoder:
-  """The frozen text encoder a config names (the tiny Gemma-2 over the shapes vocabulary)."""
+def build_text_encoder(config: ml_collections.ConfigDict, workdir: str | None = None) -> TextEncoder:
+  """The frozen text encoder a config names: 'tiny_gemma2' (random, over the shapes vocabulary) or
+  'gemma2' with text.pretrained = a converted text workdir or a transformers Gemma-2 directory
+  (a relative path is relative to `workdir`; see sanajax.convert)."""
+  if config.text.kind == "gemma2":
+    path = config.text.get("pretrained", "")
+    if not path:
+      raise ValueError("config.text.kind='gemma2' needs config.text.pretrained: a Gemma-2 directory converted with "
+                       "`python -m sanajax.convert --from=transformers` (or a transformers one).")
+    if not os.path.isabs(path) and workdir:
+      path = os.path.join(workdir, path)
+    from sanajax.convert import load_text_encoder  # Lazy: convert imports the model modules.
+    return load_text_encoder(path, config.text)
   if config.text.kind != "tiny_gemma2":
-    raise ValueError(f"config.text.kind={config.text.kind!r} is not available yet: only 'tiny_gemma2' "
-                     f"(real Gemma-2-2B weights arrive through sanajax.convert).")
+    raise ValueError(f"config.text.kind={config.text.kind!r} is unknown: use 'tiny_gemma2' or 'gemma2'.")
   return TextEncoder(config.text, VOCAB)
 
 

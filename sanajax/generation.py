@@ -65,7 +65,7 @@ class Generator:
     ae_model, ae_params, scaling, _ = load_ae(ae_workdir(config, workdir))
     abstract = jax.eval_shape(lambda: init_dit_params(config, jax.random.PRNGKey(0)))
     params = Checkpointer(ckpt_dir, read_only=True).restore_params(abstract, ema=ema)
-    return cls(config, params, ae_model, ae_params, scaling, build_text_encoder(config),
+    return cls(config, params, ae_model, ae_params, scaling, build_text_encoder(config, workdir),
                ae_downsample(config))
 
   @functools.partial(jax.jit, static_argnums=(0, 7, 8))

@@ -270,6 +270,9 @@ def chi_tokenize(tokenizer, prompts: Sequence[str], max_length: int, chi_prompt:
   (tokens(chi) counts BOS), then keep index 0 (BOS) and the last max_length - 1 positions
   (diffusers pipeline_sana.py `select_index`), so the instruction mostly falls away and the user
   prompt stays. Without one: tokenize to max_length.
+  SANA selects these positions from the Gemma *outputs* over the whole chi + prompt sequence, so
+  the kept tokens attend to the instruction; TextEncoder.embed puts the dropped instruction
+  tokens (tokens(chi)[1:-1], the same for every prompt) back in before running Gemma.
   """
   if not chi_prompt:
     return tokenizer(list(prompts), max_length)
@@ -302,6 +305,10 @@ class TextEncoder:
     if getattr(tokenizer, "vocab_size", 0) > (vocab_size or 0):
       raise ValueError(f"Tokenizer has {tokenizer.vocab_size} ids but text.vocab_size is {vocab_size}.")
     self.model = build_gemma2(text_config, vocab_size)
+    # The instruction tokens chi_tokenize drops (positions 1 .. len(tokens(chi)) - 2 of the full
+    # sequence), re-inserted by `embed` so Gemma sees chi + prompt as in SANA (see chi_tokenize).
+    chi_ids = list(tokenizer.encode(self.chi_prompt)) if self.chi_prompt else []
+    self._chi_middle = np.asarray(chi_ids[1:-1], np.int32)
     if params is None:
       ids = jnp.zeros((1, self.max_length), jnp.int32)
       params = jax.jit(self.model.init)(jax.random.key(int(text_config.get("seed", 0))), ids, jnp.ones_like(ids))
@@ -314,9 +321,20 @@ class TextEncoder:
     return chi_tokenize(self.tokenizer, prompts, self.max_length, self.chi_prompt)
 
   def embed(self, params, ids: jax.Array, mask: jax.Array) -> jax.Array:
-    """Pure: (B, L) ids and mask -> context (B, L, hidden) float32; no gradient to params."""
+    """Pure: (B, L) ids and mask (from `tokenize`) -> context (B, L, hidden) float32; no gradient to params.
+
+    With a CHI prompt Gemma runs over BOS + the whole instruction + the kept tokens and the
+    dropped instruction positions are removed from its output (diffusers' encode_prompt order).
+    """
     params = jax.lax.stop_gradient(params)
-    return self.model.apply({"params": params}, ids, mask).astype(jnp.float32)
+    n = len(self._chi_middle)
+    if not n:
+      return self.model.apply({"params": params}, ids, mask).astype(jnp.float32)
+    middle = jnp.broadcast_to(jnp.asarray(self._chi_middle, ids.dtype), (ids.shape[0], n))
+    full_ids = jnp.concatenate([ids[:, :1], middle, ids[:, 1:]], axis=1)
+    full_mask = jnp.concatenate([mask[:, :1], jnp.ones_like(middle, mask.dtype), mask[:, 1:]], axis=1)
+    out = self.model.apply({"params": params}, full_ids, full_mask)
+    return jnp.concatenate([out[:, :1], out[:, 1 + n:]], axis=1).astype(jnp.float32)
 
   def encode(self, prompts: Sequence[str]) -> tuple[jax.Array, jax.Array]:
     """Prompts -> (context (B, max_length, hidden) float32, mask (B, max_length) int32)."""
