@@ -173,3 +173,103 @@ def test_parity_with_diffusers(variant):
   assert jax.tree.map(jnp.shape, params) == ref_shapes
   got = np.asarray(jax.jit(model.apply)({"params": params}, x, t, ctx, mask))
   assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+
+
+# --- SANA-Sprint student options --------------------------------------------------------------
+
+def _sprint_config(**overrides):
+  # Odd sizes on purpose: 5 linear heads of 8, 3 cross heads of 12, 5 latent channels, 3x5 latents.
+  c = _tiny_model_config(depth=2, hidden_size=40, linear_head_dim=8, cross_num_heads=3, cross_head_dim=12,
+                         caption_channels=20, in_channels=5, qk_norm=True, guidance_embeds=True,
+                         guidance_embeds_scale=0.1, timestep_scale=0.001, patch_size=1)
+  c.update(overrides)
+  return c
+
+
+def test_sprint_parity_with_diffusers():
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  c = _sprint_config()
+  kwargs = sana_dit.diffusers_kwargs(c, sample_size=3)
+  assert kwargs["guidance_embeds"] and kwargs["qk_norm"] == "rms_norm_across_heads"
+  assert kwargs["timestep_scale"] == 0.001 and kwargs["guidance_embeds_scale"] == 0.1
+  torch.manual_seed(0)
+  tm = diffusers.SanaTransformer2DModel(**kwargs).eval()
+  with torch.no_grad():
+    for prm in tm.parameters():  # Everything random, the guidance embedder's last layer included.
+      prm.copy_(torch.randn_like(prm) * 0.2)
+  x, t, ctx, mask = _inputs(c, jax.random.key(4), hw=(3, 5), length=5)
+  g = jnp.array([4.0, 5.0])  # Teacher CFG scales, as Sprint samples them.
+  # diffusers' pipelines do the scaling outside the transformer: SanaPipeline multiplies the
+  # 0..1000 timestep by config.timestep_scale, SanaSprintPipeline the guidance by guidance_embeds_scale.
+  with torch.no_grad():
+    want = tm(torch.tensor(np.asarray(x)).permute(0, 3, 1, 2), torch.tensor(np.asarray(ctx)),
+              torch.tensor(np.asarray(t)) * 1000 * kwargs["timestep_scale"],
+              guidance=torch.tensor(np.asarray(g)) * kwargs["guidance_embeds_scale"],
+              encoder_attention_mask=torch.tensor(np.asarray(mask)), return_dict=False)[0].permute(0, 2, 3, 1).numpy()
+  params = sana_dit.params_from_diffusers_state_dict(tm.state_dict())
+  assert set(params["time_embed"]) == {"timestep_embedder", "guidance_embedder", "linear"}
+  model = sana_dit.build_dit(c)
+  ref_shapes = jax.eval_shape(model.init, jax.random.key(0), x, t, ctx, mask)["params"]
+  ref_shapes = jax.tree.map(lambda b: b.value.shape, ref_shapes, is_leaf=lambda b: hasattr(b, "names"))
+  assert jax.tree.map(jnp.shape, params) == ref_shapes
+  apply = jax.jit(lambda p, g: model.apply({"params": p}, x, t, ctx, mask, guidance=g))
+  got = np.asarray(apply(params, g))
+  assert np.max(np.abs(got - want)) <= 1e-4 * np.max(np.abs(want))
+  # The guidance input matters (the embedding is not ignored).
+  assert np.max(np.abs(np.asarray(apply(params, g + 1.0)) - got)) > 1e-3 * np.max(np.abs(got))
+
+
+@pytest.fixture(scope="module")
+def sprint():
+  """A tiny dense-time, qk-norm teacher and a guidance-embeds student of the same size, both initialised."""
+  teacher, student = sana_dit.build_dit(_sprint_config(guidance_embeds=False)), sana_dit.build_dit(_sprint_config())
+  x, t, ctx, mask = _inputs(_sprint_config(), jax.random.key(0), hw=(3, 5), length=5)
+  tp = nn.meta.unbox(jax.jit(teacher.init)(jax.random.key(1), x, t, ctx, mask)["params"])
+  sp = nn.meta.unbox(jax.jit(student.init)(jax.random.key(2), x, t, ctx, mask)["params"])
+  return teacher, tp, student, sp, (x, t, ctx, mask)
+
+
+def test_sprint_student_from_teacher_starts_as_teacher(sprint):
+  teacher, tp, student, sp, (x, t, ctx, mask) = sprint
+  gl = sp["time_embed"]["guidance_embedder"]["linear_2"]
+  assert not np.any(gl["kernel"]) and not np.any(gl["bias"])  # Zero-init last layer.
+  sp = sana_dit.student_params_from_teacher(tp, sp)
+  want = jax.jit(teacher.apply)({"params": tp}, x, t, ctx, mask)
+  got = jax.jit(lambda p, g: student.apply({"params": p}, x, t, ctx, mask, guidance=g))(sp, jnp.array([4.0, 4.5]))
+  np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+  wider = jax.tree.map(lambda a: jnp.zeros(a.shape[:-1] + (a.shape[-1] + 1,)), tp)
+  with pytest.raises(ValueError, match="shape"):
+    sana_dit.student_params_from_teacher(wider, sp)
+
+
+def test_sprint_dense_time_and_guidance_errors(sprint):
+  teacher, tp, student, sp, (x, t, ctx, mask) = sprint
+  # timestep_scale 0.001 embeds t itself: the same as the 1000-scale model fed t / 1000.
+  plain = sana_dit.build_dit(_sprint_config(guidance_embeds=False, timestep_scale=1.0))
+  both = jax.jit(lambda p: (teacher.apply({"params": p}, x, t, ctx, mask),
+                            plain.apply({"params": p}, x, t / 1000.0, ctx, mask)))
+  dense_out, plain_out = both(tp)
+  np.testing.assert_allclose(dense_out, plain_out, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ValueError, match="guidance_embeds=False"):
+    jax.eval_shape(lambda p: teacher.apply({"params": p}, x, t, ctx, mask, guidance=jnp.ones(2)), tp)
+  with pytest.raises(ValueError, match="pass guidance"):
+    jax.eval_shape(lambda p: student.apply({"params": p}, x, t, ctx, mask), sp)
+
+
+def test_logvar_head_reads_the_sown_time_embedding(sprint):
+  _, _, model, params, (x, t, ctx, mask) = sprint
+  g = jnp.array([4.0, 5.0])
+  run = jax.jit(lambda p: (model.apply({"params": p}, x, t, ctx, mask, guidance=g, mutable=["intermediates"]),
+                           model.apply({"params": p}, x, t, ctx, mask, guidance=g)))
+  (out, state), plain_out = run(params)
+  np.testing.assert_array_equal(out, plain_out)
+  emb = state["intermediates"]["time_embedding"][0]
+  assert emb.shape == (2, model.hidden_size)
+  head = sana_dit.LogVarHead()
+  hp = nn.meta.unbox(head.init(jax.random.key(2), emb)["params"])
+  u = head.apply({"params": hp}, emb)
+  assert u.shape == (2,)
+  want = np.asarray(emb) @ np.asarray(hp["logvar_linear"]["kernel"])[:, 0] + np.asarray(hp["logvar_linear"]["bias"])
+  np.testing.assert_allclose(u, want, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(u[0] - u[1])) > 0  # Depends on the sample's t.

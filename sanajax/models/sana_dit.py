@@ -4,13 +4,28 @@
     params = model.init(key, x, t, context, mask)["params"]
     v = model.apply({"params": params}, x, t, context, mask)   # flow velocity, (B, H, W, C)
 
-Inputs: x (B, H, W, C) latents, t (B,) flow time in [0, 1] (t * 1000 is embedded, as diffusers'
-`timestep`), context (B, L, caption_channels) text-encoder states, context_mask (B, L) of 0/1.
+Inputs: x (B, H, W, C) latents, t (B,) flow time in [0, 1] (t * 1000 * timestep_scale is embedded,
+as diffusers' SanaPipeline feeds `timestep * transformer.config.timestep_scale`), context
+(B, L, caption_channels) text-encoder states, context_mask (B, L) of 0/1.
+
+SANA-Sprint student options (sana_reference.md "SANA-Sprint"; diffusers names):
+  timestep_scale=0.001   dense time embedding: the embedder sees t in [0, 1] instead of 1000 t.
+  qk_norm=True           RMSNorm on q and k in self- and cross-attention ("rms_norm_across_heads").
+  guidance_embeds=True   CFG embedding: `guidance` (B,) (the raw CFG scale, e.g. 4.5) times
+                         guidance_embeds_scale (0.1) goes through its own sinusoid + MLP and is
+                         added to the time embedding; that MLP's last layer starts at zero, so a
+                         student initialised from a teacher starts as the teacher.
+    v = model.apply({"params": params}, x, t, context, mask, guidance=jnp.full((B,), 4.5))
+The sCM adaptive-weight head (`LogVarHead`) is a separate module on the conditioning embedding,
+which SanaDiT sows as intermediates["time_embedding"] (see LogVarHead), so the DiT's parameter
+tree stays exactly diffusers' SanaTransformer2DModel.
 
 Parameter tree (names mirror diffusers' state-dict keys, '.' -> '/'; see
 `params_from_diffusers_state_dict`):
   patch_embed/proj                      conv p x p, in_channels -> h
   time_embed/emb/timestep_embedder/linear_{1,2}, time_embed/linear   adaLN-single (h -> 6h)
+  (guidance_embeds: time_embed/{timestep_embedder, guidance_embedder}/linear_{1,2}, time_embed/linear,
+   as diffusers' SanaCombinedTimestepGuidanceEmbeddings)
   caption_projection/linear_{1,2}, caption_norm/scale
   transformer_blocks_{i}/{attn1, attn2, ff, scale_shift_table}
   scale_shift_table (2, h), proj_out     final layer (norm_out has no parameters)
@@ -28,12 +43,71 @@ import jax.numpy as jnp
 import numpy as np
 
 from sanajax.models.attention import CrossAttention, LinearSelfAttention
-from sanajax.models.layers import (AdaLNSingle, CaptionProjection, MixFFN, PatchEmbed, RMSNorm, dense,
-                                   layer_norm_no_affine, logical_constraint, modulate, remat_policy,
-                                   scale_shift_table_init, unpatchify)
+from sanajax.models.layers import (AdaLNSingle, CaptionProjection, MixFFN, PatchEmbed, RMSNorm, TimestepEmbedder,
+                                   dense, layer_norm_no_affine, logical_constraint, modulate, normal_002,
+                                   remat_policy, scale_shift_table_init, timestep_sinusoid, unpatchify)
 
 Dtype = Any
 ACT_AXES = ("batch", "length", "embed")
+
+
+class GuidanceEmbedder(nn.Module):
+  """SANA-Sprint `cfg_embedder` / diffusers `guidance_embedder`: (B, 256) sinusoid -> (B, h).
+
+  Linear(256, h) -> SiLU -> Linear(h, h) like layers.TimestepEmbedder, but the last Linear starts
+  at zero (SanaMSCM zero-initialises cfg_embedder's last layer): a fresh guidance embedding adds
+  nothing, so a student initialised from its teacher computes the teacher's function.
+  """
+  hidden_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, g_freq: jax.Array) -> jax.Array:
+    x = dense(self.hidden_size, ("time_freq", "embed"), dtype=self.dtype, kernel_init=normal_002,
+              name="linear_1")(g_freq.astype(self.dtype))
+    x = nn.silu(x)
+    return dense(self.hidden_size, ("embed", "embed"), dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                 name="linear_2")(x)
+
+
+class TimestepGuidanceEmbedding(nn.Module):
+  """diffusers `SanaCombinedTimestepGuidanceEmbeddings`: adaLN-single with a CFG embedding.
+
+  timestep (B,) (already scaled for the embedder), guidance (B,) (already times
+  guidance_embeds_scale) -> (t6 (B, 6h), conditioning (B, h)); conditioning =
+  timestep_embedder(sinusoid(timestep)) + guidance_embedder(sinusoid(guidance)),
+  t6 = Linear(SiLU(conditioning)). Same outputs as layers.AdaLNSingle.
+  """
+  hidden_size: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, timestep: jax.Array, guidance: jax.Array) -> tuple[jax.Array, jax.Array]:
+    emb = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="timestep_embedder")(timestep_sinusoid(timestep))
+    emb = emb + GuidanceEmbedder(self.hidden_size, dtype=self.dtype, name="guidance_embedder")(
+        timestep_sinusoid(guidance))
+    t6 = dense(6 * self.hidden_size, ("embed", "adaln"), dtype=self.dtype, kernel_init=normal_002,
+               name="linear")(nn.silu(emb))
+    return t6, emb
+
+
+class LogVarHead(nn.Module):
+  """sCM adaptive loss weight (SANA-Sprint `logvar_linear`): Linear(h, 1) on the DiT's conditioning.
+
+  Input: the (B, h) conditioning embedding (time + guidance) that SanaDiT sows as
+  `intermediates["time_embedding"]`; output: (B,) log-variance u(t) of the sCM loss
+  (1 / e^u) * ||...||^2 + u. Kept outside SanaDiT so the student's parameters stay exactly a
+  diffusers SanaTransformer2DModel (diffusers' converter drops logvar_linear). Init as SANA's
+  Linears: xavier_uniform kernel, zero bias, so u starts near 0 (weight 1).
+
+    out, state = dit.apply({"params": p}, x, t, ctx, mask, guidance=g, mutable=["intermediates"])
+    logvar = LogVarHead().apply({"params": head_p}, state["intermediates"]["time_embedding"][0])
+  """
+
+  @nn.compact
+  def __call__(self, time_embedding: jax.Array) -> jax.Array:
+    u = dense(1, ("embed", None), name="logvar_linear")(time_embedding.astype(jnp.float32))
+    return u[:, 0]
 
 
 class SanaBlock(nn.Module):
@@ -102,6 +176,9 @@ class SanaDiT(nn.Module):
   norm_eps: float = 1e-6
   y_norm_scale: float = 0.01
   qk_norm: bool = False
+  timestep_scale: float = 1.0
+  guidance_embeds: bool = False
+  guidance_embeds_scale: float = 0.1
   dtype: Dtype = jnp.float32
   attn_impl: str = "xla"
   remat: str = "none"
@@ -109,8 +186,19 @@ class SanaDiT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array | None = None, *,
-               deterministic: bool = True):
+               guidance: jax.Array | None = None, deterministic: bool = True):
+    """Flow velocity (B, H, W, C) (and block features if features_at; see the class docstring).
+
+    guidance: (B,) raw CFG scale (e.g. 4.5; the model multiplies it by guidance_embeds_scale),
+      required at apply time when guidance_embeds, refused otherwise. `init` without it uses zeros.
+    """
     del deterministic  # No dropout in SANA (DropPath 0, attention dropout 0); kept for the trainer API.
+    if guidance is not None and not self.guidance_embeds:
+      raise ValueError("guidance= was given but this SanaDiT has guidance_embeds=False (model.guidance_embeds).")
+    if self.guidance_embeds and guidance is None:
+      if not self.is_initializing():
+        raise ValueError("This SanaDiT has guidance_embeds=True (a Sprint student): pass guidance=(B,) CFG scales.")
+      guidance = jnp.zeros(x.shape[:1], jnp.float32)
     b, hh, ww, _ = x.shape
     p = self.patch_size
     gh, gw = hh // p, ww // p
@@ -122,7 +210,14 @@ class SanaDiT(nn.Module):
     tokens = PatchEmbed(h, p, use_pe=self.use_pe, pe_interpolation=self.pe_interpolation,
                         pe_base_size=self.pe_base_size, dtype=self.dtype, name="patch_embed")(x)
     tokens = logical_constraint(tokens, ACT_AXES)
-    t6, t_emb = AdaLNSingle(h, dtype=self.dtype, name="time_embed")(t.astype(jnp.float32) * 1000.0)
+    # 1000 * timestep_scale is a Python float (exactly 1.0 for Sprint's 0.001), so dense time is t itself.
+    timestep = t.astype(jnp.float32) * (1000.0 * self.timestep_scale)
+    if self.guidance_embeds:
+      g = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), x.shape[:1]) * self.guidance_embeds_scale
+      t6, t_emb = TimestepGuidanceEmbedding(h, dtype=self.dtype, name="time_embed")(timestep, g)
+    else:
+      t6, t_emb = AdaLNSingle(h, dtype=self.dtype, name="time_embed")(timestep)
+    self.sow("intermediates", "time_embedding", t_emb)  # For LogVarHead; free unless made mutable.
 
     ctx = CaptionProjection(h, dtype=self.dtype, name="caption_projection")(context)
     ctx = RMSNorm(1e-5, scale_init=self.y_norm_scale, dtype=self.dtype, name="caption_norm")(ctx)
@@ -159,7 +254,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def build_dit(model_config: Mapping[str, Any], **overrides) -> SanaDiT:
   """SanaDiT from a config's `model` ConfigDict (fields as configs/tiny.py; optional
   pe_interpolation, sample_size (the latent side the PE grid is based on, diffusers'
-  `sample_size`; default: the input's), out_channels). `overrides` replace fields, e.g. features_at."""
+  `sample_size`; default: the input's), out_channels, and the Sprint fields timestep_scale (1.0),
+  guidance_embeds (False), guidance_embeds_scale (0.1)). `overrides` replace fields, e.g. features_at."""
   c = dict(model_config)
   if c.get("name", "sana_dit") != "sana_dit":
     raise ValueError(f"build_dit builds model.name='sana_dit', got {c['name']!r}.")
@@ -174,6 +270,8 @@ def build_dit(model_config: Mapping[str, Any], **overrides) -> SanaDiT:
       pe_interpolation=float(c.get("pe_interpolation") or 1.0),
       pe_base_size=(c["sample_size"] // c["patch_size"]) if c.get("sample_size") else None,
       attn_eps=c["attn_eps"], norm_eps=c["norm_eps"], y_norm_scale=c["y_norm_scale"], qk_norm=c.get("qk_norm", False),
+      timestep_scale=float(c.get("timestep_scale", 1.0)), guidance_embeds=bool(c.get("guidance_embeds", False)),
+      guidance_embeds_scale=float(c.get("guidance_embeds_scale", 0.1)),
       dtype=_DTYPES[dtype], attn_impl=c.get("attn_impl", "xla"), remat=c.get("remat", "none"))
   kwargs.update(overrides)
   if kwargs["hidden_size"] % kwargs["linear_head_dim"]:
@@ -191,6 +289,49 @@ def dummy_inputs(model_config: Mapping[str, Any], latent_hw: tuple[int, int], te
           jax.ShapeDtypeStruct((batch, text_length), jnp.int32))
 
 
+def student_params_from_teacher(teacher_params: Mapping[str, Any], student_params: Mapping[str, Any]) -> dict:
+  """A Sprint student's initial parameters: every teacher weight copied into a fresh student init.
+
+  Args:
+    teacher_params: SanaDiT params (time embedder at time_embed/emb/timestep_embedder, or the
+      guidance layout if the teacher already has one).
+    student_params: the student's own init (e.g. guidance_embeds=True, qk_norm=True); leaves the
+      teacher lacks keep their init: the zero-output guidance embedder, and q/k norm scales (ones)
+      when the teacher has no qk_norm.
+  Returns:
+    A new params dict with the student's structure. Raises ValueError when a teacher leaf has no
+    place in the student or the shapes differ (different depth / width).
+  """
+  flat_student = {"/".join(k): v for k, v in _flatten(student_params)}
+  out = dict(flat_student)
+  for path, value in _flatten(teacher_params):
+    key = "/".join(path)
+    if key.startswith("time_embed/emb/timestep_embedder/") and key not in flat_student:
+      key = key.replace("time_embed/emb/", "time_embed/", 1)  # adaLN-single -> the guidance layout.
+    if key not in flat_student:
+      raise ValueError(f"Teacher parameter {'/'.join(path)} has no counterpart in the student.")
+    if tuple(np.shape(value)) != tuple(np.shape(flat_student[key])):
+      raise ValueError(f"Teacher parameter {'/'.join(path)} has shape {np.shape(value)}, the student's "
+                       f"{key} {np.shape(flat_student[key])}.")
+    out[key] = value
+  tree: dict = {}
+  for key, value in out.items():
+    node = tree
+    *parents, leaf = key.split("/")
+    for name in parents:
+      node = node.setdefault(name, {})
+    node[leaf] = value
+  return tree
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple = ()):
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
 # --- diffusers weights --------------------------------------------------------------------------
 
 # 1x1 convs that are Dense layers here: torch (O, I, 1, 1) -> (I, O).
@@ -203,7 +344,9 @@ def params_from_diffusers_state_dict(state_dict: Mapping[str, Any]) -> dict:
   Rule: 'transformer_blocks.3.attn1.to_out.0.weight' -> transformer_blocks_3/attn1/to_out/kernel;
   Linear weights transpose, conv weights (O, I, kh, kw) -> (kh, kw, I, O) (1x1 convs -> (I, O)),
   1-D norm weights -> 'scale', scale_shift_table as is. Non-persistent buffers (pos_embed) are
-  not in the state dict; guidance / size embedders are not supported.
+  not in the state dict. A guidance_embeds model's time_embed.{timestep,guidance}_embedder keys map
+  by the same rule (SanaDiT mirrors SanaCombinedTimestepGuidanceEmbeddings); size embedders are not
+  supported.
   """
   params: dict = {}
   for key, value in state_dict.items():
@@ -250,4 +393,7 @@ def diffusers_kwargs(model_config: Mapping[str, Any], sample_size: int | None = 
       cross_attention_dim=h, caption_channels=c["caption_channels"], mlp_ratio=c["mlp_ratio"],
       attention_bias=False, sample_size=sample_size, patch_size=c["patch_size"], norm_eps=c["norm_eps"],
       interpolation_scale=(c.get("pe_interpolation") or 1.0) if c.get("use_pe") else None,
-      qk_norm="rms_norm_across_heads" if c.get("qk_norm") else None)
+      qk_norm="rms_norm_across_heads" if c.get("qk_norm") else None,
+      guidance_embeds=bool(c.get("guidance_embeds", False)),
+      guidance_embeds_scale=float(c.get("guidance_embeds_scale", 0.1)),
+      timestep_scale=float(c.get("timestep_scale", 1.0)))
