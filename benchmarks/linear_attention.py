@@ -1,98 +1,113 @@
-"""Benchmark: fused ReLU linear attention, Pallas vs XLA, at Sana-1600M shapes (GPU).
+"""Benchmark: fused ReLU linear attention at Sana-1600M shapes, Pallas vs XLA vs PyTorch.
 
-    python benchmarks/linear_attention.py
+    python benchmarks/linear_attention.py            # on the GPU (appends to benchmarks/RESULTS.md)
+    python benchmarks/linear_attention.py --smoke    # tiny shapes on CPU, seconds
 
-H=70 heads of D=32, bf16; N = 1024, 4096, 16384 tokens; B = 1, 4. For each shape and
-impl: forward and forward+backward, median wall time over repeats after warm-up (each
-call ends in block_until_ready). "roofline" = the time to move the bytes of q, k, v and
-out once (plus g, dq, dk, dv for the backward) at the device's HBM bandwidth, divided by
-the measured time: 1.0 would be a perfectly memory-bound kernel. Prints a table and
-appends one dated row per measurement to benchmarks/RESULTS.md.
+H = 70 heads of D = 32, bf16; N = 1024, 4096, 16384 tokens; B = 1, 4. For each shape:
+forward and forward+backward of `sanajax.kernels.linear_attention` with impl "xla" (the jnp
+reference) and "pallas" (the backend kernel), and the forward of diffusers'
+`SanaLinearAttnProcessor2_0` arithmetic (ReLU, fp32 upcast, V padded by a row of ones, two
+matmuls, division), torch eager and torch.compile.
+
+"roofline" = the time to move the bytes of q, k, v and out once (plus g, dq, dk, dv for the
+backward) at the device's datasheet HBM bandwidth, over the measured time: 1.0 is a perfectly
+memory-bound kernel. Targets (issue 6): Pallas >= 1.5x the XLA reference and >= 70% of the
+HBM roofline. Smoke: H = 2, D = 32, N = 64, B = 1; the Pallas kernel runs interpreted.
 """
 from __future__ import annotations
 
-import datetime
-import pathlib
-import statistics
-import time
+import _harness as hx  # first: sets the JAX allocator environment before jax is imported
 
 import jax
 import jax.numpy as jnp
 
 from sanajax.kernels import linear_attention
 
-H, D, DTYPE = 70, 32, jnp.bfloat16
-SEQ_LENS, BATCHES = (1024, 4096, 16384), (1, 4)
-WARMUP, REPEATS = 3, 20
-# Peak HBM bandwidth in bytes/s by device-kind substring (datasheet figures).
-HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12, "TPU v5": 2.76e12,
-                   "TPU v4": 1.2e12}
-RESULTS = pathlib.Path(__file__).with_name("RESULTS.md")
+SPEEDUP_TARGET, ROOFLINE_TARGET = 1.5, 0.70
+TARGET_TEXT = f">= {SPEEDUP_TARGET}x xla and >= {ROOFLINE_TARGET:.0%} HBM roofline"
 
 
-def _bandwidth(device) -> float | None:
-  for key, bw in HBM_BYTES_PER_S.items():
-    if key.lower() in device.device_kind.lower():
-      return bw
-  return None
+def shapes(smoke: bool):
+  """(H, D, seq_lens, batches) of the run."""
+  if smoke:
+    return 2, 32, (64,), (1,)
+  return 70, 32, (1024, 4096, 16384), (1, 4)
 
 
-def _median_seconds(fn, *args) -> float:
-  for _ in range(WARMUP):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(REPEATS):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
-
-
-def _functions(impl: str):
-  attend = lambda q, k, v: linear_attention(q, k, v, impl=impl)
-  fwd = jax.jit(attend)
+def jax_functions(impl: str, interpret: bool):
+  """(forward, forward+backward) jitted for one impl."""
+  attend = lambda q, k, v: linear_attention(q, k, v, impl=impl, interpret=interpret)
 
   @jax.jit
   def fwd_bwd(q, k, v, g):
     out, vjp = jax.vjp(attend, q, k, v)
     return out, vjp(g)
 
-  return fwd, fwd_bwd
+  return jax.jit(attend), fwd_bwd
 
 
-def main() -> None:
-  device = jax.devices()[0]
-  bandwidth = _bandwidth(device)
-  itemsize = jnp.dtype(DTYPE).itemsize
+def torch_linear_attention(q, k, v):
+  """diffusers SanaLinearAttnProcessor2_0's attention arithmetic on (B, N, H, D) tensors."""
+  import torch.nn.functional as F
+  dtype = v.dtype
+  q = F.relu(q.permute(0, 2, 3, 1)).float()           # (B, H, D, N)
+  k = F.relu(k.permute(0, 2, 1, 3)).float()           # (B, H, N, D)
+  v = F.pad(v.permute(0, 2, 3, 1).float(), (0, 0, 0, 1), value=1.0)  # (B, H, D + 1, N)
+  out = (v @ k) @ q                                    # (B, H, D + 1, N)
+  out = out[:, :, :-1] / (out[:, :, -1:] + 1e-15)
+  return out.permute(0, 3, 1, 2).to(dtype)             # (B, N, H, D)
+
+
+def main(argv=None) -> list[hx.Row]:
+  p = hx.parser(__doc__.splitlines()[0])
+  args = hx.finish_args(p.parse_args(argv))
+  heads, dim, seq_lens, batches = shapes(args.smoke)
+  interpret = jax.default_backend() == "cpu"  # Pallas on CPU only runs in the interpreter.
+  bandwidth = hx.hbm_bytes_per_s()
+  dtype = jnp.bfloat16
+  itemsize = jnp.dtype(dtype).itemsize
+  timing = dict(warmup=args.warmup, repeats=args.repeats)
+  if not args.skip_torch:
+    import torch
+    device = hx.torch_device(args.smoke)
+    compiled = hx.torch_compile(torch_linear_attention, args.torch_compile_backend)
+  functions = {impl: jax_functions(impl, interpret) for impl in ("xla", "pallas")}
+
   rows = []
-  for b in BATCHES:
-    for n in SEQ_LENS:
+  for b in batches:
+    for n in seq_lens:
+      case = f"B={b} N={n} H={heads} D={dim} bf16"
       keys = jax.random.split(jax.random.PRNGKey(0), 4)
-      q, k, v, g = [jax.random.normal(key, (b, n, H, D), DTYPE) for key in keys]
-      tensor_bytes = b * n * H * D * itemsize
-      for impl in ("xla", "pallas"):
-        fwd, fwd_bwd = _functions(impl)
-        for mode, seconds, n_tensors in (
-            ("fwd", _median_seconds(fwd, q, k, v), 4),               # q, k, v, out
-            ("fwd+bwd", _median_seconds(fwd_bwd, q, k, v, g), 8)):   # + g, dq, dk, dv
-          roofline = n_tensors * tensor_bytes / bandwidth / seconds if bandwidth else float("nan")
-          rows.append((b, n, impl, mode, seconds * 1e3, roofline))
-
-  header = f"{'B':>2} {'N':>6} {'impl':>7} {'mode':>8} {'ms':>9} {'roofline':>9}"
-  print(f"{device.device_kind}, jax {jax.__version__}, H={H} D={D} {jnp.dtype(DTYPE).name}")
-  print(header)
-  for b, n, impl, mode, ms, roof in rows:
-    print(f"{b:>2} {n:>6} {impl:>7} {mode:>8} {ms:>9.3f} {roof:>9.2f}")
-
-  today = datetime.date.today().isoformat()
-  new_file = not RESULTS.exists()
-  with RESULTS.open("a") as f:
-    if new_file:
-      f.write("# Benchmark results\n\n| date | device | jax | bench | B | N | H | D | dtype | impl "
-              "| mode | median ms | HBM roofline |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    for b, n, impl, mode, ms, roof in rows:
-      f.write(f"| {today} | {device.device_kind} | {jax.__version__} | linear_attention | {b} | {n} "
-              f"| {H} | {D} | {jnp.dtype(DTYPE).name} | {impl} | {mode} | {ms:.3f} | {roof:.2f} |\n")
+      q, k, v, g = [jax.random.normal(key, (b, n, heads, dim), dtype) for key in keys]
+      tensor_bytes = b * n * heads * dim * itemsize
+      ms = {}
+      for impl, (fwd, fwd_bwd) in functions.items():
+        ms[impl, "fwd"] = hx.median_ms(lambda: fwd(q, k, v), **timing)
+        ms[impl, "fwd+bwd"] = hx.median_ms(lambda: fwd_bwd(q, k, v, g), **timing)
+        hx.profile_calls(args.profile, f"linear_attention_{impl}_b{b}_n{n}", lambda: fwd_bwd(q, k, v, g))
+      for mode, n_tensors in (("fwd", 4), ("fwd+bwd", 8)):  # q, k, v, out (+ g, dq, dk, dv)
+        for impl in ("xla", "pallas"):
+          t = ms[impl, mode]
+          roofline = n_tensors * tensor_bytes / bandwidth / (t * 1e-3) if bandwidth else None
+          figure = f"roofline {roofline:.2f}" if roofline is not None else "roofline n/a (unknown HBM)"
+          target, ok = "", None
+          if impl == "pallas":
+            speedup = ms["xla", mode] / t
+            figure = f"{speedup:.2f}x xla, {figure}"
+            target = TARGET_TEXT
+            ok = speedup >= SPEEDUP_TARGET and roofline is not None and roofline >= ROOFLINE_TARGET
+          rows.append(hx.Row("linear_attention", f"{case} {mode}", f"sanajax {impl}", t, figure, target, hx.met(ok)))
+      if not args.skip_torch:
+        tq, tk, tv = (hx.to_torch(x, device) for x in (q, k, v))
+        ref = jax.device_get(functions["xla"][0](q, k, v).astype(jnp.float32))
+        with torch.inference_mode():
+          got = torch_linear_attention(tq, tk, tv).float().cpu().numpy()
+          for label, fn in (("eager", torch_linear_attention), (f"torch.compile {args.torch_compile_backend}", compiled)):
+            t = hx.torch_median_ms(lambda: fn(tq, tk, tv), device=device, **timing)
+            rows.append(hx.Row("linear_attention", f"{case} fwd", f"diffusers {label}", t,
+                               f"rel err vs sanajax xla {hx.rel_l2(got, ref):.1e}"))
+  hx.report(args, rows)
+  return rows
 
 
 if __name__ == "__main__":
