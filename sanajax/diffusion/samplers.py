@@ -1,4 +1,5 @@
-"""Flow-model samplers: Flow-Euler and Flow-DPM-Solver++ (2M), with classifier-free guidance.
+"""Flow-model samplers: Flow-Euler and Flow-DPM-Solver++ (2M), with classifier-free guidance, and
+the SANA-Sprint sCM sampler ("scm", 1-4 steps of a TrigFlow-wrapped student; see `scm`).
 
 Both reproduce the diffusers schedulers that SANA's released pipelines use, step by step:
   * "flow_euler": `FlowMatchEulerDiscreteScheduler(shift=shift)`;
@@ -28,10 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sanajax.diffusion import trigflow
+
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' discretisation of [0, 1]; it enters both grids.
-SAMPLERS = ("flow_dpm", "flow_euler")
+SAMPLERS = ("flow_dpm", "flow_euler", "scm")
 
 
 def _shift_np(sigmas, shift: float):
@@ -208,6 +211,63 @@ def flow_dpm_solver(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mas
   return x
 
 
+def scm(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: jax.Array | None, *, num_steps: int,
+        key: jax.Array | None = None, step_noise: jax.Array | None = None,
+        sigma_data: float = trigflow.SIGMA_DATA, max_t: float = trigflow.T_MAX,
+        intermediate_t: float | None = 1.3) -> jax.Array:
+  """SANA-Sprint's sCM sampler (diffusers SanaSprintPipeline + SCMScheduler, step by step).
+
+  With times s_0 > s_1 > ... > s_n = 0 from `trigflow.scm_time_grid` (1 step [pi/2, 0], 2 steps
+  [pi/2, 1.3, 0], 4 steps linspace(pi/2, 0, 5)) and x = sigma_d * noise:
+    F    = TrigFlow(model_fn)(x / sigma_d, s_i)          (trigflow.flow_to_trigflow)
+    x0_i = cos(s_i) x - sin(s_i) sigma_d F
+    x    = cos(s_{i+1}) x0_i + sin(s_{i+1}) sigma_d eps_i  (fresh noise; x = x0_i at the last step)
+  and returns x0_{n-1} / sigma_d, the latents (SanaSprintPipeline's output_type="latent").
+
+  Args:
+    model_fn: the student's FLOW velocity, `model_fn(x_f, t_f, context, mask) -> v` (module
+      docstring); a guidance-embedding student has its CFG scale bound in (no CFG batch doubling:
+      the student was distilled from the guided teacher).
+    noise: (B, H, W, C) standard normal.
+    context, mask: (B, L, D), (B, L) text features.
+    num_steps: static, >= 1 (one model call each).
+    key: draws eps_i (i < num_steps - 1) when step_noise is None; needed when num_steps > 1.
+    step_noise: optional (num_steps - 1, B, H, W, C) standard normal eps_i (to replay diffusers' draws).
+    sigma_data, max_t, intermediate_t: SCMScheduler's sigma_data 0.5, max_timesteps 1.5708,
+      intermediate_timesteps 1.3 (2 steps only).
+  Returns:
+    (B, H, W, C) float32 latents.
+  """
+  times = trigflow.scm_time_grid(num_steps, max_t, intermediate_t)
+  if num_steps > 1 and step_noise is None:
+    if key is None:
+      raise ValueError(f"scm with num_steps={num_steps} re-noises between steps: pass key= or step_noise=.")
+    step_noise = jax.random.normal(key, (num_steps - 1, *noise.shape), jnp.float32)
+  if step_noise is not None and step_noise.shape[0] < num_steps - 1:
+    raise ValueError(f"step_noise needs {num_steps - 1} draws of {noise.shape}, got {step_noise.shape}.")
+  trig_fn = trigflow.flow_to_trigflow(model_fn)
+  x = noise.astype(jnp.float32) * sigma_data
+  x0 = x
+  for i in range(num_steps):  # 1-4 steps: unrolled; each step is one model call.
+    s = jnp.full((x.shape[0],), times[i], jnp.float32)
+    pred = sigma_data * trig_fn(x / sigma_data, s, context, mask)
+    eps = step_noise[i] if i < num_steps - 1 else jnp.zeros_like(x)  # sin(0) = 0: the last step adds none.
+    x, x0 = scm_step(pred, times[i], times[i + 1], x, eps, sigma_data)
+  return x0 / sigma_data
+
+
+def scm_step(model_output: jax.Array, s: float, t: float, sample: jax.Array, eps: jax.Array,
+             sigma_data: float = trigflow.SIGMA_DATA) -> tuple[jax.Array, jax.Array]:
+  """One SCMScheduler.step: from time s to t (< s) given pred = sigma_d * F(sample / sigma_d, s).
+
+  x0 = cos(s) sample - sin(s) pred; next = cos(t) x0 + sin(t) sigma_d eps. Returns (next, x0),
+  as diffusers' `step(..., return_dict=False)` (eps is its `randn_tensor` draw).
+  """
+  s, t = jnp.float32(s), jnp.float32(t)
+  x0 = jnp.cos(s) * sample - jnp.sin(s) * model_output
+  return jnp.cos(t) * x0 + jnp.sin(t) * (eps.astype(jnp.float32) * sigma_data), x0
+
+
 _SAMPLER_FNS = {"flow_dpm": flow_dpm_solver, "flow_euler": flow_euler}
 
 
@@ -218,6 +278,9 @@ def sample(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: jax.Ar
 
   Defaults are SANA's: Flow-DPM-Solver, 20 steps, CFG 4.5, flow shift 3.0.
   """
+  if sampler == "scm":
+    raise ValueError("sampler='scm' runs a Sprint student: call samplers.scm (its CFG scale is the model's guidance "
+                     "input, bound into model_fn, and it needs a key for re-noising).")
   if sampler not in _SAMPLER_FNS:
     raise ValueError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS} (config field sample.sampler).")
   if not _cfg_is_off(cfg_scale) and null_context is None:
