@@ -12,7 +12,7 @@ configs/sana_config/{512ms/Sana_600M_img512,1024ms/Sana_600M_img1024}.yaml; the 
 """
 import ml_collections
 
-from sanajax import config_utils, resolution
+from sanajax import config_utils, parallel, resolution
 
 dcae = config_utils.load_sibling(__file__, "dcae_f32c32")
 
@@ -109,6 +109,9 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # compute dtype; parameters stay float32 (SANA: fp16 / bf16 mixed precision).
   m.attn_impl = "auto"
   m.remat = "full"  # SANA: grad_checkpointing true (every block).
+
+  # Sharding plan (README "Scaling"): all 1 is one device; e.g. --config.mesh.fsdp=8 on 8 GPUs.
+  c.mesh = parallel.mesh_config()
 
   d = c.diffusion = ml_collections.ConfigDict()
   d.weighting = "logit_normal"  # SANA weighting_scheme.

@@ -9,7 +9,7 @@ Sizes were chosen by measuring step time on a 2-core CPU (see README, "Results")
 """
 import ml_collections
 
-from sanajax import config_utils
+from sanajax import config_utils, parallel
 
 dcae_tiny = config_utils.load_sibling(__file__, "dcae_tiny")
 
@@ -69,6 +69,9 @@ def get_config(arg=None):
   c.model.dtype = "float32"  # compute dtype; parameters stay float32.
   c.model.attn_impl = "xla"
   c.model.remat = "none"
+
+  # Sharding plan (README "Scaling"): all 1 is one device; e.g. --config.mesh.fsdp=8.
+  c.mesh = parallel.mesh_config()
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.weighting = "logit_normal"  # logit_normal | mode | cosmap | uniform

@@ -1,6 +1,7 @@
 """Model facts from a config, without allocating it: parameters, shapes, FLOPs per training step.
 
     python -m sanajax.info --config=configs/sana_1600m.py [--config.data.resolution=4096]
+    python -m sanajax.info --config=configs/sana_1600m.py --config.mesh.fsdp=8   # per-device memory of a plan
 
 Counts the DiT only (not the text encoder or the autoencoder). Parameters come from
 `jax.eval_shape(model.init)`, so a 1600M model is described in seconds on a CPU.
@@ -111,7 +112,11 @@ def format_description(info: dict[str, Any]) -> str:
 
 def main(argv):
   del argv
-  print(format_description(describe(_CONFIG.value)))
+  from sanajax.parallel import memory  # pylint: disable=g-import-not-at-top
+  lines = format_description(describe(_CONFIG.value)).splitlines()
+  # Per-device bytes under config.mesh (a -1 axis takes this machine's device count).
+  mem = memory.format_plan_memory(memory.plan_memory(_CONFIG.value, jax.device_count()))
+  print("\n".join(lines[:-1] + mem.splitlines() + lines[-1:]))
 
 
 if __name__ == "__main__":

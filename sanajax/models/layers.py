@@ -1,6 +1,6 @@
 """Small building blocks of the SANA linear DiT (Flax Linen, NHWC, tokens as (B, N, C)).
 
-Parameter logical axis names (a sharding plan maps them to mesh axes; the plans are a later issue):
+Parameter logical axis names (sanajax.parallel's rules map them to mesh axes):
   embed      the DiT hidden size h
   mlp        the Mix-FFN hidden size int(h * mlp_ratio) (and 2x that before the GLU split)
   heads      a fused heads * head_dim axis (q/k/v outputs, attention-out inputs)
@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from sanajax.parallel.context import active_plan
 
 Dtype = Any
 
@@ -251,7 +253,15 @@ class DepthwiseConv(nn.Module):
                         (k, k, 1, self.features), jnp.float32)
     bias = self.param("bias", nn.with_logical_partitioning(self.bias_init, (self.axis_name,)), (self.features,),
                       jnp.float32)
-    return depthwise_conv2d(x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    plan = active_plan()
+    if plan is not None and plan.sequence_parallel:
+      # Rows of the grid are split over the `sequence` mesh axis: one halo row from each neighbour.
+      from sanajax.parallel import sequence  # pylint: disable=g-import-not-at-top (imports this module)
+      y = sequence.depthwise_conv2d(plan, x, kernel, self.axis_name)
+    else:
+      y = depthwise_conv2d(x, kernel)
+    return y + bias.astype(self.dtype)
 
 
 def sincos_pos_embed_2d(embed_dim: int, height: int, width: int, base_size: int,
@@ -330,5 +340,9 @@ def remat_policy(name: str) -> Any:
 
 
 def logical_constraint(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
-  """nn.with_logical_constraint; a no-op without an active mesh / rules."""
+  """Sharding constraint by logical names: the active sanajax.parallel plan's (see
+  sanajax.parallel.context), else nn.with_logical_constraint (a no-op without a mesh and rules)."""
+  plan = active_plan()
+  if plan is not None:
+    return plan.constrain(x, tuple(axes))
   return nn.with_logical_constraint(x, tuple(axes))

@@ -2,14 +2,18 @@
 
 Layout of WORKDIR/checkpoints/STEP/: `state` (the TrainState pytree, StandardSave) and
 `data` (the iterator state as JSON), so a restarted run continues with the same batches.
-Saves are asynchronous; `wait()` blocks until the last one is on disk.
+Saves are asynchronous; `wait()` blocks until the last one is on disk. Sharded states are
+written collectively by all hosts and restore onto any mesh: pass `restore` an abstract state
+carrying the new shardings (sanajax.parallel.Plan.abstract, or a state built on the new mesh).
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -30,7 +34,10 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: Any, data_state: dict | None = None) -> None:
-    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state or {}))
+    """Saves asynchronously; with several processes every one must call it (the state's shards are
+    written by their owners, and each host's data position is kept under its process index)."""
+    data_state = _gather_process_states(data_state or {}) if jax.process_count() > 1 else (data_state or {})
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state))
     self._manager.save(step, args=args)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
@@ -44,7 +51,16 @@ class Checkpointer:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
     restored = self._manager.restore(
         step, args=ocp.args.Composite(state=_pytree_restore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored.state, dict(restored.data or {})
+    data = dict(restored.data or {})
+    if PROCESS_STATES in data:
+      states = data[PROCESS_STATES]
+      if len(states) != jax.process_count():
+        print(f"Checkpoint data positions are from {len(states)} processes, now {jax.process_count()}: "
+              f"the data order restarts.", flush=True)
+        data = {}
+      else:
+        data = states[jax.process_index()]
+    return restored.state, data
 
   def restore_params(self, abstract_params: Any, *, ema: bool = True, step: int | None = None) -> Any:
     """Restores only the (EMA) parameters of a saved TrainState, for sampling and evaluation."""
@@ -63,6 +79,24 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+PROCESS_STATES = "process_states"
+
+
+def _gather_process_states(data_state: dict) -> dict:
+  """{"process_states": [state of process 0, 1, ...]}: every host's own data position.
+
+  Orbax writes a JSON item from process 0 only, but each host reads a different shard of the
+  data; the positions are gathered (as padded UTF-8 bytes) so each host resumes its own.
+  """
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
+  lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32)).reshape(-1)
+  padded = np.zeros(int(lengths.max()), np.uint8)
+  padded[:raw.size] = raw
+  rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(lengths), -1)
+  return {PROCESS_STATES: [json.loads(bytes(r[:n]).decode()) for r, n in zip(rows, lengths)]}
 
 
 def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:

@@ -2,6 +2,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.sharding import NamedSharding
 
 from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params
 from sanajax.data.pipeline import make_train_iterator
@@ -21,6 +23,7 @@ from sanajax.eval import geneval_lite
 from sanajax.generation import Generator, make_grid, write_images
 from sanajax.info import describe
 from sanajax.models.sana_dit import build_dit
+from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import has_checkpoint, load_ae, train_ae
@@ -28,7 +31,7 @@ from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.metrics import MetricWriter
 from sanajax.training.optim import build_optimizer
 from sanajax.training.setup import prepare_workdir
-from sanajax.training.state import TrainState, apply_gradients, create_train_state
+from sanajax.training.state import TrainState, apply_gradients, create_sharded_train_state, create_train_state
 
 
 def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -41,11 +44,11 @@ def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return c
 
 
-def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling: float):
-  """The jitted DiT step: AE-encode, text-encode (with caption dropout), flow-matching loss, update.
+def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: Plan | None = None):
+  """loss_fn(params, frozen, batch, key) -> scalar flow-matching loss of one global batch.
 
-  Frozen AE and text-encoder parameters are arguments (not closed-over constants) so they are
-  not baked into the compiled program.
+  AE-encode, text-encode (with caption dropout), noise, DiT; the DiT is traced under `plan`
+  (block-boundary constraints, sequence-parallel layers) when one is given.
   """
   null_ids, null_mask = (jnp.asarray(a) for a in text_encoder.tokenize([""]))
   dropout = config.train.caption_dropout
@@ -65,18 +68,72 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
     t = flow.sample_time_from_config(k_t, b, config.diffusion)
     eps = jax.random.normal(k_eps, latents.shape, latents.dtype)
     x_t = flow.interpolate(latents, eps, t)
-    pred = dit.apply({"params": params}, x_t, t, context, mask)
+    with plan.activate() if plan is not None else contextlib.nullcontext():
+      pred = dit.apply({"params": params}, x_t, t, context, mask)
     return flow.flow_matching_loss(pred, flow.velocity_target(latents, eps))
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  return loss_fn
+
+
+def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling: float, *,
+                    plan: Plan | None = None, state_shardings=None, with_grads: bool = False):
+  """The jitted DiT step: make_loss_fn's loss, its gradient, the guarded update.
+
+  Frozen AE and text-encoder parameters are arguments (not closed-over constants) so they are
+  not baked into the compiled program. With a sharding `plan` (sanajax.parallel), the step is
+  jitted with explicit shardings: the state as `state_shardings` (plan.shardings of it), the
+  frozen parameters replicated, the batch over data x fsdp (plan.batch_spec), metrics
+  replicated. plan=None: one device, as before. with_grads: metrics also hold the step's
+  gradients (laid out as the parameters), for inspecting or comparing plans.
+  """
+  loss_fn = make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling, plan)
+
+  if plan is None:
+    jit = functools.partial(jax.jit, donate_argnums=(0,))
+  else:
+    batch_sh = {k: NamedSharding(plan.mesh, plan.batch_spec(n))
+                for k, n in (("image", 4), ("input_ids", 2), ("attention_mask", 2))}
+    metrics_sh = plan.replicated
+    if with_grads:
+      metrics_sh = {k: plan.replicated for k in ("loss", "grad_norm", "learning_rate")}
+      metrics_sh["grads"] = state_shardings.params
+    jit = functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(state_shardings, plan.replicated, batch_sh),
+                            out_shardings=(state_shardings, metrics_sh))
+
+  @jit
   def step(state: TrainState, frozen, batch):
     rng, key = jax.random.split(state.rng)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, key)
     state, grad_norm = apply_gradients(state, grads, loss, tx, config.train.ema_decay, rng)
-    return state, {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step - 1)}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step - 1)}
+    if with_grads:
+      metrics["grads"] = grads
+    return state, metrics
 
   return step
+
+
+def init_train_state(config, tx, key: jax.Array, plan: Plan | None):
+  """(state, state shardings or None, per-host batch size) for a fresh run of `config`.
+
+  plan=None: the single-device path (parameters initialised under jit, then the state built).
+  With a plan, the whole state is built by one jit whose out_shardings follow the plan, so no
+  device ever holds more than its shard; config.train.batch_size is the global batch, split over
+  processes (each reads its own part of the data) and then over data x fsdp.
+  """
+  batch = int(config.train.batch_size)
+  if plan is None:
+    if jax.process_count() > 1:
+      raise ValueError("Multi-host runs need a mesh: set e.g. --config.mesh.data=-1.")
+    params = jax.jit(functools.partial(init_dit_params, config))(jax.random.fold_in(key, 0))
+    return create_train_state(params, tx, jax.random.fold_in(key, 1)), None, batch
+  if batch % plan.batch_shards() or batch % jax.process_count():
+    raise ValueError(f"train.batch_size={batch} must be a multiple of the batch shards ({plan.batch_shards()} = "
+                     f"mesh data x fsdp) and of the process count ({jax.process_count()}).")
+  state, state_sh = create_sharded_train_state(
+      lambda k: init_dit_params(config, k), tx, jax.random.fold_in(key, 0), jax.random.fold_in(key, 1), plan)
+  return state, state_sh, batch // jax.process_count()
 
 
 def ensure_ae(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -140,23 +197,36 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
   text_encoder = build_text_encoder(config)
   dit = build_dit(config.model)
   key = jax.random.PRNGKey(config.seed)
-  params = jax.jit(functools.partial(init_dit_params, config))(jax.random.fold_in(key, 0))
   tx, schedule = build_optimizer(config.train, config.train.num_steps)
-  state = create_train_state(params, tx, jax.random.fold_in(key, 1))
-  num_params = sum(x.size for x in jax.tree.leaves(params))
-  print(f"DiT: {num_params / 1e6:.2f}M parameters; AE scaling factor {ae_scaling:.4f}.", flush=True)
+  plan = Plan.from_config(config)
+  state, state_sh, host_batch = init_train_state(config, tx, key, plan)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f"DiT: {num_params / 1e6:.2f}M parameters; AE scaling factor {ae_scaling:.4f}."
+        + (f" Sharding plan: {plan}." if plan is not None else ""), flush=True)
 
+  if config.get("init_from"):
+    # Fine-tuning: start from converted or previously trained weights (sanajax.convert.init_params_from);
+    # a checkpoint of this run, restored below, still wins, so a resumed fine-tune continues.
+    from sanajax.convert import init_params_from
+    loaded = init_params_from(config.init_from, state.params)
+    state = state.replace(params=loaded, ema_params=jax.tree.map(jnp.copy, loaded))
+    print(f"DiT initialised from {config.init_from}.", flush=True)
   source = make_source(config.data.source, config.data.resolution, config.seed)
   data_iter = make_train_iterator(
-      source, batch_size=config.train.batch_size, seed=config.seed, tokenize_fn=text_encoder.tokenize,
+      source, batch_size=host_batch, seed=config.seed, tokenize_fn=text_encoder.tokenize,
       caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.get("num_workers", 0))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
   state = loop_lib.restore_or_init(ckpt, state, data_iter)
   frozen = {"ae": ae_params, "text": text_encoder.params}
-  step = make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling)
-  step_fn = lambda s, b: step(s, frozen, b)
+  step = make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling, plan=plan,
+                         state_shardings=state_sh)
+  if plan is None:
+    step_fn = lambda s, b: step(s, frozen, b)
+  else:
+    frozen = plan.replicate(frozen)
+    step_fn = lambda s, b: step(s, frozen, plan.shard_batch(b))
   writer = MetricWriter(workdir)
   flops = describe(config)["train_step_flops"]
   loop = loop_lib.LoopConfig(num_steps=config.train.num_steps, batch_size=config.train.batch_size,
@@ -169,6 +239,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
   writer.close()
   print(f"Training done in {time.perf_counter() - start_time:.0f} s.", flush=True)
   if not run_eval or not config.data.source.startswith("shapes"):
+    return {}
+  if jax.process_count() > 1:
+    # Evaluation samples on one host from the saved EMA weights: run sanajax.sample / evaluate there.
+    print("Multi-host run: skipping the built-in evaluation (run `python -m sanajax.sample` on one host).", flush=True)
     return {}
   generator = Generator.from_workdir(workdir)
   result = evaluate(config, workdir, generator=generator)

@@ -5,11 +5,12 @@ config, so the state is a plain pytree of arrays that Orbax saves and restores a
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 # What the NaN guard can name, in the order of `TrainState.nan_code`.
@@ -38,6 +39,22 @@ def create_train_state(params: Any, tx: optax.GradientTransformation, rng: jax.A
       nan_step=jnp.full((), -1, jnp.int32),
       nan_code=jnp.zeros((), jnp.int32),
   )
+
+
+def create_sharded_train_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                               params_key: jax.Array, rng: jax.Array, plan: Any) -> tuple[TrainState, Any]:
+  """(state, its shardings) built by one jit with `plan`'s out_shardings (sanajax.parallel.Plan).
+
+  Parameters, optimizer moments and EMA follow the parameters' logical names (FSDP / tensor
+  splits), scalars and the rng are replicated. Values equal create_train_state's.
+  """
+  def make(params_key, rng):
+    return create_train_state(init_params(params_key), tx, rng)
+  abstract = jax.eval_shape(make, params_key, rng)
+  shardings = plan.shardings(abstract)
+  # numpy keys: jit inputs every process passes identically (no single-device placement).
+  keys = (np.asarray(jax.device_get(params_key)), np.asarray(jax.device_get(rng)))
+  return jax.jit(make, out_shardings=shardings)(*keys), shardings
 
 
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:

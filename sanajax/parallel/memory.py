@@ -1,0 +1,126 @@
+"""Per-device memory of a sharding plan, from shapes alone (nothing is allocated).
+
+Used by `python -m sanajax.info --config=... --config.mesh.fsdp=8`: a plan's mesh may be bigger
+than the machine it is printed on, so shard sizes come from the mesh *shape* and the same rules
+(sanajax.parallel.mesh.logical_to_mesh) the trainer uses.
+
+  parameters        float32 master weights, split as their logical names say;
+  gradients         the same layout and size (float32, alive during the update);
+  optimizer state   `tx.init` of the parameters (AdamW: 2 x params; CAME: first moment plus
+                    factored second moments), split like the parameters where shapes match;
+  EMA               one more copy of the parameters;
+  activations       an estimate of what the backward pass keeps (see `activation_bytes`).
+Not counted: the frozen text encoder and autoencoder (replicated, used under stop_gradient),
+XLA's temporary buffers and fragmentation; leave ~10-20% of the device free.
+"""
+from __future__ import annotations
+
+import math
+import types
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from sanajax.parallel.mesh import DEFAULT_RULES, MESH_AXES, logical_to_mesh, mesh_shape, normalize_rules
+
+
+def _abstract_mesh(shape: tuple[int, ...]) -> Any:
+  # logical_to_mesh only reads `.shape`, so a plan for 256 devices is sized on a laptop.
+  return types.SimpleNamespace(shape=dict(zip(MESH_AXES, shape)))
+
+
+def _shard_elems(shape, names, mesh, rules) -> int:
+  spec = logical_to_mesh(names, shape, mesh, rules)
+  div = 1
+  for axes in spec:
+    for a in (axes if isinstance(axes, tuple) else (axes,) if axes else ()):
+      div *= mesh.shape[a]
+  return int(np.prod(shape)) // div
+
+
+def tree_bytes_per_device(tree: Any, mesh: Any, rules) -> int:
+  """Bytes one device holds of a pytree of ShapeDtypeStructs (boxed leaves are split by their names)."""
+  total = 0
+  for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
+    if isinstance(x, nn.LogicallyPartitioned):
+      v = x.value
+      total += _shard_elems(tuple(v.shape), tuple(x.names), mesh, rules) * np.dtype(v.dtype).itemsize
+    else:
+      total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+  return total
+
+
+def activation_bytes(config: Any, latent_hw: tuple[int, int], mesh: Any) -> int:
+  """Estimated activation bytes per device for one training step.
+
+  Per image token and block, in the compute dtype: the block input (h), the attention's q, k, v
+  and output (4h), Mix-FFN's expanded 2f three times (conv_inverted, SiLU, depthwise) plus f
+  after the gate, and cross-attention's q and output (2c) with its float32 scores (heads x L).
+  With remat "none" every block keeps all of it; with any other remat policy the blocks keep
+  only their input and one block's set is live during recomputation (an upper bound for the
+  "dots" policies). Batch is split over data x fsdp, tokens over sequence, heads and Mix-FFN
+  channels over tensor.
+  """
+  m = config.model
+  item = {"float32": 4, "bfloat16": 2, "float16": 2}[m.get("dtype", "float32")]
+  b_local = max(1, int(config.train.batch_size) // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  n = (latent_hw[0] // m.patch_size) * (latent_hw[1] // m.patch_size)
+  n_local = math.ceil(n / mesh.shape["sequence"])
+  t = mesh.shape["tensor"]
+  h, f = m.hidden_size, int(m.hidden_size * m.mlp_ratio)
+  c = m.cross_num_heads * m.cross_head_dim
+  text = int(config.text.max_length)
+  per_token_block = (h + (4 * h + 6 * f + f + 2 * c) / t) * item + m.cross_num_heads / t * text * 4
+  per_token_input = h * item
+  if m.get("remat", "none") == "none":
+    per_token = m.depth * per_token_block
+  else:
+    per_token = m.depth * per_token_input + per_token_block
+  return int(b_local * n_local * per_token)
+
+
+def plan_memory(config: Any, num_devices: int | None = None) -> dict[str, Any]:
+  """Per-device bytes of the config's DiT training state and activations under config.mesh."""
+  from sanajax import resolution  # pylint: disable=g-import-not-at-top
+  from sanajax.models import sana_dit  # pylint: disable=g-import-not-at-top
+  from sanajax.training.optim import build_optimizer  # pylint: disable=g-import-not-at-top
+  config = resolution.apply_resolution(config)
+  mesh_cfg = config.get("mesh") or {}
+  sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]
+  if -1 in sizes and num_devices is None:
+    raise ValueError("config.mesh has a -1 axis: pass the device count to size it.")
+  # Fixed axes describe the target cluster, whatever this machine has.
+  shape = mesh_shape(mesh_cfg, num_devices if -1 in sizes else math.prod(sizes))
+  mesh = _abstract_mesh(shape)
+  rules = normalize_rules(mesh_cfg.get("rules", DEFAULT_RULES))
+  m = config.model
+  res = int(config.data.resolution)
+  down = resolution.ae_downsample(config)
+  latent_hw = (res // down, res // down)
+  model = sana_dit.build_dit(m)
+  params = jax.eval_shape(model.init, jax.random.key(0),
+                          *sana_dit.dummy_inputs(m, latent_hw, int(config.text.max_length)))["params"]
+  tx, _ = build_optimizer(config.train, int(config.train.num_steps))
+  opt = jax.eval_shape(tx.init, params)
+  p = tree_bytes_per_device(params, mesh, rules)
+  out = {
+      "mesh": dict(zip(MESH_AXES, shape)),
+      "devices": math.prod(shape),
+      "parameters": p,
+      "gradients": p,
+      "optimizer_state": tree_bytes_per_device(opt, mesh, rules),
+      "ema": p if float(config.train.ema_decay) > 0 else 0,
+      "activations": activation_bytes(config, latent_hw, mesh),
+  }
+  out["total"] = sum(out[k] for k in ("parameters", "gradients", "optimizer_state", "ema", "activations"))
+  return out
+
+
+def format_plan_memory(mem: dict[str, Any]) -> str:
+  mesh = " x ".join(f"{k}={v}" for k, v in mem["mesh"].items() if v > 1) or "one device"
+  lines = [f"per-device memory under mesh {mesh} ({mem['devices']} devices), GiB:"]
+  for k in ("parameters", "gradients", "optimizer_state", "ema", "activations", "total"):
+    lines.append(f"  {k:<22s} {mem[k] / 2**30:>15.2f}")
+  return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Device meshes and logical-axis rules from a config's `mesh` section.
+
+    c.mesh = parallel.mesh_config()           # in every DiT config: data = fsdp = sequence = tensor = 1
+    --config.mesh.fsdp=8                      # ZeRO-3 over 8 devices
+    --config.mesh.data=-1 --config.mesh.tensor=2   # -1: the rest of the devices
+
+Mesh axes, outermost first (so `data` spans hosts and `tensor` stays inside the fastest links):
+  data      pure data parallelism: parameters replicated, batch split.
+  fsdp      batch split AND parameters / gradients / optimizer state / EMA split over `embed`.
+  sequence  image tokens split (rows of the latent grid): linear attention's K^T V state and
+            normaliser are summed over it, the Mix-FFN 3x3 conv exchanges one halo row.
+  tensor    Megatron-style: attention heads and Mix-FFN channels split.
+
+Logical-axis rules map the model's names (sanajax.models.layers docstring) onto these axes. They
+apply in order and a mesh axis is used at most once per array, so the activation names
+("batch", "length", "embed") shard the batch over data x fsdp and leave `embed` (which shards
+parameters over fsdp) whole, as MaxText's rule tables do.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", "sequence"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+)
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """The `mesh` section every DiT config carries: all axes 1 (one device, today's code path)."""
+  c = ml_collections.ConfigDict()
+  for name in MESH_AXES:
+    c[name] = 1
+  c.rules = DEFAULT_RULES
+  return c
+
+
+def mesh_shape(mesh: Any, num_devices: int) -> tuple[int, ...]:
+  """(data, fsdp, sequence, tensor) sizes; one -1 takes the devices the others leave."""
+  sizes = []
+  for name in MESH_AXES:
+    v = int(mesh.get(name, 1)) if hasattr(mesh, "get") else int(getattr(mesh, name, 1))
+    if v == 0 or v < -1:
+      raise ValueError(f"config.mesh.{name}={v}: mesh axis sizes are positive integers or -1 (the rest).")
+    sizes.append(v)
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.mesh has more than one axis set to -1: {dict(zip(MESH_AXES, sizes))}.")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if num_devices % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not a multiple of "
+                       f"the fixed axes' product {known}.")
+    sizes[sizes.index(-1)] = num_devices // known
+  elif known > num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {known} devices; {num_devices} are available.")
+  return tuple(sizes)
+
+
+def make_mesh(mesh: Any, devices: Sequence[Any] | None = None) -> jax.sharding.Mesh:
+  """jax.make_mesh over (data, fsdp, sequence, tensor); uses the first prod(sizes) devices.
+
+  All axes are `Auto` (GSPMD propagates shardings between the explicit in/out shardings and
+  the block-boundary constraints).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  shape = mesh_shape(mesh, len(devices))
+  n = math.prod(shape)
+  if n != len(devices) and jax.process_count() > 1:
+    raise ValueError(f"config.mesh {shape} uses {n} of {len(devices)} devices; multi-host runs must use all "
+                     f"(set one axis to -1).")
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices[:n])
+
+
+def normalize_rules(rules: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+  """Rules as ((logical, (mesh axes...)), ...); accepts the lists a saved config.json holds."""
+  out = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f"A logical-axis rule is (logical_name, mesh_axis or tuple of mesh axes), got {rule!r}.")
+    name, axes = rule
+    axes = (axes,) if isinstance(axes, str) or axes is None else tuple(axes)
+    axes = tuple(a for a in axes if a is not None)
+    bad = [a for a in axes if a not in MESH_AXES]
+    if bad:
+      raise ValueError(f"Rule {rule!r} names mesh axes {bad}; the mesh axes are {MESH_AXES}.")
+    out.append((str(name), axes))
+  return tuple(out)
+
+
+def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: jax.sharding.Mesh,
+                    rules) -> jax.sharding.PartitionSpec:
+  """PartitionSpec for an array with logical `names` and `shape` under `rules`.
+
+  Rules apply in order; a rule assigns its mesh axes to every dimension with that name that is
+  still unassigned, if none of the axes is used yet in this array and the dimension divides
+  evenly (else the dimension stays whole: e.g. a batch of 1 at init, or 70 heads on tensor=4).
+  Size-1 mesh axes are dropped so specs stay readable.
+  """
+  if len(names) != len(shape):
+    return jax.sharding.PartitionSpec()  # e.g. CAME's factored statistics: replicated.
+  assigned: list[tuple[str, ...] | None] = [None] * len(names)
+  used: set[str] = set()
+  for logical, axes in rules:
+    axes = tuple(a for a in axes if mesh.shape[a] > 1)
+    if not axes or used & set(axes):
+      continue
+    size = math.prod(mesh.shape[a] for a in axes)
+    for i, n in enumerate(names):
+      if n == logical and assigned[i] is None and shape[i] % size == 0:
+        assigned[i] = axes
+        used |= set(axes)
+        break
+  return jax.sharding.PartitionSpec(*[a[0] if a and len(a) == 1 else a for a in assigned])
+
+
+def describe_mesh(mesh: jax.sharding.Mesh) -> str:
+  return " x ".join(f"{k}={v}" for k, v in mesh.shape.items()) + f" ({np.prod(list(mesh.shape.values()))} devices)"

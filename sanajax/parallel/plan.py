@@ -1,0 +1,124 @@
+"""A sharding plan: a mesh plus logical-axis rules, and everything derived from them.
+
+    plan = Plan.from_config(config)                 # None when config.mesh is all 1 on one process
+    state_sh = plan.shardings(abstract_state)       # NamedShardings for a (boxed) pytree
+    batch = plan.shard_batch(host_batch)            # host-local numpy -> global arrays over data x fsdp
+    with plan.activate(): ...trace model code...    # constraints + sequence-parallel layers on
+
+Parameters created with `nn.with_logical_partitioning` are `nn.LogicallyPartitioned` boxes
+(they stay boxed in the TrainState, and optax / EMA trees built with tree.map keep the boxes),
+so one walk over the state gives parameters, gradients, optimizer moments and EMA the same
+sharding; leaves without names (step, rng, CAME's factored statistics) are replicated.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from sanajax.parallel import context
+from sanajax.parallel.mesh import DEFAULT_RULES, MESH_AXES, describe_mesh, logical_to_mesh, make_mesh, normalize_rules
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.LogicallyPartitioned)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+  mesh: jax.sharding.Mesh
+  rules: tuple = DEFAULT_RULES
+
+  def __post_init__(self):
+    object.__setattr__(self, "rules", normalize_rules(self.rules))
+
+  @classmethod
+  def from_config(cls, config: Any, devices: Sequence[Any] | None = None, *, force: bool = False) -> "Plan | None":
+    """The plan of `config.mesh`; None when it is all 1 on one process (and not `force`), so
+    that the default config runs exactly the single-device code."""
+    m = config.get("mesh") if hasattr(config, "get") else None
+    if m is None:
+      m = {}
+    if not force and jax.process_count() == 1 and all(int(m.get(a, 1)) == 1 for a in MESH_AXES):
+      return None
+    return cls(make_mesh(m, devices), m.get("rules", DEFAULT_RULES))
+
+  # --- specs ---------------------------------------------------------------------------------
+
+  def axis_size(self, name: str) -> int:
+    return int(self.mesh.shape[name])
+
+  @property
+  def sequence_parallel(self) -> bool:
+    return self.axis_size("sequence") > 1
+
+  def spec(self, names: Sequence[str | None], shape: Sequence[int]) -> P:
+    return logical_to_mesh(tuple(names), tuple(shape), self.mesh, self.rules)
+
+  def sharding(self, names: Sequence[str | None], shape: Sequence[int]) -> NamedSharding:
+    return NamedSharding(self.mesh, self.spec(names, shape))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def shardings(self, tree: Any) -> Any:
+    """NamedShardings for every array of a pytree of arrays / ShapeDtypeStructs (boxes keep their
+    place, so the result is a valid in/out_shardings for the tree and for its unboxed twin)."""
+    def one(x):
+      if _is_box(x):
+        return x.replace_boxed(self.sharding(x.names, np.shape(x.value)))
+      return self.replicated
+    return jax.tree.map(one, tree, is_leaf=_is_box)
+
+  def abstract(self, tree: Any) -> Any:
+    """ShapeDtypeStructs with this plan's shardings (to restore a checkpoint onto this mesh)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                        tree, self.shardings(tree))
+
+  def batch_spec(self, ndim: int) -> P:
+    """Batch arrays: the leading axis over every mesh axis "batch" maps to (data x fsdp)."""
+    axes = next((a for n, a in self.rules if n == "batch"), ())
+    axes = tuple(a for a in axes if self.mesh.shape[a] > 1)
+    return P(axes if len(axes) > 1 else (axes[0] if axes else None), *([None] * (ndim - 1)))
+
+  def batch_shards(self) -> int:
+    """How many ways the batch is split (data x fsdp): global batches must be a multiple."""
+    spec = self.batch_spec(1)[0]
+    axes = spec if isinstance(spec, tuple) else ((spec,) if spec else ())
+    return int(np.prod([self.mesh.shape[a] for a in axes]))
+
+  def shard_batch(self, batch: Mapping[str, Any]) -> dict:
+    """Host-local numpy batch (global batch / process_count rows) -> global jax arrays."""
+    out = {}
+    for k, v in batch.items():
+      v = np.asarray(v)
+      out[k] = jax.make_array_from_process_local_data(NamedSharding(self.mesh, self.batch_spec(v.ndim)), v)
+    return out
+
+  def replicate(self, tree: Any) -> Any:
+    """A pytree every process holds identically (e.g. frozen AE / text-encoder weights) as global
+    arrays replicated on the whole mesh (also across hosts, where device_put cannot reach)."""
+    def one(x):
+      x = np.asarray(jax.device_get(x))
+      return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
+    return jax.tree.map(one, tree)
+
+  # --- tracing -------------------------------------------------------------------------------
+
+  @contextlib.contextmanager
+  def activate(self):
+    """Model code traced inside gets constraints and the sequence-parallel layers."""
+    with context.use_plan(self):
+      yield self
+
+  def constrain(self, x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    return jax.lax.with_sharding_constraint(x, self.sharding(names, x.shape))
+
+  def __repr__(self) -> str:
+    return f"Plan({describe_mesh(self.mesh)})"
