@@ -72,8 +72,8 @@ def parser(description: str) -> argparse.ArgumentParser:
   p.add_argument("--results", default=None,
                  help=f"markdown file to append rows to (default {RESULTS}; with --smoke: none unless given)")
   p.add_argument("--profile", default=None, metavar="DIR", help="write a jax.profiler trace of sanajax calls here")
-  p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3; smoke 1)")
-  p.add_argument("--repeats", type=int, default=None, help="timed calls; the median is reported (default 20; smoke 3)")
+  p.add_argument("--warmup", type=int, default=None, help="untimed calls before timing (default 3, train_step 2; smoke 1)")
+  p.add_argument("--repeats", type=int, default=None, help="timed calls; the median is reported (default 20, train_step 5; smoke 3)")
   p.add_argument("--skip_torch", action="store_true", help="time sanajax only (no diffusers rows)")
   p.add_argument("--torch_compile_backend", default=None,
                  help="torch.compile backend (default 'inductor', torch's default; smoke: 'eager', which still "
@@ -81,13 +81,14 @@ def parser(description: str) -> argparse.ArgumentParser:
   return p
 
 
-def finish_args(args: argparse.Namespace) -> argparse.Namespace:
-  """Fills smoke-dependent defaults and pins smoke runs to the CPU."""
+def finish_args(args: argparse.Namespace, *, warmup: int = 3, repeats: int = 20) -> argparse.Namespace:
+  """Fills smoke-dependent defaults (warmup / repeats: the script's non-smoke defaults) and pins
+  smoke runs to the CPU."""
   if args.smoke:
     # Must precede the first device use; a no-op if the CPU backend is already the one in use.
     jax.config.update("jax_platforms", "cpu")
-  args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else 3)
-  args.repeats = args.repeats if args.repeats is not None else (3 if args.smoke else 20)
+  args.warmup = args.warmup if args.warmup is not None else (1 if args.smoke else warmup)
+  args.repeats = args.repeats if args.repeats is not None else (3 if args.smoke else repeats)
   if args.torch_compile_backend is None:
     args.torch_compile_backend = "eager" if args.smoke else "inductor"
   if args.results is None and not args.smoke:

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The one command for the lent GPU machine: installs what its image lacks, then runs benchmarks.
+#
+#   benchmarks/run_all.sh                          # every script (needs more than one 10-minute call)
+#   benchmarks/run_all.sh dit_forward --cases=4096x1   # one script, extra flags passed through
+#
+# Run through the device tool from the repository root, carrying the wheels (see README,
+# "Benchmarks"): run(command="benchmarks/run_all.sh dit_forward", carry=[".whl"]).
+# .whl/ holds diffusers 0.42.1 and the pure-Python packages sanajax needs that the GPU image
+# lacks (ml_collections, importlib_metadata); benchmarks/fetch_wheels.sh fills it on a machine
+# with a package index. Rows go to benchmarks/RESULTS.md; a copy of it and the logs go to $OUT
+# when the device tool sets it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# sanajax itself (kernels/ is mapped to sanajax.kernels by setup.py), without touching dependencies.
+if ! $PY -c "import sanajax.kernels" 2>/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
+fi
+$PY - <<'PYEOF'
+import jax, torch
+print("jax", jax.__version__, jax.devices(), "| torch", torch.__version__, torch.cuda.is_available())
+try:
+  import diffusers; print("diffusers", diffusers.__version__)
+except ImportError as e:
+  print("diffusers missing (carry .whl, see README):", e)
+PYEOF
+nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv || true
+
+ALL=(linear_attention dit_forward dcae_decode train_step)
+if [[ $# -gt 0 && " ${ALL[*]} " == *" $1 "* ]]; then
+  SCRIPTS=("$1"); shift
+else
+  SCRIPTS=("${ALL[@]}")
+fi
+status=0
+for name in "${SCRIPTS[@]}"; do
+  echo "=== $name $* ==="
+  if [[ -n "${OUT:-}" ]]; then
+    $PY "benchmarks/$name.py" "$@" 2>&1 | tee "$OUT/$name.log" || status=1
+  else
+    $PY "benchmarks/$name.py" "$@" || status=1
+  fi
+done
+if [[ -n "${OUT:-}" ]]; then cp benchmarks/RESULTS.md "$OUT/RESULTS.md"; fi
+exit $status
