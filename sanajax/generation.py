@@ -41,6 +41,32 @@ def make_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
   return grid
 
 
+def sample_latents(apply_fn, guidance_embeds: bool, noise: jax.Array, context: jax.Array, mask: jax.Array,
+                   null_context: jax.Array, null_mask: jax.Array, *, sampler: str, steps: int, cfg, shift: float,
+                   key: jax.Array) -> jax.Array:
+  """Latents (B, H, W, C) from noise with any sampler, for a plain or a Sprint (guidance-embedding) DiT.
+
+  apply_fn(x, t, context, mask[, guidance=]) -> flow velocity (a bound SanaDiT.apply).
+  guidance_embeds: a Sprint student embeds `cfg` as its guidance input (it was distilled from the
+    guided teacher), so it runs one conditional batch, no [cond; uncond] doubling, with any sampler.
+    A plain flow model gets classifier-free guidance with the null context, also under "scm"
+    (the TrigFlow-transformed teacher).
+  key: the sCM sampler's re-noising draws (unused by the flow samplers).
+  """
+  if guidance_embeds:
+    guidance = jnp.broadcast_to(jnp.asarray(cfg, jnp.float32), (noise.shape[0],))
+    model_fn = lambda x, t, c, m: apply_fn(x, t, c, m, guidance=guidance)
+    flow_cfg = 1.0  # A Python 1.0: the flow samplers skip the unconditional half.
+  else:
+    model_fn, flow_cfg = apply_fn, cfg
+  if sampler == "scm":
+    if not guidance_embeds:
+      model_fn = functools.partial(_guided, model_fn, null_context=null_context, null_mask=null_mask, cfg=cfg)
+    return samplers.scm(model_fn, noise, context, mask, num_steps=steps, key=key)
+  return samplers.sample(model_fn, noise, context, mask, null_context, null_mask, sampler=sampler,
+                         num_steps=steps, cfg_scale=flow_cfg, shift=shift)
+
+
 class Generator:
   """Prompts -> images with a DiT, a text encoder and an AE; all sampling is one jitted call per batch."""
 
@@ -75,15 +101,23 @@ class Generator:
     null_mask = jnp.broadcast_to(self._null[1], mask.shape)
     null_context = self.text.embed(text_params, null_ids, null_mask)
     noise = jax.random.normal(key, (ids.shape[0], *self.latent_shape), jnp.float32)
-    model_fn = lambda x, t, c, m: self.dit.apply({"params": dit_params}, x, t, c, m)
-    latents = samplers.sample(model_fn, noise, context, mask, null_context, null_mask, sampler=sampler,
-                              num_steps=steps, cfg_scale=cfg, shift=self.config.diffusion.flow_shift)
+    apply_fn = functools.partial(self.dit.apply, {"params": dit_params})
+    latents = sample_latents(apply_fn, self.dit.guidance_embeds, noise, context, mask, null_context, null_mask,
+                             sampler=sampler, steps=steps, cfg=cfg, shift=self.config.diffusion.flow_shift,
+                             key=jax.random.fold_in(key, 1))
     images = self.ae_model.apply({"params": ae_params}, latents / self.ae_scaling, method=self.ae_model.decode)
     return jnp.clip(images, -1.0, 1.0)
 
   def generate(self, prompts: list[str], *, sampler: str = "flow_dpm", steps: int = 20, cfg: float = 4.5,
                seed: int = 0, batch_size: int = 64) -> np.ndarray:
-    """uint8 images (N, R, R, 3), one per prompt; the noise of prompt i depends only on (seed, i)."""
+    """uint8 images (N, R, R, 3), one per prompt; the noise of prompt i depends only on (seed, i).
+
+    sampler: "flow_dpm" | "flow_euler" | "scm" (SANA-Sprint, steps 1-4). cfg: the CFG scale; for a
+    model with guidance_embeds (a Sprint student) it is the model's guidance input (Sprint: 4.5)
+    and no unconditional batch is run.
+    """
+    if sampler not in samplers.SAMPLERS:
+      raise ValueError(f"Unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}.")
     out = []
     for start in range(0, len(prompts), batch_size):
       chunk = prompts[start:start + batch_size]
@@ -100,6 +134,11 @@ class Generator:
 
   def __eq__(self, other):
     return self is other
+
+
+def _guided(model_fn, x, t, context, mask, *, null_context, null_mask, cfg):
+  """CFG-guided flow velocity of a plain flow model (for sampling it with the sCM sampler)."""
+  return samplers.guided_velocity(model_fn, x, t, context, mask, null_context, null_mask, cfg)
 
 
 def write_images(images: np.ndarray, out_dir: str) -> None:

@@ -3,6 +3,11 @@
     python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT \
         [--sampler=flow_dpm|flow_euler] [--steps=20] [--cfg=4.5] [--seed=0]
     python -m sanajax.sample --workdir=DIR --prompt="a red circle" --out=OUT
+    python -m sanajax.sample --workdir=SPRINT_DIR --prompt="a red circle" --out=OUT --sampler=scm --steps=2
+
+`--sampler=scm` is SANA-Sprint's sCM sampler (1, 2 or 4 steps on the TrigFlow grids [1.5708, 0],
+[1.5708, 1.3, 0], linspace(1.5708, 0, 5)); with a Sprint student (model.guidance_embeds) `--cfg`
+is the guidance value the student embeds (Sprint: 4.5), not a second model pass.
 
 Writes OUT/00000.png, 00001.png, ... (one per prompt, in order) and OUT/grid.png, using
 the EMA weights of the latest checkpoint in DIR.
@@ -21,9 +26,11 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json +
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line.")
 _PROMPT = flags.DEFINE_string("prompt", None, "A single prompt (instead of --prompts_file).")
 _OUT = flags.DEFINE_string("out", None, "Output folder for the PNGs.")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["flow_dpm", "flow_euler"], "Default: the config's sample.sampler.")
+_SAMPLER = flags.DEFINE_enum("sampler", None, ["flow_dpm", "flow_euler", "scm"],
+                             "Default: the config's sample.sampler. scm: SANA-Sprint's 1-4 step sampler.")
 _STEPS = flags.DEFINE_integer("steps", None, "Default: the config's sample.steps.")
-_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale. Default: the config's sample.cfg.")
+_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (a Sprint student's embedded guidance "
+                          "value). Default: the config's sample.cfg.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per sampling call.")
 

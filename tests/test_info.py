@@ -49,3 +49,16 @@ def test_cli_last_line():
   last = out.strip().splitlines()[-1]
   key, value = last.split(": ")
   assert key == "total_params" and int(value) == 1604462752
+
+
+@pytest.mark.parametrize("name,base", [("sprint_600m", 591747872), ("sprint_1600m", 1604462752)])
+def test_sprint_param_counts_match_diffusers(name, base):
+  """Sprint = SANA + the CFG embedder (an MLP 256 -> h -> h) + q/k RMSNorm scales in both attentions."""
+  config = config_utils.load_config(name)
+  m = config.model
+  assert m.qk_norm and m.guidance_embeds and m.timestep_scale == 0.001 and m.sample_size == 32
+  got = info.describe(config)["total_params"]
+  assert got == _diffusers_count(m)
+  h, depth = m.hidden_size, m.depth
+  extra = (256 * h + h + h * h + h) + depth * (2 * h + 2 * m.cross_num_heads * m.cross_head_dim)
+  assert got == base + extra  # base: the SANA count tested above (sana_600m / sana_1600m).

@@ -168,3 +168,34 @@ def test_scm_sampler_input_errors():
     samplers.sample(fn, x, jnp.zeros((1, 2, 4)), None, sampler="scm", cfg_scale=1.0)
   # One step needs no key and returns the TrigFlow x0 of an identity "velocity" model.
   assert samplers.scm(fn, x + 1.0, jnp.zeros((1, 2, 4)), None, num_steps=1).shape == x.shape
+
+
+def test_generation_passes_guidance_to_a_sprint_model_without_cfg_doubling():
+  from sanajax.generation import sample_latents
+  batches = []
+
+  def apply_fn(x, t, c, m, guidance=None):  # A stand-in DiT: records its batch, uses every input.
+    batches.append((x.shape[0], guidance is not None))
+    g = 0.0 if guidance is None else guidance[:, None, None, None]
+    return 0.3 * x + t[:, None, None, None] + g + jnp.mean(c, axis=(1, 2))[:, None, None, None]
+
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  noise = jax.random.normal(k1, (2, 3, 3, 4))
+  ctx, null = jax.random.normal(k2, (2, 5, 6)), jnp.zeros((1, 5, 6))
+  mask, null_mask = jnp.ones((2, 5), jnp.int32), jnp.ones((1, 5), jnp.int32)
+  run = lambda embeds, sampler, steps, cfg: sample_latents(
+      apply_fn, embeds, noise, ctx, mask, null, null_mask, sampler=sampler, steps=steps, cfg=cfg, shift=3.0, key=k3)
+  got = run(True, "scm", 2, 4.5)
+  assert batches == [(2, True), (2, True)]  # Two steps, conditional batch only, guidance given.
+  want = samplers.scm(lambda x, t, c, m: apply_fn(x, t, c, m, guidance=jnp.full((2,), 4.5)), noise, ctx, mask,
+                      num_steps=2, key=k3)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  batches.clear()
+  run(True, "flow_euler", 3, 4.5)
+  assert batches == [(2, True)]  # The fori_loop body is traced once: one conditional batch.
+  batches.clear()
+  teacher = run(False, "scm", 1, 4.5)  # A plain flow model under scm: CFG with the null context.
+  assert batches == [(4, False)]
+  want = samplers.scm(lambda x, t, c, m: samplers.guided_velocity(apply_fn, x, t, c, m, null, null_mask, 4.5),
+                      noise, ctx, mask, num_steps=1)
+  np.testing.assert_allclose(teacher, want, rtol=1e-6, atol=1e-6)
