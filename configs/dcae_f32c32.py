@@ -37,4 +37,8 @@ def get_config(arg=None):
   ae.dtype = "float32"  # compute dtype; parameters stay float32
   ae.attn_impl = "xla"  # sanajax.kernels.linear_attention impl
   ae.workdir = ""  # where converted weights live (empty: none yet)
+  # Decoding/encoding in overlapping tiles above this side (sanajax.models.dcae_tiling): SANA's
+  # reference decodes 2K/4K with tile 1024 px, stride 896 px (model_zoo.md). 0 = never tile.
+  ae.tile_size_px = 1024
+  ae.tile_stride_px = 896
   return c
