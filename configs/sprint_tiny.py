@@ -1,0 +1,79 @@
+"""SANA-Sprint distillation (sCM + LADD) of the tiny CPU teacher (configs/tiny.py).
+
+    python -m sanajax.train --config=configs/tiny.py --workdir=workdirs/tiny
+    python -m sanajax.distill_sprint --config=configs/sprint_tiny.py \
+        --config.teacher_workdir=workdirs/tiny --workdir=workdirs/sprint_tiny
+    python -m sanajax.sample --workdir=workdirs/sprint_tiny --sampler=scm --steps=1 --prompt="a red circle" --out=out
+
+Architecture, data and text encoder are the teacher's (configs/tiny.py); the student adds the
+CFG embedding. Distillation numbers are the reference's (NVlabs/Sana
+configs/sana_sprint_config/1024ms/SanaSprint_*_scm_ladd.yaml and train_scm_ladd.py, see
+../shared/reference/sana_reference.md "SANA-Sprint") except where marked "tiny:" with the reason.
+"""
+import ml_collections
+
+from sanajax import config_utils
+
+tiny = config_utils.load_sibling(__file__, "tiny")
+
+
+def get_config(arg=None):
+  del arg
+  c = tiny.get_config()
+  c.teacher_workdir = ""  # required: the workdir of a sanajax.train run (config.json + checkpoints).
+
+  # Student = teacher architecture + the CFG embedding (its last layer starts at zero).
+  c.model.guidance_embeds = True
+  c.model.guidance_embeds_scale = 0.1  # reference cfg_embed_scale.
+  # tiny: the reference's dense time embedding (timestep_scale 0.001, the embedder sees t in [0, 1])
+  # needs a teacher fine-tuned with it first (Sprint's phase 1); the tiny teacher embeds 1000 t, and
+  # a student initialised from it must keep that to start equal to it.
+  c.model.timestep_scale = 1.0
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.sigma_data = 0.5
+  c.distill.logit_mean = 0.2  # generator times t = atan(exp(N(0.2, 1.6)) / sigma_d).
+  c.distill.logit_std = 1.6
+  c.distill.logit_mean_discriminator = -0.6
+  c.distill.logit_std_discriminator = 1.0
+  # tiny: 4,000 in the reference (of runs of tens of thousands of steps); a CPU run is a few
+  # hundred steps, so the tangent reaches full strength after the first third of a 300-step run.
+  c.distill.tangent_warmup_steps = 100
+  c.distill.tangent_norm_constant = 0.1
+  c.distill.cfg_scales = (4.0, 4.5, 5.0)  # teacher CFG scale per sample (scm_cfg_scale).
+  c.distill.scm_lambda = 1.0
+  c.distill.adv_lambda = 0.5
+  # tiny: the reference taps blocks 2, 8, 14, 19 of 20 (spread over the depth, the last one
+  # included); the same spread over the teacher's 6 blocks.
+  c.distill.head_block_ids = (1, 3, 5)
+  c.distill.train_largest_timestep = True
+  c.distill.largest_timestep = 1.5708
+  c.distill.largest_timestep_prob = 0.5
+  c.distill.misaligned_pairs_D = True
+  # tiny: bfloat16 in the reference (1.6B on a GPU); a CPU has no bfloat16 speed-up and the tiny
+  # teacher is 1.8M parameters, so it stays float32.
+  c.distill.teacher_dtype = "float32"
+
+  # Both optimizers (G and D) are built from this section, as the reference builds optimizer_D
+  # from the same settings.
+  c.train.num_steps = 300  # tiny: measured budget of a CPU run (see README "SANA-Sprint distillation").
+  c.train.batch_size = 16  # reference train_batch_size.
+  # tiny: the reference trains CAME at lr 2e-6 with 5,000 warm-up steps, i.e. ~1/50 of SANA's
+  # pre-training rate, for a 0.6-1.6B model; a 300-step CPU run with a 1.8M model needs a larger
+  # rate: AdamW at 1e-4 (1/20 of the tiny teacher's 2e-3), 20 warm-up steps.
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 1e-4
+  c.train.warmup_steps = 20
+  c.train.schedule = "constant"
+  c.train.weight_decay = 0.0
+  c.train.grad_clip = 0.1  # reference gradient_clip.
+  c.train.ema_decay = 0.999
+  c.train.caption_dropout = 0.0  # reference class_dropout_prob 0 (the teacher's CFG does the guidance).
+  c.train.log_every = 10
+  c.train.checkpoint_every = 100
+
+  c.sample.sampler = "scm"
+  c.sample.steps = 2  # reference SanaSprintPipeline default.
+  c.sample.cfg = 4.5  # embedded guidance value (reference cfg 4.5).
+  c.eval.euler_steps = 0
+  return c

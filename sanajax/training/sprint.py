@@ -1,0 +1,435 @@
+"""SANA-Sprint distillation (the library behind `python -m sanajax.distill_sprint`): sCM + LADD.
+
+A teacher run (sanajax.train; its config.json + EMA weights) is distilled into a student with the
+Sprint options of SanaDiT (CFG embedding, optionally dense time), initialised from the teacher so
+that it starts as the teacher (the CFG embedder's last layer is zero). One optimizer step of this
+trainer is, on one batch:
+
+  G (generator) update of the student DiT and the sCM log-variance head, with its own optimizer:
+    sCM:  teacher CFG-guided PF-ODE velocity dx_t/dt (frozen, no gradient), the student's F^- and
+          cos t sin t dF^-/dt from ONE `jax.jvp` (float32 compute), tangent g (warm-up, normalised),
+          loss (sanajax.diffusion.scm.scm_loss), weight scm_lambda;
+    LADD: a one-step student sample from t' (pi/2 with probability largest_timestep_prob), re-noised
+          at a discriminator time, scored by the heads on frozen-teacher features (gradient flows
+          through the teacher into the sample, never into the teacher's weights), -mean D(fake),
+          weight adv_lambda;
+  D (discriminator) update of the heads, with their own optimizer: hinge loss on real latents
+  against samples of the updated student (plus caption-misaligned real pairs as fakes).
+The reference (train_scm_ladd.py) alternates G and D phases on consecutive batches; here both
+phases of one step see the same batch (with independent noise), so that a step is one pure,
+jitted, resumable function. adv_lambda = 0 is sCM only; scm_lambda = 0 is LADD only (the ablation).
+
+The workdir has the training layout (config.json, checkpoints/, metrics.jsonl, tensorboard/), and
+`ema_params` of the checkpoint is the student DiT, so sanajax.sample / Generator.from_workdir
+load it like any run (the distilled config.json names the teacher's AE as `ae.workdir`).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params
+from sanajax.data.pipeline import make_train_iterator
+from sanajax.data.sources import make_source
+from sanajax.diffusion import scm, trigflow
+from sanajax.diffusion.samplers import guided_velocity
+from sanajax.models.discriminator import LaddHeads
+from sanajax.models.sana_dit import LogVarHead, build_dit, student_params_from_teacher
+from sanajax.resolution import ae_downsample, apply_resolution
+from sanajax.training import loop as loop_lib
+from sanajax.training.autoencoder import load_ae
+from sanajax.training.checkpoint import Checkpointer
+from sanajax.training.metrics import MetricWriter
+from sanajax.training.optim import build_optimizer
+from sanajax.training.setup import dtype_from_name, load_workdir_config, prepare_workdir
+from sanajax.training.state import ema_update
+
+# Model fields a student may change relative to its teacher (the Sprint options); every other
+# architecture field must match, or the teacher's weights would not initialise the student.
+SPRINT_MODEL_FIELDS = ("guidance_embeds", "guidance_embeds_scale", "timestep_scale", "dtype", "attn_impl", "remat")
+
+
+@flax.struct.dataclass
+class DistillState:
+  """Everything a distillation run needs to continue exactly; Orbax saves it as one pytree.
+
+  `params` / `ema_params` are the student DiT (same tree as `init_dit_params(config)`, so sampling
+  code restores `ema_params` as for a teacher run); `opt_state` is the generator optimizer over
+  {"dit": params, "logvar": logvar_params}; `disc_*` are the LADD heads and their optimizer.
+  nan_step / nan_code as TrainState (code 0: a loss, G or D; 1: a gradient norm).
+  """
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  logvar_params: Any
+  opt_state: Any
+  disc_params: Any
+  disc_opt_state: Any
+  rng: jax.Array
+  nan_step: jax.Array
+  nan_code: jax.Array
+
+
+# --- teacher -> student ---------------------------------------------------------------------------
+
+def check_student_config(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict) -> None:
+  """Refuses a student whose architecture (or text encoder / data resolution) differs from the teacher's."""
+  for field in sorted(set(teacher_config.model) | set(config.model)):
+    if field in SPRINT_MODEL_FIELDS:
+      continue
+    a, b = teacher_config.model.get(field), config.model.get(field)
+    if a != b:
+      raise ValueError(f"config.model.{field}={b!r} differs from the teacher's {a!r} (teacher_workdir config.json); "
+                       f"the student must have the teacher's architecture (only {SPRINT_MODEL_FIELDS} may differ).")
+  if dict(config.text) != dict(teacher_config.text):
+    raise ValueError("config.text differs from the teacher's text encoder; use the teacher's (configs/sprint_tiny.py "
+                     "inherits configs/tiny.py).")
+  if config.data.resolution != teacher_config.data.resolution:
+    raise ValueError(f"config.data.resolution={config.data.resolution} differs from the teacher's "
+                     f"{teacher_config.data.resolution}.")
+  if not config.model.get("guidance_embeds", False):
+    raise ValueError("A Sprint student needs config.model.guidance_embeds=True (the CFG embedding).")
+
+
+def init_student_from_teacher(student_init: Any, teacher_params: Any) -> Any:
+  """sana_dit.student_params_from_teacher on the unboxed trees, re-boxed with the student's logical
+  axes (the checkpoint layout of init_dit_params, which sampling code restores)."""
+  values = student_params_from_teacher(nn.meta.unbox(teacher_params), nn.meta.unbox(student_init))
+  return jax.tree.map(lambda box, v: box.replace_boxed(jnp.asarray(v, jnp.float32))
+                      if isinstance(box, nn.meta.AxisMetadata) else jnp.asarray(v, jnp.float32),
+                      student_init, values, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+
+def load_teacher(teacher_workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
+  """(teacher config, teacher EMA DiT params float32) from a training workdir."""
+  if not teacher_workdir:
+    raise ValueError("Set --config.teacher_workdir to the workdir of a trained teacher (python -m sanajax.train).")
+  teacher_config = load_workdir_config(teacher_workdir)
+  ckpt_dir = os.path.join(teacher_workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir) or Checkpointer(ckpt_dir, read_only=True).latest_step() is None:
+    raise FileNotFoundError(f"No checkpoint under {ckpt_dir}: train the teacher first "
+                            f"(python -m sanajax.train --workdir={teacher_workdir}).")
+  abstract = jax.eval_shape(lambda: init_dit_params(teacher_config, jax.random.PRNGKey(0)))
+  params = Checkpointer(ckpt_dir, read_only=True).restore_params(abstract, ema=True)
+  return teacher_config, params
+
+
+# --- the step -------------------------------------------------------------------------------------
+
+class SprintDistiller:
+  """The pure pieces of a Sprint step, jitted as `step(state, frozen, batch) -> (state, metrics)`.
+
+  frozen = {"ae": AE params, "text": text-encoder params, "teacher": teacher DiT params (in
+  distill.teacher_dtype)}; passed as arguments so they are not baked into the compiled program.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict, ae_model,
+               ae_scaling: float, text_encoder, tx_g: optax.GradientTransformation,
+               tx_d: optax.GradientTransformation, schedule):
+    d = config.distill
+    self.config, self.d = config, d
+    self._teacher_json = teacher_config.to_json_best_effort(sort_keys=True)
+    self.sigma_data = float(d.sigma_data)
+    self.scm_lambda, self.adv_lambda = float(d.scm_lambda), float(d.adv_lambda)
+    if self.scm_lambda <= 0 and self.adv_lambda <= 0:
+      raise ValueError("distill.scm_lambda and distill.adv_lambda are both 0: nothing to train.")
+    teacher_dtype = dtype_from_name(d.teacher_dtype)
+    blocks = tuple(int(i) for i in d.head_block_ids)
+    depth = teacher_config.model.depth
+    if not blocks or min(blocks) < 0 or max(blocks) >= depth:
+      raise ValueError(f"distill.head_block_ids={list(blocks)} must be non-empty block indices < depth {depth}.")
+    self.teacher = build_dit(teacher_config.model, dtype=teacher_dtype)
+    self.teacher_features = build_dit(teacher_config.model, dtype=teacher_dtype, features_at=blocks)
+    self.student = build_dit(config.model)
+    # The JVP runs in float32 whatever the compute dtype: the tangent is a small difference of large terms.
+    self.student_f32 = build_dit(config.model, dtype=jnp.float32)
+    self.logvar_head = LogVarHead()
+    self.heads = LaddHeads(len(blocks))
+    self.ae_model, self.ae_scaling, self.text = ae_model, ae_scaling, text_encoder
+    self.tx_g, self.tx_d, self.schedule = tx_g, tx_d, schedule
+    null_ids, null_mask = text_encoder.tokenize([""])
+    self._null = (jnp.asarray(null_ids), jnp.asarray(null_mask))
+
+  # Models in the TrigFlow view: F(x_t / sigma_d, t) with t the trig time (B,).
+  def teacher_F(self, tparams, x_scaled, t, ctx, mask, null_ctx, null_mask, cfg):
+    """CFG-guided teacher TrigFlow prediction (B, H, W, C) float32; cfg (B,) scales. The transform
+    is affine in v, so guiding the velocity guides F."""
+    model_fn = lambda x, tt, c, m: self.teacher.apply({"params": tparams}, x, tt, c, m)
+    guided = lambda x_f, t_f: guided_velocity(model_fn, x_f, t_f, ctx, mask, null_ctx, null_mask,
+                                              cfg[:, None, None, None])
+    return trigflow.flow_to_trigflow(guided)(x_scaled.astype(jnp.float32), t)
+
+  def student_F(self, params, x_scaled, t, ctx, mask, cfg, *, f32: bool = False):
+    model = self.student_f32 if f32 else self.student
+    flow_fn = lambda x_f, t_f: model.apply({"params": params}, x_f, t_f, ctx, mask, guidance=cfg)
+    return trigflow.flow_to_trigflow(flow_fn)(x_scaled, t)
+
+  def student_F_logvar(self, params, logvar_params, x_scaled, t, ctx, mask, cfg):
+    """(F, logvar (B,)): the log-variance head reads the student's conditioning embedding."""
+    x_f, t_f = trigflow.matched_flow_state(x_scaled, t, 1.0)
+    v, state = self.student.apply({"params": params}, x_f, t_f, ctx, mask, guidance=cfg, mutable=["intermediates"])
+    emb = state["intermediates"]["time_embedding"][0]
+    return trigflow.trigflow_output(x_f, t_f, v), self.logvar_head.apply({"params": logvar_params}, emb)
+
+  def disc_logits(self, dparams, tparams, x_noised, t, ctx, mask):
+    """Heads on frozen-teacher features of x_noised (sigma_d units) at trig time t: (B, N * heads)."""
+    x_f, t_f = trigflow.matched_flow_state(x_noised, t, self.sigma_data)
+    _, feats = self.teacher_features.apply({"params": tparams}, x_f, t_f, ctx, mask)
+    return self.heads.apply({"params": dparams}, feats)
+
+  # Pieces of the step.
+  def prepare(self, frozen, batch, key) -> dict:
+    """Latents (sigma_d units), text, teacher CFG scales and every noise draw of one step."""
+    d, sd = self.d, self.sigma_data
+    latents = self.ae_model.apply({"params": frozen["ae"]}, batch["image"], method=self.ae_model.encode)
+    x0 = jax.lax.stop_gradient(latents * self.ae_scaling) * sd
+    b = x0.shape[0]
+    ctx = self.text.embed(frozen["text"], batch["input_ids"], batch["attention_mask"])
+    mask = batch["attention_mask"]
+    null_ids = jnp.broadcast_to(self._null[0], batch["input_ids"].shape)
+    null_mask = jnp.broadcast_to(self._null[1], mask.shape)
+    null_ctx = self.text.embed(frozen["text"], null_ids, null_mask)
+    k = jax.random.split(key, 13)
+    normal = lambda kk: jax.random.normal(kk, x0.shape, jnp.float32)  # unit; add_noise scales by sigma_d.
+    t_gen = lambda kk: scm.sample_trigflow_time(kk, b, mean=d.logit_mean, std=d.logit_std, sigma_data=sd)
+    t_disc = lambda kk: scm.sample_trigflow_time(kk, b, mean=d.logit_mean_discriminator,
+                                                 std=d.logit_std_discriminator, sigma_data=sd)
+    t = t_gen(k[0])
+    t_adv = t_gen(k[1])
+    t_d_gen = t
+    if d.train_largest_timestep:
+      t_adv = scm.largest_time_mix(k[2], t_adv, d.largest_timestep_prob, d.largest_timestep)
+      t_d_gen = scm.largest_time_mix(k[3], t, d.largest_timestep_prob, d.largest_timestep)
+    z = normal(k[4])
+    return dict(x0=x0, ctx=ctx, mask=mask, null_ctx=null_ctx, null_mask=null_mask,
+                cfg=scm.cfg_scale_choices(k[5], b, d.cfg_scales), t=t, x_t=trigflow.add_noise(x0, z, t, sd),
+                t_adv=t_adv, z_adv=normal(k[6]), t_D=t_disc(k[7]), z_D=normal(k[8]),
+                t_d_gen=t_d_gen, z_d_gen=normal(k[9]), t_D_fake=t_disc(k[10]), z_D_fake=normal(k[11]),
+                z_D_real=normal(k[12]),
+                key_d=jax.random.fold_in(key, 1))
+
+  def scm_targets(self, params, frozen, inp, step) -> dict:
+    """F^- and the normalised tangent g (constants of the G loss), from the teacher and one JVP."""
+    sd = self.sigma_data
+    dxt_dt = sd * self.teacher_F(frozen["teacher"], inp["x_t"] / sd, inp["t"], inp["ctx"], inp["mask"],
+                                 inp["null_ctx"], inp["null_mask"], inp["cfg"])
+    dxt_dt = jax.lax.stop_gradient(dxt_dt)
+    params = jax.lax.stop_gradient(params)
+    F_fn = lambda xs, tt: self.student_F(params, xs, tt, inp["ctx"], inp["mask"], inp["cfg"], f32=True)
+    F_minus, dF = scm.student_tangent(F_fn, inp["x_t"], inp["t"], dxt_dt, sd)
+    r = scm.tangent_warmup(step, int(self.d.tangent_warmup_steps))
+    g, g_norm = scm.scm_tangent(F_minus, dF, dxt_dt, inp["x_t"], inp["t"], r, sd, float(self.d.tangent_norm_constant))
+    return {"F_minus": F_minus, "g": g, "g_norm": jnp.mean(g_norm), "r": r}
+
+  def generator_loss(self, gparams, disc_params, frozen, inp, targets):
+    """scm_lambda * sCM + adv_lambda * (-mean D(fake)); returns (total, metrics)."""
+    sd = self.sigma_data
+    total = jnp.zeros((), jnp.float32)
+    metrics = {}
+    if self.scm_lambda > 0:
+      F, logvar = self.student_F_logvar(gparams["dit"], gparams["logvar"], inp["x_t"] / sd, inp["t"], inp["ctx"],
+                                        inp["mask"], inp["cfg"])
+      loss, aux = scm.scm_loss(F, targets["F_minus"], targets["g"], inp["t"], logvar, sd)
+      total = total + self.scm_lambda * loss
+      metrics.update(aux, scm_loss=loss, logvar=jnp.mean(logvar))
+    if self.adv_lambda > 0:
+      x_t = trigflow.add_noise(inp["x0"], inp["z_adv"], inp["t_adv"], sd)
+      F = self.student_F(gparams["dit"], x_t / sd, inp["t_adv"], inp["ctx"], inp["mask"], inp["cfg"])
+      x0_pred = trigflow.denoised_from_F(x_t, inp["t_adv"], F, sd)
+      noised = trigflow.add_noise(x0_pred, inp["z_D"], inp["t_D"], sd)
+      logits = self.disc_logits(disc_params, frozen["teacher"], noised, inp["t_D"], inp["ctx"], inp["mask"])
+      adv = scm.adversarial_generator_loss(logits)
+      total = total + self.adv_lambda * adv
+      metrics["adv_loss"] = adv
+    return total, metrics
+
+  def discriminator_inputs(self, params, frozen, inp):
+    """(fake, t_fake, ctx_fake, mask_fake, real, t_real): fake = re-noised samples of the (updated)
+    student, plus, with misaligned_pairs_D, real latents paired with another sample's caption."""
+    sd, d = self.sigma_data, self.d
+    x_t = trigflow.add_noise(inp["x0"], inp["z_d_gen"], inp["t_d_gen"], sd)
+    F = self.student_F(params, x_t / sd, inp["t_d_gen"], inp["ctx"], inp["mask"], inp["cfg"])
+    x0_pred = jax.lax.stop_gradient(trigflow.denoised_from_F(x_t, inp["t_d_gen"], F, sd))
+    fake = trigflow.add_noise(x0_pred, inp["z_D_fake"], inp["t_D_fake"], sd)
+    real = trigflow.add_noise(inp["x0"], inp["z_D_real"], inp["t_D_fake"], sd)
+    t_fake, ctx, mask = inp["t_D_fake"], inp["ctx"], inp["mask"]
+    if d.misaligned_pairs_D and fake.shape[0] > 1:
+      k1, k2 = jax.random.split(inp["key_d"])
+      t_shift = scm.sample_trigflow_time(k1, fake.shape[0], mean=d.logit_mean_discriminator,
+                                         std=d.logit_std_discriminator, sigma_data=sd)
+      shifted = trigflow.add_noise(jnp.roll(inp["x0"], 1, axis=0), jax.random.normal(k2, fake.shape, jnp.float32),
+                                   t_shift, sd)
+      fake = jnp.concatenate([fake, shifted])
+      t_fake = jnp.concatenate([t_fake, t_shift])
+      ctx, mask = jnp.concatenate([ctx, ctx]), jnp.concatenate([mask, mask])
+    return fake, t_fake, ctx, mask, real, inp["t_D_fake"]
+
+  def discriminator_loss(self, disc_params, frozen, inp, d_inputs):
+    fake, t_fake, ctx_f, mask_f, real, t_real = d_inputs
+    logits_fake = self.disc_logits(disc_params, frozen["teacher"], fake, t_fake, ctx_f, mask_f)
+    logits_real = self.disc_logits(disc_params, frozen["teacher"], real, t_real, inp["ctx"], inp["mask"])
+    return scm.hinge_discriminator_loss(logits_real, logits_fake)
+
+  def step_fn(self, state: DistillState, frozen, batch):
+    """One G update then one D update (see the module docstring); pure, for jax.jit."""
+    rng, key = jax.random.split(state.rng)
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    inp = self.prepare(frozen, batch, key)
+    targets = self.scm_targets(state.params, frozen, inp, state.step) if self.scm_lambda > 0 else {}
+    gparams = {"dit": state.params, "logvar": state.logvar_params}
+    (g_loss, metrics), grads = jax.value_and_grad(self.generator_loss, has_aux=True)(
+        gparams, state.disc_params, frozen, inp, targets)
+    new_g, g_opt, g_ok, g_loss_ok, g_grad_norm = _guarded_update(gparams, state.opt_state, grads, g_loss, self.tx_g)
+    ema = ema_update(state.ema_params, new_g["dit"], float(self.config.train.ema_decay), state.step)
+    ema = jax.tree.map(lambda n, o: jnp.where(g_ok, n, o), ema, state.ema_params)
+    metrics.update(loss=g_loss, grad_norm=g_grad_norm, learning_rate=self.schedule(state.step))
+    if "g_norm" in targets:
+      metrics.update(tangent_norm=targets["g_norm"], tangent_warmup=targets["r"])
+    disc_params, d_opt, d_ok, d_loss_ok = state.disc_params, state.disc_opt_state, True, True
+    if self.adv_lambda > 0:
+      d_inputs = self.discriminator_inputs(new_g["dit"], frozen, inp)
+      (d_loss, d_aux), d_grads = jax.value_and_grad(self.discriminator_loss, has_aux=True)(
+          state.disc_params, frozen, inp, d_inputs)
+      disc_params, d_opt, d_ok, d_loss_ok, d_grad_norm = _guarded_update(
+          state.disc_params, state.disc_opt_state, d_grads, d_loss, self.tx_d)
+      metrics.update(d_aux, d_loss=d_loss, d_grad_norm=d_grad_norm)
+    ok = g_ok & d_ok
+    loss_ok = g_loss_ok & d_loss_ok
+    first_bad = (~ok) & (state.nan_step < 0)
+    # A non-finite G or D update leaves the whole state (both networks) as it was.
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_g["dit"], state.params), logvar_params=keep(new_g["logvar"], state.logvar_params),
+        opt_state=keep(g_opt, state.opt_state), ema_params=keep(ema, state.ema_params),
+        disc_params=keep(disc_params, state.disc_params), disc_opt_state=keep(d_opt, state.disc_opt_state),
+        rng=rng,
+        nan_step=jnp.where(first_bad, state.step + 1, state.nan_step),
+        nan_code=jnp.where(first_bad, jnp.where(loss_ok, 1, 0), state.nan_code))
+    return new_state, metrics
+
+  @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
+  def step(self, state: DistillState, frozen, batch):
+    return self.step_fn(state, frozen, batch)
+
+  def init_state(self, student_params, key: jax.Array, batch: int = 1) -> DistillState:
+    """Fresh state: the student (from the teacher), a fresh log-variance head and fresh heads."""
+    k_logvar, k_heads, k_rng = jax.random.split(key, 3)
+    h = self.config.model.hidden_size
+    logvar_params = self.logvar_head.init(k_logvar, jnp.zeros((1, h), jnp.float32))["params"]
+    c = self.config
+    side = c.data.resolution // ae_downsample(c) // c.model.patch_size
+    feats = [jnp.zeros((1, side * side, h), jnp.float32)] * self.heads.num_heads
+    disc_params = self.heads.init(k_heads, feats)["params"]
+    gparams = {"dit": student_params, "logvar": logvar_params}
+    return DistillState(
+        step=jnp.zeros((), jnp.int32), params=student_params, ema_params=jax.tree.map(jnp.copy, student_params),
+        logvar_params=logvar_params, opt_state=self.tx_g.init(gparams), disc_params=disc_params,
+        disc_opt_state=self.tx_d.init(disc_params), rng=jnp.asarray(k_rng, jnp.uint32),
+        nan_step=jnp.full((), -1, jnp.int32), nan_code=jnp.zeros((), jnp.int32))
+
+  # jit's static `self`: two distillers built from the same configs and AE scaling trace the same
+  # program (every model and optimizer is a function of them), so a resumed run in the same
+  # process reuses the compiled step.
+  def _fingerprint(self):
+    return (self.config.to_json_best_effort(sort_keys=True), self._teacher_json, self.ae_scaling)
+
+  def __hash__(self):
+    return hash(self._fingerprint())
+
+  def __eq__(self, other):
+    return isinstance(other, SprintDistiller) and self._fingerprint() == other._fingerprint()
+
+
+def _guarded_update(params, opt_state, grads, loss, tx):
+  """An optimizer update that is dropped when the loss or the gradient norm is not finite (the
+  NaN guard of state.apply_gradients). Returns (params, opt_state, ok, loss_ok, grad_norm)."""
+  grad_norm = optax.tree.norm(grads)
+  loss_ok = jnp.isfinite(loss)
+  ok = loss_ok & jnp.isfinite(grad_norm)
+  updates, new_opt = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return keep(new_params, params), keep(new_opt, opt_state), ok, loss_ok, grad_norm
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+def setup(config: ml_collections.ConfigDict, workdir: str):
+  """Loads the teacher, AE and text encoder; returns (config, distiller, frozen, initial state)."""
+  teacher_config, teacher_params = load_teacher(config.teacher_workdir)
+  config = apply_resolution(config)
+  check_student_config(config, teacher_config)
+  # The distilled workdir must sample on its own: point it at the teacher's AE.
+  if not config.ae.workdir:
+    config.ae.workdir = os.path.abspath(ae_workdir(teacher_config, config.teacher_workdir))
+  config.diffusion.flow_shift = teacher_config.diffusion.flow_shift
+  prepare_workdir(workdir, config)
+  ae_model, ae_params, ae_scaling, _ = load_ae(config.ae.workdir)
+  text_encoder = build_text_encoder(config)
+  tx_g, schedule = build_optimizer(config.train, config.train.num_steps)
+  tx_d, _ = build_optimizer(config.train, config.train.num_steps)
+  distiller = SprintDistiller(config, teacher_config, ae_model, ae_scaling, text_encoder, tx_g, tx_d, schedule)
+  key = jax.random.PRNGKey(config.seed)
+  student_init = jax.jit(functools.partial(init_dit_params, config))(jax.random.fold_in(key, 0))
+  student = init_student_from_teacher(student_init, teacher_params)
+  state = distiller.init_state(student, jax.random.fold_in(key, 1))
+  teacher_dtype = dtype_from_name(config.distill.teacher_dtype)
+  frozen = {"ae": ae_params, "text": text_encoder.params,
+            "teacher": jax.tree.map(lambda x: jnp.asarray(x, teacher_dtype), teacher_params)}
+  return config, distiller, frozen, state
+
+
+def distill(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = True) -> dict:
+  """Distils (or resumes) a Sprint student in workdir; returns the GenEval-lite results (or {})."""
+  start_time = time.perf_counter()
+  config, distiller, frozen, state = setup(config, workdir)
+  n_student = sum(x.size for x in jax.tree.leaves(state.params))
+  n_heads = sum(x.size for x in jax.tree.leaves(state.disc_params))
+  print(f"Sprint student: {n_student / 1e6:.2f}M parameters; LADD heads {n_heads / 1e6:.2f}M on teacher blocks "
+        f"{list(config.distill.head_block_ids)}; scm_lambda {distiller.scm_lambda}, adv_lambda {distiller.adv_lambda}.",
+        flush=True)
+  source = make_source(config.data.source, config.data.resolution, config.seed)
+  data_iter = make_train_iterator(
+      source, batch_size=config.train.batch_size, seed=config.seed, tokenize_fn=distiller.text.tokenize,
+      caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.get("num_workers", 0))
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
+  state = loop_lib.restore_or_init(ckpt, state, data_iter)
+  writer = MetricWriter(workdir)
+  loop = loop_lib.LoopConfig(num_steps=config.train.num_steps, batch_size=config.train.batch_size,
+                             log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
+                             description="sprint")
+  loop_lib.run(loop, state, lambda s, b: distiller.step(s, frozen, b), data_iter, ckpt, writer,
+               extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
+  ckpt.close()
+  writer.close()
+  print(f"Distillation done in {time.perf_counter() - start_time:.0f} s.", flush=True)
+  if not run_eval or not config.data.source.startswith("shapes") or not config.eval.num_prompts:
+    return {}
+  return evaluate_steps(config, workdir)
+
+
+def evaluate_steps(config: ml_collections.ConfigDict, workdir: str, steps=(1, 2, 4)) -> dict:
+  """GenEval-lite of the distilled student (EMA) with the sCM sampler at 1, 2 and 4 steps."""
+  from sanajax.generation import Generator
+  from sanajax.training.dit import evaluate
+  generator = Generator.from_workdir(workdir)
+  results = {}
+  for n in steps:
+    r = evaluate(config, workdir, sampler="scm", steps=n, cfg=config.sample.cfg, tag=f"_scm{n}", generator=generator)
+    results[f"scm_{n}"] = {"overall": r["overall"], **{k: v for k, v in r.items() if isinstance(v, float)}}
+  with open(os.path.join(workdir, "geneval_lite_sprint.json"), "w") as f:
+    json.dump(results, f, indent=2)
+  return results

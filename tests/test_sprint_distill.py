@@ -1,0 +1,269 @@
+"""SANA-Sprint distillation: the JVP tangent, the sCM step, the LADD hinge loss, resume, the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sanajax import config_utils
+from sanajax.diffusion import scm, trigflow
+from sanajax.models.discriminator import LaddHeads, spectral_normalize
+from sanajax.training import dit as train_lib
+from sanajax.training import sprint
+from sanajax.training.checkpoint import Checkpointer
+from sanajax.training.metrics import read_metrics
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SMALL = {"data.resolution": 32, "model.depth": 2, "model.hidden_size": 64, "train.batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """A tiny teacher (32 px, 2 blocks, h 64) trained for 4 steps on its own 2-step AE."""
+  d = tmp_path_factory.mktemp("teacher")
+  config = config_utils.load_config("configs/tiny.py", overrides={
+      **SMALL, "ae.workdir": str(d / "ae"), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
+      "ae_train.log_every": 1, "train.num_steps": 4, "train.log_every": 2, "train.checkpoint_every": 4,
+      "train.warmup_steps": 1, "eval.num_prompts": 0})
+  train_lib.train(config, str(d), run_eval=False)
+  return d
+
+
+def sprint_config(teacher_dir, **overrides):
+  base = {**SMALL, "teacher_workdir": str(teacher_dir), "train.num_steps": 4, "train.log_every": 1,
+          "train.checkpoint_every": 2, "train.warmup_steps": 1, "distill.head_block_ids": (0, 1),
+          "distill.tangent_warmup_steps": 2, "eval.num_prompts": 0}
+  base.update(overrides)
+  return config_utils.load_config("configs/sprint_tiny.py", overrides=base)
+
+
+def random_student():
+  # Dense time embedding (Sprint's timestep_scale 0.001): with the teacher's 1000 t, F oscillates
+  # in t on a 1e-3 scale and no float32 difference quotient resolves it.
+  config = config_utils.load_config("configs/sprint_tiny.py", overrides={**SMALL, "model.timestep_scale": 0.001})
+  dit = sprint.build_dit(config.model)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, config.model.in_channels))
+  ctx = jax.random.normal(jax.random.PRNGKey(1), (2, 5, config.model.caption_channels))
+  mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], jnp.int32)
+  params = jax.jit(dit.init)(jax.random.PRNGKey(2), x, jnp.full((2,), 0.5), ctx, mask)["params"]
+  # A zero CFG-embedder output layer would hide its input from the test: randomise every leaf.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+  params = jax.tree.unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+  return dit, params, x, ctx, mask
+
+
+def test_jvp_tangent_matches_central_differences():
+  dit, params, x, ctx, mask = random_student()
+  cfg = jnp.array([4.0, 5.0])
+
+  F_fn = jax.jit(trigflow.flow_to_trigflow(
+      lambda x_f, t_f: dit.apply({"params": params}, x_f, t_f, ctx, mask, guidance=cfg)))
+
+  sd = 0.5
+  t = jnp.array([0.4, 1.2])
+  x_t = x * sd
+  dxt_dt = jax.random.normal(jax.random.PRNGKey(4), x.shape) * sd
+  F, dF = scm.student_tangent(F_fn, x_t, t, dxt_dt, sd)
+  # The same directional derivative by central differences (float32; h = 3e-3 balances truncation
+  # and rounding): tangents (cos t sin t dx_t/dt / sigma_d, cos t sin t).
+  cs = jnp.cos(t) * jnp.sin(t)
+  vx, vt = cs[:, None, None, None] * dxt_dt / sd, cs
+  h = 3e-3
+  fd = (F_fn(x_t / sd + h * vx, t + h * vt) - F_fn(x_t / sd - h * vx, t - h * vt)) / (2 * h)
+  np.testing.assert_allclose(np.asarray(F), np.asarray(F_fn(x_t / sd, t)), rtol=0, atol=1e-6)
+  err = float(jnp.max(jnp.abs(dF - fd)))
+  scale = float(jnp.max(jnp.abs(fd)))
+  print(f"JVP vs central differences: max |diff| {err:.3g}, max |fd| {scale:.3g}")
+  assert err <= 2e-3 * scale, (err, scale)
+  # The time direction matters (the test can fail): dropping it moves the derivative far more.
+  fd_x_only = (F_fn(x_t / sd + h * vx, t) - F_fn(x_t / sd - h * vx, t)) / (2 * h)
+  print(f"without the time tangent: {float(jnp.max(jnp.abs(dF - fd_x_only))):.3g}")
+  assert float(jnp.max(jnp.abs(dF - fd_x_only))) > 50 * err
+
+
+def test_tangent_formula_and_normalisation():
+  F_minus = jnp.full((1, 2, 2, 1), 0.3)
+  dF = jnp.full((1, 2, 2, 1), -0.2)
+  dxt = jnp.full((1, 2, 2, 1), 0.1)
+  x_t = jnp.full((1, 2, 2, 1), 0.7)
+  t = jnp.array([0.6])
+  r = jnp.float32(0.5)
+  g, norm = scm.scm_tangent(F_minus, dF, dxt, x_t, t, r, 0.5, 0.1)
+  c, s = np.cos(0.6), np.sin(0.6)
+  raw = -c * c * (0.5 * 0.3 - 0.1) - 0.5 * (c * s * 0.7 + 0.5 * -0.2)
+  np.testing.assert_allclose(float(norm[0]), abs(raw) * 2, rtol=1e-5)  # 4 equal elements: ||g|| = 2 |raw|.
+  np.testing.assert_allclose(np.asarray(g), raw / (abs(raw) * 2 + 0.1), rtol=1e-5)
+  assert float(scm.tangent_warmup(jnp.int32(1000), 4000)) == 0.25
+  assert float(scm.tangent_warmup(jnp.int32(9000), 4000)) == 1.0
+
+
+def test_trigflow_times():
+  t = scm.sample_trigflow_time(jax.random.PRNGKey(0), 20000, mean=0.2, std=1.6, sigma_data=0.5)
+  assert float(t.min()) > 0 and float(t.max()) < np.pi / 2
+  # tan t * sigma_d is log-normal(0.2, 1.6).
+  n = np.log(np.tan(np.asarray(t, np.float64)) * 0.5)
+  assert abs(n.mean() - 0.2) < 0.05 and abs(n.std() - 1.6) < 0.05
+  mixed = scm.largest_time_mix(jax.random.PRNGKey(1), t, 0.5)
+  frac = float(jnp.mean(mixed == jnp.float32(scm.LARGEST_TIME)))
+  assert 0.48 < frac < 0.52
+
+
+def test_hinge_loss_signs_and_discriminator_heads():
+  real_good, fake_good = jnp.full((2, 3), 2.0), jnp.full((2, 3), -2.0)
+  assert float(scm.hinge_discriminator_loss(real_good, fake_good)[0]) == 0.0
+  loss, aux = scm.hinge_discriminator_loss(jnp.full((2, 3), -1.0), jnp.full((2, 3), 1.0))
+  assert float(loss) == pytest.approx(2.0) and float(aux["d_loss_real"]) == pytest.approx(2.0)
+  g_real, g_fake = jax.grad(lambda r, f: scm.hinge_discriminator_loss(r, f)[0], argnums=(0, 1))(
+      jnp.zeros((2, 3)), jnp.zeros((2, 3)))
+  assert np.all(np.asarray(g_real) < 0) and np.all(np.asarray(g_fake) > 0)  # D pushes real up, fake down.
+  assert np.all(np.asarray(jax.grad(scm.adversarial_generator_loss)(jnp.zeros((2, 3)))) < 0)  # G pushes fake up.
+  # Spectral normalisation: the (out, in*k) matrix ends with largest singular value 1.
+  k = jax.random.normal(jax.random.PRNGKey(0), (9, 6, 5))
+  w = np.asarray(spectral_normalize(k)).transpose(2, 1, 0).reshape(5, -1)
+  assert np.linalg.svd(w, compute_uv=False)[0] == pytest.approx(1.0, rel=1e-4)
+  # Heads: (B, N, h) features x 2 -> (B, 2N) logits; a few hinge steps separate real from fake.
+  heads = LaddHeads(2)
+  real = [jax.random.normal(jax.random.PRNGKey(i), (8, 16, 32)) + 1.0 for i in range(2)]
+  fake = [jax.random.normal(jax.random.PRNGKey(10 + i), (8, 16, 32)) - 1.0 for i in range(2)]
+  params = heads.init(jax.random.PRNGKey(5), real)["params"]
+  assert heads.apply({"params": params}, real).shape == (8, 32)
+  loss_fn = lambda p: scm.hinge_discriminator_loss(heads.apply({"params": p}, real), heads.apply({"params": p}, fake))[0]
+  before = float(loss_fn(params))
+  for _ in range(5):
+    params = jax.tree.map(lambda p, g: p - 0.05 * g, params, jax.grad(loss_fn)(params))
+  assert float(loss_fn(params)) < before
+
+
+def test_student_starts_as_teacher_and_one_step_lowers_scm_loss(teacher_dir, tmp_path):
+  # No lr warm-up: its first step has lr 0 (SANA's linear warm-up from 0).
+  config = sprint_config(teacher_dir, **{"distill.adv_lambda": 0.0, "train.learning_rate": 1e-3,
+                                         "train.warmup_steps": 0})
+  config, distiller, frozen, state = sprint.setup(config, str(tmp_path / "w"))
+  it = train_lib.make_train_iterator(
+      train_lib.make_source("shapes", 32, 0), batch_size=4, seed=0, tokenize_fn=distiller.text.tokenize)
+  batch = {k: jnp.asarray(v) for k, v in next(it).items()}
+  inp = distiller.prepare(frozen, batch, jax.random.PRNGKey(0))
+  # The zero-initialised CFG embedding makes the student the teacher's conditional branch.
+  teacher_v = distiller.teacher.apply({"params": frozen["teacher"]}, inp["x0"], jnp.full((4,), 0.3), inp["ctx"],
+                                      inp["mask"])
+  student_v = distiller.student.apply({"params": state.params}, inp["x0"], jnp.full((4,), 0.3), inp["ctx"],
+                                      inp["mask"], guidance=inp["cfg"])
+  np.testing.assert_allclose(np.asarray(student_v), np.asarray(teacher_v), rtol=0, atol=1e-6)
+
+  # The sCM surrogate (F - F^- - g targets fixed at the old parameters), averaged over 6 noise draws
+  # of one batch, is lower after one step (whose own draw is another one).
+  gparams = lambda s: {"dit": s.params, "logvar": s.logvar_params}
+  @jax.jit
+  def draw(key):
+    d_inp = distiller.prepare(frozen, batch, key)
+    return d_inp, distiller.scm_targets(state.params, frozen, d_inp, jnp.int32(10))
+
+  loss = jax.jit(lambda g, d_inp, t: distiller.generator_loss(g, state.disc_params, frozen, d_inp, t)[0])
+  draws = [draw(jax.random.PRNGKey(100 + i)) for i in range(6)]
+  surrogate = lambda s: np.mean([float(loss(gparams(s), d, t)) for d, t in draws])
+  before = surrogate(state)
+  state = state.replace(step=jnp.int32(10))  # past the tangent warm-up: the JVP term is in the target.
+  new_state, metrics = jax.jit(distiller.step_fn)(state, frozen, batch)
+  after = surrogate(new_state)
+  assert np.isfinite(float(metrics["scm_loss"])) and float(metrics["tangent_norm"]) > 0
+  assert after < before, (before, after)
+
+
+class Killed(Exception):
+  pass
+
+
+def test_killed_distillation_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
+  config = sprint_config(teacher_dir)
+  sprint.distill(config, str(tmp_path / "straight"), run_eval=False)
+
+  real_iterator = sprint.make_train_iterator
+  count = {"n": 0}
+
+  def dying_iterator(*args, **kwargs):
+    it = real_iterator(*args, **kwargs)
+
+    class Wrapped:
+      def __next__(self):
+        count["n"] += 1
+        if count["n"] == 4:  # the batch of step 4, after the checkpoint at step 2.
+          raise Killed()
+        return next(it)
+
+      def get_state(self):
+        return it.get_state()
+
+      def set_state(self, s):
+        it.set_state(s)
+
+    return Wrapped()
+
+  monkeypatch.setattr(sprint, "make_train_iterator", dying_iterator)
+  with pytest.raises(Killed):
+    sprint.distill(sprint_config(teacher_dir), str(tmp_path / "killed"), run_eval=False)
+  monkeypatch.setattr(sprint, "make_train_iterator", real_iterator)
+  assert Checkpointer(str(tmp_path / "killed" / "checkpoints"), read_only=True).latest_step() == 2
+  sprint.distill(sprint_config(teacher_dir), str(tmp_path / "killed"), run_eval=False)
+
+  _, _, _, abstract = sprint.setup(sprint_config(teacher_dir), str(tmp_path / "abstract"))
+  a, _ = Checkpointer(str(tmp_path / "straight" / "checkpoints"), read_only=True).restore(abstract)
+  b, _ = Checkpointer(str(tmp_path / "killed" / "checkpoints"), read_only=True).restore(abstract)
+  for name in ("params", "ema_params", "logvar_params", "disc_params", "opt_state", "disc_opt_state"):
+    for x, y in zip(jax.tree.leaves(getattr(a, name)), jax.tree.leaves(getattr(b, name))):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  straight = {r["step"]: r for r in read_metrics(str(tmp_path / "straight"))}
+  resumed = {r["step"]: r for r in read_metrics(str(tmp_path / "killed"))}
+  assert set(straight) == {1, 2, 3, 4}
+  for s in (3, 4):
+    for key in ("loss", "scm_loss", "adv_loss", "d_loss"):
+      assert straight[s][key] == resumed[s][key]
+  # The student moved away from the teacher init and every logged number is finite.
+  assert all(np.isfinite(v) for r in straight.values() for v in r.values())
+
+
+def test_cli_distills_and_writes_a_training_layout(teacher_dir, tmp_path):
+  out = tmp_path / "cli"
+  r = subprocess.run([sys.executable, "-m", "sanajax.distill_sprint", "--config=configs/sprint_tiny.py",
+                      f"--config.teacher_workdir={teacher_dir}", f"--workdir={out}", "--config.data.resolution=32",
+                      "--config.model.depth=2", "--config.model.hidden_size=64", "--config.train.batch_size=4",
+                      "--config.train.num_steps=2", "--config.train.log_every=1", "--config.eval.num_prompts=0",
+                      "--config.distill.head_block_ids=(0, 1)"],
+                     cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+  cfg = json.load(open(out / "config.json"))
+  assert cfg["model"]["guidance_embeds"] is True and cfg["ae"]["workdir"] == str((teacher_dir / "ae").resolve())
+  rows = read_metrics(str(out))
+  assert [x["step"] for x in rows] == [1, 2]
+  assert Checkpointer(str(out / "checkpoints"), read_only=True).latest_step() == 2
+  # The distilled workdir samples like a training run (sanajax.sample --sampler=scm uses this).
+  from sanajax.generation import Generator
+  images = Generator.from_workdir(str(out)).generate(["a red circle"], sampler="scm", steps=1)
+  assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+  # No teacher: a clear error.
+  r = subprocess.run([sys.executable, "-m", "sanajax.distill_sprint", "--config=configs/sprint_tiny.py",
+                      f"--workdir={tmp_path / 'x'}"], cwd=REPO, capture_output=True, text=True, timeout=120,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode != 0 and "teacher_workdir" in r.stdout + r.stderr
+
+
+def test_frechet_distance_on_known_gaussians_and_ae_features(teacher_dir):
+  from sanajax.eval import fid_lite
+  from sanajax.training.autoencoder import load_ae
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(4000, 3))
+  b = rng.normal(size=(4000, 3)) * 2.0 + np.array([1.0, 0.0, 0.0])
+  # Closed form for N(0, I) vs N(m, 4 I): |m|^2 + 3 (1 + 4 - 2 * 2) = 1 + 3 = 4.
+  assert fid_lite.frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
+  assert abs(fid_lite.frechet_distance(a, a)) < 1e-8
+  ae_model, ae_params, _, _ = load_ae(str(teacher_dir / "ae"))
+  images = fid_lite.data_images("shapes", 32, 6)
+  feats = fid_lite.encoder_features(ae_model, ae_params, images, pool=2)
+  assert feats.shape == (6, 2 * 2 * 16) and np.all(np.isfinite(feats))
+  with pytest.raises(ValueError, match="uint8"):
+    fid_lite.encoder_features(ae_model, ae_params, images.astype(np.float32))
