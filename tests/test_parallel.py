@@ -28,8 +28,14 @@ GRAD_RTOL = 5e-6
 TRAJ_RTOL = 3e-5
 
 
+# LLVM optimisation is most of XLA's CPU compile time and these programs run a few steps only;
+# every comparison is between programs compiled in the same process with the same flags.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def run_case(case: str, *args: str, timeout: int = 240) -> str:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES}", JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES} {FAST_COMPILE}",
+             JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), case, *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
   assert proc.returncode == 0, f"case {case} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
@@ -86,16 +92,37 @@ def small_config(**mesh):
   return config_utils.load_config("configs/tiny.py", overrides=overrides)
 
 
+def pool_encoder():
+  """A stand-in for the frozen DC-AE: 8x8 mean pooling and a fixed 3 -> 16 channel map.
+
+  The frozen encoder runs replicated in every plan and is not what is tested here; compiling
+  the real one five times over (once per plan) took most of this file's time on 2 busy cores.
+  """
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  class PoolEncoder(nn.Module):
+    def __call__(self, x):
+      return self.encode(x)
+
+    @nn.compact
+    def encode(self, x):
+      b, h, w, c = x.shape
+      x = x.reshape(b, h // 8, 8, w // 8, 8, c).mean(axis=(2, 4))
+      return nn.Dense(16, name="proj")(x)
+
+  return PoolEncoder()
+
+
 @functools.lru_cache(None)
 def components():
-  """(ae_model, frozen params, text_encoder, dit) built once; a random (untrained) AE is enough here."""
+  """(ae_model, frozen params, text_encoder, dit) built once."""
   import jax
   import jax.numpy as jnp
   from sanajax.builders import build_text_encoder
-  from sanajax.models import dcae
   from sanajax.models.sana_dit import build_dit
   config = small_config()
-  ae = dcae.build_dcae(config.ae)
+  ae = pool_encoder()
   ae_params = ae.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))["params"]
   text = build_text_encoder(config)
   return ae, {"ae": ae_params, "text": text.params}, text, build_dit(config.model)
@@ -115,20 +142,21 @@ def batches(n: int, batch_size: int = 8):
   return out
 
 
-def setup(mesh: dict, devices=None):
+def setup(mesh: dict, devices=None, *, batch_size: int = 8, with_grads: bool = True):
   """(config, plan, state, step) for a mesh (plan None: one device); step(state, host batch)
-  returns (state, metrics with the step's gradients)."""
+  returns (state, metrics [with the step's gradients])."""
   import jax
   from sanajax.parallel import Plan
   from sanajax.training import dit as dit_lib
   from sanajax.training.optim import build_optimizer
   config = small_config(**mesh)
+  config.train.batch_size = batch_size
   ae, frozen, text, dit = components()
   plan = Plan.from_config(config, devices)
   tx, schedule = build_optimizer(config.train, config.train.num_steps)
   state, state_sh, _ = dit_lib.init_train_state(config, tx, jax.random.PRNGKey(config.seed), plan)
   step = dit_lib.make_train_step(config, dit, ae, text, tx, schedule, 1.0, plan=plan, state_shardings=state_sh,
-                                 with_grads=True)
+                                 with_grads=with_grads)
   if plan is None:
     state = jax.device_put(state, jax.devices()[0])
     shard = lambda b: b

@@ -1,28 +1,22 @@
-"""Two `jax.distributed` processes on localhost (gloo CPU collectives) train the tiny config.
+"""Two `jax.distributed` processes on localhost (gloo CPU collectives) train the tiny DiT.
 
 Each process owns 2 CPU devices; the plan is fsdp=4, so every parameter is split across both
-processes, each reads its own half of the data, and the checkpoint is written by both. The
-workers run `sanajax.train` itself (the CLI with --coordinator/--num_processes/--process_id),
-then restore the checkpoint collectively and print a digest of the gathered parameters: both
-processes must print the same.
+processes. Each process reads its own half of the shapes data (the real grain pipeline, sharded
+by process index) and runs the trainer's loop (sanajax.training.loop: metrics from process 0,
+collective Orbax checkpoints with per-process data positions); then both restore the
+checkpoint collectively and print a digest of the gathered parameters, which must agree. The
+frozen AE is test_parallel's pooling stand-in (what is tested is the multi-host path, not the AE).
 """
+import json
+import math
 import os
 import re
 import socket
 import subprocess
 import sys
 
-import pytest
-
-from sanajax import config_utils
-from sanajax.training import dit as train_lib
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OVERRIDES = {
-    "data.resolution": 32, "ae_train.num_steps": 2, "ae_train.batch_size": 4, "ae_train.log_every": 1,
-    "model.depth": 2, "model.hidden_size": 64, "train.batch_size": 4, "train.num_steps": 3, "train.log_every": 1,
-    "train.checkpoint_every": 3, "train.warmup_steps": 1, "mesh.fsdp": 4,
-}
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"  # as test_parallel
 
 
 def free_port() -> int:
@@ -31,21 +25,12 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def ae_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("ae")
-  config = config_utils.load_config("configs/tiny.py", overrides={**OVERRIDES, "ae.workdir": str(d),
-                                                                  "mesh.fsdp": 1})
-  train_lib.ensure_ae(config, str(d))
-  return d
-
-
-def test_two_processes_train_checkpoint_and_agree(tmp_path, ae_dir):
+def test_two_processes_train_checkpoint_and_agree(tmp_path):
   port = free_port()
   workdir = tmp_path / "run"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
-  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), f"localhost:{port}", str(i), str(workdir),
-                             str(ae_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}", JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), f"localhost:{port}", str(i), str(workdir)],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True) for i in range(2)]
   outs = []
   for p in procs:
@@ -65,34 +50,44 @@ def test_two_processes_train_checkpoint_and_agree(tmp_path, ae_dir):
     assert "restored step 3" in out
   # Process 0 alone wrote the metrics, with a finite loss at every step.
   with open(workdir / "metrics.jsonl") as f:
-    rows = [l for l in f if '"loss"' in l]
-  assert len(rows) == 3, rows
+    rows = [json.loads(l) for l in f if '"loss"' in l]
+  assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows), rows
   assert os.path.isdir(workdir / "checkpoints" / "3")
 
 
-def worker(coordinator: str, process_id: int, workdir: str, ae_dir: str) -> None:
+def worker(coordinator: str, process_id: int, workdir: str) -> None:
   from sanajax.parallel import distributed
   distributed.initialize(coordinator, 2, process_id)
   import jax
   import numpy as np
   from jax.experimental import multihost_utils
-  from sanajax.parallel import Plan
+  import test_parallel as tp
+  from sanajax.data.pipeline import make_train_iterator
+  from sanajax.data.sources import make_source
+  from sanajax.training import loop as loop_lib
   from sanajax.training.checkpoint import Checkpointer
-  from sanajax.training.optim import build_optimizer
+  from sanajax.training.metrics import MetricWriter
   print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} global devices", flush=True)
-  config = config_utils.load_config("configs/tiny.py", overrides={**OVERRIDES, "ae.workdir": ae_dir})
-  train_lib.train(config, workdir, run_eval=False)
+  config, plan, state, step = tp.setup({"fsdp": 4}, batch_size=4, with_grads=False)
+  _, _, text, _ = tp.components()
+  source = make_source("shapes", config.data.resolution, config.seed)
+  data_iter = make_train_iterator(source, batch_size=4 // jax.process_count(), seed=config.seed,
+                                  tokenize_fn=text.tokenize, process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  writer = MetricWriter(workdir)
+  loop = loop_lib.LoopConfig(num_steps=3, batch_size=4, log_every=1, checkpoint_every=3, description="mh")
+  loop_lib.run(loop, state, step, data_iter, ckpt, writer)
+  ckpt.close()
+  writer.close()
   # Restore collectively onto the same plan and compare the full parameters across processes.
-  plan = Plan.from_config(config)
-  tx, _ = build_optimizer(config.train, config.train.num_steps)
-  fresh, _, _ = train_lib.init_train_state(config, tx, jax.random.PRNGKey(config.seed), plan)
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
-  state, data_state = ckpt.restore(fresh)
-  print(f"restored step {int(jax.device_get(state.step))}", flush=True)
+  _, _, fresh, _ = tp.setup({"fsdp": 4}, batch_size=4, with_grads=False)
+  restored, data_state = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore(fresh)
+  print(f"restored step {int(jax.device_get(restored.step))}", flush=True)
   assert data_state["meta"]["process_index"] == process_id, data_state["meta"]
-  leaf = state.params["transformer_blocks_0"]["ff"]["conv_inverted"]["kernel"].value
+  leaf = restored.params["transformer_blocks_0"]["ff"]["conv_inverted"]["kernel"].value
   assert not leaf.is_fully_addressable and leaf.addressable_shards[0].data.shape == (16, 320)
-  params = multihost_utils.process_allgather(state.params, tiled=True)
+  params = multihost_utils.process_allgather(restored.params, tiled=True)
   flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(params)])
   assert np.all(np.isfinite(flat))
   print(f"DIGEST {flat.size} {flat.sum():.9e} {np.abs(flat).sum():.9e} {flat[::97].sum():.9e}", flush=True)
@@ -101,4 +96,5 @@ def worker(coordinator: str, process_id: int, workdir: str, ae_dir: str) -> None
 if __name__ == "__main__":
   sys.path.insert(0, REPO)
   os.chdir(REPO)
-  worker(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4])
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])
