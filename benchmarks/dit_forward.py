@@ -101,17 +101,22 @@ def main(argv=None) -> list[hx.Row]:
     # bf16 convs and matmuls on CPU torch take seconds even for the tiny DiT: smoke runs torch in float32.
     torch_dtype = "float32" if args.smoke else "bfloat16"
 
+  built = {}  # resolution -> (torch model or None, params): cases of one resolution share the weights
   for res, batch in cases:
     config = load_config(res, args.smoke, args.attn_impl)
     case = f"{res}px B={batch}" + (" (tiny DiT)" if args.smoke else "")
     flops = batch * info.describe(config)["forward_flops"]
     dit = sana_dit.build_dit(config.model)
     x, t, ctx, mask = make_inputs(config, batch, jax.random.PRNGKey(res + batch))
-    if args.skip_torch:
-      init = jax.jit(lambda key: nn.unbox(dit.init(key, x, t, ctx, mask))["params"])
-      params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init(jax.random.PRNGKey(0)))
-    else:
-      model, params = torch_model(config, device, torch_dtype)
+    if res not in built:
+      built.clear()  # one model in memory at a time
+      hx.release_torch_memory()
+      if args.skip_torch:
+        init = jax.jit(lambda key: nn.unbox(dit.init(key, x, t, ctx, mask))["params"])
+        built[res] = None, jax.tree.map(lambda a: a.astype(jnp.bfloat16), init(jax.random.PRNGKey(0)))
+      else:
+        built[res] = torch_model(config, device, torch_dtype)
+    model, params = built[res]
     fwd = jax.jit(lambda p, x, t, ctx, mask: dit.apply({"params": p}, x, t, ctx, mask))
     ms = hx.median_ms(lambda: fwd(params, x, t, ctx, mask), **timing)
     hx.profile_calls(args.profile, f"dit_forward_{res}_b{batch}", lambda: fwd(params, x, t, ctx, mask))
@@ -143,13 +148,11 @@ def main(argv=None) -> list[hx.Row]:
       for label, t_ms in (("eager", eager_ms), (f"torch.compile {args.torch_compile_backend}", compiled_ms)):
         torch_rows.append(hx.Row("dit_forward", case, f"diffusers {label} {torch_dtype}", t_ms,
                                  hx.fmt_tflops(flops / (t_ms * 1e-3))))
-      del model, compiled
-      hx.release_torch_memory()
+      del compiled
     figure.append(f"{flops / batch / 1e9:.3f} GFLOP/image (sanajax.info)")
     rows.append(hx.Row("dit_forward", case, f"sanajax bf16 attn={args.attn_impl}", ms, ", ".join(figure), target,
                        hx.met(ok)))
     rows.extend(torch_rows)
-    del params
   hx.report(args, rows)
   return rows
 

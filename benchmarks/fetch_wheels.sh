@@ -9,5 +9,5 @@ mkdir -p .git/info
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl diffusers==0.42.1 ml_collections==1.1.0 importlib_metadata
+  -d .whl diffusers==0.42.1 ml_collections==1.1.0 importlib_metadata==8.7.0  # 8.7: needs only zipp (in the image)
 ls -la .whl

@@ -233,7 +233,9 @@ def main(argv=None) -> list[hx.Row]:
   p.add_argument("--start_batch", type=int, default=None, help="first batch tried (default 8; smoke 1)")
   p.add_argument("--max_batch", type=int, default=None, help="last batch tried (default 512; smoke 2)")
   p.add_argument("--torch_batch", type=int, default=None, help="batch of the diffusers step (default 8; smoke 1)")
-  p.add_argument("--time_budget_s", type=float, default=480.0, help="stop starting new trials after this")
+  p.add_argument("--time_budget_s", type=float, default=None,
+                 help="start no new trial after this many seconds (default 480, inside the device tool's 10-minute "
+                      "call; smoke: no limit)")
   p.add_argument("--matmul_n", type=int, default=None, help="side of the bf16 matmul (default 8192; smoke 256)")
   # A step is long (seconds at large batches): fewer repeats than the other scripts by default.
   args = hx.finish_args(p.parse_args(argv), warmup=2, repeats=5)
@@ -258,7 +260,8 @@ def main(argv=None) -> list[hx.Row]:
     torch_times = torch_reference(load_config(res, "full", torch_batch, smoke), torch_batch, args, timing)
 
   trainer = SanajaxTrainer(res, smoke, timing)
-  deadline = start + args.time_budget_s
+  budget = args.time_budget_s if args.time_budget_s is not None else (float("inf") if smoke else 480.0)
+  deadline = start + budget
   measured = {}
   for policy in policies:
     fits, ending = search_policy(trainer, policy, args, deadline)
@@ -270,7 +273,7 @@ def main(argv=None) -> list[hx.Row]:
                          target, hx.met(None if mfu is None else mfu >= MFU_TARGET)))
     largest = max(fits) if fits else None
     rows.append(hx.Row("train_step", f"{res}px remat={policy}{tag}", "sanajax largest batch", None,
-                       f"largest batch that fits: {largest if largest else 'none tried fits'} ({ending})",
+                       f"largest batch that fits: {largest if largest else 'none measured'} ({ending})",
                        "largest batch per remat policy"))
     print(f"remat={policy}: largest batch {largest} ({ending})", flush=True)
 

@@ -1,0 +1,223 @@
+"""benchmarks/: every script runs with --smoke (tiny shapes, CPU, jax and torch) and writes the rows
+it returns into a RESULTS file; the FLOP counts in the rows are sanajax.info's; the batch search
+stops cleanly at an out-of-memory error; the training loop reads device values only at logging
+and checkpoint steps; the train step donates its state."""
+import datetime
+import importlib.util
+import pathlib
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+
+from sanajax import info
+from sanajax.models.layers import remat_policy
+from sanajax.training import loop as loop_lib
+from sanajax.training.state import create_train_state
+
+BENCH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))  # the scripts import their sibling `_harness`
+import _harness as hx  # noqa: E402
+
+COLUMNS = ["date", "device", "versions", "bench", "case", "impl", "median ms", "figure", "target", "met"]
+
+
+def _script(name):
+  spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _table(path):
+  """The rows of the last markdown table in `path`, as dicts keyed by COLUMNS."""
+  lines = [l for l in pathlib.Path(path).read_text().splitlines() if l.startswith("| ")]
+  rows = [[c.strip() for c in l.strip()[1:-1].split(" | ")] for l in lines]
+  header = rows.index(COLUMNS)
+  out = [dict(zip(COLUMNS, r)) for r in rows[header + 1:] if r[0] != "---"]
+  assert all(len(d) == len(COLUMNS) for d in out)
+  return out
+
+
+def _check_written(path, returned, bench):
+  table = _table(path)
+  assert len(table) == len(returned) > 0
+  today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+  for row, r in zip(table, returned):
+    assert row["date"] == today and row["device"].endswith("(smoke)") and row["bench"] == bench == r.bench
+    assert "jax " in row["versions"] and "torch " in row["versions"] and "diffusers " in row["versions"]
+    assert (row["case"], row["impl"], row["figure"]) == (r.case, r.impl, r.figure)
+    assert row["median ms"] == hx.fmt_ms(r.ms)
+    if r.ms is not None:
+      assert r.ms > 0
+  return table
+
+
+def _number(pattern, text):
+  match = re.search(pattern, text)
+  assert match, (pattern, text)
+  return float(match.group(1))
+
+
+def test_linear_attention_smoke(tmp_path):
+  out = tmp_path / "RESULTS.md"
+  rows = _script("linear_attention").main(["--smoke", "--results", str(out)])
+  _check_written(out, rows, "linear_attention")
+  impls = [r.impl for r in rows]
+  # One shape: fwd and fwd+bwd for xla and pallas, then diffusers eager and compiled.
+  assert impls == ["sanajax xla", "sanajax pallas"] * 2 + ["diffusers eager", "diffusers torch.compile eager"]
+  pallas = [r for r in rows if r.impl == "sanajax pallas"]
+  assert all(r.target.startswith(">= 1.5x xla") and r.met in ("yes", "no") for r in pallas)
+  for r in pallas:  # the speed-up printed is xla time / pallas time of the same row pair
+    xla = next(x for x in rows if x.impl == "sanajax xla" and x.case == r.case)
+    assert _number(r"([\d.]+)x xla", r.figure) == pytest.approx(xla.ms / r.ms, abs=0.006)
+  for r in rows[-2:]:  # diffusers' processor arithmetic computes the same attention (bf16 output)
+    assert _number(r"rel err vs sanajax xla ([\d.e+-]+)", r.figure) <= 1e-2
+
+
+def test_dit_forward_smoke_flops_match_info_and_profile(tmp_path):
+  out = tmp_path / "RESULTS.md"
+  module = _script("dit_forward")
+  rows = module.main(["--smoke", "--results", str(out), "--profile", str(tmp_path / "prof")])
+  _check_written(out, rows, "dit_forward")
+  assert [r.impl for r in rows] == ["jax", "sanajax bf16 attn=auto", "diffusers eager float32",
+                                    "diffusers torch.compile eager float32"]
+  sanajax = rows[1]
+  config = module.load_config(512, True, "auto")
+  assert _number(r"([\d.]+) GFLOP/image", sanajax.figure) == pytest.approx(
+      info.describe(config)["forward_flops"] / 1e9, abs=5e-4)
+  # bf16 sanajax vs float32 diffusers on the same weights: measured 6.4e-3.
+  assert _number(r"rel err vs diffusers ([\d.e+-]+)", sanajax.figure) <= 3e-2
+  ratio = _number(r"([\d.]+)x diffusers eager", sanajax.figure)
+  assert ratio == pytest.approx(sanajax.ms / rows[2].ms, rel=0.02, abs=0.006)
+  traces = list((tmp_path / "prof").rglob("*.xplane.pb"))
+  assert traces and traces[0].stat().st_size > 0
+
+
+def test_dcae_decode_smoke(tmp_path):
+  out = tmp_path / "RESULTS.md"
+  rows = _script("dcae_decode").main(["--smoke", "--results", str(out)])
+  _check_written(out, rows, "dcae_decode")
+  assert [r.impl for r in rows] == ["sanajax bf16 attn=auto", "diffusers eager float32",
+                                    "diffusers torch.compile eager float32"]
+  assert rows[0].target == "<= 0.5x diffusers eager" and rows[0].met in ("yes", "no")
+  # bf16 sanajax vs float32 diffusers on the same weights: measured 1.1e-2.
+  assert _number(r"rel err vs diffusers ([\d.e+-]+)", rows[0].figure) <= 3e-2
+
+
+def test_train_step_smoke_flops_match_info(tmp_path):
+  out = tmp_path / "RESULTS.md"
+  module = _script("train_step")
+  # One policy, batches 1 and 2 (each is a compile: the whole search is the cost of this test).
+  rows = module.main(["--smoke", "--results", str(out), "--policies", "full"])
+  _check_written(out, rows, "train_step")
+  timed = [r for r in rows if r.impl == "sanajax adamw bf16"]
+  assert [r.case for r in timed] == ["512px B=1 remat=full (tiny DiT)", "512px B=2 remat=full (tiny DiT)"]
+  for r, batch in zip(timed, (1, 2)):
+    flops = info.describe(module.load_config(512, "full", batch, True))["train_step_flops"]
+    assert flops == 3 * batch * info.describe(module.load_config(512, "full", 1, True))["forward_flops"]
+    assert _number(r"([\d.e+-]+) TFLOP/step", r.figure) == pytest.approx(flops / 1e12, rel=1e-2)
+    assert _number(r"([\d.]+) img/s", r.figure) == pytest.approx(batch / (r.ms * 1e-3), rel=0.01, abs=0.06)
+  largest = next(r for r in rows if r.impl == "sanajax largest batch")
+  assert largest.ms is None and "largest batch that fits: 2 (reached --max_batch=2)" in largest.figure
+  assert [r.impl for r in rows[-2:]] == ["diffusers eager fp32", "diffusers torch.compile eager fp32"]
+
+
+def test_batch_search_stops_at_out_of_memory():
+  module = _script("train_step")
+
+  class FakeTrainer:
+    def __init__(self, fail_at, error):
+      self.fail_at, self.error, self.tried = fail_at, error, []
+
+    def time_step(self, policy, batch):
+      self.tried.append(batch)
+      if batch >= self.fail_at:
+        raise self.error
+      return float(batch)
+
+  args = type("Args", (), {"start_batch": 2, "max_batch": 64})()
+  oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
+  trainer = FakeTrainer(16, oom)
+  fits, ending = module.search_policy(trainer, "full", args, deadline=float("inf"))
+  assert fits == {2: 2.0, 4: 4.0, 8: 8.0} and ending == "B=16 out of memory" and trainer.tried == [2, 4, 8, 16]
+  with pytest.raises(ValueError, match="not memory"):  # any other error is a bug and propagates
+    module.search_policy(FakeTrainer(4, ValueError("not memory")), "full", args, deadline=float("inf"))
+  fits, ending = module.search_policy(FakeTrainer(99, oom), "full", args, deadline=0.0)
+  assert fits == {} and ending == "time budget reached before B=2"
+  assert hx.is_oom(oom) and not hx.is_oom(RuntimeError("INTERNAL: something else"))
+
+
+def test_append_rows_extends_the_last_table(tmp_path):
+  path = tmp_path / "R.md"
+  path.write_text("# t\n\n## Targets\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n## Measurements\n\n" + hx.TABLE_HEADER)
+  rows = [hx.Row("b1", "c|1", "i", 1.23456, "f", "t", "yes"), hx.Row("b2", "c2", "i", None)]
+  hx.append_rows(path, rows, device="dev", versions_text="v")
+  table = _table(path)
+  assert [r["case"] for r in table] == ["c/1", "c2"] and [r["median ms"] for r in table] == ["1.235", "n/a"]
+  assert path.read_text().startswith("# t\n") and table[0]["met"] == "yes"
+
+
+def test_results_md_lists_every_target():
+  text = (BENCH / "RESULTS.md").read_text()
+  rows = _table(BENCH / "RESULTS.md")
+  assert {r["bench"] for r in rows} == {"linear_attention", "dit_forward", "train_step", "dcae_decode"}
+  for needle in (">= 1.5x", "70% of the HBM roofline", "<= 0.4x diffusers eager", ">= 70% of the bf16 8192^3",
+                 "utilisation >= 45%", "largest batch", "<= 0.5x diffusers eager"):
+    assert needle in text
+
+
+def test_remat_policies_of_the_benchmark_exist():
+  assert remat_policy("full") is None
+  for name in _script("train_step").DEFAULT_POLICIES.split(","):
+    if name not in ("none", "full"):
+      assert remat_policy(name) is getattr(jax.checkpoint_policies, name)
+  with pytest.raises(ValueError, match="Unknown remat policy"):
+    remat_policy("dots_savable")
+
+
+def test_train_step_donates_the_state():
+  module = _script("train_step")
+  config = module.load_config(512, "full", 1, True)
+  state = module.make_state_fn(config)(jax.random.PRNGKey(0))
+  new_state, loss = module.make_train_step(config)(state, module.make_batch(config, jax.random.PRNGKey(1)))
+  assert bool(jnp.isfinite(loss)) and int(new_state.step) == 1
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(state.params))  # donated, reused in place
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(new_state.params))
+
+
+def test_loop_reads_the_device_only_at_log_and_checkpoint_steps(monkeypatch):
+  state = create_train_state({"w": jnp.zeros(3)}, optax.sgd(0.1), jax.random.PRNGKey(0))
+  current = {"step": 0}
+  synced_at = []
+  real_get = jax.device_get
+  monkeypatch.setattr(loop_lib.jax, "device_get", lambda x: (synced_at.append(current["step"]), real_get(x))[1])
+
+  def step_fn(s, batch):
+    current["step"] += 1
+    return s.replace(step=s.step + 1), {"loss": jnp.float32(batch)}
+
+  class Ckpt:
+    directory = "none"
+
+    def save(self, step, s, data_state):
+      pass
+
+    def wait(self):
+      pass
+
+  class Writer:
+    def __init__(self):
+      self.logged = []
+
+    def scalars(self, step, row):
+      self.logged.append(step)
+
+  writer = Writer()
+  config = loop_lib.LoopConfig(num_steps=12, batch_size=1, log_every=5, checkpoint_every=8)
+  loop_lib.run(config, state, step_fn, iter(range(100)), Ckpt(), writer)
+  assert writer.logged == [5, 10, 12]
+  assert set(synced_at) == {0, 5, 8, 10, 12}  # start, log steps, checkpoint steps, the last step
