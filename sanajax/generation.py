@@ -18,6 +18,7 @@ from sanajax.diffusion import samplers
 from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, latent_shape
 from sanajax.resolution import ae_downsample
 from sanajax.training.autoencoder import load_ae
+from sanajax.models.dcae_tiling import decode_latents
 from sanajax.models.sana_dit import build_dit
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.training.checkpoint import Checkpointer
@@ -105,7 +106,8 @@ class Generator:
     latents = sample_latents(apply_fn, self.dit.guidance_embeds, noise, context, mask, null_context, null_mask,
                              sampler=sampler, steps=steps, cfg=cfg, shift=self.config.diffusion.flow_shift,
                              key=jax.random.fold_in(key, 1))
-    images = self.ae_model.apply({"params": ae_params}, latents / self.ae_scaling, method=self.ae_model.decode)
+    # Tiled (overlapping tiles, one at a time) above config.ae.tile_size_px, e.g. 2K/4K with f32c32.
+    images = decode_latents(self.ae_model, ae_params, latents / self.ae_scaling, self.config.ae)
     return jnp.clip(images, -1.0, 1.0)
 
   def generate(self, prompts: list[str], *, sampler: str = "flow_dpm", steps: int = 20, cfg: float = 4.5,

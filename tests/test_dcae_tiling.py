@@ -145,3 +145,32 @@ def test_config_rule_and_errors():
     dcae_tiling.tiled_decode(model, params, z_big, tile=64, stride=96)
   with pytest.raises(ValueError, match="expects latents"):
     dcae_tiling.tiled_decode(model, params, z_big[0], tile=64, stride=48)
+
+
+def test_generator_decodes_in_tiles_above_the_tile_size(monkeypatch):
+  """The Generator's one jitted sampling call decodes through decode_latents: with the tiny config
+  (64 px, f8) and ae.tile_size_px = 32, the latents go to tiled_decode with the config's tile/stride."""
+  from sanajax.builders import build_text_encoder, init_dit_params
+  from sanajax.generation import Generator
+  from sanajax.resolution import ae_downsample
+  cfg = load_config("tiny")
+  cfg.ae.tile_size_px, cfg.ae.tile_stride_px = 32, 24
+  model = dcae.build_dcae(cfg.ae)
+  ae_params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))["params"])
+  text = build_text_encoder(cfg)
+  calls = []
+  real = dcae_tiling.tiled_decode
+
+  def spy(m, p, z, **kw):
+    calls.append((z.shape, kw))
+    return real(m, p, z, **kw)
+
+  monkeypatch.setattr(dcae_tiling, "tiled_decode", spy)
+  gen = Generator(cfg, None, model, ae_params, 1.0, text, ae_downsample(cfg))
+  dit_params = jax.eval_shape(lambda: init_dit_params(cfg, jax.random.PRNGKey(0)))
+  ids, mask = text.tokenize(["a red circle"])
+  out = jax.eval_shape(lambda d, a, t: Generator._sample.__wrapped__(
+      gen, d, a, t, jax.random.PRNGKey(0), jnp.asarray(ids), jnp.asarray(mask), "flow_euler", 2, 4.5),
+      dit_params, ae_params, text.params)
+  assert out.shape == (1, 64, 64, 3)
+  assert calls == [((1, 8, 8, cfg.ae.latent_channels), {"tile": 32, "stride": 24})]
