@@ -43,8 +43,6 @@ def get_config(arg=None):
   ae.dtype = "float32"
   ae.attn_impl = "xla"
   ae.workdir = ""  # empty: the trainer's WORKDIR/ae
-  ae.tile_size_px = 0  # 64 px images: never tiled (sanajax.models.dcae_tiling; 0 = off)
-  ae.tile_stride_px = 0
 
   # Measured on the shared 2-core CPU (other jobs running, so noisy): ~0.4 s/step at batch 16
   # with little other load (1.0-1.2 s/step at load 3-6); 800 steps ~5.5 min -> 28.06 dB held-out

@@ -136,7 +136,8 @@ def test_config_rule_and_errors():
   assert not uses_map(encode(), params, jnp.zeros((1, 128, 64, 3)))
   cfg.tile_size_px = 0  # off: never tiled
   assert not uses_map(decode(), params, z_big)
-  # The SANA configs carry the reference's 1024 / 896 (stride defaults to the tile when unset).
+  # The SANA configs carry the reference's 1024 / 896; configs without the fields (the tiny 64 px
+  # one: no field, so that workdirs written before tiling existed still resume) never tile.
   assert dcae_tiling.tiling_from_config(load_config("dcae_f32c32").ae) == (1024, 896)
   assert dcae_tiling.tiling_from_config(load_config("dcae_tiny").ae) == (0, 0)
   with pytest.raises(ValueError, match="multiples of the AE downsampling"):
