@@ -176,9 +176,28 @@ def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
   return out
 
 
+def _boxed_abstract(model: nn.Module, *args) -> dict:
+  """ShapeDtypeStructs of model.init(key, *args)["params"], with their nn.Partitioned boxes (no allocation)."""
+  return jax.eval_shape(lambda *a: model.init(jax.random.PRNGKey(0), *a), *args)["params"]
+
+
 def _abstract_params(model: nn.Module, *args) -> dict:
   """Unboxed ShapeDtypeStructs of model.init(key, *args)["params"] (no allocation)."""
-  return nn.unbox(jax.eval_shape(lambda *a: model.init(jax.random.PRNGKey(0), *a), *args)["params"])
+  return nn.unbox(_boxed_abstract(model, *args))
+
+
+def _is_box(x) -> bool:
+  return isinstance(x, nn.Partitioned)
+
+
+def _like(like: Any, params: Any) -> Any:
+  """Unboxed `params` put into the structure of `like`: nn.Partitioned boxes (as model.init returns
+  them, and as the trainers save them) and shardings where `like` has them."""
+  def put(box, value):
+    if _is_box(box):
+      return box.replace_boxed(put(box.value, value))
+    return jax.device_put(jnp.asarray(value, jnp.float32), getattr(box, "sharding", None))
+  return jax.tree.map(put, like, params, is_leaf=_is_box)
 
 
 def _to_float32(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -189,7 +208,7 @@ def _to_float32(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
 
 # diffusers config.json fields that sanajax does not model; values other than these are refused.
 _DIT_FIXED = {"attention_bias": False, "norm_elementwise_affine": False, "dropout": 0.0}
-_DIT_SPRINT_FIELDS = ("guidance_embeds", "timestep_scale", "guidance_embeds_scale")
+_DIT_SPRINT_FIELDS = ("timestep_scale", "guidance_embeds", "guidance_embeds_scale")
 
 
 def _dit_supports_sprint() -> bool:
@@ -236,22 +255,30 @@ def sana_config_from_diffusers(cfg: Mapping[str, Any], *, dtype: str = "float32"
   m.dtype = dtype
   m.attn_impl = "xla"
   m.remat = "none"
+  timestep_scale = float(cfg.get("timestep_scale", 1.0))
   if cfg.get("guidance_embeds", False):
     if not _dit_supports_sprint():
       raise NotImplementedError("This diffusers directory is a SANA-Sprint model (guidance_embeds: true); "
                                 "sanajax.models.sana_dit.SanaDiT has no guidance embedder yet.")
     m.guidance_embeds = True
     m.guidance_embeds_scale = float(cfg.get("guidance_embeds_scale", 0.1))
-    m.timestep_scale = float(cfg.get("timestep_scale", 1.0))
+    # SanaSprintPipeline feeds the transformer the sCM time s in [0, 1] as `timestep` (it never
+    # applies timestep_scale, 1.0 in the released config); sanajax embeds 1000 * timestep_scale * t,
+    # so Sprint models get 0.001 x diffusers' value and take t = s (configs/sprint_600m.py).
+    m.timestep_scale = timestep_scale * _SPRINT_TIME
+  elif timestep_scale != 1.0:
+    m.timestep_scale = timestep_scale  # SanaPipeline feeds timestep * timestep_scale, as sanajax embeds.
   return m
+
+
+_SPRINT_TIME = 1e-3  # sanajax Sprint timestep_scale per unit of diffusers' (see sana_config_from_diffusers).
 
 
 def dit_diffusers_config(model_config: Mapping[str, Any]) -> dict:
   """SanaTransformer2DModel config.json contents for a sanajax `model` config (inverse of the above)."""
   kw = sana_dit.diffusers_kwargs(model_config)
-  for field in _DIT_SPRINT_FIELDS:
-    if model_config.get(field) is not None and field not in kw:
-      kw[field] = model_config[field]
+  if kw.get("guidance_embeds"):  # The inverse of sana_config_from_diffusers' Sprint time convention.
+    kw["timestep_scale"] = kw["timestep_scale"] / _SPRINT_TIME
   return {"_class_name": "SanaTransformer2DModel", "_diffusers_version": _diffusers_version(), **kw}
 
 
@@ -306,6 +333,10 @@ def load_sana_transformer(path: str, *, dtype: str = "float32", return_config: b
   model.apply({"params": params}, latents, t, context, context_mask) with latents (B, H, W, C)
   float32, t (B,) = diffusers' `timestep` / 1000, context (B, L, caption_channels) and
   context_mask (B, L) of 0/1 -> (B, H, W, out_channels), as diffusers' forward (NCHW there).
+  SANA-Sprint directories (guidance_embeds: true) follow sanajax's Sprint convention instead:
+  t is the time SanaSprintPipeline passes as `timestep` (the sCM time in [0, 1]; the model's
+  timestep_scale is 0.001 x diffusers'), and the keyword `guidance=(B,)` is the raw CFG scale
+  (e.g. 4.5; the model multiplies it by guidance_embeds_scale, as that pipeline does).
   With return_config, returns (model, params, model_config ConfigDict).
   """
   cfg = read_json(os.path.join(path, "config.json"))
@@ -610,6 +641,7 @@ CONVERTED_STEP = 0  # Converted weights are step 0: fine-tuning from them starts
 def _save_params(directory: str, params: Any) -> None:
   """Writes params as `ema_params` of an Orbax checkpoint at step 0 (what restore_params reads).
 
+  DiT and AE params are saved boxed, in the tree model.init returns, as the trainers save them.
   Only the EMA slot is written: sampling and `init_from` read it, and a second copy of a
   1.6B model would cost another 6.4 GB of disk.
   """
@@ -654,9 +686,10 @@ def convert_ae(src: str, dst: str, *, dtype: str = "float32") -> ml_collections.
   from sanajax.training.autoencoder import AE_INFO_FILE
   from sanajax.training.setup import prepare_workdir
   model, params, ae = load_dcae(src, dtype=dtype, return_config=True)
-  c = ml_collections.ConfigDict({"ae": ae, "data": {"resolution": dcae.downsample_factor(ae)}})
+  f = dcae.downsample_factor(ae)
+  c = ml_collections.ConfigDict({"ae": ae, "data": {"resolution": f}})
   prepare_workdir(dst, c)
-  _save_params(dst, params)
+  _save_params(dst, _like(_boxed_abstract(model, jax.ShapeDtypeStruct((1, f, f, 3), jnp.float32)), params))
   with open(os.path.join(dst, AE_INFO_FILE), "w") as f:
     json.dump({"scaling_factor": float(model.scaling_factor), "source": os.path.abspath(src)}, f, indent=2)
   return ae
@@ -669,7 +702,7 @@ def convert_diffusers(src: str, dst: str, *, dtype: str = "float32", ae_workdir:
   from sanajax.training.setup import prepare_workdir
   pipeline = os.path.exists(os.path.join(src, "model_index.json")) or os.path.isdir(os.path.join(src, "transformer"))
   transformer_dir = os.path.join(src, "transformer") if pipeline else src
-  _, params, model = load_sana_transformer(transformer_dir, dtype=dtype, return_config=True)
+  dit, params, model = load_sana_transformer(transformer_dir, dtype=dtype, return_config=True)
   os.makedirs(dst, exist_ok=True)
   if pipeline:
     ae = convert_ae(os.path.join(src, "vae"), os.path.join(dst, "ae"), dtype=dtype)
@@ -711,11 +744,13 @@ def convert_diffusers(src: str, dst: str, *, dtype: str = "float32", ae_workdir:
   if c.model.in_channels != c.ae.latent_channels:
     raise ValueError(f"The transformer takes {c.model.in_channels} latent channels but the AE gives "
                      f"{c.ae.latent_channels}.")
+  if c.model.get("guidance_embeds"):  # SANA-Sprint: sCM, 2 steps, embedded guidance 4.5 (configs/sprint_600m.py).
+    c.sample.sampler, c.sample.steps, c.sample.cfg = "scm", 2, 4.5
   scheduler = os.path.join(src, "scheduler", "scheduler_config.json")
   if os.path.exists(scheduler):  # The released pipeline's flow_shift (3.0 for Sana 1024px).
     c.diffusion.flow_shift = float(read_json(scheduler).get("flow_shift", c.diffusion.flow_shift))
   prepare_workdir(dst, c)
-  _save_params(dst, params)
+  _save_params(dst, _like(_boxed_abstract(dit, *_dit_init_args(model)), params))
   return c
 
 
@@ -723,18 +758,20 @@ def init_params_from(path: str, like: Any) -> Any:
   """DiT parameters to fine-tune from (`config.init_from`): the EMA weights of the latest checkpoint
   of a sanajax workdir (a converted one, or a finished run), or a diffusers transformer directory.
 
-  `like` is the freshly initialised params tree (arrays or ShapeDtypeStructs, with shardings
-  where given); the result has its structure and shardings, float32.
+  `like` is the freshly initialised params tree as the trainer holds it (model.init's boxed
+  tree of arrays or ShapeDtypeStructs, with shardings where given); the result has its structure
+  and shardings, float32.
   """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"init_from={path!r} is not a directory.")
   if os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
     from sanajax.training.checkpoint import Checkpointer
     return Checkpointer(os.path.join(path, "checkpoints"), read_only=True).restore_params(like, ema=True)
   if os.path.exists(os.path.join(path, "transformer", "config.json")):
     path = os.path.join(path, "transformer")
   _, params = load_sana_transformer(path)
-  got, want = _shapes(_flat_names(params)), _shapes(_flat_names(like))
-  check_tensors(got, want, path)
-  return jax.tree.map(lambda p, l: jax.device_put(p, getattr(l, "sharding", None)), params, like)
+  check_tensors(_shapes(_flat_names(params)), _shapes(_flat_names(like)), path)
+  return _like(like, params)
 
 
 def _flat_names(tree) -> dict[str, Any]:
@@ -750,8 +787,9 @@ def export_diffusers(workdir: str, dst: str, *, dtype: str = "float32", ema: boo
   config = load_workdir_config(workdir)
   model_cfg = dict(config.model, dtype="float32")
   model = sana_dit.build_dit(model_cfg)
-  abstract = _abstract_params(model, *_dit_init_args(model_cfg))
-  params = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(abstract, ema=ema)
+  abstract = _boxed_abstract(model, *_dit_init_args(model_cfg))
+  params = nn.unbox(Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(
+      abstract, ema=ema))
   save_diffusers(os.path.join(dst, "transformer"), model, params, dtype=dtype,
                  sample_size=config.model.get("sample_size"))
   ae_dir = ae_workdir(config, workdir)

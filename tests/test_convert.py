@@ -12,9 +12,9 @@ import sys
 import types
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from sanajax import convert
 
@@ -130,6 +130,28 @@ def test_sana_transformer_loads_matches_and_round_trips(models, tmp_path):
   back = diffusers.SanaTransformer2DModel.from_pretrained(str(tmp_path / "out")).eval()
   assert all(back.config[k] == v for k, v in DIT_KW.items())
   np.testing.assert_array_equal(_torch_dit(back, x, t, ctx, mask), want)
+
+
+def test_sprint_transformer_guidance_and_time_convention(tmp_path):
+  """A SANA-Sprint directory (guidance embedding, QK-norm): t is SanaSprintPipeline's `timestep`, guidance raw."""
+  kw = dict(DIT_KW, guidance_embeds=True, guidance_embeds_scale=0.1, patch_size=1, interpolation_scale=None)
+  tm = _randomise(diffusers.SanaTransformer2DModel(**kw), seed=3)
+  tm.save_pretrained(tmp_path / "sprint")
+  model, params = convert.load_sana_transformer(str(tmp_path / "sprint"))
+  assert model.guidance_embeds and model.timestep_scale == 0.001
+  x, t, ctx, mask = _dit_inputs(hw=(3, 5))
+  g = np.array([4.5, 2.0], np.float32)
+  with torch.no_grad():  # as SanaSprintPipeline calls it: timestep = sCM time, guidance * guidance_embeds_scale
+    want = tm(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(ctx), torch.from_numpy(t),
+              guidance=torch.from_numpy(g) * 0.1, encoder_attention_mask=torch.from_numpy(mask),
+              return_dict=False)[0].permute(0, 2, 3, 1).numpy()
+  got = np.asarray(jax.jit(lambda p, *a, guidance: model.apply({"params": p}, *a, guidance=guidance))(
+      params, x, t, ctx, mask, guidance=g))
+  _assert_close(got, want)
+  convert.save_diffusers(str(tmp_path / "out"), model, params)
+  _same_state_dict(convert.read_state_dict(str(tmp_path / "out")), {k: v.numpy() for k, v in tm.state_dict().items()})
+  back = diffusers.SanaTransformer2DModel.from_pretrained(str(tmp_path / "out"))
+  assert back.config.timestep_scale == 1.0 and back.config.guidance_embeds
 
 
 def test_dcae_loads_matches_and_round_trips(models, tmp_path):
@@ -248,40 +270,39 @@ def test_safetensors_reader_writer_bf16(tmp_path):
   np.testing.assert_array_equal(back["w"].astype(np.float32), a["w"].astype(np.float32))
 
 
-def _run(args, cwd):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-  assert proc.returncode == 0, proc.stdout + proc.stderr
-  return proc.stdout
-
-
 def test_cli_pipeline_to_workdir_sample_finetune_init_and_export(models, tmp_path):
-  from sanajax.generation import Generator
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  work = str(tmp_path / "work")
-  _run(["sanajax.convert", "--from=diffusers", f"--src={models.root}", f"--dst={work}"], repo)
-  assert sorted(os.listdir(work)) == ["ae", "checkpoints", "config.json", "text_encoder"]
-  # The workdir the sampler loads holds exactly the diffusers weights.
-  gen = Generator.from_workdir(work)
-  _, want = convert.load_sana_transformer(os.path.join(models.root, "transformer"))
-  jax.tree.map(np.testing.assert_array_equal, gen.dit_params, want)
-  assert gen.config.diffusion.flow_shift == 3.0 and gen.latent_shape == (6, 6, LATENT)
-  assert gen.ae_scaling == models.ae.config.scaling_factor
-  _, gemma_params = convert.load_gemma2(os.path.join(models.root, "text_encoder"))
-  jax.tree.map(np.testing.assert_array_equal, gen.text.params, gemma_params)
-  assert gen.text.max_length == 300 and gen.text.chi_prompt.startswith("Given a user prompt")  # SANA's.
-  out = str(tmp_path / "png")
-  _run(["sanajax.sample", f"--workdir={work}", "--prompt=a red circle", f"--out={out}", "--steps=2"], repo)
-  assert sorted(os.listdir(out)) == ["00000.png", "grid.png"]
-  # Fine-tuning starts from the converted weights (config.init_from).
   from sanajax import config_utils
+  from sanajax.builders import build_text_encoder, init_dit_params
+  from sanajax.training.autoencoder import load_ae
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  work, out, dst = str(tmp_path / "work"), str(tmp_path / "png"), str(tmp_path / "export")
+  # The CLIs in one shell: diffusers pipeline -> workdir -> PNGs, and workdir -> diffusers.
+  proc = subprocess.run(
+      f"{sys.executable} -m sanajax.convert --from=diffusers --src={models.root} --dst={work} && "
+      f"{sys.executable} -m sanajax.sample --workdir={work} --prompt='a red circle' --out={out} --steps=2 && "
+      f"{sys.executable} -m sanajax.convert --to=diffusers --src={work} --dst={dst}",
+      shell=True, cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=3000)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert sorted(os.listdir(work)) == ["ae", "checkpoints", "config.json", "text_encoder"]
+  assert sorted(os.listdir(out)) == ["00000.png", "grid.png"]
+  # Fine-tuning config (configs/pretrained.py:WORKDIR): init_from reads exactly the diffusers weights,
+  # from the converted workdir or from the diffusers pipeline directory itself.
   cfg = config_utils.load_config("pretrained", work)
-  assert cfg.init_from == work and os.path.isabs(cfg.text.pretrained)
-  like = jax.tree.map(jnp.zeros_like, want)
-  jax.tree.map(np.testing.assert_array_equal, convert.init_params_from(cfg.init_from, like), want)
-  # Export back: diffusers loads it and gives the original outputs.
-  dst = str(tmp_path / "export")
-  _run(["sanajax.convert", "--to=diffusers", f"--src={work}", f"--dst={dst}"], repo)
+  assert cfg.init_from == work and os.path.isabs(cfg.text.pretrained) and cfg.diffusion.flow_shift == 3.0
+  _, want = convert.load_sana_transformer(os.path.join(models.root, "transformer"))
+  like = jax.eval_shape(lambda: init_dit_params(cfg, jax.random.PRNGKey(0)))  # boxed, as the trainer holds it
+  for source in (cfg.init_from, models.root):
+    jax.tree.map(np.testing.assert_array_equal, nn.unbox(convert.init_params_from(source, like)), want)
+  # The AE and the text encoder the sampler and trainer build from the workdir.
+  _, ae_params, scaling, _ = load_ae(os.path.join(work, "ae"))
+  assert scaling == models.ae.config.scaling_factor
+  jax.tree.map(np.testing.assert_array_equal, nn.unbox(ae_params), convert.load_dcae(os.path.join(models.root,
+                                                                                                "vae"))[1])
+  text = build_text_encoder(cfg)
+  jax.tree.map(np.testing.assert_array_equal, text.params,
+               convert.load_gemma2(os.path.join(models.root, "text_encoder"))[1])
+  assert text.max_length == 300 and text.chi_prompt.startswith("Given a user prompt")  # SANA's.
+  # The export: diffusers loads it and gives the original outputs.
   back = diffusers.SanaTransformer2DModel.from_pretrained(os.path.join(dst, "transformer")).eval()
   x, t, c, m = _dit_inputs()
   np.testing.assert_array_equal(_torch_dit(back, x, t, c, m), _torch_dit(models.dit, x, t, c, m))
