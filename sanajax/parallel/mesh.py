@@ -102,10 +102,11 @@ def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: jax
                     rules) -> jax.sharding.PartitionSpec:
   """PartitionSpec for an array with logical `names` and `shape` under `rules`.
 
-  Rules apply in order; a rule assigns its mesh axes to every dimension with that name that is
-  still unassigned, if none of the axes is used yet in this array and the dimension divides
-  evenly (else the dimension stays whole: e.g. a batch of 1 at init, or 70 heads on tensor=4).
-  Size-1 mesh axes are dropped so specs stay readable.
+  Rules apply in order; a rule gives its mesh axes to the first still-unassigned dimension with
+  that name (so the (embed, embed) timestep kernel is split once), if none of the axes is used
+  yet in this array and the dimension divides evenly (else the dimension stays whole: e.g. a
+  batch of 1 at init, or 70 heads on tensor=4). Size-1 mesh axes are dropped. An array whose
+  rank differs from its names (CAME's factored statistics keep the parameter's box) is replicated.
   """
   if len(names) != len(shape):
     return jax.sharding.PartitionSpec()  # e.g. CAME's factored statistics: replicated.
