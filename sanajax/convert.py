@@ -38,7 +38,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 import struct
 from typing import Any, Callable, Mapping
 
