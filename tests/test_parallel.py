@@ -67,6 +67,25 @@ def test_default_config_has_no_plan():
   assert Plan.from_config(config_utils.load_config("configs/tiny.py")) is None
 
 
+def test_info_per_device_bytes_follow_the_plan():
+  """Sana-1600M (1,604,462,752 float32 parameters): one device holds them all; fsdp=8 an eighth
+  (plus what no rule splits); AdamW's two moments are twice the parameters."""
+  from sanajax import config_utils
+  from sanajax.parallel import memory
+  n = 1604462752
+  one = memory.plan_memory(config_utils.load_config("sana_1600m", overrides={"train.optimizer": "adamw"}))
+  assert one["parameters"] == 4 * n and 8 * n < one["optimizer_state"] <= 8 * n + 16  # + int32 step counts
+  assert 25e9 < one["parameters"] + one["optimizer_state"] + one["ema"] < 26e9  # the issue's "~26 GB"
+  f8 = memory.plan_memory(config_utils.load_config("sana_1600m", overrides={"train.optimizer": "adamw",
+                                                                            "mesh.fsdp": 8}))
+  # Whole on every device: what has no `embed` axis (depthwise conv kernels, Mix-FFN / heads
+  # biases, ~2.3M parameters = 1.1%).
+  assert 4 * n / 8 <= f8["parameters"] <= 1.02 * 4 * n / 8
+  assert f8["activations"] == one["activations"] // 8  # batch 64 over 8 devices
+  seq = memory.plan_memory(config_utils.load_config("sana_1600m", overrides={"mesh.sequence": 4}))
+  assert seq["parameters"] == 4 * n and seq["activations"] < one["activations"] / 3.9
+
+
 def test_sequence_parallel_linear_attention_and_conv_equal_unsharded():
   out = run_case("sequence")
   assert "sequence ok" in out
