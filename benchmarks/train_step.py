@@ -26,7 +26,7 @@ at least 45%.
 PyTorch reference at --torch_batch: diffusers SanaTransformer2DModel, float32 weights under
 bf16 autocast, gradient checkpointing (= remat "full"), clip 0.1, fused AdamW, EMA by
 torch._foreach_lerp_; eager and torch.compile'd model. It runs first and frees its memory
-before JAX grows into the GPU. Smoke: a 2-block DiT at 512 px, policies none and full, batch 1
+before JAX grows into the GPU. Smoke: a 1-block DiT at 512 px, policies none and full, batch 1
 to 2; torch in float32.
 """
 from __future__ import annotations
@@ -55,7 +55,7 @@ RESOLUTION = 1024
 SMOKE_RESOLUTION = 512
 DEFAULT_POLICIES = "none,full,dots_saveable"
 # Same tiny DiT as dit_forward.py's smoke run.
-SMOKE_OVERRIDES = {"model.depth": 2, "model.hidden_size": 64, "model.cross_num_heads": 2,
+SMOKE_OVERRIDES = {"model.depth": 1, "model.hidden_size": 64, "model.cross_num_heads": 2,
                    "model.cross_head_dim": 32, "text.hidden_size": 32, "text.max_length": 8}
 
 
