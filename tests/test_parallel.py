@@ -1,14 +1,18 @@
 """Sharding plans on 8 fake CPU devices: every plan equals one device, shardings are real,
 sequence-parallel linear attention is exact, checkpoints move between meshes.
 
-XLA_FLAGS must be set before jax starts, and the rest of the suite runs on one device, so each
-test runs this file as a script (`python tests/test_parallel.py CASE`) in a subprocess with
-`--xla_force_host_platform_device_count=8`; the script's cases raise on any mismatch.
+XLA_FLAGS must be set before jax starts, and the rest of the suite runs on one device, so the
+8-device cases run this file as a script (`python tests/test_parallel.py all TMPDIR`, or one
+case: sequence | plans | checkpoint TMPDIR) in one subprocess with
+`--xla_force_host_platform_device_count=8`; a case prints "<name> ok" only when every check
+passed, and the tests look for those lines.
 """
 import functools
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
@@ -36,20 +40,10 @@ CONTINUE_RTOL = 2e-4
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
-def run_case(case: str, *args: str, timeout: int = 900) -> str:
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES} {FAST_COMPILE}",
-             JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), case, *args], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, f"case {case} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-  return proc.stdout
-
-
 # ----------------------------------------------------------------------------------- pytest
 
 
 def test_mesh_config_errors_are_clear():
-  import pytest
   from sanajax.parallel import mesh_shape
   assert mesh_shape({"data": -1, "tensor": 2}, 8) == (4, 1, 1, 2)
   assert mesh_shape({}, 8) == (1, 1, 1, 1)
@@ -86,20 +80,28 @@ def test_info_per_device_bytes_follow_the_plan():
   assert seq["parameters"] == 4 * n and seq["activations"] < one["activations"] / 3.9
 
 
-def test_sequence_parallel_linear_attention_and_conv_equal_unsharded():
-  out = run_case("sequence")
-  assert "sequence ok" in out
+@pytest.fixture(scope="module")
+def cases_output(tmp_path_factory):
+  """One subprocess runs every 8-device case (one jax start-up; the fsdp=8 and one-device train
+  steps compiled for the plans are reused by the checkpoint case)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={NUM_DEVICES} {FAST_COMPILE}",
+             JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), "all", str(tmp_path_factory.mktemp("ckpt"))],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+  return proc.stdout + (f"\nexit status {proc.returncode}\n{proc.stderr[-6000:]}" if proc.returncode else "")
 
 
-def test_every_plan_equals_one_device_and_shards_as_planned():
-  out = run_case("plans")
+def test_sequence_parallel_linear_attention_and_conv_equal_unsharded(cases_output):
+  assert "sequence ok" in cases_output, cases_output
+
+
+def test_every_plan_equals_one_device_and_shards_as_planned(cases_output):
   for name in PLANS:
-    assert f"plan {name} ok" in out, out
+    assert f"plan {name} ok" in cases_output, cases_output
 
 
-def test_checkpoint_saved_under_fsdp8_restores_under_data4_and_one_device(tmp_path):
-  out = run_case("checkpoint", str(tmp_path))
-  assert "checkpoint ok" in out, out
+def test_checkpoint_saved_under_fsdp8_restores_under_data4_and_one_device(cases_output):
+  assert "checkpoint ok" in cases_output, cases_output
 
 
 # ----------------------------------------------------------------------------------- cases
@@ -164,28 +166,38 @@ def batches(n: int, batch_size: int = 8):
   return out
 
 
+_STEPS: dict = {}
+
+
 def setup(mesh: dict, devices=None, *, batch_size: int = 8, with_grads: bool = True):
-  """(config, plan, state, step) for a mesh (plan None: one device); step(state, host batch)
-  returns (state, metrics [with the step's gradients])."""
+  """(config, plan, fresh state, step) for a mesh (plan None: one device); step(state, host
+  batch) returns (state, metrics [with the step's gradients]). The jitted step is built once
+  per mesh and reused (it is what takes the time to compile)."""
   import jax
   from sanajax.parallel import Plan
   from sanajax.training import dit as dit_lib
   from sanajax.training.optim import build_optimizer
+  key = (tuple(sorted(mesh.items())), None if devices is None else len(devices), batch_size, with_grads)
   config = small_config(**mesh)
   config.train.batch_size = batch_size
-  ae, frozen, text, dit = components()
-  plan = Plan.from_config(config, devices)
-  tx, schedule = build_optimizer(config.train, config.train.num_steps)
+  plan, tx, step = _STEPS.get(key, (None, None, None))
+  if step is None:
+    plan = Plan.from_config(config, devices)
+    tx, schedule = build_optimizer(config.train, config.train.num_steps)
   state, state_sh, _ = dit_lib.init_train_state(config, tx, jax.random.PRNGKey(config.seed), plan)
-  step = dit_lib.make_train_step(config, dit, ae, text, tx, schedule, 1.0, plan=plan, state_shardings=state_sh,
-                                 with_grads=with_grads)
   if plan is None:
     state = jax.device_put(state, jax.devices()[0])
-    shard = lambda b: b
-  else:
-    frozen = plan.replicate(frozen)
-    shard = plan.shard_batch
-  return config, plan, state, lambda s, b: step(s, frozen, shard(b))
+  if step is None:
+    ae, frozen, text, dit = components()
+    train_step = dit_lib.make_train_step(config, dit, ae, text, tx, schedule, 1.0, plan=plan,
+                                         state_shardings=state_sh, with_grads=with_grads)
+    if plan is None:
+      step = lambda s, b: train_step(s, frozen, b)
+    else:
+      frozen = plan.replicate(frozen)
+      step = lambda s, b: train_step(s, frozen, plan.shard_batch(b))
+    _STEPS[key] = (plan, tx, step)
+  return config, plan, state, step
 
 
 def max_rel(a, b) -> float:
@@ -362,5 +374,9 @@ def case_checkpoint(tmpdir: str) -> None:
 if __name__ == "__main__":
   sys.path.insert(0, REPO)
   os.chdir(REPO)
-  cases = {"plans": case_plans, "sequence": case_sequence, "checkpoint": case_checkpoint}
+  def case_all(tmpdir: str) -> None:
+    case_sequence()
+    case_plans()
+    case_checkpoint(tmpdir)
+  cases = {"all": case_all, "plans": case_plans, "sequence": case_sequence, "checkpoint": case_checkpoint}
   cases[sys.argv[1]](*sys.argv[2:])
