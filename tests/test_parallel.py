@@ -116,8 +116,8 @@ def small_config(**mesh):
   return config_utils.load_config("configs/tiny.py", overrides=overrides)
 
 
-def pool_encoder():
-  """A stand-in for the frozen DC-AE: 8x8 mean pooling and a fixed 3 -> 16 channel map.
+def pool_encoder(factor: int, channels: int):
+  """A stand-in for the frozen DC-AE: factor x factor mean pooling and a fixed 3 -> channels map.
 
   The frozen encoder runs replicated in every plan and is not what is tested here; compiling
   the real one five times over (once per plan) took most of this file's time on 2 busy cores.
@@ -132,8 +132,8 @@ def pool_encoder():
     @nn.compact
     def encode(self, x):
       b, h, w, c = x.shape
-      x = x.reshape(b, h // 8, 8, w // 8, 8, c).mean(axis=(2, 4))
-      return nn.Dense(16, name="proj")(x)
+      x = x.reshape(b, h // factor, factor, w // factor, factor, c).mean(axis=(2, 4))
+      return nn.Dense(channels, name="proj")(x)
 
   return PoolEncoder()
 
@@ -145,8 +145,9 @@ def components():
   import jax.numpy as jnp
   from sanajax.builders import build_text_encoder
   from sanajax.models.sana_dit import build_dit
+  from sanajax.resolution import ae_downsample
   config = small_config()
-  ae = pool_encoder()
+  ae = pool_encoder(ae_downsample(config), config.ae.latent_channels)  # the latent shape the DiT expects
   ae_params = ae.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))["params"]
   text = build_text_encoder(config)
   return ae, {"ae": ae_params, "text": text.params}, text, build_dit(config.model)

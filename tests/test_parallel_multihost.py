@@ -35,7 +35,7 @@ def test_two_processes_train_checkpoint_and_agree(tmp_path):
   outs = []
   for p in procs:
     try:
-      outs.append(p.communicate(timeout=240)[0])
+      outs.append(p.communicate(timeout=900)[0])
     except subprocess.TimeoutExpired:
       for q in procs:
         q.kill()
