@@ -91,6 +91,10 @@ def worker(coordinator: str, process_id: int, workdir: str) -> None:
   flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(params)])
   assert np.all(np.isfinite(flat))
   print(f"DIGEST {flat.size} {flat.sum():.9e} {np.abs(flat).sum():.9e} {flat[::97].sum():.9e}", flush=True)
+  # Both reach the end before either starts the runtime's shutdown barrier (which times out
+  # when one process is minutes behind, e.g. on a loaded machine).
+  multihost_utils.sync_global_devices("sanajax test done")
+  jax.distributed.shutdown()
 
 
 if __name__ == "__main__":
