@@ -75,7 +75,7 @@ def test_matches_diffusers_tiled_autoencoder():
   with jax.default_matmul_precision("highest"):
     y = np.asarray(jax.jit(functools.partial(dcae_tiling.tiled_decode, model, tile=TILE, stride=STRIDE))(params, z))
     z_enc = np.asarray(jax.jit(functools.partial(dcae_tiling.tiled_encode, model, tile=TILE, stride=STRIDE))(params, x))
-  assert y.shape == y_ref.shape == (1, 256, 192, 3) and z_enc.shape == z_ref.shape == (1, 16, 25, 16)
+  assert y.shape == y_ref.shape == (1, 256, 192, 3) and z_enc.shape == z_ref.shape == (1, 16, 25, cfg.latent_channels)
   # Measured: 9.2e-7 (decode) and ~1e-6 (encode) of max|torch|: the same algorithm, float32 rounding.
   assert np.abs(y - y_ref).max() <= 1e-4 * np.abs(y_ref).max()
   assert np.abs(z_enc - z_ref).max() <= 1e-4 * np.abs(z_ref).max()
@@ -138,7 +138,8 @@ def test_config_rule_and_errors():
   def uses_map(fn, *args):  # the tiled path is the only one with a scan (lax.map)
     return "scan" in str(jax.make_jaxpr(fn)(*args))
 
-  z_small, z_big = jnp.zeros((1, 16, 16, 16)), jnp.zeros((1, 16, 17, 16))  # 128 x 128 and 128 x 136 px
+  c = cfg.latent_channels
+  z_small, z_big = jnp.zeros((1, 16, 16, c)), jnp.zeros((1, 16, 17, c))  # 128 x 128 and 128 x 136 px
   # Fresh functions each time: make_jaxpr caches traces per function object, and cfg changes below.
   decode = lambda: (lambda p, v: dcae_tiling.decode_latents(model, p, v, cfg))
   encode = lambda: (lambda p, v: dcae_tiling.encode_images(model, p, v, cfg))

@@ -95,7 +95,7 @@ def _rel_err(a, b):
 @pytest.mark.parametrize("num_steps", [1, 2, 5, 10, 20, 28])
 @pytest.mark.parametrize("shift", [1.0, 3.0, 6.0])
 def test_timestep_grid_equals_diffusers(num_steps, shift):
-  for sampler in samplers.SAMPLERS:
+  for sampler in samplers.FLOW_SAMPLERS:
     sched = _make_scheduler(sampler, shift)
     sched.set_timesteps(num_steps)
     grid = samplers.timestep_grid(num_steps, shift, sampler)
@@ -161,7 +161,7 @@ def test_gaussian_flow_reaches_the_data_at_each_solver_order():
   target = mu + s * noise
   context, mask = jnp.zeros((256, 1, 1)), jnp.ones((256, 1))
   rms = {}
-  for sampler in samplers.SAMPLERS:
+  for sampler in samplers.FLOW_SAMPLERS:
     for steps in (10, 20):
       x0 = samplers.sample(_gaussian_velocity(mu, s), noise, context, mask, sampler=sampler, num_steps=steps,
                            cfg_scale=1.0, shift=1.0)

@@ -76,7 +76,7 @@ def test_jvp_tangent_matches_central_differences():
   vx, vt = cs[:, None, None, None] * dxt_dt / sd, cs
   h = 3e-3
   fd = (F_fn(x_t / sd + h * vx, t + h * vt) - F_fn(x_t / sd - h * vx, t - h * vt)) / (2 * h)
-  np.testing.assert_allclose(np.asarray(F), np.asarray(F_fn(x_t / sd, t)), rtol=0, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(F), np.asarray(F_fn(x_t / sd, t)), rtol=0, atol=1e-5)  # float32, |F| ~ 2
   err = float(jnp.max(jnp.abs(dF - fd)))
   scale = float(jnp.max(jnp.abs(fd)))
   print(f"JVP vs central differences: max |diff| {err:.3g}, max |fd| {scale:.3g}")
@@ -267,6 +267,6 @@ def test_frechet_distance_on_known_gaussians_and_ae_features(teacher_dir):
   ae_model, ae_params, _, _ = load_ae(str(teacher_dir / "ae"))
   images = fid_lite.data_images("shapes", 32, 6)
   feats = fid_lite.encoder_features(ae_model, ae_params, images, pool=2)
-  assert feats.shape == (6, 2 * 2 * 16) and np.all(np.isfinite(feats))
+  assert feats.shape == (6, 2 * 2 * config_utils.load_config("configs/dcae_tiny.py").ae.latent_channels) and np.all(np.isfinite(feats))
   with pytest.raises(ValueError, match="uint8"):
     fid_lite.encoder_features(ae_model, ae_params, images.astype(np.float32))

@@ -34,7 +34,8 @@ from sanajax.diffusion import trigflow
 ModelFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
 
 NUM_TRAIN_TIMESTEPS = 1000  # diffusers' discretisation of [0, 1]; it enters both grids.
-SAMPLERS = ("flow_dpm", "flow_euler", "scm")
+FLOW_SAMPLERS = ("flow_dpm", "flow_euler")  # flow-matching teachers
+SAMPLERS = FLOW_SAMPLERS + ("scm",)  # scm: Sprint students (TrigFlow)
 
 
 def _shift_np(sigmas, shift: float):
