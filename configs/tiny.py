@@ -108,4 +108,7 @@ def get_config(arg=None):
   c.eval.num_prompts = 240
   # Also score Flow-Euler with this many steps (0: skip), to compare with the 20-step DPM-Solver.
   c.eval.euler_steps = 50
+  # Also score restoration (sanajax.eval.restoration): held-out scenes noised to this flow time and
+  # denoised with their prompt; sensitive long before full generation passes (0: skip).
+  c.eval.restoration_t0 = 0.5
   return c

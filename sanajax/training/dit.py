@@ -19,7 +19,7 @@ from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.shapes import eval_prompt_set
 from sanajax.data.sources import make_source
 from sanajax.diffusion import flow
-from sanajax.eval import geneval_lite
+from sanajax.eval import geneval_lite, restoration
 from sanajax.generation import Generator, make_grid, write_images
 from sanajax.info import describe
 from sanajax.models.sana_dit import build_dit
@@ -176,6 +176,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, *, sampler: str | 
   return result
 
 
+def evaluate_restoration(config: ml_collections.ConfigDict, workdir: str, generator: Generator) -> dict:
+  """Restoration probe (sanajax.eval.restoration) at config.eval.restoration_t0; writes restoration.json."""
+  t0 = float(config.eval.restoration_t0)
+  result = restoration.restoration_score(generator, t0=t0, num_prompts=config.eval.num_prompts,
+                                         cfg=config.sample.cfg, seed=config.seed)
+  with open(os.path.join(workdir, "restoration.json"), "w") as f:
+    json.dump(result, f, indent=2)
+  print(f"Restoration (held-out scenes noised to t={t0:g}, Flow-Euler {result['steps']} steps back, "
+        f"cfg {result['cfg']:g}), GenEval-lite:", flush=True)
+  print(geneval_lite.format_table(result), flush=True)
+  return {"overall": result["overall"], "t0": t0}
+
+
 def make_grid_fn(config, ae_model, ae_params, ae_scaling: float, text_encoder, num_prompts: int = 16):
   """state -> uint8 sample grid of the EMA weights on fixed held-out prompts (for TensorBoard)."""
   prompts = [p for p, _ in eval_prompt_set(num_prompts, seed=config.seed)]
@@ -250,5 +263,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
     euler = evaluate(config, workdir, sampler="flow_euler", steps=config.eval.euler_steps,
                      tag=f"_flow_euler{config.eval.euler_steps}", generator=generator)
     result["flow_euler"] = {"overall": euler["overall"], "steps": config.eval.euler_steps}
+  if config.eval.get("restoration_t0", 0):
+    result["restoration"] = evaluate_restoration(config, workdir, generator)
   print(f"Total wall time {time.perf_counter() - start_time:.0f} s.", flush=True)
   return result
