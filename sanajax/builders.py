@@ -31,6 +31,15 @@ def build_text_encoder(config: ml_collections.ConfigDict, workdir: str | None = 
   return TextEncoder(config.text, VOCAB)
 
 
+def place_frozen(plan, frozen: dict, text_encoder: TextEncoder) -> dict:
+  """Frozen parameters {"ae": ..., "text": text_encoder params, ["teacher": ...]} as global
+  arrays of `plan` (sanajax.parallel.Plan), split by its logical-axis rules like the DiT (under
+  fsdp / tensor), not replicated. The AE and teacher trees carry their boxes; the text encoder's
+  names come from its abstract params."""
+  like = {k: (text_encoder.abstract_params() if k == "text" else v) for k, v in frozen.items()}
+  return plan.place(frozen, like=like)
+
+
 def latent_shape(config: ml_collections.ConfigDict, downsample: int) -> tuple[int, int, int]:
   res = config.data.resolution
   if res % downsample:

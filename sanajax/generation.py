@@ -4,6 +4,7 @@ Used by `python -m sanajax.sample`, by training's final evaluation and by notebo
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -12,15 +13,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from sanajax.diffusion import samplers
-from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, latent_shape
+from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, latent_shape, place_frozen
 from sanajax.resolution import ae_downsample
 from sanajax.training.autoencoder import load_ae
 from sanajax.models.dcae_tiling import decode_latents
 from sanajax.models.sana_dit import build_dit
 from sanajax.models.text_encoder import TextEncoder
+from sanajax.parallel import Plan
 from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.setup import load_workdir_config
 
@@ -69,21 +72,35 @@ def sample_latents(apply_fn, guidance_embeds: bool, noise: jax.Array, context: j
 
 
 class Generator:
-  """Prompts -> images with a DiT, a text encoder and an AE; all sampling is one jitted call per batch."""
+  """Prompts -> images with a DiT, a text encoder and an AE; all sampling is one jitted call per batch.
+
+  plan (sanajax.parallel.Plan, optional): the DiT, AE and text-encoder parameters are split by
+  its logical-axis rules (Plan.place), each batch of prompts over data x fsdp, and the sampling
+  call is jitted with those in/out shardings and traced under the plan (block-boundary
+  constraints, sequence-parallel layers). Images equal the single-device ones (the noise is
+  drawn with the partitionable threefry, whatever the layout).
+  """
 
   def __init__(self, config: ml_collections.ConfigDict, dit_params, ae_model, ae_params, ae_scaling: float,
-               text_encoder: TextEncoder, ae_downsample: int):
+               text_encoder: TextEncoder, ae_downsample: int, *, plan: Plan | None = None):
     self.config = config
+    self.plan = plan
     self.dit = build_dit(config.model)
-    self.dit_params = dit_params
-    self.ae_model, self.ae_params, self.ae_scaling = ae_model, ae_params, ae_scaling
     self.text = text_encoder
+    text_params = text_encoder.params
+    if plan is not None:
+      dit_params = plan.place(dit_params)
+      placed = place_frozen(plan, {"ae": ae_params, "text": text_params}, text_encoder)
+      ae_params, text_params = placed["ae"], placed["text"]
+    self.dit_params, self.text_params = dit_params, text_params
+    self.ae_model, self.ae_params, self.ae_scaling = ae_model, ae_params, ae_scaling
     self.latent_shape = latent_shape(config, ae_downsample)
     null_ids, null_mask = self.text.tokenize([""])
     self._null = (jnp.asarray(null_ids), jnp.asarray(null_mask))
+    self._sharded_fns = {}
 
   @classmethod
-  def from_workdir(cls, workdir: str, *, ema: bool = True) -> "Generator":
+  def from_workdir(cls, workdir: str, *, ema: bool = True, plan: Plan | None = None) -> "Generator":
     config = load_workdir_config(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not os.path.isdir(ckpt_dir) or Checkpointer(ckpt_dir, read_only=True).latest_step() is None:
@@ -93,22 +110,49 @@ class Generator:
     abstract = jax.eval_shape(lambda: init_dit_params(config, jax.random.PRNGKey(0)))
     params = Checkpointer(ckpt_dir, read_only=True).restore_params(abstract, ema=ema)
     return cls(config, params, ae_model, ae_params, scaling, build_text_encoder(config, workdir),
-               ae_downsample(config))
+               ae_downsample(config), plan=plan)
 
-  @functools.partial(jax.jit, static_argnums=(0, 7, 8))
-  def _sample(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array):
+  def _sample_fn(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array):
+    """Images (B, R, R, 3) in [-1, 1] float32 for a batch of token ids (pure; jitted by the callers)."""
     context = self.text.embed(text_params, ids, mask)
     null_ids = jnp.broadcast_to(self._null[0], ids.shape)
     null_mask = jnp.broadcast_to(self._null[1], mask.shape)
     null_context = self.text.embed(text_params, null_ids, null_mask)
     noise = jax.random.normal(key, (ids.shape[0], *self.latent_shape), jnp.float32)
+    if self.plan is not None:
+      noise = jax.lax.with_sharding_constraint(noise, self.plan.batch_sharding(noise.ndim))
     apply_fn = functools.partial(self.dit.apply, {"params": dit_params})
-    latents = sample_latents(apply_fn, self.dit.guidance_embeds, noise, context, mask, null_context, null_mask,
-                             sampler=sampler, steps=steps, cfg=cfg, shift=self.config.diffusion.flow_shift,
-                             key=jax.random.fold_in(key, 1))
+    with self.plan.activate() if self.plan is not None else contextlib.nullcontext():
+      latents = sample_latents(apply_fn, self.dit.guidance_embeds, noise, context, mask, null_context, null_mask,
+                               sampler=sampler, steps=steps, cfg=cfg, shift=self.config.diffusion.flow_shift,
+                               key=jax.random.fold_in(key, 1))
     # Tiled (overlapping tiles, one at a time) above config.ae.tile_size_px, e.g. 2K/4K with f32c32.
     images = decode_latents(self.ae_model, ae_params, latents / self.ae_scaling, self.config.ae)
     return jnp.clip(images, -1.0, 1.0)
+
+  @functools.partial(jax.jit, static_argnums=(0, 7, 8))
+  def _sample(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array):
+    return self._sample_fn(dit_params, ae_params, text_params, key, ids, mask, sampler, steps, cfg)
+
+  def sample_batch(self, ids, mask, key: jax.Array, *, sampler: str, steps: int, cfg: float) -> jax.Array:
+    """Float images (B, R, R, 3) in [-1, 1] for tokenized prompts (B, L); with a plan B must be a
+    multiple of its batch shards and the images come back split over data x fsdp."""
+    if self.plan is None:
+      return self._sample(self.dit_params, self.ae_params, self.text_params, key, jnp.asarray(ids),
+                          jnp.asarray(mask), sampler, int(steps), jnp.float32(cfg))
+    fn = self._sharded_fns.get((sampler, int(steps)))
+    if fn is None:
+      layout = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+      rep, batch2 = self.plan.replicated, self.plan.batch_sharding(2)
+      fn = jax.jit(lambda d, a, t, k, i, m, c: self._sample_fn(d, a, t, k, i, m, sampler, int(steps), c),
+                   in_shardings=(layout(self.dit_params), layout(self.ae_params), layout(self.text_params), rep,
+                                 batch2, batch2, rep),
+                   out_shardings=self.plan.batch_sharding(4))
+      self._sharded_fns[(sampler, int(steps))] = fn
+    batch = self.plan.shard_global_batch({"ids": ids, "mask": mask})
+    key = self.plan.replicate(key)
+    return fn(self.dit_params, self.ae_params, self.text_params, key, batch["ids"], batch["mask"],
+              self.plan.replicate(np.float32(cfg)))
 
   def generate(self, prompts: list[str], *, sampler: str = "flow_dpm", steps: int = 20, cfg: float = 4.5,
                seed: int = 0, batch_size: int = 64) -> np.ndarray:
@@ -124,10 +168,13 @@ class Generator:
     for start in range(0, len(prompts), batch_size):
       chunk = prompts[start:start + batch_size]
       pad = batch_size - len(chunk) if len(prompts) > batch_size else 0  # one compiled shape per run.
+      if self.plan is not None:  # The batch splits over data x fsdp (padding leaves the noise of row i as is).
+        pad += -(len(chunk) + pad) % self.plan.batch_shards()
       ids, mask = self.text.tokenize(chunk + [""] * pad)
       key = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-      images = self._sample(self.dit_params, self.ae_params, self.text.params, key, jnp.asarray(ids), jnp.asarray(mask),
-                            sampler, int(steps), jnp.float32(cfg))
+      images = self.sample_batch(ids, mask, key, sampler=sampler, steps=steps, cfg=cfg)
+      if not images.is_fully_addressable:  # Multi-host: every process gets all images.
+        images = multihost_utils.process_allgather(images, tiled=True)
       out.append(to_uint8(images)[:len(chunk)])
     return np.concatenate(out)
 

@@ -4,6 +4,7 @@
         [--sampler=flow_dpm|flow_euler] [--steps=20] [--cfg=4.5] [--seed=0]
     python -m sanajax.sample --workdir=DIR --prompt="a red circle" --out=OUT
     python -m sanajax.sample --workdir=SPRINT_DIR --prompt="a red circle" --out=OUT --sampler=scm --steps=2
+    python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT --mesh=fsdp=8   # sharded (README "Scaling")
 
 `--sampler=scm` is SANA-Sprint's sCM sampler (1, 2 or 4 steps on the TrigFlow grids [1.5708, 0],
 [1.5708, 1.3, 0], linspace(1.5708, 0, 5)); with a Sprint student (model.guidance_embeds) `--cfg`
@@ -19,6 +20,7 @@ import os
 from absl import app, flags
 
 from sanajax.generation import Generator, write_images
+from sanajax.parallel import MESH_AXES, Plan, make_mesh
 from sanajax.training.setup import quiet_library_logs
 
 
@@ -33,6 +35,19 @@ _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (a Sprint
                           "value). Default: the config's sample.cfg.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per sampling call.")
+_MESH = flags.DEFINE_string("mesh", "", "Sharding plan for sampling, e.g. 'fsdp=8' or 'data=2,tensor=4' (mesh axes "
+                            "data, fsdp, sequence, tensor; -1: the rest of the devices). Default: one device.")
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'fsdp=4,tensor=2' -> {"fsdp": 4, "tensor": 2} (checked against the mesh axes)."""
+  out = {}
+  for part in filter(None, (p.strip() for p in text.split(","))):
+    name, _, value = part.partition("=")
+    if name not in MESH_AXES or not value.lstrip("-").isdigit():
+      raise app.UsageError(f"--mesh part {part!r}: expected AXIS=SIZE with AXIS one of {MESH_AXES}.")
+    out[name] = int(value)
+  return out
 
 
 def read_prompts(prompts_file: str | None, prompt: str | None) -> list[str]:
@@ -57,7 +72,9 @@ def main(argv):
     raise app.UsageError("--workdir and --out are required.")
   prompts = read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
   try:
-    generator = Generator.from_workdir(_WORKDIR.value)
+    mesh = parse_mesh(_MESH.value)
+    plan = Plan(make_mesh(mesh)) if mesh else None
+    generator = Generator.from_workdir(_WORKDIR.value, plan=plan)
   except FileNotFoundError as e:
     raise app.UsageError(str(e)) from None
   cfg = generator.config.sample

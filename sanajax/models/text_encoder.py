@@ -316,6 +316,12 @@ class TextEncoder:
     self.params = params
     self._embed = jax.jit(self.embed)
 
+  def abstract_params(self) -> Any:
+    """ShapeDtypeStructs of `params` in their logical-axis boxes (vocab, embed, q_heads, kv_heads,
+    mlp): what a sharding plan reads to split the frozen encoder (sanajax.parallel.Plan.place)."""
+    ids = jax.ShapeDtypeStruct((1, self.max_length), jnp.int32)
+    return jax.eval_shape(self.model.init, jax.random.key(0), ids, ids)["params"]
+
   def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask) int32 numpy (B, max_length), SANA's CHI scheme (see chi_tokenize)."""
     return chi_tokenize(self.tokenizer, prompts, self.max_length, self.chi_prompt)

@@ -10,7 +10,7 @@ than the machine it is printed on, so shard sizes come from the mesh *shape* and
                     factored second moments), split like the parameters where shapes match;
   EMA               one more copy of the parameters;
   activations       an estimate of what the backward pass keeps (see `activation_bytes`).
-Not counted: the frozen text encoder and autoencoder (replicated, used under stop_gradient),
+Not counted: the frozen text encoder and autoencoder (split by the same rules, see Plan.place),
 XLA's temporary buffers and fragmentation; leave ~10-20% of the device free.
 """
 from __future__ import annotations

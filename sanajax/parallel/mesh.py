@@ -33,6 +33,11 @@ DEFAULT_RULES = (
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("embed", "fsdp"),
+    # Frozen encoders (Plan.place): Gemma-2's attention projections (its `embed` and `mlp` axes
+    # use the rules above) and the DC-AE's conv / linear output channels.
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("conv_out", "fsdp"),
 )
 
 

@@ -3,6 +3,7 @@
     plan = Plan.from_config(config)                 # None when config.mesh is all 1 on one process
     state_sh = plan.shardings(abstract_state)       # NamedShardings for a (boxed) pytree
     batch = plan.shard_batch(host_batch)            # host-local numpy -> global arrays over data x fsdp
+    frozen = plan.place(frozen_params, like=boxed)  # frozen AE / text encoder / teacher, split by the rules
     with plan.activate(): ...trace model code...    # constraints + sequence-parallel layers on
 
 Parameters created with `nn.with_logical_partitioning` are `nn.LogicallyPartitioned` boxes
@@ -99,6 +100,41 @@ class Plan:
     for k, v in batch.items():
       v = np.asarray(v)
       out[k] = jax.make_array_from_process_local_data(NamedSharding(self.mesh, self.batch_spec(v.ndim)), v)
+    return out
+
+  def batch_sharding(self, ndim: int) -> NamedSharding:
+    """NamedSharding of a batch array of rank `ndim` (leading axis over data x fsdp)."""
+    return NamedSharding(self.mesh, self.batch_spec(ndim))
+
+  def place(self, tree: Any, like: Any = None) -> Any:
+    """Global arrays laid out by logical names, from values every process holds whole.
+
+    For frozen weights (AE, text encoder, a distillation teacher): under fsdp / tensor they are
+    split by the same rules as the DiT instead of replicated on every device (Gemma-2-2B is
+    ~5 GB in bf16). Boxed leaves of `tree` name their own axes; `like` is a boxed twin (e.g.
+    jax.eval_shape of model.init) naming the axes of an unboxed `tree`. Unnamed leaves, and
+    dimensions no rule splits evenly, stay replicated. The result keeps `tree`'s boxes.
+    """
+    unbox = lambda b: b.value if _is_box(b) else b
+    shardings = [unbox(s) for s in jax.tree.leaves(self.shardings(tree if like is None else like), is_leaf=_is_box)]
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=_is_box)
+    if len(leaves) != len(shardings):
+      raise ValueError(f"Plan.place: `like` has {len(shardings)} arrays, the tree {len(leaves)}.")
+
+    def one(x, sharding):
+      x = np.asarray(jax.device_get(x))
+      # Each process cuts its own devices' shards (device_put cannot reach other hosts' devices).
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return treedef.unflatten([x.replace_boxed(one(x.value, s)) if _is_box(x) else one(x, s)
+                              for x, s in zip(leaves, shardings)])
+
+  def shard_global_batch(self, batch: Mapping[str, Any]) -> dict:
+    """A batch every process holds whole (e.g. the prompts of a sampling call) -> global arrays
+    split over data x fsdp (shard_batch is for per-process parts of a batch)."""
+    out = {}
+    for k, v in batch.items():
+      v = np.asarray(v)
+      out[k] = jax.make_array_from_callback(v.shape, self.batch_sharding(v.ndim), lambda index, v=v: v[index])
     return out
 
   def replicate(self, tree: Any) -> Any:

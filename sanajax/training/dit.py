@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding
 
-from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params
+from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, place_frozen
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.shapes import eval_prompt_set
 from sanajax.data.sources import make_source
@@ -76,13 +76,15 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
 
 
 def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling: float, *,
-                    plan: Plan | None = None, state_shardings=None, with_grads: bool = False):
+                    plan: Plan | None = None, state_shardings=None, frozen_shardings=None,
+                    with_grads: bool = False):
   """The jitted DiT step: make_loss_fn's loss, its gradient, the guarded update.
 
   Frozen AE and text-encoder parameters are arguments (not closed-over constants) so they are
   not baked into the compiled program. With a sharding `plan` (sanajax.parallel), the step is
   jitted with explicit shardings: the state as `state_shardings` (plan.shardings of it), the
-  frozen parameters replicated, the batch over data x fsdp (plan.batch_spec), metrics
+  frozen parameters as `frozen_shardings` (default replicated; train() splits them with
+  builders.place_frozen), the batch over data x fsdp (plan.batch_spec), metrics
   replicated. plan=None: one device, as before. with_grads: metrics also hold the step's
   gradients (laid out as the parameters), for inspecting or comparing plans.
   """
@@ -94,10 +96,11 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
     batch_sh = {k: NamedSharding(plan.mesh, plan.batch_spec(n))
                 for k, n in (("image", 4), ("input_ids", 2), ("attention_mask", 2))}
     metrics_sh = plan.replicated
+    frozen_sh = plan.replicated if frozen_shardings is None else frozen_shardings
     if with_grads:
       metrics_sh = {k: plan.replicated for k in ("loss", "grad_norm", "learning_rate")}
       metrics_sh["grads"] = state_shardings.params
-    jit = functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(state_shardings, plan.replicated, batch_sh),
+    jit = functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(state_shardings, frozen_sh, batch_sh),
                             out_shardings=(state_shardings, metrics_sh))
 
   @jit
@@ -233,12 +236,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
   state = loop_lib.restore_or_init(ckpt, state, data_iter)
   frozen = {"ae": ae_params, "text": text_encoder.params}
+  if plan is not None:
+    frozen = place_frozen(plan, frozen, text_encoder)
   step = make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling, plan=plan,
-                         state_shardings=state_sh)
+                         state_shardings=state_sh,
+                         frozen_shardings=None if plan is None else jax.tree.map(lambda x: x.sharding, frozen))
   if plan is None:
     step_fn = lambda s, b: step(s, frozen, b)
   else:
-    frozen = plan.replicate(frozen)
     step_fn = lambda s, b: step(s, frozen, plan.shard_batch(b))
   writer = MetricWriter(workdir)
   flops = describe(config)["train_step_flops"]

@@ -25,6 +25,7 @@ load it like any run (the distilled config.json names the teacher's AE as `ae.wo
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -36,15 +37,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
-from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params
+from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, place_frozen
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source
 from sanajax.diffusion import scm, trigflow
 from sanajax.diffusion.samplers import guided_velocity
 from sanajax.models.discriminator import LaddHeads
 from sanajax.models.sana_dit import LogVarHead, build_dit, student_params_from_teacher
+from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import load_ae
@@ -105,8 +108,9 @@ def init_student_from_teacher(student_init: Any, teacher_params: Any) -> Any:
   """sana_dit.student_params_from_teacher on the unboxed trees, re-boxed with the student's logical
   axes (the checkpoint layout of init_dit_params, which sampling code restores)."""
   values = student_params_from_teacher(nn.meta.unbox(teacher_params), nn.meta.unbox(student_init))
-  return jax.tree.map(lambda box, v: box.replace_boxed(jnp.asarray(v, jnp.float32))
-                      if isinstance(box, nn.meta.AxisMetadata) else jnp.asarray(v, jnp.float32),
+  # jnp.array copies: the step donates the student's buffers, which must not be the teacher's.
+  return jax.tree.map(lambda box, v: box.replace_boxed(jnp.array(v, jnp.float32))
+                      if isinstance(box, nn.meta.AxisMetadata) else jnp.array(v, jnp.float32),
                       student_init, values, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
 
@@ -131,13 +135,17 @@ class SprintDistiller:
 
   frozen = {"ae": AE params, "text": text-encoder params, "teacher": teacher DiT params (in
   distill.teacher_dtype)}; passed as arguments so they are not baked into the compiled program.
+
+  plan (sanajax.parallel.Plan, optional): every DiT pass (teacher, student, the JVP, the heads'
+  teacher features) is traced under it, and `make_step` jits the step with the plan's in/out
+  shardings (init_sharded_state lays the state out, builders.place_frozen the frozen weights).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict, ae_model,
                ae_scaling: float, text_encoder, tx_g: optax.GradientTransformation,
-               tx_d: optax.GradientTransformation, schedule):
+               tx_d: optax.GradientTransformation, schedule, plan: Plan | None = None):
     d = config.distill
-    self.config, self.d = config, d
+    self.config, self.d, self.plan = config, d, plan
     self._teacher_json = teacher_config.to_json_best_effort(sort_keys=True)
     self.sigma_data = float(d.sigma_data)
     self.scm_lambda, self.adv_lambda = float(d.scm_lambda), float(d.adv_lambda)
@@ -160,31 +168,40 @@ class SprintDistiller:
     null_ids, null_mask = text_encoder.tokenize([""])
     self._null = (jnp.asarray(null_ids), jnp.asarray(null_mask))
 
+  def _traced(self):
+    """DiT passes are traced under the plan (constraints, sequence-parallel layers); the frozen AE
+    and text encoder are not (their layers are not written for the sequence split)."""
+    return self.plan.activate() if self.plan is not None else contextlib.nullcontext()
+
+  def _apply(self, model, params, *args, **kwargs):
+    with self._traced():
+      return model.apply({"params": params}, *args, **kwargs)
+
   # Models in the TrigFlow view: F(x_t / sigma_d, t) with t the trig time (B,).
   def teacher_F(self, tparams, x_scaled, t, ctx, mask, null_ctx, null_mask, cfg):
     """CFG-guided teacher TrigFlow prediction (B, H, W, C) float32; cfg (B,) scales. The transform
     is affine in v, so guiding the velocity guides F."""
-    model_fn = lambda x, tt, c, m: self.teacher.apply({"params": tparams}, x, tt, c, m)
+    model_fn = lambda x, tt, c, m: self._apply(self.teacher, tparams, x, tt, c, m)
     guided = lambda x_f, t_f: guided_velocity(model_fn, x_f, t_f, ctx, mask, null_ctx, null_mask,
                                               cfg[:, None, None, None])
     return trigflow.flow_to_trigflow(guided)(x_scaled.astype(jnp.float32), t)
 
   def student_F(self, params, x_scaled, t, ctx, mask, cfg, *, f32: bool = False):
     model = self.student_f32 if f32 else self.student
-    flow_fn = lambda x_f, t_f: model.apply({"params": params}, x_f, t_f, ctx, mask, guidance=cfg)
+    flow_fn = lambda x_f, t_f: self._apply(model, params, x_f, t_f, ctx, mask, guidance=cfg)
     return trigflow.flow_to_trigflow(flow_fn)(x_scaled, t)
 
   def student_F_logvar(self, params, logvar_params, x_scaled, t, ctx, mask, cfg):
     """(F, logvar (B,)): the log-variance head reads the student's conditioning embedding."""
     x_f, t_f = trigflow.matched_flow_state(x_scaled, t, 1.0)
-    v, state = self.student.apply({"params": params}, x_f, t_f, ctx, mask, guidance=cfg, mutable=["intermediates"])
+    v, state = self._apply(self.student, params, x_f, t_f, ctx, mask, guidance=cfg, mutable=["intermediates"])
     emb = state["intermediates"]["time_embedding"][0]
     return trigflow.trigflow_output(x_f, t_f, v), self.logvar_head.apply({"params": logvar_params}, emb)
 
   def disc_logits(self, dparams, tparams, x_noised, t, ctx, mask):
     """Heads on frozen-teacher features of x_noised (sigma_d units) at trig time t: (B, N * heads)."""
     x_f, t_f = trigflow.matched_flow_state(x_noised, t, self.sigma_data)
-    _, feats = self.teacher_features.apply({"params": tparams}, x_f, t_f, ctx, mask)
+    _, feats = self._apply(self.teacher_features, tparams, x_f, t_f, ctx, mask)
     return self.heads.apply({"params": dparams}, feats)
 
   # Pieces of the step.
@@ -322,6 +339,22 @@ class SprintDistiller:
   def step(self, state: DistillState, frozen, batch):
     return self.step_fn(state, frozen, batch)
 
+  def make_step(self, frozen, state: DistillState):
+    """step(state, host batch) -> (state, metrics) with `frozen` bound. Without a plan: the jitted
+    `step` on one device. With one: jitted with explicit shardings, the state as the plan lays
+    out `state` (parameters, EMA, both optimizers and the heads by their logical names), frozen
+    weights as placed, the batch split over data x fsdp (plan.shard_batch of each host's part),
+    metrics replicated; the state is donated."""
+    if self.plan is None:
+      return lambda s, b: self.step(s, frozen, b)
+    plan = self.plan
+    state_sh = plan.shardings(state)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    batch_sh = {k: plan.batch_sharding(n) for k, n in (("image", 4), ("input_ids", 2), ("attention_mask", 2))}
+    step = jax.jit(self.step_fn, donate_argnums=(0,), in_shardings=(state_sh, frozen_sh, batch_sh),
+                   out_shardings=(state_sh, plan.replicated))
+    return lambda s, b: step(s, frozen, plan.shard_batch(b))
+
   def init_state(self, student_params, key: jax.Array, batch: int = 1) -> DistillState:
     """Fresh state: the student (from the teacher), a fresh log-variance head and fresh heads."""
     k_logvar, k_heads, k_rng = jax.random.split(key, 3)
@@ -338,11 +371,20 @@ class SprintDistiller:
         disc_opt_state=self.tx_d.init(disc_params), rng=jnp.asarray(k_rng, jnp.uint32),
         nan_step=jnp.full((), -1, jnp.int32), nan_code=jnp.zeros((), jnp.int32))
 
+  def init_sharded_state(self, student_params, key: jax.Array) -> DistillState:
+    """init_state laid out by the plan: one jit whose out_shardings follow the logical names, so
+    no device holds more than its shard of the student, EMA, heads or optimizer moments."""
+    student = self.plan.place(student_params)
+    abstract = jax.eval_shape(self.init_state, student, key)
+    # A numpy key: a jit input every process passes identically.
+    return jax.jit(self.init_state, out_shardings=self.plan.shardings(abstract))(
+        student, np.asarray(jax.device_get(key)))
+
   # jit's static `self`: two distillers built from the same configs and AE scaling trace the same
   # program (every model and optimizer is a function of them), so a resumed run in the same
   # process reuses the compiled step.
   def _fingerprint(self):
-    return (self.config.to_json_best_effort(sort_keys=True), self._teacher_json, self.ae_scaling)
+    return (self.config.to_json_best_effort(sort_keys=True), self._teacher_json, self.ae_scaling, repr(self.plan))
 
   def __hash__(self):
     return hash(self._fingerprint())
@@ -376,18 +418,38 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   config.diffusion.flow_shift = teacher_config.diffusion.flow_shift
   prepare_workdir(workdir, config)
   ae_model, ae_params, ae_scaling, _ = load_ae(config.ae.workdir)
-  text_encoder = build_text_encoder(config)
+  distiller, frozen, state = build_distiller(config, teacher_config, teacher_params, ae_model, ae_params, ae_scaling,
+                                             build_text_encoder(config))
+  return config, distiller, frozen, state
+
+
+def build_distiller(config, teacher_config, teacher_params, ae_model, ae_params, ae_scaling: float, text_encoder):
+  """(distiller, frozen, fresh state) from loaded parts. With config.mesh a plan: the state laid
+  out by it (init_sharded_state) and the frozen AE, text encoder and teacher split by its rules
+  (builders.place_frozen); config.train.batch_size is the global batch."""
   tx_g, schedule = build_optimizer(config.train, config.train.num_steps)
   tx_d, _ = build_optimizer(config.train, config.train.num_steps)
-  distiller = SprintDistiller(config, teacher_config, ae_model, ae_scaling, text_encoder, tx_g, tx_d, schedule)
+  plan = Plan.from_config(config)
+  batch = int(config.train.batch_size)
+  if plan is None and jax.process_count() > 1:
+    raise ValueError("Multi-host distillation needs a mesh: set e.g. --config.mesh.fsdp=-1.")
+  if plan is not None and (batch % plan.batch_shards() or batch % jax.process_count()):
+    raise ValueError(f"train.batch_size={batch} must be a multiple of the batch shards ({plan.batch_shards()} = "
+                     f"mesh data x fsdp) and of the process count ({jax.process_count()}).")
+  distiller = SprintDistiller(config, teacher_config, ae_model, ae_scaling, text_encoder, tx_g, tx_d, schedule,
+                              plan=plan)
   key = jax.random.PRNGKey(config.seed)
   student_init = jax.jit(functools.partial(init_dit_params, config))(jax.random.fold_in(key, 0))
   student = init_student_from_teacher(student_init, teacher_params)
-  state = distiller.init_state(student, jax.random.fold_in(key, 1))
   teacher_dtype = dtype_from_name(config.distill.teacher_dtype)
   frozen = {"ae": ae_params, "text": text_encoder.params,
             "teacher": jax.tree.map(lambda x: jnp.asarray(x, teacher_dtype), teacher_params)}
-  return config, distiller, frozen, state
+  if plan is None:
+    state = distiller.init_state(student, jax.random.fold_in(key, 1))
+  else:
+    state = distiller.init_sharded_state(student, jax.random.fold_in(key, 1))
+    frozen = place_frozen(plan, frozen, text_encoder)
+  return distiller, frozen, state
 
 
 def distill(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = True) -> dict:
@@ -397,11 +459,12 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool =
   n_student = sum(x.size for x in jax.tree.leaves(state.params))
   n_heads = sum(x.size for x in jax.tree.leaves(state.disc_params))
   print(f"Sprint student: {n_student / 1e6:.2f}M parameters; LADD heads {n_heads / 1e6:.2f}M on teacher blocks "
-        f"{list(config.distill.head_block_ids)}; scm_lambda {distiller.scm_lambda}, adv_lambda {distiller.adv_lambda}.",
-        flush=True)
+        f"{list(config.distill.head_block_ids)}; scm_lambda {distiller.scm_lambda}, adv_lambda {distiller.adv_lambda}."
+        + (f" Sharding plan: {distiller.plan}." if distiller.plan is not None else ""), flush=True)
   source = make_source(config.data.source, config.data.resolution, config.seed)
   data_iter = make_train_iterator(
-      source, batch_size=config.train.batch_size, seed=config.seed, tokenize_fn=distiller.text.tokenize,
+      source, batch_size=config.train.batch_size // jax.process_count(), seed=config.seed,
+      tokenize_fn=distiller.text.tokenize,
       caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.get("num_workers", 0))
@@ -411,12 +474,15 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool =
   loop = loop_lib.LoopConfig(num_steps=config.train.num_steps, batch_size=config.train.batch_size,
                              log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
                              description="sprint")
-  loop_lib.run(loop, state, lambda s, b: distiller.step(s, frozen, b), data_iter, ckpt, writer,
+  loop_lib.run(loop, state, distiller.make_step(frozen, state), data_iter, ckpt, writer,
                extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
   ckpt.close()
   writer.close()
   print(f"Distillation done in {time.perf_counter() - start_time:.0f} s.", flush=True)
   if not run_eval or not config.data.source.startswith("shapes") or not config.eval.num_prompts:
+    return {}
+  if jax.process_count() > 1:  # As sanajax.train: evaluate on one host with sanajax.sample.
+    print("Multi-host run: skipping the built-in evaluation (run `python -m sanajax.sample` on one host).", flush=True)
     return {}
   return evaluate_steps(config, workdir)
 
