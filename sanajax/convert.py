@@ -42,6 +42,7 @@ import struct
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -163,16 +164,6 @@ def check_tensors(got: Mapping[str, tuple], want: Mapping[str, tuple], source: s
 
 def _shapes(tree) -> dict[str, tuple]:
   return {k: tuple(v.shape) for k, v in tree.items()}
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
 
 
 def _boxed_abstract(model: nn.Module, *args) -> dict:
@@ -297,7 +288,7 @@ def dit_state_dict_from_params(params: Mapping) -> dict[str, jax.Array]:
   Dense here -> (O, I, 1, 1)); scale -> weight. Works on arrays or ShapeDtypeStructs (via eval_shape).
   """
   out = {}
-  for path, value in _flatten(nn.unbox(params)).items():
+  for path, value in flatten_dict(nn.unbox(params)).items():
     parts = list(path)
     if parts[0].startswith("transformer_blocks_"):
       parts = ["transformer_blocks", parts[0][len("transformer_blocks_"):]] + parts[1:]
@@ -399,7 +390,7 @@ def _torch_key(path: tuple[str, ...]) -> str:
 def dcae_state_dict_from_params(params: Mapping) -> dict[str, jax.Array]:
   """The exact inverse of dcae.params_from_diffusers_state_dict (arrays or ShapeDtypeStructs)."""
   out = {}
-  for path, value in _flatten(nn.unbox(params)).items():
+  for path, value in flatten_dict(nn.unbox(params)).items():
     leaf, value = path[-1], jnp.asarray(value)
     if leaf == "kernel":
       value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
@@ -474,7 +465,7 @@ def gemma2_config_from_transformers(cfg: Mapping[str, Any], *, dtype: str = "flo
 def gemma2_state_dict_from_params(params: Mapping) -> dict[str, jax.Array]:
   """Inverse of text_encoder.params_from_transformers_state_dict (Gemma2Model keys, no 'model.')."""
   out = {}
-  for path, value in _flatten(nn.unbox(params)).items():
+  for path, value in flatten_dict(nn.unbox(params)).items():
     value = jnp.asarray(value)
     if path == ("embed_tokens",):
       out["embed_tokens.weight"] = value
@@ -774,7 +765,7 @@ def init_params_from(path: str, like: Any) -> Any:
 
 
 def _flat_names(tree) -> dict[str, Any]:
-  return {"/".join(k): v for k, v in _flatten(nn.unbox(tree)).items()}
+  return flatten_dict(nn.unbox(tree), sep="/")
 
 
 def export_diffusers(workdir: str, dst: str, *, dtype: str = "float32", ema: bool = True) -> None:

@@ -27,6 +27,7 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -596,24 +597,14 @@ def params_from_diffusers_state_dict(state_dict: Mapping[str, Any], ae_config: m
   f = downsample_factor(ae_config)
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0),
                                                       jnp.zeros((1, f, f, model.in_channels))))["params"])
-  want = {"/".join(k): v.shape for k, v in _flatten(shapes).items()}
-  got = {"/".join(k): v.shape for k, v in _flatten(params).items()}
+  want = {k: v.shape for k, v in flatten_dict(shapes, sep="/").items()}
+  got = {k: v.shape for k, v in flatten_dict(params, sep="/").items()}
   if want != got:
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     wrong = sorted(k for k in set(want) & set(got) if want[k] != got[k])
     raise ValueError(f"diffusers weights do not fit this DC-AE config: missing {missing[:5]}, "
                      f"unexpected {extra[:5]}, wrong shapes {[(k, got[k], want[k]) for k in wrong[:5]]}.")
   return params
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
 
 
 def param_count(params) -> int:

@@ -38,6 +38,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -302,34 +303,19 @@ def student_params_from_teacher(teacher_params: Mapping[str, Any], student_param
     A new params dict with the student's structure. Raises ValueError when a teacher leaf has no
     place in the student or the shapes differ (different depth / width).
   """
-  flat_student = {"/".join(k): v for k, v in _flatten(student_params)}
+  flat_student = flatten_dict(student_params, sep="/")
   out = dict(flat_student)
-  for path, value in _flatten(teacher_params):
-    key = "/".join(path)
+  for name, value in flatten_dict(teacher_params, sep="/").items():
+    key = name
     if key.startswith("time_embed/emb/timestep_embedder/") and key not in flat_student:
       key = key.replace("time_embed/emb/", "time_embed/", 1)  # adaLN-single -> the guidance layout.
     if key not in flat_student:
-      raise ValueError(f"Teacher parameter {'/'.join(path)} has no counterpart in the student.")
+      raise ValueError(f"Teacher parameter {name} has no counterpart in the student.")
     if tuple(np.shape(value)) != tuple(np.shape(flat_student[key])):
-      raise ValueError(f"Teacher parameter {'/'.join(path)} has shape {np.shape(value)}, the student's "
+      raise ValueError(f"Teacher parameter {name} has shape {np.shape(value)}, the student's "
                        f"{key} {np.shape(flat_student[key])}.")
     out[key] = value
-  tree: dict = {}
-  for key, value in out.items():
-    node = tree
-    *parents, leaf = key.split("/")
-    for name in parents:
-      node = node.setdefault(name, {})
-    node[leaf] = value
-  return tree
-
-
-def _flatten(tree: Mapping[str, Any], prefix: tuple = ()):
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
+  return unflatten_dict(out, sep="/")
 
 
 # --- diffusers weights --------------------------------------------------------------------------
