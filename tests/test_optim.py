@@ -130,16 +130,18 @@ def _train_config(**overrides):
 
 
 def test_schedule_warmup_constant_and_cosine():
+  # lr(count), count = optax's 0-based update count = training step - 1.
   _, lr = optim.build_optimizer(_train_config(), num_steps=1000)
-  assert float(lr(0)) == 0.0
-  assert float(lr(25)) == pytest.approx(2.5e-4)
-  assert float(lr(50)) == pytest.approx(5e-4)
-  assert float(lr(100)) == pytest.approx(1e-3)
+  assert float(lr(0)) == pytest.approx(1e-5, rel=1e-5)  # the first update already moves: peak / warmup_steps.
+  assert float(lr(24)) == pytest.approx(2.5e-4)
+  assert float(lr(49)) == pytest.approx(5e-4)
+  assert float(lr(98)) == pytest.approx(9.9e-4)
+  assert float(lr(99)) == pytest.approx(1e-3)  # peak at step warmup_steps.
   assert float(lr(999)) == pytest.approx(1e-3)
   _, lr = optim.build_optimizer(_train_config(schedule="cosine"), num_steps=1100)
-  assert float(lr(100)) == pytest.approx(1e-3)
-  assert float(lr(600)) == pytest.approx(5e-4, rel=1e-4)  # half way through the decay.
-  assert float(lr(1100)) == pytest.approx(0.0, abs=1e-9)
+  assert float(lr(99)) == pytest.approx(1e-3)
+  assert float(lr(599)) == pytest.approx(5e-4, rel=1e-4)  # half way through the decay.
+  assert float(lr(1099)) == pytest.approx(0.0, abs=1e-9)  # 0 at the last step.
   _, lr = optim.build_optimizer(_train_config(warmup_steps=0), num_steps=10)
   assert float(lr(0)) == pytest.approx(1e-3)
 
@@ -152,8 +154,8 @@ def test_warmup_scales_the_first_updates():
   for _ in range(5):
     updates, state = update({"w": jnp.ones((3,))}, state, params)
     sizes.append(float(jnp.abs(updates["w"]).max()))
-  # Adam's first updates are ~lr(step) in size: 0, 1/4, 2/4, 3/4, 1 of the peak.
-  np.testing.assert_allclose(sizes, [0.0, 2.5e-4, 5e-4, 7.5e-4, 1e-3], rtol=1e-4, atol=1e-9)
+  # Adam's first updates are ~lr(step) in size: 1/4, 2/4, 3/4, 1, 1 of the peak (none wasted at 0).
+  np.testing.assert_allclose(sizes, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3], rtol=1e-4, atol=1e-9)
 
 
 def test_global_norm_clipping():

@@ -159,9 +159,11 @@ def _field(config: Any, name: str, default: Any = None, *, required: bool = Fals
 
 
 def _lr_schedule(peak: float, warmup_steps: int, schedule: str, num_steps: int) -> optax.Schedule:
-  """Linear warm-up 0 -> peak over `warmup_steps`, then constant or cosine decay to 0 at `num_steps`.
+  """Linear warm-up to peak over `warmup_steps`, then constant or cosine decay to 0 at `num_steps`.
 
-  Step s of warm-up has lr = peak * s / warmup_steps (SANA's constant-with-warm-up; lr = 0 at s = 0).
+  Returns lr(count) with count optax's 0-based update count, so training step s = count + 1 has
+  lr = peak * s / warmup_steps during warm-up (SANA's constant-with-warm-up): peak / warmup_steps
+  at the first step, not 0 (a zero first update would be wasted), and peak at step warmup_steps.
   """
   if schedule == "constant":
     main = optax.constant_schedule(peak)
@@ -172,7 +174,8 @@ def _lr_schedule(peak: float, warmup_steps: int, schedule: str, num_steps: int) 
   if warmup_steps <= 0:
     return main
   warmup = optax.linear_schedule(0.0, peak, warmup_steps)
-  return optax.join_schedules([warmup, main], boundaries=[warmup_steps])
+  by_step = optax.join_schedules([warmup, main], boundaries=[warmup_steps])  # of the 1-based step.
+  return lambda count: by_step(count + 1)
 
 
 def build_optimizer(train_config: Any, num_steps: int) -> tuple[optax.GradientTransformation, Callable]:
