@@ -48,6 +48,19 @@ def load_config(name_or_path: str, arg: str | None = None,
   config = module.get_config(arg) if arg is not None else module.get_config()
   for key, value in (overrides or {}).items():
     set_field(config, key, value)
+  return record_overrides(config, overrides or {})
+
+
+def record_overrides(config: ml_collections.ConfigDict, dotted_keys) -> ml_collections.ConfigDict:
+  """Notes the fields set on the command line (or by load_config's overrides) in config.cli_overrides.
+
+  Fields derived later from other fields (resolution.apply_resolution's presets) leave the ones
+  named here alone, so an explicit `--config.train.batch_size=8` wins over the preset's. CLIs pass
+  `config_flags.get_override_values(FLAGS["config"])` (a flat {dotted name: value}); only its keys
+  are used. Returns `config` (in place) for chaining.
+  """
+  with config.unlocked():
+    config.cli_overrides = sorted(set(config.get("cli_overrides", ())) | set(dotted_keys))
   return config
 
 

@@ -14,6 +14,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from sanajax.config_utils import record_overrides
 from sanajax.training.setup import quiet_library_logs
 from sanajax.training.sprint import distill
 
@@ -26,7 +27,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   quiet_library_logs()
-  config = _CONFIG.value
+  config = record_overrides(_CONFIG.value, config_flags.get_override_values(flags.FLAGS["config"]))
   if not config.get("teacher_workdir"):
     raise app.UsageError("--config.teacher_workdir is required: the workdir of a trained teacher (sanajax.train).")
   config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]

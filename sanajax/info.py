@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from sanajax import resolution
+from sanajax.config_utils import record_overrides
 from sanajax.models import sana_dit
 
 
@@ -113,9 +114,12 @@ def format_description(info: dict[str, Any]) -> str:
 def main(argv):
   del argv
   from sanajax.parallel import memory  # pylint: disable=g-import-not-at-top
-  lines = format_description(describe(_CONFIG.value)).splitlines()
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config = record_overrides(_CONFIG.value, config_flags.get_override_values(flags.FLAGS["config"]))
+  lines = format_description(describe(config)).splitlines()
   # Per-device bytes under config.mesh (a -1 axis takes this machine's device count).
-  mem = memory.format_plan_memory(memory.plan_memory(_CONFIG.value, jax.device_count()))
+  mem = memory.format_plan_memory(memory.plan_memory(config, jax.device_count()))
   print("\n".join(lines[:-1] + mem.splitlines() + lines[-1:]))
 
 

@@ -4,7 +4,9 @@
 from the resolution (latent size, positional embedding, flow shift, batch size) must be derived
 again: the config carries the table (`config.resolution_presets`, keyed by the resolution as a
 string) and `apply_resolution(config)` writes the row of `config.data.resolution` into the
-fields that use it. Configs without `resolution_presets` (tiny) are returned unchanged.
+fields that use it. A field set explicitly (named in `config.cli_overrides`, see
+config_utils.record_overrides) keeps its value. Configs without `resolution_presets` (tiny) are
+returned unchanged.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ def ae_downsample(config: ml_collections.ConfigDict) -> int:
 def apply_resolution(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """Writes the preset of `config.data.resolution` into model / diffusion / train (in place).
 
-  Also sets model.sample_size = resolution / AE downsampling (the latent side; with patch
+  Fields named in config.cli_overrides (set on the command line) are not replaced. Also sets
+  model.sample_size = resolution / AE downsampling (the latent side; with patch
   size p, the sin-cos PE base grid is sample_size / p, as diffusers' `sample_size`).
   Returns `config` for chaining.
   """
@@ -40,12 +43,14 @@ def apply_resolution(config: ml_collections.ConfigDict) -> ml_collections.Config
     raise ValueError(f"No preset for data.resolution={key}; known: {sorted(config.resolution_presets, key=int)}. "
                      "Add a row to config.resolution_presets.")
   preset = config.resolution_presets[key]
+  explicit = set(config.get("cli_overrides", ()))
   with config.unlocked():
     for name, value in preset.items():
       if name not in _TARGETS:
         raise KeyError(f"resolution_presets[{key}] has unknown field {name!r}; known: {sorted(_TARGETS)}.")
       section, field = _TARGETS[name]
-      config[section][field] = value
+      if f"{section}.{field}" not in explicit:
+        config[section][field] = value
     down = ae_downsample(config)
     if int(config.data.resolution) % down:
       raise ValueError(f"data.resolution={config.data.resolution} is not a multiple of the AE downsampling {down}.")

@@ -18,6 +18,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from sanajax.config_utils import record_overrides
 from sanajax.parallel import distributed
 from sanajax.training.dit import train
 from sanajax.training.setup import quiet_library_logs
@@ -37,7 +38,7 @@ def main(argv):
   config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
   workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
   print(f"Workdir: {os.path.abspath(workdir)}", flush=True)
-  train(_CONFIG.value, workdir)
+  train(record_overrides(_CONFIG.value, config_flags.get_override_values(flags.FLAGS["config"])), workdir)
 
 
 if __name__ == "__main__":
