@@ -236,7 +236,10 @@ def test_cli_distills_and_writes_a_training_layout(teacher_dir, tmp_path):
                       f"--config.teacher_workdir={teacher_dir}", f"--workdir={out}", "--config.data.resolution=32",
                       "--config.model.depth=2", "--config.model.hidden_size=64", "--config.train.batch_size=4",
                       "--config.train.num_steps=2", "--config.train.log_every=1", "--config.eval.num_prompts=0",
-                      "--config.distill.head_block_ids=(0, 1)"],
+                      "--config.distill.head_block_ids=(0, 1)",
+                      # sprint_config's warm-ups: the same programs as the runs above, which the
+                      # suite's compilation cache (tests/conftest.py) then serves to this process.
+                      "--config.train.warmup_steps=1", "--config.distill.tangent_warmup_steps=2"],
                      cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   cfg = json.load(open(out / "config.json"))
