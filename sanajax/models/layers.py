@@ -120,16 +120,20 @@ class TimestepEmbedder(nn.Module):
   """MLP on the sinusoid: Linear(256, h) -> SiLU -> Linear(h, h). (B, 256) -> (B, h).
 
   diffusers `TimestepEmbedding` (linear_1, linear_2); init N(0, 0.02) as SANA's t_embedder.
+  last_kernel_init: linear_2's kernel init (biases start at zero). The Sprint guidance embedder
+  passes zeros, so a fresh one adds nothing to the conditioning (sana_dit.TimestepGuidanceEmbedding).
   """
   hidden_size: int
   dtype: Dtype = jnp.float32
+  last_kernel_init: Any = normal_002
 
   @nn.compact
   def __call__(self, t_freq: jax.Array) -> jax.Array:
     x = dense(self.hidden_size, ("time_freq", "embed"), dtype=self.dtype, kernel_init=normal_002,
               name="linear_1")(t_freq.astype(self.dtype))
     x = nn.silu(x)
-    return dense(self.hidden_size, ("embed", "embed"), dtype=self.dtype, kernel_init=normal_002, name="linear_2")(x)
+    return dense(self.hidden_size, ("embed", "embed"), dtype=self.dtype, kernel_init=self.last_kernel_init,
+                 name="linear_2")(x)
 
 
 class CombinedTimestepEmbedding(nn.Module):

@@ -52,25 +52,6 @@ Dtype = Any
 ACT_AXES = ("batch", "length", "embed")
 
 
-class GuidanceEmbedder(nn.Module):
-  """SANA-Sprint `cfg_embedder` / diffusers `guidance_embedder`: (B, 256) sinusoid -> (B, h).
-
-  Linear(256, h) -> SiLU -> Linear(h, h) like layers.TimestepEmbedder, but the last Linear starts
-  at zero (SanaMSCM zero-initialises cfg_embedder's last layer): a fresh guidance embedding adds
-  nothing, so a student initialised from its teacher computes the teacher's function.
-  """
-  hidden_size: int
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, g_freq: jax.Array) -> jax.Array:
-    x = dense(self.hidden_size, ("time_freq", "embed"), dtype=self.dtype, kernel_init=normal_002,
-              name="linear_1")(g_freq.astype(self.dtype))
-    x = nn.silu(x)
-    return dense(self.hidden_size, ("embed", "embed"), dtype=self.dtype, kernel_init=nn.initializers.zeros,
-                 name="linear_2")(x)
-
-
 class TimestepGuidanceEmbedding(nn.Module):
   """diffusers `SanaCombinedTimestepGuidanceEmbeddings`: adaLN-single with a CFG embedding.
 
@@ -85,8 +66,11 @@ class TimestepGuidanceEmbedding(nn.Module):
   @nn.compact
   def __call__(self, timestep: jax.Array, guidance: jax.Array) -> tuple[jax.Array, jax.Array]:
     emb = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="timestep_embedder")(timestep_sinusoid(timestep))
-    emb = emb + GuidanceEmbedder(self.hidden_size, dtype=self.dtype, name="guidance_embedder")(
-        timestep_sinusoid(guidance))
+    # diffusers' guidance_embedder (SANA-Sprint's cfg_embedder): the timestep MLP with its last
+    # layer zero-initialised (SanaMSCM), so a student initialised from its teacher computes the
+    # teacher's function until the guidance embedding is trained.
+    emb = emb + TimestepEmbedder(self.hidden_size, dtype=self.dtype, last_kernel_init=nn.initializers.zeros,
+                                 name="guidance_embedder")(timestep_sinusoid(guidance))
     t6 = dense(6 * self.hidden_size, ("embed", "adaln"), dtype=self.dtype, kernel_init=normal_002,
                name="linear")(nn.silu(emb))
     return t6, emb
