@@ -256,6 +256,26 @@ def met(ok: bool | None) -> str:
   return "" if ok is None else ("yes" if ok else "no")
 
 
+def vs_torch(ms: float, eager_ms: float, compiled_ms: float) -> str:
+  """The figure comparing sanajax's `ms` with diffusers eager and torch.compile."""
+  return f"{ms / eager_ms:.2f}x diffusers eager, {ms / compiled_ms:.2f}x compiled"
+
+
+def torch_rows(bench: str, case: str, dtype: str, backend: str, eager_ms: float, compiled_ms: float,
+               figure: Callable[[float], str] = lambda ms: "") -> list[Row]:
+  """diffusers' rows of one case: eager, then torch.compile with `backend`; figure(ms) -> text."""
+  return [Row(bench, case, f"diffusers {label} {dtype}", t_ms, figure(t_ms))
+          for label, t_ms in (("eager", eager_ms), (f"torch.compile {backend}", compiled_ms))]
+
+
+def case_rows(bench: str, case: str, attn_impl: str, ms: float, figure: Sequence[str], target: str,
+              ok: bool | None, other_rows: Sequence[Row] = ()) -> list[Row]:
+  """sanajax's row of one case (bf16; figure parts joined by ', ', met from ok), then `other_rows`
+  (the diffusers rows of torch_rows)."""
+  return [Row(bench, case, f"sanajax bf16 attn={attn_impl}", ms, ", ".join(figure), target, met(ok)),
+          *other_rows]
+
+
 def print_rows(rows: Sequence[Row]) -> None:
   """A plain table on stdout (the device tool returns the tail of the output)."""
   print(f"{'bench':<16} {'case':<26} {'impl':<28} {'median ms':>10}  figure | target | met")

@@ -80,14 +80,10 @@ def main(argv=None) -> list[hx.Row]:
         err = hx.rel_l2(np.asarray(jax.device_get(decode(params, z)), np.float32), ref)
         eager_ms = hx.torch_median_ms(lambda: ref_model.decode(tz, return_dict=False), device=device, **timing)
         compiled_ms = hx.torch_median_ms(lambda: compiled(tz, return_dict=False), device=device, **timing)
-      ratio = ms / eager_ms
-      figure = [f"{ratio:.2f}x diffusers eager, {ms / compiled_ms:.2f}x compiled", f"rel err vs diffusers {err:.1e}"]
-      target, ok = f"<= {EAGER_RATIO_TARGET}x diffusers eager", ratio <= EAGER_RATIO_TARGET
-      for label, t_ms in (("eager", eager_ms), (f"torch.compile {args.torch_compile_backend}", compiled_ms)):
-        torch_rows.append(hx.Row("dcae_decode", case, f"diffusers {label} {torch_dtype}", t_ms))
-    rows.append(hx.Row("dcae_decode", case, f"sanajax bf16 attn={args.attn_impl}", ms, ", ".join(figure), target,
-                       hx.met(ok)))
-    rows.extend(torch_rows)
+      figure = [hx.vs_torch(ms, eager_ms, compiled_ms), f"rel err vs diffusers {err:.1e}"]
+      target, ok = f"<= {EAGER_RATIO_TARGET}x diffusers eager", ms / eager_ms <= EAGER_RATIO_TARGET
+      torch_rows = hx.torch_rows("dcae_decode", case, torch_dtype, args.torch_compile_backend, eager_ms, compiled_ms)
+    rows.extend(hx.case_rows("dcae_decode", case, args.attn_impl, ms, figure, target, ok, torch_rows))
   hx.report(args, rows)
   return rows
 

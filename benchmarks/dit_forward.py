@@ -142,18 +142,14 @@ def main(argv=None) -> list[hx.Row]:
         figure.append(f"rel err vs diffusers {err:.1e}")
         eager_ms = hx.torch_median_ms(lambda: call(model), device=device, **timing)
         compiled_ms = hx.torch_median_ms(lambda: call(compiled), device=device, **timing)
-      ratio = ms / eager_ms
-      figure.insert(0, f"{ratio:.2f}x diffusers eager, {ms / compiled_ms:.2f}x compiled")
+      figure.insert(0, hx.vs_torch(ms, eager_ms, compiled_ms))
       if (res, batch) == (1024, 1):
-        target, ok = f"<= {EAGER_RATIO_TARGET}x diffusers eager", ratio <= EAGER_RATIO_TARGET
-      for label, t_ms in (("eager", eager_ms), (f"torch.compile {args.torch_compile_backend}", compiled_ms)):
-        torch_rows.append(hx.Row("dit_forward", case, f"diffusers {label} {torch_dtype}", t_ms,
-                                 hx.fmt_tflops(flops / (t_ms * 1e-3))))
+        target, ok = f"<= {EAGER_RATIO_TARGET}x diffusers eager", ms / eager_ms <= EAGER_RATIO_TARGET
+      torch_rows = hx.torch_rows("dit_forward", case, torch_dtype, args.torch_compile_backend, eager_ms, compiled_ms,
+                                 figure=lambda t_ms: hx.fmt_tflops(flops / (t_ms * 1e-3)))
       del compiled
     figure.append(f"{flops / batch / 1e9:.3f} GFLOP/image (sanajax.info)")
-    rows.append(hx.Row("dit_forward", case, f"sanajax bf16 attn={args.attn_impl}", ms, ", ".join(figure), target,
-                       hx.met(ok)))
-    rows.extend(torch_rows)
+    rows.extend(hx.case_rows("dit_forward", case, args.attn_impl, ms, figure, target, ok, torch_rows))
   hx.report(args, rows)
   return rows
 
