@@ -20,7 +20,6 @@ from sanajax.data.sources import make_source
 from sanajax.models import dcae
 from sanajax.training import loop as loop_lib
 from sanajax.training.checkpoint import Checkpointer
-from sanajax.training.metrics import MetricWriter
 from sanajax.training.optim import build_optimizer
 from sanajax.training.setup import load_workdir_config, prepare_workdir
 from sanajax.training.state import TrainState, apply_gradients, create_train_state
@@ -84,24 +83,20 @@ def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
   source = make_source(config.data.source, res, config.seed)
   data_iter = make_train_iterator(source, batch_size=config.train.batch_size, seed=config.seed,
                                   tokenize_fn=_no_text, num_workers=config.data.get("num_workers", 0))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-  state = loop_lib.restore_or_init(ckpt, state, data_iter)
-  writer = MetricWriter(workdir)
-  loop = loop_lib.LoopConfig(num_steps=config.train.num_steps, batch_size=config.train.batch_size,
-                             log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
-                             description="dcae")
   step_fn = make_ae_step(model, tx, schedule, config.train.ema_decay)
-  state = loop_lib.run(loop, state, step_fn, data_iter, ckpt, writer,
-                       extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
-  info = evaluate_ae(model, state.ema_params, config)
-  writer.scalars(config.train.num_steps, {"eval_psnr": info["psnr"]})
-  writer.close()
+  info = {}
+
+  def evaluate(state, writer):
+    """The EMA weights' held-out PSNR (logged at the last step) and latent statistics."""
+    info.update(evaluate_ae(model, state.ema_params, config))
+    writer.scalars(config.train.num_steps, {"eval_psnr": info["psnr"]})
+
+  loop_lib.run_from_config(config.train, workdir, state, step_fn, data_iter, description="dcae", on_done=evaluate)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, AE_INFO_FILE), "w") as f:
       json.dump(info, f, indent=2)
   print(f"DC-AE: held-out PSNR {info['psnr']:.2f} dB on {info['num_images']} images; "
         f"latent std {info['latent_std']:.4f} -> scaling factor {info['scaling_factor']:.4f}", flush=True)
-  ckpt.close()
   return info
 
 

@@ -27,8 +27,6 @@ from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import has_checkpoint, load_ae, train_ae
-from sanajax.training.checkpoint import Checkpointer
-from sanajax.training.metrics import MetricWriter
 from sanajax.training.optim import build_optimizer
 from sanajax.training.setup import prepare_workdir
 from sanajax.training.state import TrainState, apply_gradients, create_sharded_train_state, create_train_state
@@ -233,8 +231,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
       caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.get("num_workers", 0))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-  state = loop_lib.restore_or_init(ckpt, state, data_iter)
   frozen = {"ae": ae_params, "text": text_encoder.params}
   if plan is not None:
     frozen = place_frozen(plan, frozen, text_encoder)
@@ -245,16 +241,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
     step_fn = lambda s, b: step(s, frozen, b)
   else:
     step_fn = lambda s, b: step(s, frozen, plan.shard_batch(b))
-  writer = MetricWriter(workdir)
-  flops = describe(config)["train_step_flops"]
-  loop = loop_lib.LoopConfig(num_steps=config.train.num_steps, batch_size=config.train.batch_size,
-                             log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
-                             flops_per_step=flops, description="dit")
-  loop_lib.run(loop, state, step_fn, data_iter, ckpt, writer,
-               sample_fn=make_grid_fn(config, ae_model, ae_params, ae_scaling, text_encoder),
-               extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
-  ckpt.close()
-  writer.close()
+  loop_lib.run_from_config(config.train, workdir, state, step_fn, data_iter, description="dit",
+                           flops_per_step=describe(config)["train_step_flops"],
+                           sample_fn=make_grid_fn(config, ae_model, ae_params, ae_scaling, text_encoder))
   print(f"Training done in {time.perf_counter() - start_time:.0f} s.", flush=True)
   if not run_eval or not config.data.source.startswith("shapes"):
     return {}

@@ -7,6 +7,7 @@ NaN guard, periodic asynchronous checkpoints, and optional sample grids.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Iterator
 
@@ -103,4 +104,33 @@ def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, d
   finally:
     bar.close()
     ckpt.wait()
+  return state
+
+
+def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]],
+                    data_iter: Iterator, *, description: str, flops_per_step: float | None = None,
+                    sample_fn: Callable[[Any], np.ndarray] | None = None,
+                    on_done: Callable[[Any, MetricWriter], None] | None = None) -> Any:
+  """The run every trainer (DiT, AE, Sprint) makes of a config's `train` section; returns the final state.
+
+  Checkpoints go to WORKDIR/checkpoints (keeping train_config.keep_checkpoints) and a run resumes
+  from the latest one (restore_or_init, which also positions data_iter); metrics go to WORKDIR
+  (MetricWriter), with the data's `skipped_images` count beside the step's; the loop runs to
+  train_config.num_steps, logging every log_every and checkpointing every checkpoint_every
+  steps. step_fn: `run`'s (may be built from the fresh state: restoring keeps its layout).
+  on_done(state, writer): called after the last step, before the writer is closed (e.g. to log
+  an evaluation at the final step).
+  """
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_config.keep_checkpoints)
+  state = restore_or_init(ckpt, state, data_iter)
+  writer = MetricWriter(workdir)
+  loop = LoopConfig(num_steps=train_config.num_steps, batch_size=train_config.batch_size,
+                    log_every=train_config.log_every, checkpoint_every=train_config.checkpoint_every,
+                    flops_per_step=flops_per_step, description=description)
+  state = run(loop, state, step_fn, data_iter, ckpt, writer, sample_fn=sample_fn,
+              extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
+  if on_done is not None:
+    on_done(state, writer)
+  ckpt.close()
+  writer.close()
   return state

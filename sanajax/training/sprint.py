@@ -52,7 +52,6 @@ from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import load_ae
 from sanajax.training.checkpoint import Checkpointer
-from sanajax.training.metrics import MetricWriter
 from sanajax.training.optim import build_optimizer
 from sanajax.training.setup import dtype_from_name, load_workdir_config, prepare_workdir
 from sanajax.training.state import ema_update
@@ -468,16 +467,8 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool =
       caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.get("num_workers", 0))
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep_checkpoints)
-  state = loop_lib.restore_or_init(ckpt, state, data_iter)
-  writer = MetricWriter(workdir)
-  loop = loop_lib.LoopConfig(num_steps=config.train.num_steps, batch_size=config.train.batch_size,
-                             log_every=config.train.log_every, checkpoint_every=config.train.checkpoint_every,
-                             description="sprint")
-  loop_lib.run(loop, state, distiller.make_step(frozen, state), data_iter, ckpt, writer,
-               extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
-  ckpt.close()
-  writer.close()
+  loop_lib.run_from_config(config.train, workdir, state, distiller.make_step(frozen, state), data_iter,
+                           description="sprint")
   print(f"Distillation done in {time.perf_counter() - start_time:.0f} s.", flush=True)
   if not run_eval or not config.data.source.startswith("shapes") or not config.eval.num_prompts:
     return {}
