@@ -26,10 +26,12 @@ PLANS = {
 }
 # float32 on CPU: the sharded programs sum in another order than one device. Measured worst
 # cases over the four plans (relative to the largest magnitude): loss 1.2e-6, gradients 5.0e-7,
-# losses and parameters over 5 AdamW steps 1.2e-5; the bounds leave 4-10x room.
+# losses and parameters over 5 AdamW steps 5.2e-5 (data=8; 1.2e-5 before the warm-up gave step 1
+# a non-zero lr: AdamW's first update is ~sign(g), which turns last-bit gradient differences of
+# near-zero entries into lr-sized ones). A real sharding bug is off at the 1e-1 level.
 LOSS_RTOL = 5e-6
 GRAD_RTOL = 5e-6
-TRAJ_RTOL = 5e-5
+TRAJ_RTOL = 2e-4
 # 3 steps under fsdp=8, saved, then 3 more under another plan vs under fsdp=8: AdamW's
 # normalisation lets the last-bit differences grow; measured 1.1e-5 (data=4), 4.3e-5 (one device).
 CONTINUE_RTOL = 2e-4

@@ -17,10 +17,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 SPRINT_MESH = dict(data=2, fsdp=2, tensor=2)
-# float32 on CPU, sharded sums in another order. The sCM loss is a small difference of large
-# terms (~4e-4): measured 8.7e-6 relative on it (the total loss within 5e-6); the state after two
-# AdamW steps is bounded as test_parallel.py's trajectories. A real bug (a missing all-reduce, a
-# wrong noise layout) changes values at the 1e-1 level. The case prints every measured error.
+# float32 on CPU, sharded sums in another order. Measured relative errors after two steps: the
+# sCM loss, a small difference of large terms (~4e-4), 8.7e-6; the other metrics <= 2.2e-7; the
+# LADD heads 1.7e-5, the student, EMA and optimizer states <= 3e-8. A real bug (a missing
+# all-reduce, a wrong noise layout) changes values at the 1e-1 level. The case prints them all.
 METRIC_RTOL = 5e-5
 SPRINT_RTOL = 5e-5
 SAMPLE_ATOL = 1e-5
@@ -159,8 +159,11 @@ def case_sprint() -> None:
   assert moved > 1e-4, moved
   ema_q = state.ema_params["transformer_blocks_0"]["attn1"]["to_q"]["kernel"]
   assert spec_of(ema_q) == ("fsdp", "tensor")
-  moments = [x for x in jax.tree.leaves(state.opt_state) if getattr(x, "shape", None) == (64, 64)]
-  assert moments and all(spec_of(x) == ("fsdp", "tensor") for x in moments[:2]), [spec_of(x) for x in moments]
+  moments = [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+             if "transformer_blocks_0" in jax.tree_util.keystr(path) and "attn1" in jax.tree_util.keystr(path)
+             and "to_q" in jax.tree_util.keystr(path)
+             and "kernel" in jax.tree_util.keystr(path)]
+  assert len(moments) == 2 and all(spec_of(x) == ("fsdp", "tensor") for x in moments), [spec_of(x) for x in moments]
   head_kernels = [x for x in jax.tree.leaves(state.disc_params) if x.ndim == 3]
   assert head_kernels and all("fsdp" in spec_of(x) for x in head_kernels), [spec_of(x) for x in head_kernels]
   # Frozen weights are split too, not replicated: the teacher like the student, the text
