@@ -23,6 +23,9 @@ def get_config(arg=None):
   c.data.source = "shapes"  # or "folder:/path/to/images"
   c.data.resolution = 64
   c.data.num_workers = 0  # grain worker processes; 0 reads in the main process.
+  # Images encoded once by the frozen AE before DiT training (sanajax.data.latent_cache; 0: encode
+  # in every step).
+  c.data.latent_cache = 0
   c.data.caption_clip_threshold = 25.0  # SANA `clip_thr`.
   c.data.caption_temperature = 0.1  # SANA `clip_thr_temperature`.
 

@@ -69,8 +69,10 @@ def wrapped_iterator(make_iterator, on_batch):
   return make
 
 
-def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch):
-  config = small_config(ae_dir)
+@pytest.mark.parametrize("latent_cache", [0, 16])
+def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch, latent_cache):
+  # latent_cache 16: the DiT reads AE latents encoded once at start-up (rebuilt on resume).
+  config = small_config(ae_dir, **{"data.latent_cache": latent_cache})
   train_lib.train(config, str(tmp_path / "straight"), run_eval=False)
 
   # Kill the second run while it fetches the batch of step 5 (after the checkpoint at step 3).
@@ -106,7 +108,7 @@ def test_nan_guard_names_step_and_quantity(tmp_path, ae_dir, monkeypatch):
 
   def poison_3(count, batch):
     if count == 3:
-      batch = dict(batch, image=np.full_like(batch["image"], np.nan))
+      batch = {k: np.full_like(v, np.nan) if k in ("image", "latent") else v for k, v in batch.items()}
     return batch
 
   monkeypatch.setattr(train_lib, "make_train_iterator", wrapped_iterator(train_lib.make_train_iterator, poison_3))
@@ -159,6 +161,30 @@ def test_changed_architecture_in_existing_workdir_is_refused(tmp_path):
     prepare_workdir(str(tmp_path), small_config(tmp_path / "ae", **{"model.depth": 3}))
 
 
+def test_cached_latents_give_the_loss_of_encoding_in_the_step(ae_dir):
+  """The step's loss on a batch of cached latents equals its loss on the images they came from."""
+  import jax.numpy as jnp
+  from sanajax.builders import build_text_encoder
+  from sanajax.data.pipeline import make_train_iterator
+  from sanajax.data.sources import make_source
+  from sanajax.models.sana_dit import build_dit
+  from sanajax.training.autoencoder import load_ae
+  config = small_config(ae_dir)
+  ae_model, ae_params, scaling, _ = load_ae(str(ae_dir))
+  text = build_text_encoder(config)
+  batch = next(make_train_iterator(make_source("shapes", 32, 0), batch_size=4, seed=0, tokenize_fn=text.tokenize))
+  cached = dict(batch, latent=np.asarray(train_lib.make_encode_fn(ae_model, ae_params)(batch["image"])))
+  del cached["image"]
+  loss_fn = jax.jit(train_lib.make_loss_fn(config, build_dit(config.model), ae_model, text, scaling))
+  params = train_lib.init_dit_params(config, jax.random.PRNGKey(0))
+  frozen = {"ae": ae_params, "text": text.params}
+  key = jax.random.PRNGKey(5)
+  from_images = float(loss_fn(params, frozen, {k: jnp.asarray(v) for k, v in batch.items()}, key))
+  from_cache = float(loss_fn(params, frozen, {k: jnp.asarray(v) for k, v in cached.items()}, key))
+  assert from_images > 0.1
+  np.testing.assert_allclose(from_cache, from_images, rtol=1e-5)
+
+
 def test_training_on_a_folder_skips_corrupt_images(tmp_path, ae_dir):
   from PIL import Image
   folder = tmp_path / "images"
@@ -175,3 +201,8 @@ def test_training_on_a_folder_skips_corrupt_images(tmp_path, ae_dir):
   assert rows[-1]["step"] == 3
   # 3 batches of 4 from 6 good images: the broken one comes up at least once per epoch.
   assert rows[-1]["skipped_images"] >= 1
+  # With a latent cache the broken image is met (and counted) once, while the cache is built.
+  config = small_config(ae_dir, **{"data.source": f"folder:{folder}", "train.num_steps": 3, "data.latent_cache": 100})
+  train_lib.train(config, str(tmp_path / "cached"), run_eval=False)
+  rows = read_metrics(str(tmp_path / "cached"))
+  assert rows[-1]["step"] == 3 and rows[-1]["skipped_images"] == 1

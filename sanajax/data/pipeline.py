@@ -89,18 +89,21 @@ class _LoadExample:
   """
 
   def __init__(self, source, seed: int, shard_len: int, threshold: float,
-               temperature: float):
+               temperature: float, field: str = "image"):
     self.source = source
     self.seed = int(seed)
     self.shard_len = int(shard_len)
     self.threshold = float(threshold)
     self.temperature = float(temperature)
+    self.field = field
 
   def __call__(self, k: int, idx: int) -> dict[str, Any]:
     idx = int(idx)
     epoch = int(k) // self.shard_len
     ex = self.source[idx]
-    image = ex["image"]
+    # Inside the stream the array travels as "image" whatever it is (an image, or a latent of
+    # a LatentSource); TrainIterator names it again.
+    image = ex[self.field]
     captions = ex["captions"]
     caption = captions[0] if len(captions) == 1 else ""
     if image is not None and len(captions) > 1:
@@ -168,7 +171,9 @@ class TrainIterator:
   """Infinite iterator of training batches with exact, JSON-serialisable state.
 
   `next(it)` returns a dict of numpy arrays:
-    image:          float32 (B, R, R, 3) in [-1, 1];
+    image:          float32 (B, R, R, 3) in [-1, 1]; or, from a source of latents
+                    (sanajax.data.latent_cache.LatentSource, `field` "latent"):
+    latent:         float32 (B, h, w, c), the AE's raw latents;
     input_ids:      int32 (B, L);
     attention_mask: int32 (B, L).
   `it.skipped` counts undecodable images dropped so far (restored by `set_state`);
@@ -176,11 +181,14 @@ class TrainIterator:
   """
 
   def __init__(self, grain_iter: grain.DatasetIterator, tokenize_fn: TokenizeFn,
-               meta: dict[str, Any]):
+               meta: dict[str, Any], field: str = "image", skipped: int = 0):
     self._it = grain_iter
     self._tokenize = tokenize_fn
     self._meta = meta
-    self.skipped = 0
+    self._field = field
+    # Starts at what the source itself dropped (a latent cache counts the images it could not
+    # decode while it was built), so the logged count covers every image ever skipped.
+    self.skipped = int(skipped)
     self.last_captions: list[str] = []
 
   def __iter__(self) -> "TrainIterator":
@@ -192,9 +200,12 @@ class TrainIterator:
     captions = [str(c) for c in b["caption"]]
     ids, mask = self._tokenize(captions)
     self.last_captions = captions
-    # x / 127.5 - 1 maps {0..255} onto [-1, 1] exactly at both ends.
-    image = b["image"].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
-    return {"image": image,
+    if self._field == "image":
+      # x / 127.5 - 1 maps {0..255} onto [-1, 1] exactly at both ends.
+      array = b["image"].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
+    else:
+      array = np.asarray(b["image"], np.float32)
+    return {self._field: array,
             "input_ids": np.asarray(ids, dtype=np.int32),
             "attention_mask": np.asarray(mask, dtype=np.int32)}
 
@@ -238,7 +249,8 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
   """Builds the infinite, shuffled, sharded, resumable training iterator.
 
   Args:
-    source: random-access source (see `sources.py`): len() and [i] -> {"image",
+    source: random-access source (see `sources.py`; or a `latent_cache.LatentSource`, whose
+      items hold "latent" instead of "image"): len() and [i] -> {"image",
       "captions", "scores", ["path"]}.
     batch_size: B, examples per batch on this process (the per-host batch).
     seed: shuffle and caption seed; same seed -> same stream.
@@ -262,7 +274,8 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
   n = len(source)
   ds = stream_indices(n, seed, process_index, process_count)
   shard_len = len(range(process_index, n, process_count))
-  load = _LoadExample(source, seed, shard_len, caption_threshold, caption_temperature)
+  field = getattr(source, "field", "image")
+  load = _LoadExample(source, seed, shard_len, caption_threshold, caption_temperature, field)
   ds = ds.map_with_index(load)
   # A modest prefetch buffer: at 1024 px an example is 3 MB, and grain's default (500)
   # would hold 1.5 GB per process.
@@ -276,4 +289,4 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
   meta = {"seed": int(seed), "batch_size": int(batch_size), "num_source": n,
           "process_index": int(process_index), "process_count": int(process_count),
           "num_workers": int(num_workers)}
-  return TrainIterator(iter(it_ds), tokenize_fn, meta)
+  return TrainIterator(iter(it_ds), tokenize_fn, meta, field, getattr(source, "skipped", 0))

@@ -15,6 +15,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, place_frozen
+from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.shapes import eval_prompt_set
 from sanajax.data.sources import make_source
@@ -45,7 +46,8 @@ def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
 def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: Plan | None = None):
   """loss_fn(params, frozen, batch, key) -> scalar flow-matching loss of one global batch.
 
-  AE-encode, text-encode (with caption dropout), noise, DiT; the DiT is traced under `plan`
+  AE-encode (unless the batch holds cached "latent"s instead of "image"s), text-encode (with
+  caption dropout), noise, DiT; the DiT is traced under `plan`
   (block-boundary constraints, sequence-parallel layers) when one is given.
   """
   null_ids, null_mask = (jnp.asarray(a) for a in text_encoder.tokenize([""]))
@@ -53,10 +55,12 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
 
   def loss_fn(params, frozen, batch, key):
     k_drop, k_t, k_eps = jax.random.split(key, 3)
-    images = batch["image"]
-    b = images.shape[0]
-    latents = ae_model.apply({"params": frozen["ae"]}, images, method=ae_model.encode) * ae_scaling
-    latents = jax.lax.stop_gradient(latents)
+    if "latent" in batch:  # from the latent cache (sanajax.data.latent_cache): already encoded.
+      raw = batch["latent"]
+    else:
+      raw = ae_model.apply({"params": frozen["ae"]}, batch["image"], method=ae_model.encode)
+    b = raw.shape[0]
+    latents = jax.lax.stop_gradient(raw * ae_scaling)
     # Caption dropout for classifier-free guidance: a dropped caption becomes the empty prompt,
     # which is also what the unconditional branch sees at sampling time.
     drop = jax.random.bernoulli(k_drop, dropout, (b, 1))
@@ -75,7 +79,7 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
 
 def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling: float, *,
                     plan: Plan | None = None, state_shardings=None, frozen_shardings=None,
-                    with_grads: bool = False):
+                    with_grads: bool = False, batch_field: str = "image"):
   """The jitted DiT step: make_loss_fn's loss, its gradient, the guarded update.
 
   Frozen AE and text-encoder parameters are arguments (not closed-over constants) so they are
@@ -84,7 +88,8 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
   frozen parameters as `frozen_shardings` (default replicated; train() splits them with
   builders.place_frozen), the batch over data x fsdp (plan.batch_spec), metrics
   replicated. plan=None: one device, as before. with_grads: metrics also hold the step's
-  gradients (laid out as the parameters), for inspecting or comparing plans.
+  gradients (laid out as the parameters), for inspecting or comparing plans. batch_field:
+  "image" (batches of images, AE-encoded in the step) or "latent" (from the latent cache).
   """
   loss_fn = make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling, plan)
 
@@ -92,7 +97,7 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
     jit = functools.partial(jax.jit, donate_argnums=(0,))
   else:
     batch_sh = {k: NamedSharding(plan.mesh, plan.batch_spec(n))
-                for k, n in (("image", 4), ("input_ids", 2), ("attention_mask", 2))}
+                for k, n in ((batch_field, 4), ("input_ids", 2), ("attention_mask", 2))}
     metrics_sh = plan.replicated
     frozen_sh = plan.replicated if frozen_shardings is None else frozen_shardings
     if with_grads:
@@ -135,6 +140,12 @@ def init_train_state(config, tx, key: jax.Array, plan: Plan | None):
   state, state_sh = create_sharded_train_state(
       lambda k: init_dit_params(config, k), tx, jax.random.fold_in(key, 0), jax.random.fold_in(key, 1), plan)
   return state, state_sh, batch // jax.process_count()
+
+
+def make_encode_fn(ae_model, ae_params):
+  """Jitted images (B, R, R, 3) in [-1, 1] -> raw AE latents (B, h, w, c), for the latent cache."""
+  encode = jax.jit(lambda p, x: ae_model.apply({"params": p}, x, method=ae_model.encode))
+  return lambda images: encode(ae_params, jnp.asarray(images))
 
 
 def ensure_ae(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -226,16 +237,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
     state = state.replace(params=loaded, ema_params=jax.tree.map(jnp.copy, loaded))
     print(f"DiT initialised from {config.init_from}.", flush=True)
   source = make_source(config.data.source, config.data.resolution, config.seed)
+  process_index, process_count = jax.process_index(), jax.process_count()
+  if config.data.get("latent_cache", 0):
+    source = build_latent_cache(source, make_encode_fn(ae_model, ae_params), config.data.latent_cache,
+                                process_index=process_index, process_count=process_count)
+    process_index, process_count = 0, 1  # the cache already holds only this host's share.
   data_iter = make_train_iterator(
       source, batch_size=host_batch, seed=config.seed, tokenize_fn=text_encoder.tokenize,
       caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
-      process_index=jax.process_index(), process_count=jax.process_count(),
+      process_index=process_index, process_count=process_count,
       num_workers=config.data.get("num_workers", 0))
   frozen = {"ae": ae_params, "text": text_encoder.params}
   if plan is not None:
     frozen = place_frozen(plan, frozen, text_encoder)
   step = make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling, plan=plan,
-                         state_shardings=state_sh,
+                         state_shardings=state_sh, batch_field=getattr(source, "field", "image"),
                          frozen_shardings=None if plan is None else jax.tree.map(lambda x: x.sharding, frozen))
   if plan is None:
     step_fn = lambda s, b: step(s, frozen, b)

@@ -1,0 +1,69 @@
+"""The latent cache: images encoded once, served through the same resumable pipeline."""
+import numpy as np
+import pytest
+
+from sanajax.data.latent_cache import LatentSource, build_latent_cache
+from sanajax.data.pipeline import make_train_iterator
+from test_data_pipeline import R, FakeSource, byte_detokenize, byte_tokenize
+
+
+def toy_encode(images):
+  """A deterministic stand-in for an AE encoder: (B, R, R, 3) -> (B, R/4, R/4, 3)."""
+  assert images.dtype == np.float32 and images.shape[0] == 8, "always full batches of 8"
+  return images[:, ::4, ::4, :] * 2.0 + 1.0
+
+
+def test_cache_holds_encoded_good_images_in_order_and_counts_bad_ones():
+  src = FakeSource(n=23)  # items 3, 8, 13, 18 are undecodable; 19 good ones: 2 full batches + 3 padded
+  lines = []
+  cache = build_latent_cache(src, toy_encode, num_examples=100, batch_size=8, log=lines.append)
+  good = [i for i in range(23) if i % 5 != 3]
+  assert len(cache) == len(good) == 19 and cache.skipped == 4
+  for j, i in enumerate(good):
+    image = np.full((1, R, R, 3), i % 256, np.uint8).astype(np.float32) / 127.5 - 1.0
+    np.testing.assert_array_equal(cache[j]["latent"], toy_encode(np.repeat(image, 8, 0))[0])
+    assert cache[j]["captions"] == [f"a{i}", f"b{i}", f"low{i}"] and cache[j]["scores"] == [30.0, 29.0, 3.0]
+  assert "19 images" in lines[0] and "4 undecodable" in lines[0]
+
+
+def test_cache_size_and_process_shares():
+  src = FakeSource(n=40, bad=False)
+  assert len(build_latent_cache(src, toy_encode, num_examples=10, batch_size=8, log=lambda _: None)) == 10
+  shares = [build_latent_cache(src, toy_encode, num_examples=30, batch_size=8, process_index=p, process_count=3,
+                               log=lambda _: None) for p in range(3)]
+  seen = [int(round((float(s[j]["latent"][0, 0, 0]) - 1.0) / 2.0 * 127.5 + 127.5)) for s in shares
+          for j in range(len(s))]
+  assert sorted(seen) == list(range(30))  # disjoint shares that cover the first 30 items
+
+
+def test_iterator_over_cache_yields_latents_resumes_and_counts_skipped():
+  cache = build_latent_cache(FakeSource(n=23), toy_encode, num_examples=100, batch_size=8, log=lambda _: None)
+  make = lambda: make_train_iterator(cache, batch_size=4, seed=3, tokenize_fn=byte_tokenize)
+  it = make()
+  assert it.skipped == 4  # the cache's undecodable images are in the count from the start
+  first = [next(it) for _ in range(3)]
+  b = first[0]
+  assert set(b) == {"latent", "input_ids", "attention_mask"} and b["latent"].shape == (4, R // 4, R // 4, 3)
+  assert b["latent"].dtype == np.float32
+  # Each row's caption belongs to the cached item whose latent it carries (an item's captions are
+  # "a{i}", "b{i}": the score-30 and score-29 ones; "low{i}" is under the threshold).
+  for row in range(4):
+    i = int(round((float(b["latent"][row, 0, 0, 0]) - 1.0) / 2.0 * 127.5 + 127.5))
+    assert byte_detokenize(b["input_ids"][row]) in (f"a{i}", f"b{i}")
+  state = it.get_state()
+  rest = [next(it) for _ in range(6)]  # crosses an epoch of 19
+  resumed = make()
+  resumed.set_state(state)
+  for x in rest:
+    y = next(resumed)
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+  assert resumed.skipped == 4
+
+
+def test_empty_cache_is_a_clear_error():
+  class AllBad(FakeSource):
+    def __getitem__(self, i):
+      return {"image": None, "captions": ["x"], "scores": [], "path": f"/bad/{i}.png"}
+  with pytest.raises(ValueError, match="no examples"):
+    build_latent_cache(AllBad(n=5), toy_encode, num_examples=5, batch_size=8, log=lambda _: None)
