@@ -7,6 +7,8 @@ chosen with /tmp scratch runs on the shared 2-core CPU (timings are noisy: other
 """
 import ml_collections
 
+from sanajax import parallel
+
 
 def get_config(arg=None):
   del arg
@@ -72,4 +74,7 @@ def get_config(arg=None):
   d.source = "shapes"
   d.resolution = 64
   d.num_workers = 0
+
+  # Sharding plan (README "Scaling"): all 1 is one device; e.g. --config.mesh.fsdp=8.
+  c.mesh = parallel.mesh_config()
   return c

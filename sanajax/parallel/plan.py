@@ -4,6 +4,7 @@
     state_sh = plan.shardings(abstract_state)       # NamedShardings for a (boxed) pytree
     batch = plan.shard_batch(host_batch)            # host-local numpy -> global arrays over data x fsdp
     frozen = plan.place(frozen_params, like=boxed)  # frozen AE / text encoder / teacher, split by the rules
+    whole = plan.gather(state.ema_params)           # global arrays -> numpy, whole on every process
     with plan.activate(): ...trace model code...    # constraints + sequence-parallel layers on
 
 Parameters created with `nn.with_logical_partitioning` are `nn.LogicallyPartitioned` boxes
@@ -143,6 +144,18 @@ class Plan:
     def one(x):
       x = np.asarray(jax.device_get(x))
       return jax.make_array_from_callback(x.shape, self.replicated, lambda index: x[index])
+    return jax.tree.map(one, tree)
+
+  def gather(self, tree: Any) -> Any:
+    """Global arrays -> numpy arrays whole on every process (place's inverse; keeps boxes), e.g.
+    to evaluate a sharded state's parameters on one device. Collective across hosts: every
+    process must call it."""
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    def one(x):
+      if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+      return np.asarray(jax.device_get(x))
     return jax.tree.map(one, tree)
 
   # --- tracing -------------------------------------------------------------------------------

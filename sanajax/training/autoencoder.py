@@ -3,10 +3,14 @@
 Writes WORKDIR/checkpoints (Orbax), WORKDIR/config.json, WORKDIR/metrics.jsonl and
 WORKDIR/ae_info.json with the latent scaling factor (1 / std of the latents, SANA's
 `scale_factor` convention) and the reconstruction PSNR on held-out shapes images.
+
+`config.mesh` picks a sharding plan as for the DiT (README "Scaling"; all 1, the default, is the
+single-device code): the state is laid out by the parameters' logical names (sanajax.models.dcae:
+output channels over `fsdp` under the default rules), the batch is split over data x fsdp and
+each process reads its own share of the data.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 
@@ -18,11 +22,12 @@ import numpy as np
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source
 from sanajax.models import dcae
+from sanajax.parallel import Plan
 from sanajax.training import loop as loop_lib
 from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.optim import build_optimizer
 from sanajax.training.setup import load_workdir_config, prepare_workdir
-from sanajax.training.state import TrainState, apply_gradients, create_train_state
+from sanajax.training.state import TrainState, apply_gradients, init_run_state, jit_step
 
 AE_INFO_FILE = "ae_info.json"
 
@@ -32,8 +37,14 @@ def _no_text(captions):
   return np.zeros((len(captions), 1), np.int32), np.ones((len(captions), 1), np.int32)
 
 
-def make_ae_step(model, tx, schedule, ema_decay: float, latent_noise: float = 0.0):
+def make_ae_step(model, tx, schedule, ema_decay: float, latent_noise: float = 0.0, *,
+                 plan: Plan | None = None, state_shardings=None):
   """The jitted AE step: L1 + MSE reconstruction, the guarded update.
+
+  plan=None: one device. With a sharding `plan` (sanajax.parallel), the step is jitted with
+  explicit shardings: the state as `state_shardings` (init_ae_state's), the batch {"image"}
+  over data x fsdp (plan.batch_sharding; pass plan.shard_batch of the host batch), metrics
+  replicated. The state is donated either way.
 
   latent_noise > 0 decodes z + latent_noise * std(z) * eps instead of z during training (eps a
   fresh standard normal, std(z) the batch's latent std, not differentiated so that scaling the
@@ -48,7 +59,12 @@ def make_ae_step(model, tx, schedule, ema_decay: float, latent_noise: float = 0.
     recon = model.apply({"params": params}, z, method=model.decode)
     return dcae.reconstruction_loss(recon, images), recon
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  if plan is None:
+    jit = jit_step(None)
+  else:
+    jit = jit_step(plan, (state_shardings, {"image": plan.batch_sharding(4)}), (state_shardings, plan.replicated))
+
+  @jit
   def step(state: TrainState, batch):
     images = jnp.asarray(batch["image"])
     rng, key = jax.random.split(state.rng)
@@ -83,24 +99,44 @@ def evaluate_ae(model, params, config: ml_collections.ConfigDict, *, num_images:
           "scaling_factor": float(1.0 / max(latents.std(), 1e-6)), "num_images": int(latents.shape[0])}
 
 
-def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes) the AE in workdir; returns the evaluation dict also saved in ae_info.json."""
-  prepare_workdir(workdir, config)
-  model = dcae.build_dcae(config.ae)
+def init_ae_state(config: ml_collections.ConfigDict, model, tx, plan: Plan | None):
+  """(state, state shardings or None, per-process batch) of a fresh AE run (state.init_run_state,
+  as the DiT's: one device for plan=None, else laid out by the plan, with the batch checks)."""
   res = config.data.resolution
   key = jax.random.PRNGKey(config.seed)
-  params = jax.jit(model.init)(key, jnp.zeros((1, res, res, 3), jnp.float32))["params"]
+  init = lambda k: model.init(k, jnp.zeros((1, res, res, 3), jnp.float32))["params"]
+  return init_run_state(init, tx, key, jax.random.fold_in(key, 1), plan, config.train.batch_size)
+
+
+def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (or resumes) the AE in workdir; returns the evaluation dict also saved in ae_info.json.
+
+  Under a sharding plan (config.mesh) config.train.batch_size is the global batch; evaluation
+  runs on one device of every process, on the gathered EMA weights.
+  """
+  prepare_workdir(workdir, config)
+  model = dcae.build_dcae(config.ae)
   tx, schedule = build_optimizer(config.train, config.train.num_steps)
-  state = create_train_state(params, tx, jax.random.fold_in(key, 1))
-  source = make_source(config.data.source, res, config.seed)
-  data_iter = make_train_iterator(source, batch_size=config.train.batch_size, seed=config.seed,
-                                  tokenize_fn=_no_text, num_workers=config.data.get("num_workers", 0))
-  step_fn = make_ae_step(model, tx, schedule, config.train.ema_decay, float(config.train.get("latent_noise", 0.0)))
+  plan = Plan.from_config(config)
+  state, state_sh, host_batch = init_ae_state(config, model, tx, plan)
+  if plan is not None:
+    print(f"DC-AE sharding plan: {plan}.", flush=True)
+  source = make_source(config.data.source, config.data.resolution, config.seed)
+  data_iter = make_train_iterator(source, batch_size=host_batch, seed=config.seed, tokenize_fn=_no_text,
+                                  process_index=jax.process_index(), process_count=jax.process_count(),
+                                  num_workers=config.data.get("num_workers", 0))
+  step = make_ae_step(model, tx, schedule, config.train.ema_decay, float(config.train.get("latent_noise", 0.0)),
+                      plan=plan, state_shardings=state_sh)
+  if plan is None:
+    step_fn = step
+  else:
+    step_fn = lambda s, b: step(s, plan.shard_batch({"image": b["image"]}))
   info = {}
 
   def evaluate(state, writer):
     """The EMA weights' held-out PSNR (logged at the last step) and latent statistics."""
-    info.update(evaluate_ae(model, state.ema_params, config))
+    ema = state.ema_params if plan is None else plan.gather(state.ema_params)
+    info.update(evaluate_ae(model, ema, config))
     writer.scalars(config.train.num_steps, {"eval_psnr": info["psnr"]})
 
   loop_lib.run_from_config(config.train, workdir, state, step_fn, data_iter, description="dcae", on_done=evaluate)

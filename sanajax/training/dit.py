@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import time
@@ -12,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import NamedSharding
 
 from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, place_frozen
 from sanajax.data.latent_cache import build_latent_cache
@@ -30,7 +28,7 @@ from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import has_checkpoint, load_ae, train_ae
 from sanajax.training.optim import build_optimizer
 from sanajax.training.setup import prepare_workdir
-from sanajax.training.state import TrainState, apply_gradients, create_sharded_train_state, create_train_state
+from sanajax.training.state import TrainState, apply_gradients, init_run_state, jit_step
 
 
 def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -40,6 +38,8 @@ def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   c.ae = config.ae
   c.train = config.ae_train
   c.data = config.data
+  if "mesh" in config:  # the DiT's sharding plan (README "Scaling") trains the AE too.
+    c.mesh = config.mesh
   return c
 
 
@@ -94,17 +94,15 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
   loss_fn = make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling, plan)
 
   if plan is None:
-    jit = functools.partial(jax.jit, donate_argnums=(0,))
+    jit = jit_step(None)
   else:
-    batch_sh = {k: NamedSharding(plan.mesh, plan.batch_spec(n))
-                for k, n in ((batch_field, 4), ("input_ids", 2), ("attention_mask", 2))}
+    batch_sh = {k: plan.batch_sharding(n) for k, n in ((batch_field, 4), ("input_ids", 2), ("attention_mask", 2))}
     metrics_sh = plan.replicated
     frozen_sh = plan.replicated if frozen_shardings is None else frozen_shardings
     if with_grads:
       metrics_sh = {k: plan.replicated for k in ("loss", "grad_norm", "learning_rate")}
       metrics_sh["grads"] = state_shardings.params
-    jit = functools.partial(jax.jit, donate_argnums=(0,), in_shardings=(state_shardings, frozen_sh, batch_sh),
-                            out_shardings=(state_shardings, metrics_sh))
+    jit = jit_step(plan, (state_shardings, frozen_sh, batch_sh), (state_shardings, metrics_sh))
 
   @jit
   def step(state: TrainState, frozen, batch):
@@ -121,25 +119,11 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
 
 
 def init_train_state(config, tx, key: jax.Array, plan: Plan | None):
-  """(state, state shardings or None, per-host batch size) for a fresh run of `config`.
-
-  plan=None: the single-device path (parameters initialised under jit, then the state built).
-  With a plan, the whole state is built by one jit whose out_shardings follow the plan, so no
-  device ever holds more than its shard; config.train.batch_size is the global batch, split over
-  processes (each reads its own part of the data) and then over data x fsdp.
-  """
-  batch = int(config.train.batch_size)
-  if plan is None:
-    if jax.process_count() > 1:
-      raise ValueError("Multi-host runs need a mesh: set e.g. --config.mesh.data=-1.")
-    params = jax.jit(functools.partial(init_dit_params, config))(jax.random.fold_in(key, 0))
-    return create_train_state(params, tx, jax.random.fold_in(key, 1)), None, batch
-  if batch % plan.batch_shards() or batch % jax.process_count():
-    raise ValueError(f"train.batch_size={batch} must be a multiple of the batch shards ({plan.batch_shards()} = "
-                     f"mesh data x fsdp) and of the process count ({jax.process_count()}).")
-  state, state_sh = create_sharded_train_state(
-      lambda k: init_dit_params(config, k), tx, jax.random.fold_in(key, 0), jax.random.fold_in(key, 1), plan)
-  return state, state_sh, batch // jax.process_count()
+  """(state, state shardings or None, per-host batch size) for a fresh run of `config`
+  (state.init_run_state: one device for plan=None, else laid out by the plan; checks that
+  config.train.batch_size, the global batch, splits over the processes and data x fsdp)."""
+  return init_run_state(lambda k: init_dit_params(config, k), tx, jax.random.fold_in(key, 0),
+                        jax.random.fold_in(key, 1), plan, config.train.batch_size)
 
 
 def make_encode_fn(ae_model, ae_params):

@@ -57,6 +57,36 @@ def create_sharded_train_state(init_params: Callable[[jax.Array], Any], tx: opta
   return jax.jit(make, out_shardings=shardings)(*keys), shardings
 
 
+def init_run_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                   params_key: jax.Array, rng: jax.Array, plan: Any, batch_size: int) -> tuple[TrainState, Any, int]:
+  """(state, state shardings or None, per-process batch) for a fresh run (the DiT's and the AE's).
+
+  plan=None: the single-device path (parameters initialised under jit, then the state built).
+  With a plan (sanajax.parallel.Plan), create_sharded_train_state builds the whole state by one
+  jit whose out_shardings follow the plan, so no device ever holds more than its shard;
+  `batch_size` (config.train.batch_size) is the global batch, split over processes (each reads
+  its own part of the data) and then over data x fsdp, so it must be a multiple of both.
+  """
+  batch = int(batch_size)
+  if plan is None:
+    if jax.process_count() > 1:
+      raise ValueError("Multi-host runs need a mesh: set e.g. --config.mesh.data=-1.")
+    return create_train_state(jax.jit(init_params)(params_key), tx, rng), None, batch
+  if batch % plan.batch_shards() or batch % jax.process_count():
+    raise ValueError(f"train.batch_size={batch} must be a multiple of the batch shards ({plan.batch_shards()} = "
+                     f"mesh data x fsdp) and of the process count ({jax.process_count()}).")
+  state, shardings = create_sharded_train_state(init_params, tx, params_key, rng, plan)
+  return state, shardings, batch // jax.process_count()
+
+
+def jit_step(plan: Any, in_shardings: Any = None, out_shardings: Any = None) -> Callable[[Callable], Callable]:
+  """The jax.jit decorator of a train step fn(state, ...) -> (state, metrics): the state (argument 0)
+  is donated; with a plan, explicit in/out shardings (plan=None: one device, no shardings)."""
+  if plan is None:
+    return lambda fn: jax.jit(fn, donate_argnums=(0,))
+  return lambda fn: jax.jit(fn, donate_argnums=(0,), in_shardings=in_shardings, out_shardings=out_shardings)
+
+
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
   """The EMA decay used at `step` (0-based): min(decay, (1 + step) / (10 + step)).
 
