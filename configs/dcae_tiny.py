@@ -65,7 +65,6 @@ def get_config(arg=None):
   t.weight_decay = 0.0
   t.grad_clip = 1.0
   t.ema_decay = 0.0
-  t.latent_noise = 0.0  # decoder trained on z + latent_noise * std(z) * eps (sanajax.training.autoencoder)
   t.log_every = 25
   t.checkpoint_every = 500
   t.keep_checkpoints = 2

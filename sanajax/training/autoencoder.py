@@ -37,26 +37,16 @@ def _no_text(captions):
   return np.zeros((len(captions), 1), np.int32), np.ones((len(captions), 1), np.int32)
 
 
-def make_ae_step(model, tx, schedule, ema_decay: float, latent_noise: float = 0.0, *,
-                 plan: Plan | None = None, state_shardings=None):
+def make_ae_step(model, tx, schedule, ema_decay: float, *, plan: Plan | None = None, state_shardings=None):
   """The jitted AE step: L1 + MSE reconstruction, the guarded update.
 
   plan=None: one device. With a sharding `plan` (sanajax.parallel), the step is jitted with
   explicit shardings: the state as `state_shardings` (init_ae_state's), the batch {"image"}
   over data x fsdp (plan.batch_sharding; pass plan.shard_batch of the host batch), metrics
   replicated. The state is donated either way.
-
-  latent_noise > 0 decodes z + latent_noise * std(z) * eps instead of z during training (eps a
-  fresh standard normal, std(z) the batch's latent std, not differentiated so that scaling the
-  latents up cannot shrink the noise). The decoder then maps a neighbourhood of each latent to
-  the clean image, so the small errors a diffusion model makes in latent space decode to crisp
-  shapes rather than rounded ones (a "diffusable" latent; measured in README "Results").
   """
-  def loss_fn(params, images, key):
-    z = model.apply({"params": params}, images, method=model.encode)
-    if latent_noise > 0:
-      z = z + latent_noise * jax.lax.stop_gradient(jnp.std(z)) * jax.random.normal(key, z.shape, z.dtype)
-    recon = model.apply({"params": params}, z, method=model.decode)
+  def loss_fn(params, images):
+    recon = model.apply({"params": params}, images)
     return dcae.reconstruction_loss(recon, images), recon
 
   if plan is None:
@@ -67,9 +57,8 @@ def make_ae_step(model, tx, schedule, ema_decay: float, latent_noise: float = 0.
   @jit
   def step(state: TrainState, batch):
     images = jnp.asarray(batch["image"])
-    rng, key = jax.random.split(state.rng)
-    (loss, recon), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images, key)
-    state, grad_norm = apply_gradients(state, grads, loss, tx, ema_decay, rng)
+    (loss, recon), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, images)
+    state, grad_norm = apply_gradients(state, grads, loss, tx, ema_decay, state.rng)
     return state, {"loss": loss, "grad_norm": grad_norm, "psnr": dcae.psnr(recon, images),
                    "learning_rate": schedule(state.step - 1)}
 
@@ -125,8 +114,7 @@ def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data_iter = make_train_iterator(source, batch_size=host_batch, seed=config.seed, tokenize_fn=_no_text,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   num_workers=config.data.get("num_workers", 0))
-  step = make_ae_step(model, tx, schedule, config.train.ema_decay, float(config.train.get("latent_noise", 0.0)),
-                      plan=plan, state_shardings=state_sh)
+  step = make_ae_step(model, tx, schedule, config.train.ema_decay, plan=plan, state_shardings=state_sh)
   if plan is None:
     step_fn = step
   else:
