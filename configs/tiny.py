@@ -24,8 +24,9 @@ def get_config(arg=None):
   c.data.resolution = 64
   c.data.num_workers = 0  # grain worker processes; 0 reads in the main process.
   # Images encoded once by the frozen AE before DiT training (sanajax.data.latent_cache; 0: encode
-  # in every step).
-  c.data.latent_cache = 0
+  # in every step). Measured on 2 cores: the AE encode was 0.11 s of a 0.35 s step at batch 32;
+  # 20,000 images (1,400 x 32 = 2.2 epochs) take ~1-1.5 min to encode once.
+  c.data.latent_cache = 20000
   c.data.caption_clip_threshold = 25.0  # SANA `clip_thr`.
   c.data.caption_temperature = 0.1  # SANA `clip_thr_temperature`.
 

@@ -223,7 +223,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
   source = make_source(config.data.source, config.data.resolution, config.seed)
   process_index, process_count = jax.process_index(), jax.process_count()
   if config.data.get("latent_cache", 0):
-    source = build_latent_cache(source, make_encode_fn(ae_model, ae_params), config.data.latent_cache,
+    # No more images than the run will read (a short run, or a test, encodes only those).
+    num_cached = min(int(config.data.latent_cache), int(config.train.num_steps) * int(config.train.batch_size))
+    source = build_latent_cache(source, make_encode_fn(ae_model, ae_params), num_cached,
                                 process_index=process_index, process_count=process_count)
     process_index, process_count = 0, 1  # the cache already holds only this host's share.
   data_iter = make_train_iterator(
