@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from sanajax.data.pipeline import uint8_to_unit
+
 
 class LatentSource:
   """Random-access source of cached latents (the pipeline's source protocol, field "latent").
@@ -79,8 +81,7 @@ def build_latent_cache(source, encode_fn: Callable[[np.ndarray], Any], num_examp
       n = len(pending)
       # The last batch is padded to full size: one compiled encode serves every batch.
       pending.extend([pending[0]] * (batch_size - n))
-      images = np.stack(pending).astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
-      latents.append(np.asarray(encode_fn(images), np.float32)[:n])
+      latents.append(np.asarray(encode_fn(uint8_to_unit(np.stack(pending))), np.float32)[:n])
       pending.clear()
 
   for i in indices:

@@ -81,6 +81,11 @@ def stream_indices(num_source: int, seed: int, process_index: int = 0,
   return shard.seed(seed).shuffle().repeat()
 
 
+def uint8_to_unit(images: np.ndarray) -> np.ndarray:
+  """uint8 images -> float32 in [-1, 1] (x / 127.5 - 1 maps {0..255} onto [-1, 1] exactly at both ends)."""
+  return images.astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
+
+
 class _LoadExample:
   """Maps (stream position k, source index idx) -> example dict. Picklable for workers.
 
@@ -201,8 +206,7 @@ class TrainIterator:
     ids, mask = self._tokenize(captions)
     self.last_captions = captions
     if self._field == "image":
-      # x / 127.5 - 1 maps {0..255} onto [-1, 1] exactly at both ends.
-      array = b["image"].astype(np.float32) * np.float32(1 / 127.5) - np.float32(1)
+      array = uint8_to_unit(b["image"])
     else:
       array = np.asarray(b["image"], np.float32)
     return {self._field: array,
