@@ -3,7 +3,27 @@ import shutil
 import sys
 import tempfile
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import xla_env  # noqa: E402  (tests/xla_env.py)
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Before any test starts jax's backend: XLA_FLAGS is read when the CPU client is created, and the
+# xdist workers and every subprocess inherit it. Why and what it costs: tests/xla_env.py.
+os.environ["XLA_FLAGS"] = xla_env.with_fast_compile(os.environ.get("XLA_FLAGS", ""))
+
+
+# The longest files, longest first (measured 2026-12-02, `--durations`, 2 xdist workers on the
+# 2-core CI machine: test_learning 678 s, test_sprint_distill 298, test_parallel 264, test_training
+# 179, test_sprint_ablation 159, test_parallel_sprint 131; everything else < 70 s). xdist's
+# loadfile hands out whole files in collection order; started last, the longest file alone sets
+# the wall time, so these are collected first and the short files fill in around them.
+LONGEST_FIRST = ("test_learning.py", "test_sprint_distill.py", "test_parallel.py", "test_training.py",
+                 "test_sprint_ablation.py", "test_parallel_sprint.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
 
 
 def pytest_configure(config):
@@ -18,6 +38,8 @@ def pytest_configure(config):
   (jax_persistent_cache_min_compile_time_secs) are not stored. A run that sets
   JAX_COMPILATION_CACHE_DIR keeps its own; JAX_ENABLE_COMPILATION_CACHE=false turns it off.
   """
+  if hasattr(config.option, "loadscopereorder"):
+    config.option.loadscopereorder = False  # xdist would reorder files by test count; keep LONGEST_FIRST
   if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return  # xdist workers inherit the controller's environment (they start after this hook).
   path = tempfile.mkdtemp(prefix="sanajax-jax-cache-")

@@ -15,6 +15,8 @@ import sys
 
 import pytest
 
+from xla_env import FAST_COMPILE  # noqa: E402  (tests/xla_env.py; tests/ is on sys.path)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
 
@@ -49,9 +51,6 @@ AE_STATE_RTOL = 2e-4
 AE_EVAL_RTOL = 1e-5
 
 
-# LLVM optimisation is most of XLA's CPU compile time and these programs run a few steps only;
-# every comparison is between programs compiled in the same process with the same flags.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 # ----------------------------------------------------------------------------------- pytest
@@ -137,9 +136,10 @@ def test_train_ae_under_a_plan_equals_one_device_and_shards_as_planned(cases_out
 
 
 def small_config(**mesh):
-  """The tiny config at 32 px with patch 1 (a 4x4 token grid: 4 rows for sequence=4), 2 blocks."""
+  """The tiny config at 32 px with patch 1 (a 4x4 token grid: 4 rows for sequence=4), 1 block, 1 text layer."""
   from sanajax import config_utils
-  overrides = {"data.resolution": 32, "model.depth": 2, "model.hidden_size": 64, "model.patch_size": 1,
+  overrides = {"data.resolution": 32, "model.depth": 1, "text.num_layers": 1, "model.hidden_size": 64,
+               "model.patch_size": 1,
                "train.batch_size": 8, "train.warmup_steps": 1, "train.num_steps": 5}
   overrides.update({f"mesh.{k}": v for k, v in mesh.items()})
   return config_utils.load_config("configs/tiny.py", overrides=overrides)

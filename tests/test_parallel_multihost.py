@@ -15,8 +15,9 @@ import socket
 import subprocess
 import sys
 
+from xla_env import FAST_COMPILE  # noqa: E402  (tests/xla_env.py; tests/ is on sys.path)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"  # as test_parallel
 
 
 def free_port() -> int:

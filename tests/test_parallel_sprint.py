@@ -13,9 +13,10 @@ import sys
 
 import pytest
 
+from xla_env import FAST_COMPILE  # noqa: E402  (tests/xla_env.py; tests/ is on sys.path)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 8
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 SPRINT_MESH = dict(data=2, fsdp=2, tensor=2)
 # float32 on CPU, sharded sums in another order. Measured relative errors after two steps: the
 # sCM loss, a small difference of large terms (~4e-4), 8.7e-6; the other metrics <= 2.2e-7; the
@@ -55,7 +56,8 @@ def test_sample_cli_mesh_flag_parses():
 
 # ----------------------------------------------------------------------------------- cases
 
-SMALL = {"data.resolution": 32, "model.depth": 1, "model.hidden_size": 64, "model.patch_size": 1,
+SMALL = {"data.resolution": 32, "model.depth": 1, "text.num_layers": 1, "model.hidden_size": 64,
+         "model.patch_size": 1,
          "train.batch_size": 8, "train.warmup_steps": 1, "train.num_steps": 4}
 
 

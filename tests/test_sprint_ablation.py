@@ -14,16 +14,13 @@ from sanajax.training import dit as train_lib
 from sanajax.training import sprint
 from sanajax.training.autoencoder import load_ae
 from sanajax.training.optim import build_optimizer
+from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
 
 # Nearly all of this file's time is XLA compiling on the CPU (the teacher's AE and DiT steps, three
-# distillation steps, four samplers), which grows with the layers traced: the teacher is the
-# smallest the checks need (1 DiT block, 1 text-encoder layer, an AE of ResBlocks only, all 32
-# wide). 64 px, not 32: XLA:CPU compiles the random draws of 8x8x8 latents (every distillation
-# step and sampler has several) ~2.5x faster than those of 4x4x8 ones (measured).
-_AE = {"ae.encoder_block_types": ["ResBlock"] * 4, "ae.decoder_block_types": ["ResBlock"] * 4,
-       "ae.encoder_block_out_channels": [32] * 4, "ae.decoder_block_out_channels": [32] * 4}
-SMALL = {"data.resolution": 64, "model.depth": 1, "model.hidden_size": 64, "train.batch_size": 4,
-         "text.num_layers": 1, **_AE}
+# distillation steps, four samplers): the teacher is the smallest model (tests/small_configs.py).
+# 64 px, not 32: XLA:CPU compiles the random draws of 8x8x8 latents (every distillation step and
+# sampler has several) ~2.5x faster than those of 4x4x8 ones (measured).
+SMALL = {"data.resolution": 64, **SMALLEST_MODEL, "train.batch_size": 4}
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,16 @@ from sanajax.training import dit as train_lib
 from sanajax.training import sprint
 from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.metrics import read_metrics
+from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-SMALL = {"data.resolution": 32, "model.depth": 2, "model.hidden_size": 64, "train.batch_size": 4}
+SMALL = {"data.resolution": 32, **SMALLEST_MODEL, "train.batch_size": 4}  # tests/small_configs.py
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
-  """A tiny teacher (32 px, 2 blocks, h 64) trained for 4 steps on its own 2-step AE."""
+  """A tiny teacher (32 px, 1 block, h 64) trained for 4 steps on its own 2-step AE."""
   d = tmp_path_factory.mktemp("teacher")
   config = config_utils.load_config("configs/tiny.py", overrides={
       **SMALL, "ae.workdir": str(d / "ae"), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
@@ -36,7 +37,7 @@ def teacher_dir(tmp_path_factory):
 
 def sprint_config(teacher_dir, **overrides):
   base = {**SMALL, "teacher_workdir": str(teacher_dir), "train.num_steps": 4, "train.log_every": 1,
-          "train.checkpoint_every": 2, "train.warmup_steps": 1, "distill.head_block_ids": (0, 1),
+          "train.checkpoint_every": 2, "train.warmup_steps": 1, "distill.head_block_ids": (0,),
           "distill.tangent_warmup_steps": 2, "eval.num_prompts": 0}
   base.update(overrides)
   return config_utils.load_config("configs/sprint_tiny.py", overrides=base)
@@ -131,12 +132,15 @@ def test_hinge_loss_signs_and_discriminator_heads():
   heads = LaddHeads(2)
   real = [jax.random.normal(jax.random.PRNGKey(i), (8, 16, 32)) + 1.0 for i in range(2)]
   fake = [jax.random.normal(jax.random.PRNGKey(10 + i), (8, 16, 32)) - 1.0 for i in range(2)]
-  params = heads.init(jax.random.PRNGKey(5), real)["params"]
-  assert heads.apply({"params": params}, real).shape == (8, 32)
-  loss_fn = lambda p: scm.hinge_discriminator_loss(heads.apply({"params": p}, real), heads.apply({"params": p}, fake))[0]
+  params = jax.jit(heads.init)(jax.random.PRNGKey(5), real)["params"]
+  assert jax.eval_shape(lambda p: heads.apply({"params": p}, real), params).shape == (8, 32)
+  # Jitted: op by op, each of the heads' ops would compile on its own (most of this test's time).
+  loss_fn = jax.jit(lambda p: scm.hinge_discriminator_loss(heads.apply({"params": p}, real),
+                                                           heads.apply({"params": p}, fake))[0])
+  sgd_step = jax.jit(lambda p: jax.tree.map(lambda w, g: w - 0.05 * g, p, jax.grad(loss_fn)(p)))
   before = float(loss_fn(params))
   for _ in range(5):
-    params = jax.tree.map(lambda p, g: p - 0.05 * g, params, jax.grad(loss_fn)(params))
+    params = sgd_step(params)
   assert float(loss_fn(params)) < before
 
 
@@ -234,9 +238,9 @@ def test_cli_distills_and_writes_a_training_layout(teacher_dir, tmp_path):
   out = tmp_path / "cli"
   r = subprocess.run([sys.executable, "-m", "sanajax.distill_sprint", "--config=configs/sprint_tiny.py",
                       f"--config.teacher_workdir={teacher_dir}", f"--workdir={out}", "--config.data.resolution=32",
-                      "--config.model.depth=2", "--config.model.hidden_size=64", "--config.train.batch_size=4",
-                      "--config.train.num_steps=2", "--config.train.log_every=1", "--config.eval.num_prompts=0",
-                      "--config.distill.head_block_ids=(0, 1)",
+                      "--config.model.depth=1", "--config.model.hidden_size=64", "--config.text.num_layers=1",
+                      "--config.train.batch_size=4", "--config.train.num_steps=2", "--config.train.log_every=1",
+                      "--config.eval.num_prompts=0", "--config.distill.head_block_ids=(0,)",
                       # sprint_config's warm-ups: the same programs as the runs above, which the
                       # suite's compilation cache (tests/conftest.py) then serves to this process.
                       "--config.train.warmup_steps=1", "--config.distill.tangent_warmup_steps=2"],

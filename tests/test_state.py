@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from sanajax.training import state as state_lib
 
@@ -31,3 +32,23 @@ def test_non_finite_update_is_skipped_and_recorded():
   assert state_lib.NAN_QUANTITIES[int(bad.nan_code)] == "grad_norm"
   worse, _ = state_lib.apply_gradients(bad, {"w": jnp.ones(2)}, jnp.float32(jnp.inf), tx, 0.0, bad.rng)
   assert int(worse.nan_step) == 2  # the first bad step is kept
+
+
+def test_host_batch_size_splits_the_global_batch_or_says_why_not(monkeypatch):
+  from sanajax.training import state as state_lib
+
+  class FakePlan:  # only what host_batch_size reads: data x fsdp = 4 batch shards
+    def batch_shards(self):
+      return 4
+
+  assert state_lib.host_batch_size(None, 6) == 6
+  assert state_lib.host_batch_size(FakePlan(), 8) == 8
+  with pytest.raises(ValueError, match=r"multiple of the batch shards \(4"):
+    state_lib.host_batch_size(FakePlan(), 6)
+  monkeypatch.setattr(state_lib.jax, "process_count", lambda: 2)
+  assert state_lib.host_batch_size(FakePlan(), 8) == 4  # each of the 2 processes reads half
+  with pytest.raises(ValueError, match="need a mesh"):
+    state_lib.host_batch_size(None, 8)
+  monkeypatch.setattr(state_lib.jax, "process_count", lambda: 8)
+  with pytest.raises(ValueError, match=r"process count \(8\)"):
+    state_lib.host_batch_size(FakePlan(), 4)  # splits over the 4 shards, not over 8 processes

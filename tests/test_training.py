@@ -13,15 +13,16 @@ from sanajax.training import dit as train_lib
 from sanajax.training import loop as loop_lib
 from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.metrics import read_metrics
+from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def small_config(ae_dir, **overrides):
-  """The tiny config shrunk to seconds: 32 px, 2 blocks, batch 4."""
+  """The tiny config shrunk to seconds: 32 px, the smallest model (tests/small_configs.py), batch 4."""
   base = {
       "data.resolution": 32, "ae.workdir": str(ae_dir), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
-      "ae_train.log_every": 1, "model.depth": 2, "model.hidden_size": 64, "train.batch_size": 4,
+      "ae_train.log_every": 1, **SMALLEST_MODEL, "train.batch_size": 4,
       "train.num_steps": 6, "train.log_every": 1, "train.checkpoint_every": 3, "train.warmup_steps": 2,
       "eval.num_prompts": 12,
   }

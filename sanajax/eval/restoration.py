@@ -44,7 +44,8 @@ def restoration_score(generator, *, t0: float = 0.5, num_prompts: int = 240, ste
   """GenEval-lite (geneval_lite.evaluate's dict, plus t0/steps/cfg) of restored held-out scenes.
 
   generator: a sanajax.generation.Generator (DiT, AE, text encoder). t0: flow time in [0, 1] the
-  scenes are noised to. steps: Euler steps from t0 to 0. cfg: classifier-free guidance scale.
+  scenes are noised to. steps: Euler steps from t0 to 0 (0: the noised scenes decoded as they are, the
+  baseline a DiT predicting zero velocity would reach). cfg: classifier-free guidance scale.
   The scenes, the noise and the prompts depend only on `seed`.
   """
   if not 0.0 <= t0 <= 1.0:

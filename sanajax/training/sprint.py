@@ -54,7 +54,7 @@ from sanajax.training.autoencoder import load_ae
 from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.optim import build_optimizer
 from sanajax.training.setup import dtype_from_name, load_workdir_config, prepare_workdir
-from sanajax.training.state import ema_update
+from sanajax.training.state import ema_update, host_batch_size
 
 # Model fields a student may change relative to its teacher (the Sprint options); every other
 # architecture field must match, or the teacher's weights would not initialise the student.
@@ -429,12 +429,7 @@ def build_distiller(config, teacher_config, teacher_params, ae_model, ae_params,
   tx_g, schedule = build_optimizer(config.train, config.train.num_steps)
   tx_d, _ = build_optimizer(config.train, config.train.num_steps)
   plan = Plan.from_config(config)
-  batch = int(config.train.batch_size)
-  if plan is None and jax.process_count() > 1:
-    raise ValueError("Multi-host distillation needs a mesh: set e.g. --config.mesh.fsdp=-1.")
-  if plan is not None and (batch % plan.batch_shards() or batch % jax.process_count()):
-    raise ValueError(f"train.batch_size={batch} must be a multiple of the batch shards ({plan.batch_shards()} = "
-                     f"mesh data x fsdp) and of the process count ({jax.process_count()}).")
+  host_batch_size(plan, config.train.batch_size)  # clear errors before anything is built
   distiller = SprintDistiller(config, teacher_config, ae_model, ae_scaling, text_encoder, tx_g, tx_d, schedule,
                               plan=plan)
   key = jax.random.PRNGKey(config.seed)
@@ -462,7 +457,7 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool =
         + (f" Sharding plan: {distiller.plan}." if distiller.plan is not None else ""), flush=True)
   source = make_source(config.data.source, config.data.resolution, config.seed)
   data_iter = make_train_iterator(
-      source, batch_size=config.train.batch_size // jax.process_count(), seed=config.seed,
+      source, batch_size=host_batch_size(distiller.plan, config.train.batch_size), seed=config.seed,
       tokenize_fn=distiller.text.tokenize,
       caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
       process_index=jax.process_index(), process_count=jax.process_count(),

@@ -67,16 +67,28 @@ def init_run_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTr
   `batch_size` (config.train.batch_size) is the global batch, split over processes (each reads
   its own part of the data) and then over data x fsdp, so it must be a multiple of both.
   """
+  batch = host_batch_size(plan, batch_size)
+  if plan is None:
+    return create_train_state(jax.jit(init_params)(params_key), tx, rng), None, batch
+  state, shardings = create_sharded_train_state(init_params, tx, params_key, rng, plan)
+  return state, shardings, batch
+
+
+def host_batch_size(plan: Any, batch_size: int) -> int:
+  """This process's share of the global `batch_size` (config.train.batch_size) under `plan`.
+
+  Clear errors for what cannot run: several processes without a mesh (plan None), or a batch
+  that does not split evenly over the processes and over the mesh's data x fsdp shards.
+  """
   batch = int(batch_size)
   if plan is None:
     if jax.process_count() > 1:
-      raise ValueError("Multi-host runs need a mesh: set e.g. --config.mesh.data=-1.")
-    return create_train_state(jax.jit(init_params)(params_key), tx, rng), None, batch
+      raise ValueError("Multi-host runs need a mesh: set e.g. --config.mesh.data=-1 (or fsdp=-1).")
+    return batch
   if batch % plan.batch_shards() or batch % jax.process_count():
     raise ValueError(f"train.batch_size={batch} must be a multiple of the batch shards ({plan.batch_shards()} = "
                      f"mesh data x fsdp) and of the process count ({jax.process_count()}).")
-  state, shardings = create_sharded_train_state(init_params, tx, params_key, rng, plan)
-  return state, shardings, batch // jax.process_count()
+  return batch // jax.process_count()
 
 
 def jit_step(plan: Any, in_shardings: Any = None, out_shardings: Any = None) -> Callable[[Callable], Callable]:
