@@ -56,8 +56,7 @@ def test_sample_cli_mesh_flag_parses():
 
 # ----------------------------------------------------------------------------------- cases
 
-SMALL = {"data.resolution": 32, "model.depth": 1, "text.num_layers": 1, "model.hidden_size": 64,
-         "model.patch_size": 1,
+SMALL = {"data.resolution": 32, "model.depth": 1, "model.hidden_size": 64, "model.patch_size": 1,
          "train.batch_size": 8, "train.warmup_steps": 1, "train.num_steps": 4}
 
 
