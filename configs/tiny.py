@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.data.num_workers = 0  # grain worker processes; 0 reads in the main process.
   # Images encoded once by the frozen AE before DiT training (sanajax.data.latent_cache; 0: encode
   # in every step). Measured on 2 cores: the AE encode was 0.11 s of a 0.35 s step at batch 32;
-  # 20,000 images (1,400 x 32 = 2.2 epochs) take ~1-1.5 min to encode once.
+  # 20,000 images (4,200 x 32 = 6.7 epochs) take ~1 min to encode once.
   c.data.latent_cache = 20000
   c.data.caption_clip_threshold = 25.0  # SANA `clip_thr`.
   c.data.caption_temperature = 0.1  # SANA `clip_thr_temperature`.
@@ -53,10 +53,13 @@ def get_config(arg=None):
 
   c.model = ml_collections.ConfigDict()
   c.model.name = "sana_dit"
-  c.model.depth = 6
-  c.model.hidden_size = 128
+  # Width and depth measured at equal CPU time (README "Results", 2026-12-02): 4 blocks of 96 run
+  # 2.2x the steps/s of 6 blocks of 128, and 2,800 of their steps scored 0.229 against 0.113 for
+  # 1,400 of the larger model's (both with flow_shift 3, lr 4e-3); hidden 64 at 4,200 steps, 0.208.
+  c.model.depth = 4
+  c.model.hidden_size = 96
   c.model.linear_head_dim = 32  # self-attn heads = hidden / 32, as in SANA.
-  c.model.cross_num_heads = 4
+  c.model.cross_num_heads = 3  # x 32 = hidden, as the larger configs keep heads x head_dim = hidden.
   c.model.cross_head_dim = 32
   c.model.mlp_ratio = 2.5
   c.model.patch_size = 2  # 8x8x16 latents -> 16 tokens: 3.4x faster steps than p=1 (measured, 2 cores).
@@ -82,16 +85,21 @@ def get_config(arg=None):
   c.diffusion.logit_mean = 0.0
   c.diffusion.logit_std = 1.0
   c.diffusion.mode_scale = 1.29
-  c.diffusion.flow_shift = 1.0
+  # Shift of the training times and of the sampling grid (t' = a t / (1 + (a - 1) t)); SANA uses
+  # 3.0 at 1024 px. Measured on the 6x128 model at 1,400 steps: 0.5 -> 0.054, 1.0 -> 0.067, 3.0 -> 0.088
+  # GenEval-lite (more single prompts with exactly one object: 0.45 vs 0.35).
+  c.diffusion.flow_shift = 3.0
 
   c.train = ml_collections.ConfigDict()
-  # Measured on 2 cores: 2.8 steps/s at batch 32 (AE encoding included), so 1,400 steps take
-  # ~8.5 min after the ~5.5 min AE. Batch 32 at lr 2e-3 learnt faster per image than batch 64
-  # at 1e-3 (loss 0.34 vs 0.73 after 11k images; both runs in /tmp logs of the README's "Results").
-  c.train.num_steps = 1400
+  # The run is compute-bound (README "Results": GenEval-lite still rises ~0.05 per 1,000 steps), so
+  # the step count is what the ~15-minute budget allows: ~10 steps/s alone on 2 cores (latent cache
+  # on), i.e. ~7 min after the ~5 min AE. Batch 32 learnt faster per image than batch 64.
+  c.train.num_steps = 4200
   c.train.batch_size = 32
   c.train.optimizer = "adamw"  # adamw | came
-  c.train.learning_rate = 2e-3
+  # 2e-3 -> 4e-3: 0.088 -> 0.113 (6x128, shift 3, 1,400 steps); 8e-3 on 4x96 at 2,800 steps: 0.121
+  # against 0.229 at 4e-3.
+  c.train.learning_rate = 4e-3
   c.train.warmup_steps = 100
   c.train.schedule = "constant"  # constant | cosine
   c.train.weight_decay = 0.0

@@ -65,7 +65,7 @@ def check_teacher(teacher_workdir: str) -> ml_collections.ConfigDict:
 
 def spread_blocks(depth: int, n: int) -> tuple[int, ...]:
   """n block indices spread over [0, depth), the last block included (the reference taps 2, 8, 14,
-  19 of 20; configs/sprint_tiny.py 1, 3, 5 of 6)."""
+  19 of 20; configs/sprint_tiny.py 0, 2, 3 of 4)."""
   n = max(1, min(n, depth))
   return tuple(sorted({int(round(depth - 1 - i * depth / n)) for i in range(n)}))
 
@@ -94,7 +94,7 @@ def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: s
   config.train.num_steps = int(num_steps)
   config.train.checkpoint_every = min(config.train.checkpoint_every, int(num_steps))
   ids = tuple(config.distill.head_block_ids)
-  if max(ids) >= model.depth:  # A shallower teacher than configs/tiny.py's 6 blocks.
+  if max(ids) >= model.depth:  # A shallower teacher than configs/tiny.py's 4 blocks.
     config.distill.head_block_ids = spread_blocks(model.depth, len(ids))
   for key, value in overrides.items():
     config_utils.set_field(config, key, value)
