@@ -35,6 +35,16 @@ def teacher_dir(tmp_path_factory):
   return d
 
 
+def test_sprint_tiny_taps_the_default_teachers_blocks_like_the_reference():
+  # The reference taps blocks 2, 8, 14, 19 of 20 (spread over the depth, the last block included);
+  # configs/sprint_tiny.py does the same over configs/tiny.py's depth, as spread_blocks does for
+  # other teachers (6 blocks: 1, 3, 5), so a change of the default's depth must update it.
+  assert sprint_ablation.spread_blocks(6, 3) == (1, 3, 5)
+  depth = config_utils.load_config("configs/tiny.py").model.depth
+  ids = tuple(config_utils.load_config("configs/sprint_tiny.py").distill.head_block_ids)
+  assert ids == sprint_ablation.spread_blocks(depth, 3) and max(ids) == depth - 1, (ids, depth)
+
+
 def test_bad_teacher_dir_is_a_clear_error(tmp_path):
   with pytest.raises(SystemExit, match="does not exist"):
     sprint_ablation.main(["--teacher_workdir", str(tmp_path / "missing"), "--out", str(tmp_path / "o")])
