@@ -184,3 +184,42 @@ def test_cli(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "11 numbered .png images" in err and "no such directory" in err
   assert "no such file" in err
+
+
+def test_failure_reasons():
+  red_circle = S.Obj("red", "circle", (5, 20, 20, 35))
+  green_square = S.Obj("green", "square", (40, 22, 55, 37))
+  pair = [red_circle, green_square]
+  cases = [
+      ([red_circle], "a red circle", "colors", 0.0, None),
+      ([red_circle], "a red circle", "colors", G.MAX_CLUTTER_FRAC + 0.01, "clutter"),
+      ([], "a red circle", "single", 0.0, "missing"),
+      (pair, "a red circle", "single", 0.0, "extra"),
+      ([green_square], "a red circle", "single", 0.0, "shape"),
+      ([red_circle], "a blue circle", "single", 0.0, None),  # single ignores colour
+      ([red_circle], "a blue circle", "colors", 0.0, "color"),
+      (pair, "a red circle and a green circle", "two", 0.0, "shape"),
+      (pair, "a green circle and a red square", "attribution", 0.0, "color"),
+      ([red_circle, S.Obj("red", "circle", (5, 45, 20, 60))], "two red circles", "counting", 0.0, None),
+      ([red_circle, S.Obj("blue", "circle", (5, 45, 20, 60))], "two red circles", "counting", 0.0, "color"),
+      (pair, "a red circle to the left of a green square", "position", 0.0, None),
+      (pair, "a red circle above a green square", "position", 0.0, "relation"),
+  ]
+  for objs, prompt, cat, clutter, want in cases:
+    assert G.failure(objs, prompt, cat, 64, clutter) == want, (prompt, cat)
+    assert G.check(objs, prompt, cat, 64, clutter) == (want is None)
+  assert set(want for *_, want in cases) - {None} == set(G.FAILURE_REASONS)
+
+
+def test_failures_are_counted_per_category():
+  prompts = ["a red circle", "a red circle", "two blue squares"]
+  scenes = _renders([(p, None) for p in prompts], 64)
+  blank = np.full_like(scenes[0].image, S.BACKGROUND)
+  # Right image, a blank one, and a render of the wrong colour for the counting prompt.
+  wrong = S.scene_for_prompt("two red squares", np.random.default_rng(0), 64).image
+  res = G.evaluate([scenes[0].image, blank, wrong], prompts, ["colors", "colors", "counting"])
+  assert res["categories"]["colors"]["failures"] == {"missing": 1}
+  assert res["categories"]["counting"]["failures"] == {"color": 1}
+  assert res["per_image"] == [True, False, False]
+  table = G.format_table(res)
+  assert "missing 1" in table and "color 1" in table

@@ -216,6 +216,56 @@ _KINDS_FOR = {"single": "single", "colors": "single", "two": "two", "attribution
               "counting": "counting", "position": "position"}
 
 
+# Why a sample fails, in the order the rules are checked (the first failing rule is reported).
+FAILURE_REASONS = ("clutter", "missing", "extra", "shape", "color", "relation")
+
+
+def failure(objects: list[Obj], prompt: str, cat: str | None = None,
+            resolution: int = 64, clutter: float = 0.0) -> str | None:
+  """The first GenEval-lite rule `objects` break for `prompt` under `cat`, or None if they pass.
+
+  Rules, in this order (one of FAILURE_REASONS):
+    clutter   more than MAX_CLUTTER_FRAC of the image is unexplained foreground or off-palette;
+    missing   fewer objects than the prompt names;
+    extra     more objects than the prompt names;
+    shape     the right number of objects, but a named shape is absent (every category);
+    color     the shapes are right, but a named colour-shape pair is absent (colors,
+              attribution, counting, position);
+    relation  both named objects are present, but the relation does not hold (position).
+  single and two check shapes only, like GenEval's single-object and two-object tasks.
+  """
+  cap = shapes.parse_caption(prompt)
+  cat = cat or shapes.category(prompt)
+  if _KINDS_FOR.get(cat) != cap.kind:
+    raise ValueError(f"prompt {prompt!r} ({cap.kind}) cannot be evaluated as {cat!r}")
+  if clutter > MAX_CLUTTER_FRAC:
+    return "clutter"
+  if len(objects) != cap.count:
+    return "missing" if len(objects) < cap.count else "extra"
+  # Every object a prompt names, as (color, shape) with multiplicity.
+  need = collections.Counter({cap.items[0]: cap.count} if cap.kind == "counting" else cap.items)
+  need_shapes = collections.Counter()
+  for (_, shape), k in need.items():
+    need_shapes[shape] += k
+  shape_counts = collections.Counter(o.shape for o in objects)
+  if any(shape_counts[s] < k for s, k in need_shapes.items()):
+    return "shape"
+  if cat in ("single", "two"):
+    return None
+  item_counts = collections.Counter((o.color, o.shape) for o in objects)
+  if any(item_counts[it] < k for it, k in need.items()):
+    return "color"
+  if cat != "position":
+    return None
+  first = [o for o in objects if (o.color, o.shape) == cap.items[0]]
+  second = [o for o in objects if (o.color, o.shape) == cap.items[1]]
+  margin = POSITION_MARGIN_FRAC * resolution
+  if any(a is not b and shapes.relation_holds(a.box, b.box, cap.relation, margin)
+         for a in first for b in second):
+    return None
+  return "relation"
+
+
 def check(objects: list[Obj], prompt: str, cat: str | None = None,
           resolution: int = 64, clutter: float = 0.0) -> bool:
   """Whether detected `objects` satisfy `prompt` under category `cat` (GenEval rules).
@@ -226,33 +276,9 @@ def check(objects: list[Obj], prompt: str, cat: str | None = None,
   single: the shape is present; colors: the shape with its colour; two: both shapes;
   attribution: both with their colours; counting: exactly that many of that colour and
   shape; position: both (with colours) present and the relation holding between centres
-  with a margin of POSITION_MARGIN_FRAC * resolution.
+  with a margin of POSITION_MARGIN_FRAC * resolution. `failure` says which rule fails.
   """
-  cap = shapes.parse_caption(prompt)
-  cat = cat or shapes.category(prompt)
-  if _KINDS_FOR.get(cat) != cap.kind:
-    raise ValueError(f"prompt {prompt!r} ({cap.kind}) cannot be evaluated as {cat!r}")
-  if clutter > MAX_CLUTTER_FRAC or len(objects) != cap.count:
-    return False
-  shape_counts = collections.Counter(o.shape for o in objects)
-  item_counts = collections.Counter((o.color, o.shape) for o in objects)
-  if cat == "single":
-    return shape_counts[cap.items[0][1]] >= 1
-  if cat == "colors":
-    return item_counts[cap.items[0]] >= 1
-  if cat == "two":
-    need = collections.Counter(s for _, s in cap.items)
-    return all(shape_counts[s] >= k for s, k in need.items())
-  if cat == "attribution":
-    need = collections.Counter(cap.items)
-    return all(item_counts[it] >= k for it, k in need.items())
-  if cat == "counting":
-    return item_counts[cap.items[0]] == cap.count
-  first = [o for o in objects if (o.color, o.shape) == cap.items[0]]
-  second = [o for o in objects if (o.color, o.shape) == cap.items[1]]
-  margin = POSITION_MARGIN_FRAC * resolution
-  return any(a is not b and shapes.relation_holds(a.box, b.box, cap.relation, margin)
-             for a in first for b in second)
+  return failure(objects, prompt, cat, resolution, clutter) is None
 
 
 def evaluate(images, prompts: Sequence[str], categories: Sequence[str] | None = None,
@@ -264,7 +290,8 @@ def evaluate(images, prompts: Sequence[str], categories: Sequence[str] | None = 
   batch_pixels: detection runs on chunks of about this many pixels (bounds memory).
   Returns {"overall": mean of the per-category rates (categories present only),
   "num_images": N, "categories": {cat: {"rate", "passed", "total"}} in CATEGORIES order,
-  "per_image": list[bool]}.
+  "per_image": list[bool]}; each category also has "failures": {reason: count} for the
+  failing images, by the first rule they break (see `failure`).
   """
   prompts = list(prompts)
   if categories is None:
@@ -273,14 +300,14 @@ def evaluate(images, prompts: Sequence[str], categories: Sequence[str] | None = 
   if not len(images) == len(prompts) == len(categories):
     raise ValueError(f"{len(images)} images, {len(prompts)} prompts, "
                      f"{len(categories)} categories")
-  passed = []
+  reasons = []
   side = np.asarray(images[0]).shape[0] if len(images) else 1
   batch_size = max(1, batch_pixels // (side * side))
   for lo in range(0, len(prompts), batch_size):
     chunk = [np.asarray(im) for im in images[lo:lo + batch_size]]
     for im, (objs, clutter), p, c in zip(chunk, _detect_all(chunk), prompts[lo:], categories[lo:]):
-      passed.append(check(objs, p, c, resolution=im.shape[0], clutter=clutter))
-  return _summarize(passed, categories)
+      reasons.append(failure(objs, p, c, resolution=im.shape[0], clutter=clutter))
+  return _summarize(reasons, categories)
 
 
 def _detect_all(images: list[np.ndarray]) -> list[tuple[list[Obj], float]]:
@@ -296,13 +323,16 @@ def _detect_all(images: list[np.ndarray]) -> list[tuple[list[Obj], float]]:
   return out
 
 
-def _summarize(passed: list[bool], categories: list[str]) -> dict:
+def _summarize(reasons: list[str | None], categories: list[str]) -> dict:
+  """The result dict of `evaluate` from each image's failure (None: passed) and category."""
+  passed = [r is None for r in reasons]
   cats = {}
   for cat in CATEGORIES:
     flags = [ok for ok, c in zip(passed, categories) if c == cat]
     if flags:
+      why = collections.Counter(r for r, c in zip(reasons, categories) if c == cat and r is not None)
       cats[cat] = {"rate": sum(flags) / len(flags), "passed": int(sum(flags)),
-                   "total": len(flags)}
+                   "total": len(flags), "failures": {r: why[r] for r in FAILURE_REASONS if why[r]}}
   unknown = set(categories) - set(CATEGORIES)
   if unknown:
     raise ValueError(f"unknown categories {sorted(unknown)}")
@@ -312,10 +342,11 @@ def _summarize(passed: list[bool], categories: list[str]) -> dict:
 
 
 def format_table(result: dict) -> str:
-  """A plain-text table: one row per category present, then overall."""
-  rows = [f"{'category':<12} {'passed':>7} {'total':>6} {'rate':>7}"]
+  """A plain-text table: one row per category present (with why samples failed), then overall."""
+  rows = [f"{'category':<12} {'passed':>7} {'total':>6} {'rate':>7}  failures"]
   for cat, v in result["categories"].items():
-    rows.append(f"{cat:<12} {v['passed']:>7d} {v['total']:>6d} {v['rate']:>7.3f}")
+    why = ", ".join(f"{r} {n}" for r, n in v.get("failures", {}).items())
+    rows.append(f"{cat:<12} {v['passed']:>7d} {v['total']:>6d} {v['rate']:>7.3f}  {why}".rstrip())
   rows.append(f"{'overall':<12} {'':>7} {result['num_images']:>6d} {result['overall']:>7.3f}")
   return "\n".join(rows)
 
