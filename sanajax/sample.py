@@ -19,13 +19,15 @@ import os
 
 from absl import app, flags
 
+from sanajax.eval.geneval_lite import read_prompts_file
 from sanajax.generation import Generator, write_images
 from sanajax.parallel import MESH_AXES, Plan, make_mesh
 from sanajax.training.setup import quiet_library_logs
 
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line.")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line (a \"<TAB>category\" "
+                                     "suffix, as in GenEval-lite prompts files, is dropped).")
 _PROMPT = flags.DEFINE_string("prompt", None, "A single prompt (instead of --prompts_file).")
 _OUT = flags.DEFINE_string("out", None, "Output folder for the PNGs.")
 _SAMPLER = flags.DEFINE_enum("sampler", None, ["flow_dpm", "flow_euler", "scm"],
@@ -57,8 +59,12 @@ def read_prompts(prompts_file: str | None, prompt: str | None) -> list[str]:
     return [prompt]
   if not os.path.exists(prompts_file):
     raise app.UsageError(f"--prompts_file {prompts_file!r} does not exist.")
-  with open(prompts_file) as f:
-    prompts = [line.rstrip("\n") for line in f if line.strip()]
+  # The GenEval-lite format ("prompt<TAB>category" lines, e.g. a run's samples/prompts.txt) is read
+  # the way the evaluator reads it: the category is for scoring, never part of the prompt.
+  try:
+    prompts, _ = read_prompts_file(prompts_file)
+  except ValueError as e:
+    raise app.UsageError(f"--prompts_file: {e}") from None
   if not prompts:
     raise app.UsageError(f"--prompts_file {prompts_file!r} holds no prompts.")
   return prompts

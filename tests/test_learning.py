@@ -163,6 +163,26 @@ def test_sample_cli_writes_prompt_ordered_pngs_and_is_deterministic(short_run, t
   assert not np.array_equal(outs[0][0], outs[0][1])
 
 
+def test_sample_cli_reproduces_training_report_from_its_prompts_file(short_run, tmp_path):
+  """samples/prompts.txt ("prompt<TAB>category" lines) fed back to the sample CLI gives the report's
+  own images: the category is not part of the prompt, and prompt i's noise depends on (seed, i) only."""
+  workdir, _ = short_run
+  samples = os.path.join(workdir, "samples")
+  with open(os.path.join(samples, "prompts.txt")) as f:
+    lines = f.readlines()[:6]
+  assert all("\t" in ln for ln in lines)
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("".join(lines))
+  r = subprocess.run([sys.executable, "-m", "sanajax.sample", f"--workdir={workdir}", f"--prompts_file={prompts}",
+                      f"--out={tmp_path / 'out'}"], cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  for i in range(len(lines)):
+    ours = np.asarray(Image.open(tmp_path / "out" / f"{i:05d}.png")).astype(np.int16)
+    report = np.asarray(Image.open(os.path.join(samples, f"{i:05d}.png"))).astype(np.int16)
+    # Another batch size may round a few pixels differently; a different prompt changes most of them.
+    assert np.mean(np.abs(ours - report) > 1) < 0.01, i
+
+
 def test_geneval_cli_agrees_with_training_report(short_run):
   workdir, m = short_run
   samples = os.path.join(workdir, "samples")

@@ -148,6 +148,19 @@ def test_sample_cli_errors_on_missing_checkpoint(tmp_path):
   assert "No checkpoint" in r.stderr + r.stdout
 
 
+def test_sample_prompts_file_drops_geneval_categories(tmp_path):
+  from absl import app
+  from sanajax.sample import read_prompts
+  f = tmp_path / "p.txt"
+  f.write_text("a red circle\tsingle\n\nthree blue squares\tcounting\n")
+  assert read_prompts(str(f), None) == ["a red circle", "three blue squares"]
+  f.write_text("a red circle\nthree blue squares\n")
+  assert read_prompts(str(f), None) == ["a red circle", "three blue squares"]
+  f.write_text("a red circle\tsingle\nthree blue squares\n")  # mixed: ambiguous, refused
+  with pytest.raises(app.UsageError, match="TAB"):
+    read_prompts(str(f), None)
+
+
 def test_train_cli_rejects_unknown_config_field(tmp_path):
   r = run_cli("sanajax.train", "--config=configs/tiny.py", "--config.train.no_such_field=3",
               f"--workdir={tmp_path}")
