@@ -25,7 +25,7 @@ def get_config(arg=None):
   c.data.num_workers = 0  # grain worker processes; 0 reads in the main process.
   # Images encoded once by the frozen AE before DiT training (sanajax.data.latent_cache; 0: encode
   # in every step). Measured on 2 cores: the AE encode was 0.11 s of a 0.35 s step at batch 32;
-  # 20,000 images (4,200 x 32 = 6.7 epochs) take ~1 min to encode once.
+  # 20,000 images (5,600 x 32 = 9 epochs) take 26-47 s to encode once.
   c.data.latent_cache = 20000
   c.data.caption_clip_threshold = 25.0  # SANA `clip_thr`.
   c.data.caption_temperature = 0.1  # SANA `clip_thr_temperature`.
@@ -91,18 +91,21 @@ def get_config(arg=None):
   c.diffusion.flow_shift = 3.0
 
   c.train = ml_collections.ConfigDict()
-  # The run is compute-bound (README "Results": GenEval-lite still rises ~0.05 per 1,000 steps), so
-  # the step count is what the ~15-minute budget allows: 11-12 steps/s alone on 2 cores (latent
-  # cache on), i.e. ~6 min after the ~4.6 min AE; 12 min 36 s for the whole command. At equal time
-  # batch 64 scored the same as batch 32 (0.300 vs 0.304).
-  c.train.num_steps = 4200
+  # The run is compute-bound (README "Results": GenEval-lite still rises with steps), so the step count
+  # is what the ~15-minute budget allows: 5,600 steps at 14-17 steps/s alone on 2 cores (latent cache
+  # on), ~7 min after the ~3.5-4.6 min AE; 11 min 38 s for the whole command on 2026-12-03 (~14.5 min
+  # expected on the slower machine of 2026-12-02). At equal time batch 64 scored the same as batch 32
+  # (0.300 vs 0.304).
+  c.train.num_steps = 5600
   c.train.batch_size = 32
   c.train.optimizer = "adamw"  # adamw | came
   # 2e-3 -> 4e-3: 0.088 -> 0.113 (6x128, shift 3, 1,400 steps); 8e-3 on 4x96 at 2,800 steps: 0.121
   # against 0.229 at 4e-3.
   c.train.learning_rate = 4e-3
   c.train.warmup_steps = 100
-  c.train.schedule = "constant"  # constant | cosine
+  # Measured on one AE (README "Results", 2026-12-03): 4,200 steps constant 0.279, cosine 0.304;
+  # 5,600 steps constant 0.304 (2026-12-02), cosine 0.321.
+  c.train.schedule = "cosine"  # constant | cosine
   c.train.weight_decay = 0.0
   c.train.grad_clip = 1.0
   c.train.ema_decay = 0.999
