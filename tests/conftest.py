@@ -14,11 +14,12 @@ os.environ["XLA_FLAGS"] = xla_env.with_fast_compile(os.environ.get("XLA_FLAGS", 
 
 # The longest files, longest first (measured 2026-12-02, `--durations`, 2 xdist workers on the
 # 2-core CI machine: test_learning 678 s, test_sprint_distill 298, test_parallel 264, test_training
-# 179, test_sprint_ablation 159, test_parallel_sprint 131; everything else < 70 s). xdist's
+# 179, test_sprint_ablation 159, test_parallel_sprint 131; test_notebooks 84 s alone on 2026-12-03;
+# everything else < 70 s). xdist's
 # loadfile hands out whole files in collection order; started last, the longest file alone sets
 # the wall time, so these are collected first and the short files fill in around them.
 LONGEST_FIRST = ("test_learning.py", "test_sprint_distill.py", "test_parallel.py", "test_training.py",
-                 "test_sprint_ablation.py", "test_parallel_sprint.py")
+                 "test_sprint_ablation.py", "test_parallel_sprint.py", "test_notebooks.py")
 
 
 def pytest_collection_modifyitems(config, items):
