@@ -26,8 +26,9 @@ def get_config(arg=None):
   c.model.guidance_embeds = True
   c.model.guidance_embeds_scale = 0.1  # reference cfg_embed_scale.
   # tiny: the reference's dense time embedding (timestep_scale 0.001, the embedder sees t in [0, 1])
-  # needs a teacher fine-tuned with it first (Sprint's phase 1); the tiny teacher embeds 1000 t, and
-  # a student initialised from it must keep that to start equal to it.
+  # needs a teacher fine-tuned with it first (Sprint's phase 1); configs/tiny.py's teacher embeds
+  # 1000 t, and a student initialised from it must keep that to start equal to it. With a phase-1
+  # teacher (README "SANA-Sprint distillation") pass --config.model.timestep_scale=0.001.
   c.model.timestep_scale = 1.0
 
   c.distill = ml_collections.ConfigDict()

@@ -73,6 +73,10 @@ def get_config(arg=None):
   # conditioning starts at full strength here.
   c.model.y_norm_scale = 1.0
   c.model.qk_norm = False
+  # The embedder sees 1000 * timestep_scale * t: 1.0 is SANA's 0..1000 time; 0.001 is SANA-Sprint's
+  # dense time embedding, which a teacher is fine-tuned to before distillation (README "SANA-Sprint
+  # distillation", phase 1: --config.model.timestep_scale=0.001).
+  c.model.timestep_scale = 1.0
   c.model.dtype = "float32"  # compute dtype; parameters stay float32.
   c.model.attn_impl = "xla"
   c.model.remat = "none"

@@ -191,6 +191,15 @@ class Killed(Exception):
   pass
 
 
+def test_a_student_with_another_time_embedding_than_its_teacher_is_pointed_to_phase_1(teacher_dir, tmp_path,
+                                                                                     capsys):
+  sprint.setup(sprint_config(teacher_dir), str(tmp_path / "same"))
+  assert "timestep_scale" not in capsys.readouterr().out
+  sprint.setup(sprint_config(teacher_dir, **{"model.timestep_scale": 0.001}), str(tmp_path / "dense"))
+  out = capsys.readouterr().out
+  assert "student's timestep_scale 0.001 differs from the teacher's 1" in out and "phase 1" in out, out
+
+
 def test_killed_distillation_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
   config = sprint_config(teacher_dir)
   sprint.distill(config, str(tmp_path / "straight"), run_eval=False)

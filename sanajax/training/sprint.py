@@ -411,6 +411,14 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   teacher_config, teacher_params = load_teacher(config.teacher_workdir)
   config = apply_resolution(config)
   check_student_config(config, teacher_config)
+  student_scale = float(config.model.get("timestep_scale", 1.0))
+  teacher_scale = float(teacher_config.model.get("timestep_scale", 1.0))
+  if student_scale != teacher_scale:
+    # Allowed (the released Sprint students embed dense time), but then the student starts from the
+    # teacher's weights, not from its function: SANA-Sprint fine-tunes the teacher first (phase 1).
+    print(f"Note: the student's timestep_scale {student_scale:g} differs from the teacher's {teacher_scale:g}, so it "
+          f"does not start as the teacher; fine-tune the teacher with the student's time embedding first "
+          f"(README \"SANA-Sprint distillation\", phase 1).", flush=True)
   # The distilled workdir must sample on its own: point it at the teacher's AE.
   if not config.ae.workdir:
     config.ae.workdir = os.path.abspath(ae_workdir(teacher_config, config.teacher_workdir))
