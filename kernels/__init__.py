@@ -10,7 +10,7 @@ if __name__ == "sanajax.kernels":
 else:
   # Found as the top-level package `kernels`: the repository root is on sys.path (`python -m ...`
   # or `python -m pytest` in a checkout puts the working directory first). That name belongs to
-  # the PyPI package `kernels` (Hugging Face's, which transformers >= 5.25 imports), so this
+  # the PyPI package `kernels` (Hugging Face's, which transformers 5.25 requires and imports), so this
   # folder hands the import over to it instead of shadowing it.
   import importlib.machinery as _machinery
   import importlib.util as _util

@@ -103,6 +103,26 @@ def test_mix_ffn_equals_numpy():
   np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("k,hw", [(3, (4, 6)), (5, (3, 2)), (1, (2, 3))])
+def test_depthwise_conv_equals_grouped_conv_in_value_and_gradient(k, hw):
+  # k=5 on a 3x2 grid: shifts as wide as the grid itself are all zero padding.
+  c = 6
+  x = jax.random.normal(jax.random.key(0), (2, *hw, c))
+  w = jax.random.normal(jax.random.key(1), (k, k, 1, c))
+  r = jax.random.normal(jax.random.key(2), (2, *hw, c))
+
+  def grouped(x, w):
+    return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        feature_group_count=c, precision="highest")
+
+  np.testing.assert_allclose(layers.depthwise_conv2d(x, w), grouped(x, w), rtol=1e-5, atol=1e-5)
+  grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * r), (0, 1))(x, w)
+  for got, want in zip(grad(layers.depthwise_conv2d), grad(grouped)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="odd square kernel"):
+    layers.depthwise_conv2d(x, jnp.ones((2, 2, 1, c)))
+
+
 def test_timestep_sinusoid_matches_diffusers():
   torch = pytest.importorskip("torch")
   from diffusers.models.embeddings import get_timestep_embedding
