@@ -93,6 +93,9 @@ def get_config(arg=None):
   # 3.0 at 1024 px. Measured on the 6x128 model at 1,400 steps: 0.5 -> 0.054, 1.0 -> 0.067, 3.0 -> 0.088
   # GenEval-lite (more single prompts with exactly one object: 0.45 vs 0.35).
   c.diffusion.flow_shift = 3.0
+  # Training only: this fraction of the times is shifted by alt_shift instead (0: off).
+  c.diffusion.alt_shift = 1.0
+  c.diffusion.alt_shift_fraction = 0.0
 
   c.train = ml_collections.ConfigDict()
   # The run is compute-bound (README "Results": GenEval-lite still rises with steps), so the step count

@@ -72,6 +72,21 @@ def test_shift_moves_median():
   assert np.median(t) == pytest.approx(0.75, abs=5e-3)
 
 
+def test_alt_shift_mixes_two_shifted_densities():
+  # P(t <= x) of the mixture = (1 - p) P3(x) + p P1(x); logit-normal(0, 1) shifted by a has
+  # P(t <= x) = Phi(logit(x / (a - (a - 1) x))), the inverse shift of x.
+  p, key = 0.3, jax.random.key(6)
+  t = np.asarray(flow.sample_time(key, N, shift=3.0, alt_shift=1.0, alt_shift_fraction=p))
+  cdf = lambda x, a: 0.5 * (1 + math.erf(math.log((x / (a - (a - 1) * x)) / (1 - x / (a - (a - 1) * x))) / math.sqrt(2)))
+  for x in (0.2, 0.5, 0.8):
+    assert np.mean(t <= x) == pytest.approx((1 - p) * cdf(x, 3.0) + p * cdf(x, 1.0), abs=6e-3)
+  # Fraction 0 draws exactly the unmixed times (old runs reproduce); out of range is refused.
+  np.testing.assert_array_equal(flow.sample_time(key, 64, shift=3.0, alt_shift_fraction=0.0),
+                                flow.sample_time(key, 64, shift=3.0))
+  with pytest.raises(ValueError, match="alt_shift_fraction"):
+    flow.sample_time(key, 4, alt_shift_fraction=1.5)
+
+
 def test_uniform_mode_cosmap_moments():
   key = jax.random.key(4)
   t = np.asarray(flow.sample_time(key, N, weighting="uniform"))
@@ -100,6 +115,10 @@ def test_sample_time_from_config_matches_direct_call():
   key = jax.random.key(5)
   np.testing.assert_array_equal(flow.sample_time_from_config(key, 16, c),
                                 flow.sample_time(key, 16, weighting="mode", mode_scale=1.0, shift=2.0))
+  c.update(alt_shift=0.5, alt_shift_fraction=0.25)
+  np.testing.assert_array_equal(flow.sample_time_from_config(key, 16, c),
+                                flow.sample_time(key, 16, weighting="mode", mode_scale=1.0, shift=2.0, alt_shift=0.5,
+                                                 alt_shift_fraction=0.25))
 
 
 def test_flow_matching_loss_values():

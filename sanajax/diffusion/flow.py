@@ -88,7 +88,8 @@ def _cosmap_time(u: jax.Array) -> jax.Array:
 
 
 def sample_time(key: jax.Array, batch: int, *, weighting: str = "logit_normal", logit_mean: float = 0.,
-                logit_std: float = 1., mode_scale: float = 1.29, shift: float = 1.0) -> jax.Array:
+                logit_std: float = 1., mode_scale: float = 1.29, shift: float = 1.0, alt_shift: float = 1.0,
+                alt_shift_fraction: float = 0.0) -> jax.Array:
   """Draws training times t, (batch,) float32, strictly inside (0, 1).
 
   weighting:
@@ -97,8 +98,14 @@ def sample_time(key: jax.Array, batch: int, *, weighting: str = "logit_normal", 
     "cosmap": SD3's CosMap;
     "uniform": t ~ U(0, 1).
   The draw is then shifted by `shift_time(., shift)` (1.0 leaves it unchanged) and clipped to
-  [T_EPS, 1 - T_EPS].
+  [T_EPS, 1 - T_EPS]. With alt_shift_fraction p > 0, each time is instead shifted by `alt_shift`
+  with probability p: a mixture of two shifted densities, e.g. shift 3 for layout (high noise)
+  and 1 for detail (mid noise). p = 0 draws exactly what it drew without these arguments.
   """
+  if not 0.0 <= alt_shift_fraction <= 1.0:
+    raise ValueError(f"alt_shift_fraction must lie in [0, 1], got {alt_shift_fraction}.")
+  if alt_shift_fraction > 0:
+    key, k_mix = jax.random.split(key)
   if weighting == "logit_normal":
     n = logit_mean + logit_std * jax.random.normal(key, (batch,), jnp.float32)
     t = jax.nn.sigmoid(n)
@@ -112,20 +119,25 @@ def sample_time(key: jax.Array, batch: int, *, weighting: str = "logit_normal", 
       t = u
   else:
     raise ValueError(f"Unknown time weighting {weighting!r}; choose one of {WEIGHTINGS}.")
-  t = shift_time(t, shift)
-  return jnp.clip(t, T_EPS, 1 - T_EPS).astype(jnp.float32)
+  shifted = shift_time(t, shift)
+  if alt_shift_fraction > 0:
+    use_alt = jax.random.bernoulli(k_mix, alt_shift_fraction, (batch,))
+    shifted = jnp.where(use_alt, shift_time(t, alt_shift), shifted)
+  return jnp.clip(shifted, T_EPS, 1 - T_EPS).astype(jnp.float32)
 
 
 def sample_time_from_config(key: jax.Array, batch: int, diffusion_config: Any) -> jax.Array:
   """`sample_time` with the fields of a config's `diffusion` section (see configs/tiny.py).
 
-  Reads weighting, logit_mean, logit_std, mode_scale and flow_shift; missing fields fall back to
-  the defaults of `sample_time` (flow_shift: 1.0).
+  Reads weighting, logit_mean, logit_std, mode_scale, flow_shift, alt_shift and alt_shift_fraction;
+  missing fields fall back to the defaults of `sample_time` (flow_shift: 1.0).
   """
   c = diffusion_config
   return sample_time(key, batch, weighting=c.get("weighting", "logit_normal"),
                      logit_mean=float(c.get("logit_mean", 0.0)), logit_std=float(c.get("logit_std", 1.0)),
-                     mode_scale=float(c.get("mode_scale", 1.29)), shift=float(c.get("flow_shift", 1.0)))
+                     mode_scale=float(c.get("mode_scale", 1.29)), shift=float(c.get("flow_shift", 1.0)),
+                     alt_shift=float(c.get("alt_shift", 1.0)),
+                     alt_shift_fraction=float(c.get("alt_shift_fraction", 0.0)))
 
 
 def _expand_mask(mask: jax.Array, ndim: int) -> jax.Array:
