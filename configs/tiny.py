@@ -106,6 +106,8 @@ def get_config(arg=None):
   c.train.num_steps = 5600
   c.train.batch_size = 32
   c.train.optimizer = "adamw"  # adamw | came
+  c.train.adam_b1 = 0.9
+  c.train.adam_b2 = 0.999
   # 2e-3 -> 4e-3: 0.088 -> 0.113 (6x128, shift 3, 1,400 steps); 8e-3 on 4x96 at 2,800 steps: 0.121
   # against 0.229 at 4e-3.
   c.train.learning_rate = 4e-3

@@ -193,6 +193,15 @@ def test_adamw_weight_decay_and_came_from_config():
   _assert_close(history, ref, rtol=1e-6, atol=0)
 
 
+def test_adam_moment_decays_from_config():
+  tx, _ = optim.build_optimizer(_train_config(adam_b1=0.8, adam_b2=0.95, warmup_steps=0, grad_clip=0.0), num_steps=10)
+  history = _run_optax(tx, _params(), _grads(3))
+  _assert_close(history, _run_optax(optax.adamw(1e-3, b1=0.8, b2=0.95, weight_decay=0.0), _params(), _grads(3)),
+                rtol=1e-6, atol=0)
+  default, _ = optim.build_optimizer(_train_config(warmup_steps=0, grad_clip=0.0), num_steps=10)
+  assert not np.allclose(_run_optax(default, _params(), _grads(3))[-1]["matrix"], history[-1]["matrix"])
+
+
 @pytest.mark.parametrize("field,value,match", [("optimizer", "sgd", "optimizer"), ("schedule", "linear", "schedule")])
 def test_build_optimizer_errors(field, value, match):
   with pytest.raises(ValueError, match=match):

@@ -183,7 +183,8 @@ def build_optimizer(train_config: Any, num_steps: int) -> tuple[optax.GradientTr
 
   Fields: optimizer ("adamw" | "came"), learning_rate (peak), warmup_steps (linear warm-up from 0),
   schedule ("constant" | "cosine", the cosine decays to 0 at `num_steps`), weight_decay (decoupled),
-  grad_clip (global-norm clipping before the optimizer; 0 disables).
+  grad_clip (global-norm clipping before the optimizer; 0 disables), adam_b1 / adam_b2 (AdamW's
+  moment decays, default 0.9 / 0.999 as in SANA's AdamW).
   Returns (transformation, schedule_fn: step -> learning rate).
   """
   c = train_config
@@ -192,7 +193,8 @@ def build_optimizer(train_config: Any, num_steps: int) -> tuple[optax.GradientTr
   schedule_fn = _lr_schedule(peak, int(_field(c, "warmup_steps", 0)), _field(c, "schedule", "constant"), num_steps)
   weight_decay = float(_field(c, "weight_decay", 0.0))
   if name == "adamw":
-    opt = optax.adamw(schedule_fn, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay)
+    opt = optax.adamw(schedule_fn, b1=float(_field(c, "adam_b1", 0.9)), b2=float(_field(c, "adam_b2", 0.999)),
+                      eps=1e-8, weight_decay=weight_decay)
   elif name == "came":
     opt = came(schedule_fn, weight_decay=weight_decay)
   else:
