@@ -138,7 +138,7 @@ def test_the_checkout_folder_does_not_shadow_the_pypi_kernels_package(tmp_path):
   import subprocess
   import sys
   root = pathlib.Path(__file__).resolve().parents[1]
-  code = ("import importlib.util, kernels, sanajax.kernels as own\n"
+  code = ("import kernels, sanajax.kernels as own\n"
           "print(kernels.__file__)\nprint(own.__file__)\nprint(callable(own.linear_attention))\n")
   has_pypi = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('kernels').origin)"],
                             cwd=tmp_path, capture_output=True, text=True).stdout.strip()

@@ -105,7 +105,7 @@ def test_mix_ffn_equals_numpy():
 
 @pytest.mark.parametrize("k,hw", [(3, (4, 6)), (5, (3, 2)), (1, (2, 3))])
 def test_depthwise_conv_equals_grouped_conv_in_value_and_gradient(k, hw):
-  # k=5 on a 3x2 grid: shifts as wide as the grid itself are all zero padding.
+  # k=5 on a 3x2 grid: the padding is wider than the grid, so some windows see only zeros.
   c = 6
   x = jax.random.normal(jax.random.key(0), (2, *hw, c))
   w = jax.random.normal(jax.random.key(1), (k, k, 1, c))
