@@ -210,3 +210,44 @@ def test_build_optimizer_errors(field, value, match):
   del del_cfg["learning_rate"]
   with pytest.raises(ValueError, match="learning_rate"):
     optim.build_optimizer(del_cfg, num_steps=10)
+
+
+def _newton_schulz5(g):
+  """Keller Jordan's quintic Newton-Schulz orthogonalisation (5 steps), in numpy."""
+  a, b, c = 3.4445, -4.775, 2.0315
+  x = g / (np.linalg.norm(g) + 1e-8)
+  wide = x.shape[0] <= x.shape[1]
+  x = x if wide else x.T
+  for _ in range(5):
+    gram = x @ x.T
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return x if wide else x.T
+
+
+def test_muon_orthogonalises_kernels_with_adamw_rms_and_adam_for_the_rest():
+  rng = np.random.default_rng(0)
+  params = {"dense": {"kernel": rng.normal(size=(6, 4)), "bias": rng.normal(size=(4,))},
+            "conv": {"kernel": rng.normal(size=(1, 1, 5, 3))},        # a 1x1 conv: (in 5, out 3)
+            "depthwise": {"kernel": rng.normal(size=(3, 3, 1, 4))},   # in = 1: not a matrix map
+            "scale_shift_table": rng.normal(size=(6, 4))}              # 2-D but not a kernel
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), jnp.float32), params)
+  lr = 1e-2
+  tx, _ = optim.build_optimizer(_train_config(optimizer="muon", learning_rate=lr, warmup_steps=0, grad_clip=0.0),
+                                num_steps=10)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # First step: the momentum is the gradient, orthogonalised and scaled to RMS 0.2 (0.2 sqrt(max(n, m))
+  # times a semi-orthogonal n x m matrix), times -lr.
+  dense = -lr * optim.MUON_MATCHED_RMS * np.sqrt(6) * _newton_schulz5(np.asarray(grads["dense"]["kernel"]))
+  np.testing.assert_allclose(updates["dense"]["kernel"], dense, rtol=1e-4, atol=1e-7)
+  conv = -lr * optim.MUON_MATCHED_RMS * np.sqrt(5) * _newton_schulz5(np.asarray(grads["conv"]["kernel"]).reshape(5, 3))
+  np.testing.assert_allclose(np.asarray(updates["conv"]["kernel"]).reshape(5, 3), conv, rtol=1e-4, atol=1e-7)
+  # Everything else takes optax's (Nesterov) AdamW step with the same learning rate.
+  adam = optax.nadamw(lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0)
+  adam_updates, _ = adam.update(grads, adam.init(params), params)
+  for path in (("dense", "bias"), ("depthwise", "kernel"), ("scale_shift_table",)):
+    got, want = updates, adam_updates
+    for k in path:
+      got, want = got[k], want[k]
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9, err_msg=str(path))
+  assert not np.allclose(updates["dense"]["kernel"], adam_updates["dense"]["kernel"], atol=1e-5)

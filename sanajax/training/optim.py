@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("adamw", "came")
+OPTIMIZERS = ("adamw", "came", "muon")
 SCHEDULES = ("constant", "cosine")
 
 # Stand-in for the state a parameter does not use (factored vs unfactored), as optax.adafactor does.
@@ -149,6 +149,38 @@ def came(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.9
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+# Moonlight's update-RMS match (Liu et al. 2025, "Muon is Scalable for LLM Training", eq. 4): an
+# orthogonalised update scaled to RMS 0.2, AdamW's typical update RMS, so AdamW's learning rate and
+# weight decay carry over unchanged.
+MUON_MATCHED_RMS = 0.2
+
+
+def muon_dimension_numbers(params):
+  """Which parameters Muon orthogonalises: dense kernels (in, out) and convolution kernels
+  (kh, kw, in, out) with in > 1, flattened to (kh kw in, out); None (AdamW) for everything else
+  (biases, norm scales, modulation tables, depthwise kernels)."""
+  def rule(path, p):
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]  # boxed params end in .value
+    if not keys or keys[-1] != "kernel":
+      return None
+    if p.ndim == 2:
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+    if p.ndim == 4 and p.shape[2] > 1:
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+    return None
+  return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def muon(learning_rate, *, b1: float = 0.9, b2: float = 0.999, beta: float = 0.95,
+         weight_decay: float = 0.0) -> optax.GradientTransformation:
+  """Muon (optax.contrib.muon: Nesterov momentum `beta`, 5 Newton-Schulz steps) on the weight
+  matrices of `muon_dimension_numbers`, AdamW(b1, b2) on the rest, with one learning rate: the
+  orthogonalised updates are rescaled to RMS MUON_MATCHED_RMS, as Moonlight does."""
+  return optax.contrib.muon(learning_rate, beta=beta, weight_decay=weight_decay, adam_b1=b1, adam_b2=b2,
+                            adam_weight_decay=weight_decay, muon_weight_dimension_numbers=muon_dimension_numbers,
+                            consistent_rms=MUON_MATCHED_RMS)
+
+
 def _field(config: Any, name: str, default: Any = None, *, required: bool = False) -> Any:
   """Reads `config.name` from a ConfigDict or a dict, with a clear error when a required one is missing."""
   if name in config:
@@ -197,6 +229,9 @@ def build_optimizer(train_config: Any, num_steps: int) -> tuple[optax.GradientTr
                       eps=1e-8, weight_decay=weight_decay)
   elif name == "came":
     opt = came(schedule_fn, weight_decay=weight_decay)
+  elif name == "muon":
+    opt = muon(schedule_fn, b1=float(_field(c, "adam_b1", 0.9)), b2=float(_field(c, "adam_b2", 0.999)),
+               weight_decay=weight_decay)
   else:
     raise ValueError(f"Unknown optimizer {name!r} (train.optimizer); choose one of {OPTIMIZERS}.")
   grad_clip = float(_field(c, "grad_clip", 0.0))
