@@ -43,12 +43,64 @@ def test_resolution_override_is_applied():
   assert ratio == pytest.approx(16.0)
 
 
-def test_cli_last_line():
-  out = subprocess.run([sys.executable, "-m", "sanajax.info", "--config=configs/sana_1600m.py"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120, check=True).stdout
-  last = out.strip().splitlines()[-1]
+def _run_cli(*overrides: str) -> str:
+  return subprocess.run([sys.executable, "-m", "sanajax.info", "--config=configs/sana_1600m.py", *overrides],
+                        cwd=REPO, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def cli_one_device():
+  """The CLI's output for Sana-1600M without a mesh (~2 s)."""
+  return _run_cli()
+
+
+def test_cli_last_line(cli_one_device):
+  last = cli_one_device.strip().splitlines()[-1]
   key, value = last.split(": ")
   assert key == "total_params" and int(value) == 1604462752
+
+
+def _plan_memory_gib(out: str) -> tuple[str, dict[str, float]]:
+  """(the header line, {row: GiB}) of the CLI's per-device memory table."""
+  lines = out.splitlines()
+  i = next(i for i, line in enumerate(lines) if line.startswith("per-device memory under mesh"))
+  rows = {}
+  for line in lines[i + 1:i + 7]:
+    name, value = line.split()
+    rows[name] = float(value)
+  return lines[i], rows
+
+
+def test_cli_fsdp8_prints_an_eighth_per_device(cli_one_device):
+  """`python -m sanajax.info --config=configs/sana_1600m.py --config.mesh.fsdp=8` (the README's
+  command): parameters, gradients, optimizer state (CAME, the config's) and EMA per device are an
+  eighth of the one-device figures the same CLI prints (plus the ~1.1% no rule splits: depthwise
+  kernels, biases; and CAME's small factored statistics, replicated), and the one-device
+  parameters are the 1,604,462,752 float32 it counts.
+
+  Runs on this one-device machine: fixed mesh axes describe the target cluster (sanajax.parallel.
+  memory sizes shards from the mesh shape), so no fake devices are needed. ~2 s.
+  """
+  import jax
+  assert jax.device_count() == 1
+  head1, one = _plan_memory_gib(cli_one_device)
+  out = _run_cli("--config.mesh.fsdp=8")
+  head8, f8 = _plan_memory_gib(out)
+  assert head1.startswith("per-device memory under mesh one device (1 devices)"), head1
+  assert head8.startswith("per-device memory under mesh fsdp=8 (8 devices)"), head8
+  assert int(out.strip().splitlines()[-1].split(": ")[1]) == 1604462752
+  gib = 2 ** 30
+  assert abs(one["parameters"] - 4 * 1604462752 / gib) <= 0.005  # float32, whole
+  # The table has 2 decimals (+-0.005 GiB each): fsdp=8 is within [1/8, 1.02/8] of one device's.
+  # CAME's factored second moments (row / column statistics, 0.02 GiB) stay whole on every device.
+  factored = one["optimizer_state"] - one["parameters"]
+  assert 0 <= factored <= 0.03
+  for row in ("parameters", "gradients", "optimizer_state", "ema"):
+    whole = factored if row == "optimizer_state" else 0.0
+    assert one[row] / 8 - 0.01 <= f8[row] <= 1.02 * one[row] / 8 + whole + 0.01, (row, one[row], f8[row])
+  assert abs(f8["activations"] - one["activations"] / 8) <= 0.01  # batch 64 over 8 devices
+  assert abs(f8["total"] - sum(f8[k] for k in ("parameters", "gradients", "optimizer_state", "ema",
+                                                 "activations"))) <= 0.03
 
 
 @pytest.mark.parametrize("name,base", [("sprint_600m", 591747872), ("sprint_1600m", 1604462752)])
