@@ -1,6 +1,8 @@
-"""Sharding plans on 8 fake CPU devices: every plan equals one device, shardings are real,
-sequence-parallel linear attention is exact, checkpoints move between meshes, and the DC-AE
-trainer (train_ae) under a plan equals its single-device run.
+"""Sharding plans on 8 fake CPU devices: every plan equals one device, shardings are real (every
+state array; AdamW moments, EMA and gradients leaf by leaf with their parameter), the
+data x sequence step compiles to the sequence-parallel layers' collectives, sequence-parallel
+linear attention is exact, checkpoints move between meshes, and the DC-AE trainer (train_ae)
+under a plan equals its single-device run.
 
 XLA_FLAGS must be set before jax starts, and the rest of the suite runs on one device, so the
 8-device cases run this file as a script (`python tests/test_parallel.py all TMPDIR`, or one
@@ -10,6 +12,7 @@ passed, and the tests look for those lines.
 """
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -28,10 +31,13 @@ PLANS = {
     "data=2,sequence=4": dict(data=2, sequence=4),
 }
 # float32 on CPU: the sharded programs sum in another order than one device. Measured worst
-# cases over the four plans (relative to the largest magnitude): loss 1.2e-6, gradients 5.0e-7,
-# losses and parameters over 5 AdamW steps 5.2e-5 (data=8; 1.2e-5 before the warm-up gave step 1
-# a non-zero lr: AdamW's first update is ~sign(g), which turns last-bit gradient differences of
-# near-zero entries into lr-sized ones). A real sharding bug is off at the 1e-1 level.
+# cases over the four plans (relative to the largest magnitude; the `plans` case prints them, and
+# they repeat run to run): loss 4.9e-7 (all four), gradients 2.0e-7 (data=8, fsdp=8), losses and
+# parameters over 5 AdamW steps 1.4e-5 (data=2 x fsdp=2 x tensor=2; data=8 1.4e-5, fsdp=8 1.3e-5,
+# data=2 x sequence=4 6.6e-6). The bounds were set on the earlier test model (2 blocks; 1 since
+# 2730609): loss 1.2e-6, gradients 5.0e-7, 5 steps 5.2e-5 on data=8 (1.2e-5 before the warm-up
+# gave step 1 a non-zero lr: AdamW's first update is ~sign(g), which turns last-bit gradient
+# differences of near-zero entries into lr-sized ones). A real sharding bug is off at the 1e-1 level.
 LOSS_RTOL = 5e-6
 GRAD_RTOL = 5e-6
 TRAJ_RTOL = 2e-4
@@ -226,6 +232,8 @@ def setup(mesh: dict, devices=None, *, batch_size: int = 8, with_grads: bool = T
     else:
       frozen = plan.replicate(frozen)
       step = lambda s, b: train_step(s, frozen, plan.shard_batch(b))
+      # The compiled program's HLO text (jit's caches hold it once the step has run: no new compile).
+      step.hlo = lambda s, b: train_step.lower(s, frozen, plan.shard_batch(b)).compile().as_text()
     _STEPS[key] = (plan, tx, step)
   return config, plan, state, step
 
@@ -251,44 +259,157 @@ def trajectory(mesh: dict, data, devices=None):
       first = metrics
     losses.append(float(metrics["loss"]))
   return dict(plan=plan, loss=losses[0], grads=jax.device_get(first["grads"]), grads_arrays=first["grads"],
-              losses=np.array(losses), params=jax.device_get(state.params), state=state)
+              losses=np.array(losses), params=jax.device_get(state.params), state=state, step=step)
 
 
-def check_param_shardings(plan, mesh: dict, state) -> None:
-  """The plan's layout, checked on the arrays: spec and per-device shard shapes."""
+# Named parameters of the small config and the PartitionSpec each plan must give them, from what
+# the plans mean (not from the rules table): fsdp splits `embed` (ZeRO-3), tensor splits heads and
+# Mix-FFN channels (Megatron), data and sequence leave parameters whole. F / T stand for "fsdp" /
+# "tensor" when that axis is > 1, else None.
+NAMED_SPECS = {
+    "transformer_blocks_0/attn1/to_q/kernel": ((64, 64), ("F", "T")),  # linear attention q, k, v: heads
+    "transformer_blocks_0/attn1/to_k/kernel": ((64, 64), ("F", "T")),
+    "transformer_blocks_0/attn1/to_v/kernel": ((64, 64), ("F", "T")),
+    "transformer_blocks_0/attn1/to_out/kernel": ((64, 64), ("T", "F")),
+    "transformer_blocks_0/attn2/to_k/kernel": ((64, 96), ("F", "T")),
+    "transformer_blocks_0/ff/conv_inverted/kernel": ((64, 320), ("F", "T")),  # Mix-FFN expansion: out channels
+    "transformer_blocks_0/ff/conv_inverted/bias": ((320,), ("T",)),
+    "transformer_blocks_0/ff/conv_depth/kernel": ((3, 3, 1, 320), (None, None, None, "T")),
+    "transformer_blocks_0/ff/conv_point/kernel": ((160, 64), ("T", "F")),
+    "transformer_blocks_0/scale_shift_table": ((6, 64), (None, "F")),
+    "caption_projection/linear_2/kernel": ((64, 64), ("F", None)),  # (embed, embed): split once
+    "time_embed/linear/kernel": ((64, 384), ("F", None)),
+    "proj_out/bias": ((8,), (None,)),  # no axis any plan splits
+}
+
+
+def _padded(spec, ndim: int) -> tuple:
+  return tuple(spec) + (None,) * (ndim - len(tuple(spec)))
+
+
+def check_state_shardings(plan, mesh: dict, state, grads) -> None:
+  """The plan's layout, checked on the arrays after the 5 steps (the jitted step's outputs).
+
+  * every array of the state (parameters, AdamW moments, EMA, step counts, rng) and every
+    gradient has the sharding plan.shardings gives that tree (the unnamed leaves replicated);
+  * what the plan means, independently of the rules table: NAMED_SPECS' concrete specs, with
+    the per-device shard shapes of the buffers;
+  * AdamW's mu and nu of every parameter, its EMA and its gradient, leaf by leaf, have that
+    parameter's sharding (ZeRO-3: nothing left whole under fsdp; a moment that lost its logical
+    box would come out replicated here);
+  * each device holds what sanajax.parallel.memory (the `sanajax.info` per-device figures)
+    computes for the plan.
+  """
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  import optax
   from jax.sharding import PartitionSpec as P
-  f, t = mesh.get("fsdp", 1), mesh.get("tensor", 1)
-  p = state.params["transformer_blocks_0"]
-  expect = {  # (array, expected spec, global shape)
-      "ff/conv_inverted/kernel": (p["ff"]["conv_inverted"]["kernel"], ("fsdp" if f > 1 else None,
-                                                                        "tensor" if t > 1 else None), (64, 320)),
-      "ff/conv_point/kernel": (p["ff"]["conv_point"]["kernel"], ("tensor" if t > 1 else None,
-                                                                  "fsdp" if f > 1 else None), (160, 64)),
-      "attn1/to_q/kernel": (p["attn1"]["to_q"]["kernel"], ("fsdp" if f > 1 else None,
-                                                           "tensor" if t > 1 else None), (64, 64)),
-      "ff/conv_depth/kernel": (p["ff"]["conv_depth"]["kernel"], (None, None, None, "tensor" if t > 1 else None),
-                               (3, 3, 1, 320)),
-  }
-  for name, (box, spec, shape) in expect.items():
-    arr = box.value
+  from sanajax.parallel import memory
+  is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
+  unbox = lambda x: x.value if is_box(x) else x
+  axis = {"F": "fsdp" if mesh.get("fsdp", 1) > 1 else None, "T": "tensor" if mesh.get("tensor", 1) > 1 else None,
+          None: None}
+  n_dev = int(np.prod(list(plan.mesh.shape.values())))
+
+  flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_box)[0]
+  want = jax.tree.leaves(plan.shardings(state), is_leaf=is_box)
+  assert len(flat) == len(want)
+  for (path, x), sh in zip(flat, want):
+    x, sh = unbox(x), unbox(sh)
+    assert x.sharding.is_equivalent_to(sh, x.ndim), (jax.tree_util.keystr(path), x.sharding, sh)
+
+  params = {"/".join(str(k.key) for k in path if hasattr(k, "key")): box
+            for path, box in jax.tree_util.tree_flatten_with_path(state.params, is_leaf=is_box)[0]}
+  assert all(is_box(b) for b in params.values())
+  for name, (shape, names) in NAMED_SPECS.items():
+    arr = params[name].value
+    spec = P(*[axis[n] for n in names])
     assert arr.shape == shape, (name, arr.shape)
-    got = arr.sharding.spec
-    want = P(*spec)
-    assert tuple(got) + (None,) * (len(shape) - len(got)) == tuple(want) + (None,) * (len(shape) - len(want)), (
-        name, got, want)
-    divs = [1] * len(shape)
-    for i, s in enumerate(spec):
-      if s is not None:
-        divs[i] = mesh[s]
-    shard_shape = tuple(n // d for n, d in zip(shape, divs))
-    assert all(s.data.shape == shard_shape for s in arr.addressable_shards), (name, shard_shape)
-  # The optimizer moments and the EMA follow the parameters (ZeRO-3: nothing left whole).
-  mu = state.opt_state
-  leaves = [x for x in __import__("jax").tree.leaves(state.ema_params) if x.ndim == 2 and x.shape == (64, 320)]
-  assert leaves and all(x.sharding.spec == leaves[0].sharding.spec for x in leaves)
-  ema = state.ema_params["transformer_blocks_0"]["ff"]["conv_inverted"]["kernel"].value
-  assert ema.sharding.is_equivalent_to(p["ff"]["conv_inverted"]["kernel"].value.sharding, 2)
-  del mu
+    assert _padded(arr.sharding.spec, arr.ndim) == _padded(spec, arr.ndim), (name, arr.sharding.spec, spec)
+    shard = tuple(n // (mesh[a] if a else 1) for n, a in zip(shape, _padded(spec, len(shape))))
+    assert len(arr.addressable_shards) == n_dev and all(s.data.shape == shard for s in arr.addressable_shards), (
+        name, shard)
+
+  p_leaves, p_def = jax.tree.flatten(state.params, is_leaf=is_box)
+  adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)]
+  assert len(adam) == 1, state.opt_state  # AdamW (configs/tiny.py)
+  for what, tree in (("mu", adam[0].mu), ("nu", adam[0].nu), ("ema", state.ema_params), ("grad", grads)):
+    leaves, tdef = jax.tree.flatten(tree, is_leaf=is_box)
+    assert tdef == p_def, what
+    for p, x in zip(p_leaves, leaves):
+      assert is_box(x) and x.names == p.names, (what, p.names)
+      assert x.value.shape == p.value.shape and x.value.sharding.is_equivalent_to(p.value.sharding, p.value.ndim), (
+          what, p.names, x.value.sharding, p.value.sharding)
+
+  # Per-device bytes: the buffers on one device vs what `sanajax.info` prints for the plan.
+  dev = plan.mesh.devices.flat[0]
+  on_dev = lambda tree: sum(s.data.nbytes for x in jax.tree.leaves(tree) for s in x.addressable_shards
+                            if s.device == dev)
+  shapes = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  whole = sum(x.nbytes for x in jax.tree.leaves(state.params))
+  for what, tree in (("params", state.params), ("opt_state", state.opt_state), ("ema", state.ema_params)):
+    assert on_dev(tree) == memory.tree_bytes_per_device(shapes(tree), plan.mesh, plan.rules), what
+  # At most 1/fsdp of every parameter with an `embed` axis (ZeRO-3), plus the leaves without one
+  # (biases, depthwise kernels: 3.2% of this small model), at least 1/(fsdp x tensor).
+  f, t = mesh.get("fsdp", 1), mesh.get("tensor", 1)
+  assert whole / (f * t) <= on_dev(state.params) <= whole / f + 0.04 * whole, (on_dev(state.params), whole)
+
+
+def _hlo_groups(line: str, field: str):
+  """The device groups of a collective's `replica_groups=` / `source_target_pairs=` in HLO text
+  (explicit {{0,1},{2,3}} or iota [2,4]<=[8]), or None when the line has none this can read."""
+  m = re.search(field + r"=\{((?:\{[\d,]*\},?)*)\}", line)
+  if m:
+    return sorted(tuple(int(i) for i in g.split(",") if i) for g in re.findall(r"\{([\d,]*)\}", m.group(1)))
+  m = re.search(field + r"=\[(\d+),(\d+)\]<=\[(\d+)\](?!T)", line)
+  if m:
+    g, n = int(m.group(2)), int(m.group(3))
+    return [tuple(range(i, i + g)) for i in range(0, n, g)]
+  return None
+
+
+def check_sequence_parallel_step(plan, hlo: str) -> None:
+  """The compiled data=2 x sequence=4 train step runs sanajax.parallel.sequence's layers.
+
+  What this guards: equal numbers alone do not show it, since a step that bypassed the sequence
+  path (the model not seeing the plan, `Plan.sequence_parallel` false, the layers calling the
+  unsharded ops) still computes the same loss: GSPMD then partitions the token-split activations
+  itself. It also emits an all-reduce over the sequence groups (the K^T V sum) and
+  collective-permutes (its own halo for the conv), so "an all-reduce and a collective-permute"
+  would pass on that program too (checked: with `Plan.sequence_parallel` forced false the step
+  compiles to 39 collective-permutes from the conv's pad / slice and an all-reduce named after the
+  einsum). Hence, on the compiled program:
+    * the linear-attention state is summed by the shard_map's psum (op_name) over exactly the
+      groups of devices that share a data index: the 4 sequence shards of each image batch;
+    * every collective-permute is the shard_map's one-row halo (`ppermute` in its op_name; at
+      least forward and backward, each direction), between sequence neighbours of the same
+      group and never wrapping around (the image border is the conv's zero padding), so GSPMD
+      partitioned no conv of its own;
+    * nothing is all-gathered or all-to-all'd: no device ever collects the tokens (parameters are
+      replicated under data x sequence, so the step has nothing to gather).
+  """
+  import numpy as np
+  axes = list(plan.mesh.shape)
+  s = plan.axis_size("sequence")
+  ids = np.moveaxis(np.arange(plan.mesh.devices.size).reshape(plan.mesh.devices.shape), axes.index("sequence"), -1)
+  groups = sorted(tuple(int(i) for i in g) for g in ids.reshape(-1, s))
+  neighbours = {(g[i], g[i + 1]) for g in groups for i in range(s - 1)}
+  neighbours |= {(b, a) for a, b in neighbours}
+  ops = [l for l in hlo.splitlines() if re.search(r" = .*?\b(all-reduce|collective-permute|all-gather|all-to-all)"
+                                                   r"(-start)?\(", l)]
+  # (attn1: the blocks' linear self-attention; the conv's shard_map also psums, over the whole
+  # mesh, in the backward pass: its replicated kernel's gradient.)
+  psums = [l for l in ops if re.search(r"\ball-reduce(-start)?\(", l) and "attn1/shard_map/psum" in l]
+  assert psums and all(_hlo_groups(l, "replica_groups") == groups for l in psums), (groups, psums)
+  permutes = [l for l in ops if re.search(r"\bcollective-permute(-start)?\(", l)]
+  assert len(permutes) >= 4 and all("shard_map/ppermute" in l for l in permutes), permutes
+  pairs = [set(_hlo_groups(l, "source_target_pairs") or ()) for l in permutes]
+  assert all(p and p <= neighbours for p in pairs) and set().union(*pairs) == neighbours, (neighbours, permutes)
+  assert not [l for l in ops if re.search(r"\b(all-gather|all-to-all)(-start)?\(", l)], ops
+  print(f"data=2,sequence=4 step: {len(psums)} linear-attention psum over {groups}, {len(permutes)} halo "
+        f"collective-permutes", flush=True)
 
 
 def case_plans() -> None:
@@ -307,11 +428,10 @@ def case_plans() -> None:
     print(f"{name}: loss rel err {loss_err:.2e}, grad rel err {grad_err:.2e}, 5-step rel err {traj_err:.2e}",
           flush=True)
     assert loss_err <= LOSS_RTOL and grad_err <= GRAD_RTOL and traj_err <= TRAJ_RTOL, name
-    # Gradients come out with the parameters' layout, and the state is laid out as planned.
-    g = got["grads_arrays"]["transformer_blocks_0"]["ff"]["conv_inverted"]["kernel"].value
-    assert g.sharding.is_equivalent_to(
-        got["state"].params["transformer_blocks_0"]["ff"]["conv_inverted"]["kernel"].value.sharding, 2)
-    check_param_shardings(got["plan"], mesh, got["state"])
+    # The state and the gradients are laid out as planned.
+    check_state_shardings(got["plan"], mesh, got["state"], got["grads_arrays"])
+    if mesh.get("sequence", 1) > 1:
+      check_sequence_parallel_step(got["plan"], got["step"].hlo(got["state"], data[0]))
     print(f"plan {name} ok", flush=True)
 
 
