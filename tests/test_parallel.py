@@ -1,5 +1,6 @@
 """Sharding plans on 8 fake CPU devices: every plan equals one device, shardings are real (every
-state array; AdamW moments, EMA and gradients leaf by leaf with their parameter), the
+state array; AdamW moments, EMA and gradients leaf by leaf with their parameter), train.optimizer=muon
+under a plan equals one device (its momentum and AdamW moments sharded as their parameter), the
 data x sequence step compiles to the sequence-parallel layers' collectives, sequence-parallel
 linear attention is exact, checkpoints move between meshes, and the DC-AE trainer (train_ae)
 under a plan equals its single-device run.
@@ -44,6 +45,16 @@ TRAJ_RTOL = 2e-4
 # 3 steps under fsdp=8, saved, then 3 more under another plan vs under fsdp=8: AdamW's
 # normalisation lets the last-bit differences grow; measured 1.1e-5 (data=4), 4.3e-5 (one device).
 CONTINUE_RTOL = 2e-4
+# train.optimizer=muon (optax.contrib.muon: Newton-Schulz on the 17 dense / conv kernels, AdamW on
+# the rest), MUON_STEPS steps under MUON_PLANS vs one device. Measured: losses and parameters (to the
+# largest magnitude, as TRAJ_RTOL) 5.1e-6 under data=2 x fsdp=2 x tensor=2 (fsdp=8: 6.1e-6); every
+# Muon kernel to its own largest entry (Newton-Schulz of the sharded momentum) 1.9e-6 (fsdp=8:
+# 2.1e-6). fsdp=8 passes too but adds ~8 s (a Muon step compile) to the ~13 s of this plan and the
+# one-device reference: data=2 x fsdp=2 x tensor=2 splits kernels over fsdp and tensor at once.
+MUON_PLANS = ("data=2,fsdp=2,tensor=2",)
+MUON_STEPS = 3
+MUON_RTOL = 1e-4
+MUON_KERNEL_RTOL = 3e-5
 
 
 # The DC-AE trainer (train_ae) under data=2 x fsdp=2 x tensor=2 vs one device, 2 AdamW steps of
@@ -106,6 +117,12 @@ def test_info_per_device_bytes_follow_the_plan():
   # biases, ~2.3M parameters = 1.1%).
   assert 4 * n / 8 <= f8["parameters"] <= 1.02 * 4 * n / 8
   assert f8["activations"] == one["activations"] // 8  # batch 64 over 8 devices
+  # Muon: a momentum for each kernel it orthogonalises, AdamW's two moments for the rest (optax's
+  # masked partition leaves empty boxes in each transform's trees: they hold no bytes); 1.025 x
+  # 4n/8 (one device: 1.002 x 4n).
+  mu8 = memory.plan_memory(config_utils.load_config("sana_1600m", overrides={"train.optimizer": "muon",
+                                                                             "mesh.fsdp": 8}))
+  assert 4 * n / 8 <= mu8["optimizer_state"] <= 1.1 * 4 * n / 8 < f8["optimizer_state"]
   seq = memory.plan_memory(config_utils.load_config("sana_1600m", overrides={"mesh.sequence": 4}))
   assert seq["parameters"] == 4 * n and seq["activations"] < one["activations"] / 3.9
 
@@ -130,6 +147,11 @@ def test_every_plan_equals_one_device_and_shards_as_planned(cases_output):
     assert f"plan {name} ok" in cases_output, cases_output
 
 
+def test_muon_under_a_plan_equals_one_device_and_shards_as_planned(cases_output):
+  for name in MUON_PLANS:
+    assert f"muon plan {name} ok" in cases_output, cases_output
+
+
 def test_checkpoint_saved_under_fsdp8_restores_under_data4_and_one_device(cases_output):
   assert "checkpoint ok" in cases_output, cases_output
 
@@ -141,11 +163,13 @@ def test_train_ae_under_a_plan_equals_one_device_and_shards_as_planned(cases_out
 # ----------------------------------------------------------------------------------- cases
 
 
-def small_config(**mesh):
-  """The tiny config at 32 px with patch 1 (a 4x4 token grid: 4 rows for sequence=4), 1 block, 1 text layer."""
+def small_config(optimizer: str = "adamw", **mesh):
+  """The tiny config at 32 px with patch 1 (a 4x4 token grid: 4 rows for sequence=4), 1 block, 1 text
+  layer; AdamW unless `optimizer` says otherwise (whatever configs/tiny.py defaults to: the tolerances
+  above were measured with AdamW)."""
   from sanajax import config_utils
   overrides = {"data.resolution": 32, "model.depth": 1, "text.num_layers": 1, "model.hidden_size": 64,
-               "model.patch_size": 1,
+               "model.patch_size": 1, "train.optimizer": optimizer,
                "train.batch_size": 8, "train.warmup_steps": 1, "train.num_steps": 5}
   overrides.update({f"mesh.{k}": v for k, v in mesh.items()})
   return config_utils.load_config("configs/tiny.py", overrides=overrides)
@@ -205,16 +229,16 @@ def batches(n: int, batch_size: int = 8):
 _STEPS: dict = {}
 
 
-def setup(mesh: dict, devices=None, *, batch_size: int = 8, with_grads: bool = True):
+def setup(mesh: dict, devices=None, *, batch_size: int = 8, with_grads: bool = True, optimizer: str = "adamw"):
   """(config, plan, fresh state, step) for a mesh (plan None: one device); step(state, host
   batch) returns (state, metrics [with the step's gradients]). The jitted step is built once
-  per mesh and reused (it is what takes the time to compile)."""
+  per mesh and optimizer and reused (it is what takes the time to compile)."""
   import jax
   from sanajax.parallel import Plan
   from sanajax.training import dit as dit_lib
   from sanajax.training.optim import build_optimizer
-  key = (tuple(sorted(mesh.items())), None if devices is None else len(devices), batch_size, with_grads)
-  config = small_config(**mesh)
+  key = (tuple(sorted(mesh.items())), None if devices is None else len(devices), batch_size, with_grads, optimizer)
+  config = small_config(optimizer, **mesh)
   config.train.batch_size = batch_size
   plan, tx, step = _STEPS.get(key, (None, None, None))
   if step is None:
@@ -247,11 +271,11 @@ def max_rel(a, b) -> float:
   return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(la, lb)) / scale
 
 
-def trajectory(mesh: dict, data, devices=None):
-  """5 steps; the first step's loss and gradients are those of the initial parameters."""
+def trajectory(mesh: dict, data, devices=None, optimizer: str = "adamw"):
+  """A step per batch of `data`; the first step's loss and gradients are those of the initial parameters."""
   import jax
   import numpy as np
-  config, plan, state, step = setup(mesh, devices)
+  config, plan, state, step = setup(mesh, devices, optimizer=optimizer)
   losses, first = [], None
   for b in data:
     state, metrics = step(state, b)
@@ -287,16 +311,19 @@ def _padded(spec, ndim: int) -> tuple:
   return tuple(spec) + (None,) * (ndim - len(tuple(spec)))
 
 
-def check_state_shardings(plan, mesh: dict, state, grads) -> None:
-  """The plan's layout, checked on the arrays after the 5 steps (the jitted step's outputs).
+def check_state_shardings(plan, mesh: dict, state, grads, optimizer: str = "adamw") -> None:
+  """The plan's layout, checked on the arrays after the steps (the jitted step's outputs).
 
-  * every array of the state (parameters, AdamW moments, EMA, step counts, rng) and every
+  * every array of the state (parameters, optimizer moments, EMA, step counts, rng) and every
     gradient has the sharding plan.shardings gives that tree (the unnamed leaves replicated);
   * what the plan means, independently of the rules table: NAMED_SPECS' concrete specs, with
     the per-device shard shapes of the buffers;
-  * AdamW's mu and nu of every parameter, its EMA and its gradient, leaf by leaf, have that
+  * the optimizer's moments of every parameter, its EMA and its gradient, leaf by leaf, have that
     parameter's sharding (ZeRO-3: nothing left whole under fsdp; a moment that lost its logical
-    box would come out replicated here);
+    box would come out replicated here). AdamW: mu and nu of every parameter. Muon
+    (optax.contrib.muon, a partition of two transforms): the Muon momentum of each kernel that
+    muon_dimension_numbers orthogonalises, AdamW's mu and nu of every other parameter, and an
+    empty box (optax's MaskedNode) in the other transform's trees;
   * each device holds what sanajax.parallel.memory (the `sanajax.info` per-device figures)
     computes for the plan.
   """
@@ -307,16 +334,15 @@ def check_state_shardings(plan, mesh: dict, state, grads) -> None:
   from jax.sharding import PartitionSpec as P
   from sanajax.parallel import memory
   is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
-  unbox = lambda x: x.value if is_box(x) else x
   axis = {"F": "fsdp" if mesh.get("fsdp", 1) > 1 else None, "T": "tensor" if mesh.get("tensor", 1) > 1 else None,
           None: None}
   n_dev = int(np.prod(list(plan.mesh.shape.values())))
 
-  flat = jax.tree_util.tree_flatten_with_path(state, is_leaf=is_box)[0]
-  want = jax.tree.leaves(plan.shardings(state), is_leaf=is_box)
-  assert len(flat) == len(want)
+  # Every array (boxes flattened through; Muon's empty boxes hold none, here as in plan.shardings).
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  want = jax.tree.leaves(plan.shardings(state))
+  assert len(flat) == len(want), (len(flat), len(want))
   for (path, x), sh in zip(flat, want):
-    x, sh = unbox(x), unbox(sh)
     assert x.sharding.is_equivalent_to(sh, x.ndim), (jax.tree_util.keystr(path), x.sharding, sh)
 
   params = {"/".join(str(k.key) for k in path if hasattr(k, "key")): box
@@ -332,14 +358,33 @@ def check_state_shardings(plan, mesh: dict, state, grads) -> None:
         name, shard)
 
   p_leaves, p_def = jax.tree.flatten(state.params, is_leaf=is_box)
-  adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
-          if isinstance(s, optax.ScaleByAdamState)]
-  assert len(adam) == 1, state.opt_state  # AdamW (configs/tiny.py)
-  for what, tree in (("mu", adam[0].mu), ("nu", adam[0].nu), ("ema", state.ema_params), ("grad", grads)):
+  kinds = (optax.ScaleByAdamState, optax.contrib.MuonState)
+  found = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: isinstance(x, kinds))
+           if isinstance(s, kinds)]
+  adam = [s for s in found if isinstance(s, optax.ScaleByAdamState)]
+  muon = [s for s in found if isinstance(s, optax.contrib.MuonState)]
+  assert len(adam) == 1 and len(muon) == (optimizer == "muon"), (optimizer, [type(s).__name__ for s in found])
+  moments = {"adam mu": adam[0].mu, "adam nu": adam[0].nu}
+  # The moments each parameter must have an array in (the others hold an empty box).
+  owns = [("adam mu", "adam nu")] * len(p_leaves)
+  if muon:
+    from sanajax.training.optim import muon_dimension_numbers
+    moments["muon mu"] = muon[0].mu
+    dims = jax.tree.leaves(muon_dimension_numbers(state.params), is_leaf=is_box)
+    assert len(dims) == len(p_leaves)
+    owns = [("muon mu",) if d.value is not None else ("adam mu", "adam nu") for d in dims]
+    by_name = dict(zip(params, owns))
+    assert by_name["transformer_blocks_0/ff/conv_inverted/kernel"] == ("muon mu",)  # split over fsdp and tensor
+    assert by_name["transformer_blocks_0/ff/conv_depth/kernel"] == ("adam mu", "adam nu")  # depthwise: AdamW
+    assert by_name["transformer_blocks_0/scale_shift_table"] == ("adam mu", "adam nu")
+  for what, tree in (*moments.items(), ("ema", state.ema_params), ("grad", grads)):
     leaves, tdef = jax.tree.flatten(tree, is_leaf=is_box)
     assert tdef == p_def, what
-    for p, x in zip(p_leaves, leaves):
+    for p, x, own in zip(p_leaves, leaves, owns):
       assert is_box(x) and x.names == p.names, (what, p.names)
+      if what in moments and what not in own:
+        assert not jax.tree.leaves(x.value), (what, p.names, "should be optax's MaskedNode")
+        continue
       assert x.value.shape == p.value.shape and x.value.sharding.is_equivalent_to(p.value.sharding, p.value.ndim), (
           what, p.names, x.value.sharding, p.value.sharding)
 
@@ -433,6 +478,34 @@ def case_plans() -> None:
     if mesh.get("sequence", 1) > 1:
       check_sequence_parallel_step(got["plan"], got["step"].hlo(got["state"], data[0]))
     print(f"plan {name} ok", flush=True)
+  case_muon_plans(data[:MUON_STEPS])
+
+
+def case_muon_plans(data) -> None:
+  """train.optimizer=muon under MUON_PLANS vs one device: losses and parameters after the steps,
+  every Muon-orthogonalised kernel to its own scale, and the layout of the state (the Muon
+  momentum and AdamW's moments leaf by leaf with their parameter: check_state_shardings)."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+  from sanajax.training.optim import muon_dimension_numbers
+  ref = trajectory({}, data, jax.devices()[:1], optimizer="muon")
+  print("muon, one device: losses", ref["losses"], flush=True)
+  is_muon = [box.value is not None for box in jax.tree.leaves(
+      muon_dimension_numbers(ref["params"]), is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))]
+  for name in MUON_PLANS:
+    mesh = PLANS[name]
+    got = trajectory(mesh, data, optimizer="muon")
+    traj_err = max(float(np.max(np.abs(got["losses"] - ref["losses"]) / np.abs(ref["losses"]))),
+                   max_rel(got["params"], ref["params"]))
+    pairs = [(a, b) for a, b, m in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(ref["params"]), is_muon) if m]
+    assert len(pairs) == sum(is_muon) > 0 and len(is_muon) == len(jax.tree.leaves(ref["params"]))
+    kernel_err = max(max_rel(a, b) for a, b in pairs)
+    print(f"muon {name}: {len(data)}-step rel err {traj_err:.2e}, worst Muon kernel rel err {kernel_err:.2e} "
+          f"({len(pairs)} kernels)", flush=True)
+    assert traj_err <= MUON_RTOL and kernel_err <= MUON_KERNEL_RTOL, name
+    check_state_shardings(got["plan"], mesh, got["state"], got["grads_arrays"], optimizer="muon")
+    print(f"muon plan {name} ok", flush=True)
 
 
 def case_sequence() -> None:

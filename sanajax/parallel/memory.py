@@ -45,8 +45,10 @@ def tree_bytes_per_device(tree: Any, mesh: Any, rules) -> int:
   total = 0
   for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned)):
     if isinstance(x, nn.LogicallyPartitioned):
-      v = x.value
-      total += _shard_elems(tuple(v.shape), tuple(x.names), mesh, rules) * np.dtype(v.dtype).itemsize
+      # A box may hold no array: optax's MaskedNode, where another transform of a partition owns the
+      # leaf (train.optimizer=muon: the AdamW moments of a Muon kernel and the Muon momentum of a bias).
+      for v in jax.tree.leaves(x.value):
+        total += _shard_elems(tuple(v.shape), tuple(x.names), mesh, rules) * np.dtype(v.dtype).itemsize
     else:
       total += int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
   return total

@@ -74,6 +74,8 @@ class Plan:
     place, so the result is a valid in/out_shardings for the tree and for its unboxed twin)."""
     def one(x):
       if _is_box(x):
+        if not jax.tree.leaves(x.value):  # optax's MaskedNode (muon: a leaf the other transform owns)
+          return x
         return x.replace_boxed(self.sharding(x.names, np.shape(x.value)))
       return self.replicated
     return jax.tree.map(one, tree, is_leaf=_is_box)
