@@ -18,7 +18,7 @@ setup(
     install_requires=[
         "jax>=0.10,<0.12",
         "flax>=0.12.8,<0.13",
-        "optax>=0.2.5",
+        "optax>=0.2.8,<0.3",  # optax.contrib.muon with consistent_rms (train.optimizer=muon)
         "orbax-checkpoint>=0.11",
         "ml_collections>=1.0",
         "absl-py>=2.0",
