@@ -1,4 +1,5 @@
-"""Optimizers: CAME (SANA's default) as an optax transformation, and `build_optimizer` from a config.
+"""Optimizers: CAME (SANA's default) as an optax transformation, Muon (the tiny default; optax.contrib
+with AdamW on the non-matrix parameters), and `build_optimizer` from a config.
 
 CAME (Luo et al., ACL 2023, "CAME: Confidence-guided Adaptive Memory Efficient Optimization"),
 Algorithm 1, for a gradient G_t of an n x m matrix (rows = second-last axis, cols = last axis);
