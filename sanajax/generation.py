@@ -47,7 +47,7 @@ def make_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
 
 def sample_latents(apply_fn, guidance_embeds: bool, noise: jax.Array, context: jax.Array, mask: jax.Array,
                    null_context: jax.Array, null_mask: jax.Array, *, sampler: str, steps: int, cfg, shift: float,
-                   key: jax.Array) -> jax.Array:
+                   key: jax.Array, cfg_interval: tuple[float, float] | None = None) -> jax.Array:
   """Latents (B, H, W, C) from noise with any sampler, for a plain or a Sprint (guidance-embedding) DiT.
 
   apply_fn(x, t, context, mask[, guidance=]) -> flow velocity (a bound SanaDiT.apply).
@@ -56,6 +56,7 @@ def sample_latents(apply_fn, guidance_embeds: bool, noise: jax.Array, context: j
     A plain flow model gets classifier-free guidance with the null context, also under "scm"
     (the TrigFlow-transformed teacher).
   key: the sCM sampler's re-noising draws (unused by the flow samplers).
+  cfg_interval: the flow samplers' guidance interval (samplers.guided_velocity; None: every step).
   """
   if guidance_embeds:
     guidance = jnp.broadcast_to(jnp.asarray(cfg, jnp.float32), (noise.shape[0],))
@@ -68,7 +69,7 @@ def sample_latents(apply_fn, guidance_embeds: bool, noise: jax.Array, context: j
       model_fn = functools.partial(_guided, model_fn, null_context=null_context, null_mask=null_mask, cfg=cfg)
     return samplers.scm(model_fn, noise, context, mask, num_steps=steps, key=key)
   return samplers.sample(model_fn, noise, context, mask, null_context, null_mask, sampler=sampler,
-                         num_steps=steps, cfg_scale=flow_cfg, shift=shift)
+                         num_steps=steps, cfg_scale=flow_cfg, shift=shift, cfg_interval=cfg_interval)
 
 
 class Generator:
@@ -85,6 +86,10 @@ class Generator:
                text_encoder: TextEncoder, ae_downsample: int, *, plan: Plan | None = None):
     self.config = config
     self.plan = plan
+    # Optional guidance interval of the flow samplers (config.sample.cfg_interval; absent or None:
+    # guidance at every step, SANA's sampling). Set before sampling; it is traced into the jit.
+    interval = config.get("sample", {}).get("cfg_interval") if hasattr(config, "get") else None
+    self.cfg_interval = None if interval is None else (float(interval[0]), float(interval[1]))
     self.dit = build_dit(config.model)
     self.text = text_encoder
     text_params = text_encoder.params
@@ -125,7 +130,7 @@ class Generator:
     with self.plan.activate() if self.plan is not None else contextlib.nullcontext():
       latents = sample_latents(apply_fn, self.dit.guidance_embeds, noise, context, mask, null_context, null_mask,
                                sampler=sampler, steps=steps, cfg=cfg, shift=self.config.diffusion.flow_shift,
-                               key=jax.random.fold_in(key, 1))
+                               key=jax.random.fold_in(key, 1), cfg_interval=self.cfg_interval)
     # Tiled (overlapping tiles, one at a time) above config.ae.tile_size_px, e.g. 2K/4K with f32c32.
     images = decode_latents(self.ae_model, ae_params, latents / self.ae_scaling, self.config.ae)
     return jnp.clip(images, -1.0, 1.0)

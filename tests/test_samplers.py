@@ -214,6 +214,42 @@ def test_cfg_one_equals_conditional_sampler(sampler):
   np.testing.assert_allclose(traced, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_guidance_interval_guides_only_inside_it():
+  coef = _coefficients()
+  noise, context, mask, null_context, null_mask = map(jnp.asarray, _inputs())
+  model = _linear_model(jnp, coef)
+  t = jnp.array([0.7, 0.3])  # row 0 inside (0.5, 1.0), row 1 outside.
+  v_c = model(noise, t, context, mask)
+  v_u = model(noise, t, jnp.broadcast_to(null_context, context.shape), jnp.broadcast_to(null_mask, mask.shape))
+  v = samplers.guided_velocity(model, noise, t, context, mask, null_context, null_mask, 4.5, (0.5, 1.0))
+  np.testing.assert_allclose(v[0], (v_u + 4.5 * (v_c - v_u))[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(v[1], v_c[1], rtol=1e-5, atol=1e-5)
+  assert not np.allclose(v[1], (v_u + 4.5 * (v_c - v_u))[1], atol=1e-3)
+  # An interval covering [0, 1] is plain CFG, bit for bit.
+  assert samplers.guidance_interval_is_full(None) and samplers.guidance_interval_is_full((0.0, 1.0))
+  assert not samplers.guidance_interval_is_full((0.5, 1.0))
+  plain = samplers.guided_velocity(model, noise, t, context, mask, null_context, null_mask, 4.5)
+  np.testing.assert_array_equal(
+      samplers.guided_velocity(model, noise, t, context, mask, null_context, null_mask, 4.5, (0.0, 1.0)), plain)
+
+
+@pytest.mark.parametrize("sampler", ["flow_euler", "flow_dpm"])
+def test_sampler_guidance_interval(sampler):
+  """A sampler run whose interval holds no step equals the unguided run; one holding some steps
+  differs from both the unguided and the fully guided runs."""
+  coef = _coefficients()
+  noise, context, mask, null_context, null_mask = map(jnp.asarray, _inputs())
+  model = _linear_model(jnp, coef)
+  kw = dict(sampler=sampler, num_steps=6, shift=3.0)
+  run = lambda cfg, interval=None: samplers.sample(model, noise, context, mask, null_context, null_mask,
+                                                    cfg_scale=cfg, cfg_interval=interval, **kw)
+  unguided, guided = run(1.0), run(4.5)
+  np.testing.assert_allclose(run(4.5, (2.0, 3.0)), unguided, rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(run(4.5, (0.0, 1.0)), guided)
+  partial = run(4.5, (0.5, 1.0))
+  assert not np.allclose(partial, unguided, atol=1e-3) and not np.allclose(partial, guided, atol=1e-3)
+
+
 def test_sample_errors():
   noise, context, mask, null_context, null_mask = map(jnp.asarray, _inputs())
   model = _linear_model(jnp, _coefficients())

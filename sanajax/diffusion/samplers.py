@@ -102,8 +102,14 @@ def _concat_cond_uncond(context, mask, null_context, null_mask):
   return both_context, jnp.concatenate([mask, null_mask.astype(mask.dtype)], axis=0)
 
 
+def guidance_interval_is_full(cfg_interval) -> bool:
+  """True for None or an interval covering all of [0, 1]: plain CFG at every step."""
+  return cfg_interval is None or (float(cfg_interval[0]) <= 0.0 and float(cfg_interval[1]) >= 1.0)
+
+
 def guided_velocity(model_fn: ModelFn, x: jax.Array, t: jax.Array, context: jax.Array, mask: jax.Array | None,
-                    null_context: jax.Array | None, null_mask: jax.Array | None, cfg_scale) -> jax.Array:
+                    null_context: jax.Array | None, null_mask: jax.Array | None, cfg_scale,
+                    cfg_interval: tuple[float, float] | None = None) -> jax.Array:
   """Classifier-free guided velocity v = v_u + s (v_c - v_u), with ONE model call.
 
   Args:
@@ -113,6 +119,9 @@ def guided_velocity(model_fn: ModelFn, x: jax.Array, t: jax.Array, context: jax.
     null_context, null_mask: (B or 1, L, D), (B or 1, L) the empty-caption features.
     cfg_scale: s. A Python 1.0 runs the conditional batch only (B rows instead of 2B); a traced
       value always runs both halves.
+    cfg_interval: (lo, hi) flow times; guidance applies only to rows with lo <= t <= hi, the others
+      get the conditional velocity (s = 1), as in "guidance in a limited interval" (Kynkaanniemi
+      et al. 2024). None (or an interval covering [0, 1]): every t, SANA's sampling.
   Returns:
     (B, H, W, C) guided velocity, float32.
   """
@@ -121,33 +130,37 @@ def guided_velocity(model_fn: ModelFn, x: jax.Array, t: jax.Array, context: jax.
   both_context, both_mask = _concat_cond_uncond(context, mask, null_context, null_mask)
   v = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both_context, both_mask)
   v_cond, v_uncond = jnp.split(v.astype(jnp.float32), 2, axis=0)
+  if not guidance_interval_is_full(cfg_interval):
+    inside = (t >= cfg_interval[0]) & (t <= cfg_interval[1])
+    cfg_scale = jnp.where(inside, cfg_scale, 1.0).astype(jnp.float32).reshape(-1, *([1] * (v_cond.ndim - 1)))
   return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale):
+def _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale, cfg_interval=None):
   """Closes over the text inputs: (x (B,H,W,C) float32, sigma scalar) -> guided v float32."""
 
   def velocity(x, sigma):
     t = jnp.full((x.shape[0],), sigma, jnp.float32)
-    return guided_velocity(model_fn, x, t, context, mask, null_context, null_mask, cfg_scale)
+    return guided_velocity(model_fn, x, t, context, mask, null_context, null_mask, cfg_scale, cfg_interval)
 
   return velocity
 
 
 def flow_euler(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: jax.Array | None,
                null_context: jax.Array | None = None, null_mask: jax.Array | None = None, *,
-               num_steps: int, cfg_scale=1.0, shift: float = 1.0) -> jax.Array:
+               num_steps: int, cfg_scale=1.0, shift: float = 1.0,
+               cfg_interval: tuple[float, float] | None = None) -> jax.Array:
   """Flow-Euler: x_{i+1} = x_i + (sigma_{i+1} - sigma_i) v(x_i, sigma_i) on the Euler grid.
 
   Args:
     noise: (B, H, W, C) standard normal, the state at t = 1.
-    context, mask, null_context, null_mask, cfg_scale: see `guided_velocity`.
+    context, mask, null_context, null_mask, cfg_scale, cfg_interval: see `guided_velocity`.
     num_steps, shift: static; see `timestep_grid`.
   Returns:
     x0 latents, (B, H, W, C) float32.
   """
   sigmas = jnp.asarray(timestep_grid(num_steps, shift, "flow_euler"))
-  velocity = _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale)
+  velocity = _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale, cfg_interval)
 
   def step(i, x):
     dt = sigmas[i + 1] - sigmas[i]  # negative: time runs from noise to data.
@@ -190,7 +203,8 @@ def _dpm_coefficients(sigmas: np.ndarray) -> np.ndarray:
 
 def flow_dpm_solver(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: jax.Array | None,
                     null_context: jax.Array | None = None, null_mask: jax.Array | None = None, *,
-                    num_steps: int, cfg_scale=1.0, shift: float = 1.0) -> jax.Array:
+                    num_steps: int, cfg_scale=1.0, shift: float = 1.0,
+                    cfg_interval: tuple[float, float] | None = None) -> jax.Array:
   """Flow-DPM-Solver: multistep 2nd-order DPM-Solver++ (data prediction) on the DPM flow grid.
 
   Matches diffusers' DPMSolverMultistepScheduler as configured for SANA (module docstring); see
@@ -199,7 +213,7 @@ def flow_dpm_solver(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mas
   sigmas_np = timestep_grid(num_steps, shift, "flow_dpm")
   sigmas = jnp.asarray(sigmas_np)
   coef = jnp.asarray(_dpm_coefficients(sigmas_np))
-  velocity = _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale)
+  velocity = _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale, cfg_interval)
 
   def step(i, carry):
     x, d_prev = carry
@@ -274,10 +288,12 @@ _SAMPLER_FNS = {"flow_dpm": flow_dpm_solver, "flow_euler": flow_euler}
 
 def sample(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: jax.Array | None,
            null_context: jax.Array | None = None, null_mask: jax.Array | None = None, *,
-           sampler: str = "flow_dpm", num_steps: int = 20, cfg_scale=4.5, shift: float = 3.0) -> jax.Array:
+           sampler: str = "flow_dpm", num_steps: int = 20, cfg_scale=4.5, shift: float = 3.0,
+           cfg_interval: tuple[float, float] | None = None) -> jax.Array:
   """Runs `sampler` ("flow_dpm" | "flow_euler") from `noise`; returns x0 latents (B, H, W, C).
 
-  Defaults are SANA's: Flow-DPM-Solver, 20 steps, CFG 4.5, flow shift 3.0.
+  Defaults are SANA's: Flow-DPM-Solver, 20 steps, CFG 4.5 at every step, flow shift 3.0.
+  cfg_interval: optional (lo, hi) flow times outside which guidance is off (see `guided_velocity`).
   """
   if sampler == "scm":
     raise ValueError("sampler='scm' runs a Sprint student: call samplers.scm (its CFG scale is the model's guidance "
@@ -287,4 +303,4 @@ def sample(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: jax.Ar
   if not _cfg_is_off(cfg_scale) and null_context is None:
     raise ValueError(f"cfg_scale={cfg_scale} needs null_context (the empty-caption features); pass it or use 1.0.")
   return _SAMPLER_FNS[sampler](model_fn, noise, context, mask, null_context, null_mask,
-                               num_steps=num_steps, cfg_scale=cfg_scale, shift=shift)
+                               num_steps=num_steps, cfg_scale=cfg_scale, shift=shift, cfg_interval=cfg_interval)
