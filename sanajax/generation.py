@@ -88,7 +88,7 @@ class Generator:
     self.plan = plan
     # Optional guidance interval of the flow samplers (config.sample.cfg_interval; absent or None:
     # guidance at every step, SANA's sampling). Set before sampling; it is traced into the jit.
-    interval = config.get("sample", {}).get("cfg_interval") if hasattr(config, "get") else None
+    interval = config.get("sample", {}).get("cfg_interval")
     self.cfg_interval = None if interval is None else (float(interval[0]), float(interval[1]))
     self.dit = build_dit(config.model)
     self.text = text_encoder

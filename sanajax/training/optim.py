@@ -214,10 +214,10 @@ def _lr_schedule(peak: float, warmup_steps: int, schedule: str, num_steps: int) 
 def build_optimizer(train_config: Any, num_steps: int) -> tuple[optax.GradientTransformation, Callable]:
   """Optimizer and learning-rate schedule from a config's `train` section.
 
-  Fields: optimizer ("adamw" | "came"), learning_rate (peak), warmup_steps (linear warm-up from 0),
-  schedule ("constant" | "cosine", the cosine decays to 0 at `num_steps`), weight_decay (decoupled),
-  grad_clip (global-norm clipping before the optimizer; 0 disables), adam_b1 / adam_b2 (AdamW's
-  moment decays, default 0.9 / 0.999 as in SANA's AdamW).
+  Fields: optimizer ("adamw" | "came" | "muon"), learning_rate (peak), warmup_steps (linear warm-up
+  from 0), schedule ("constant" | "cosine", the cosine decays to 0 at `num_steps`), weight_decay
+  (decoupled), grad_clip (global-norm clipping before the optimizer; 0 disables), adam_b1 / adam_b2
+  (AdamW's moment decays, also those of Muon's AdamW half; default 0.9 / 0.999 as in SANA's AdamW).
   Returns (transformation, schedule_fn: step -> learning rate).
   """
   c = train_config
@@ -225,14 +225,13 @@ def build_optimizer(train_config: Any, num_steps: int) -> tuple[optax.GradientTr
   peak = float(_field(c, "learning_rate", required=True))
   schedule_fn = _lr_schedule(peak, int(_field(c, "warmup_steps", 0)), _field(c, "schedule", "constant"), num_steps)
   weight_decay = float(_field(c, "weight_decay", 0.0))
+  b1, b2 = float(_field(c, "adam_b1", 0.9)), float(_field(c, "adam_b2", 0.999))
   if name == "adamw":
-    opt = optax.adamw(schedule_fn, b1=float(_field(c, "adam_b1", 0.9)), b2=float(_field(c, "adam_b2", 0.999)),
-                      eps=1e-8, weight_decay=weight_decay)
+    opt = optax.adamw(schedule_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay)
   elif name == "came":
     opt = came(schedule_fn, weight_decay=weight_decay)
   elif name == "muon":
-    opt = muon(schedule_fn, b1=float(_field(c, "adam_b1", 0.9)), b2=float(_field(c, "adam_b2", 0.999)),
-               weight_decay=weight_decay)
+    opt = muon(schedule_fn, b1=b1, b2=b2, weight_decay=weight_decay)
   else:
     raise ValueError(f"Unknown optimizer {name!r} (train.optimizer); choose one of {OPTIMIZERS}.")
   grad_clip = float(_field(c, "grad_clip", 0.0))
