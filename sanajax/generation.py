@@ -87,7 +87,7 @@ class Generator:
     self.config = config
     self.plan = plan
     # Optional guidance interval of the flow samplers (config.sample.cfg_interval; absent or None:
-    # guidance at every step, SANA's sampling). Set before sampling; it is traced into the jit.
+    # guidance at every step). May be changed between calls: it is a static argument of the jit.
     interval = config.get("sample", {}).get("cfg_interval")
     self.cfg_interval = None if interval is None else (float(interval[0]), float(interval[1]))
     self.dit = build_dit(config.model)
@@ -117,7 +117,8 @@ class Generator:
     return cls(config, params, ae_model, ae_params, scaling, build_text_encoder(config, workdir),
                ae_downsample(config), plan=plan)
 
-  def _sample_fn(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array):
+  def _sample_fn(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
+                 cfg_interval: tuple[float, float] | None):
     """Images (B, R, R, 3) in [-1, 1] float32 for a batch of token ids (pure; jitted by the callers)."""
     context = self.text.embed(text_params, ids, mask)
     null_ids = jnp.broadcast_to(self._null[0], ids.shape)
@@ -130,30 +131,32 @@ class Generator:
     with self.plan.activate() if self.plan is not None else contextlib.nullcontext():
       latents = sample_latents(apply_fn, self.dit.guidance_embeds, noise, context, mask, null_context, null_mask,
                                sampler=sampler, steps=steps, cfg=cfg, shift=self.config.diffusion.flow_shift,
-                               key=jax.random.fold_in(key, 1), cfg_interval=self.cfg_interval)
+                               key=jax.random.fold_in(key, 1), cfg_interval=cfg_interval)
     # Tiled (overlapping tiles, one at a time) above config.ae.tile_size_px, e.g. 2K/4K with f32c32.
     images = decode_latents(self.ae_model, ae_params, latents / self.ae_scaling, self.config.ae)
     return jnp.clip(images, -1.0, 1.0)
 
-  @functools.partial(jax.jit, static_argnums=(0, 7, 8))
-  def _sample(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array):
-    return self._sample_fn(dit_params, ae_params, text_params, key, ids, mask, sampler, steps, cfg)
+  @functools.partial(jax.jit, static_argnums=(0, 7, 8, 10))
+  def _sample(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
+              cfg_interval: tuple[float, float] | None):
+    return self._sample_fn(dit_params, ae_params, text_params, key, ids, mask, sampler, steps, cfg, cfg_interval)
 
   def sample_batch(self, ids, mask, key: jax.Array, *, sampler: str, steps: int, cfg: float) -> jax.Array:
     """Float images (B, R, R, 3) in [-1, 1] for tokenized prompts (B, L); with a plan B must be a
     multiple of its batch shards and the images come back split over data x fsdp."""
+    interval = None if self.cfg_interval is None else tuple(float(v) for v in self.cfg_interval)
     if self.plan is None:
       return self._sample(self.dit_params, self.ae_params, self.text_params, key, jnp.asarray(ids),
-                          jnp.asarray(mask), sampler, int(steps), jnp.float32(cfg))
-    fn = self._sharded_fns.get((sampler, int(steps)))
+                          jnp.asarray(mask), sampler, int(steps), jnp.float32(cfg), interval)
+    fn = self._sharded_fns.get((sampler, int(steps), interval))
     if fn is None:
       layout = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
       rep, batch2 = self.plan.replicated, self.plan.batch_sharding(2)
-      fn = jax.jit(lambda d, a, t, k, i, m, c: self._sample_fn(d, a, t, k, i, m, sampler, int(steps), c),
+      fn = jax.jit(lambda d, a, t, k, i, m, c: self._sample_fn(d, a, t, k, i, m, sampler, int(steps), c, interval),
                    in_shardings=(layout(self.dit_params), layout(self.ae_params), layout(self.text_params), rep,
                                  batch2, batch2, rep),
                    out_shardings=self.plan.batch_sharding(4))
-      self._sharded_fns[(sampler, int(steps))] = fn
+      self._sharded_fns[(sampler, int(steps), interval)] = fn
     batch = self.plan.shard_global_batch({"ids": ids, "mask": mask})
     key = self.plan.replicate(key)
     return fn(self.dit_params, self.ae_params, self.text_params, key, batch["ids"], batch["mask"],

@@ -185,7 +185,7 @@ def test_generator_decodes_in_tiles_above_the_tile_size(monkeypatch):
   dit_params = jax.eval_shape(lambda: init_dit_params(cfg, jax.random.PRNGKey(0)))
   ids, mask = text.tokenize(["a red circle"])
   out = jax.eval_shape(lambda d, a, t: Generator._sample.__wrapped__(
-      gen, d, a, t, jax.random.PRNGKey(0), jnp.asarray(ids), jnp.asarray(mask), "flow_euler", 2, 4.5),
+      gen, d, a, t, jax.random.PRNGKey(0), jnp.asarray(ids), jnp.asarray(mask), "flow_euler", 2, 4.5, None),
       dit_params, ae_params, text.params)
   assert out.shape == (1, 64, 64, 3)
   assert calls == [((1, 8, 8, cfg.ae.latent_channels), {"tile": 32, "stride": 24})]

@@ -259,3 +259,37 @@ def test_sample_errors():
     samplers.sample(model, noise, context, mask, sampler="flow_euler", num_steps=2, cfg_scale=4.5)
   with pytest.raises(ValueError, match="num_steps"):
     samplers.timestep_grid(0, 3.0)
+
+
+def test_generator_guidance_interval_can_change_between_calls(monkeypatch):
+  """Generator.cfg_interval is a static argument of the jitted sampler: setting it after a first
+  call reaches the sampler (it once stayed compiled in), and each value is traced once."""
+  from flax import linen as nn
+
+  from sanajax import generation
+  from sanajax.builders import build_text_encoder, init_dit_params
+  from sanajax.config_utils import load_config
+  from sanajax.models import dcae
+  from sanajax.resolution import ae_downsample
+  cfg = load_config("tiny")
+  ae = dcae.build_dcae(cfg.ae)
+  ae_params = nn.unbox(ae.init(jax.random.PRNGKey(1), jnp.zeros((1, 64, 64, 3))))["params"]
+  traced, real = [], generation.sample_latents
+
+  def spy(*args, cfg_interval=None, **kw):
+    traced.append(cfg_interval)
+    return real(*args, cfg_interval=cfg_interval, **kw)
+
+  monkeypatch.setattr(generation, "sample_latents", spy)
+  gen = generation.Generator(cfg, init_dit_params(cfg, jax.random.PRNGKey(2)), ae, ae_params, 1.0,
+                             build_text_encoder(cfg), ae_downsample(cfg))
+  run = lambda: gen.generate(["a red circle"], sampler="flow_euler", steps=2)
+  assert gen.cfg_interval is None
+  run()
+  gen.cfg_interval = (0.5, 1.0)
+  run()
+  gen.cfg_interval = [0.5, 1]  # the same interval, as a list of other number types: no new trace.
+  run()
+  gen.cfg_interval = None
+  run()
+  assert traced == [None, (0.5, 1.0)]
