@@ -225,6 +225,13 @@ def test_guidance_interval_guides_only_inside_it():
   np.testing.assert_allclose(v[0], (v_u + 4.5 * (v_c - v_u))[0], rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(v[1], v_c[1], rtol=1e-5, atol=1e-5)
   assert not np.allclose(v[1], (v_u + 4.5 * (v_c - v_u))[1], atol=1e-3)
+  assert v.shape == noise.shape
+  # Per-row scales (B, 1, 1, 1), as the Sprint teacher draws them: row 0 guided at its own scale.
+  scales = jnp.array([4.0, 5.0]).reshape(-1, 1, 1, 1)
+  v = samplers.guided_velocity(model, noise, t, context, mask, null_context, null_mask, scales, (0.5, 1.0))
+  assert v.shape == noise.shape
+  np.testing.assert_allclose(v[0], (v_u + 4.0 * (v_c - v_u))[0], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(v[1], v_c[1], rtol=1e-5, atol=1e-5)
   # An interval covering [0, 1] is plain CFG, bit for bit.
   assert samplers.guidance_interval_is_full(None) and samplers.guidance_interval_is_full((0.0, 1.0))
   assert not samplers.guidance_interval_is_full((0.5, 1.0))

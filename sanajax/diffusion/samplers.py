@@ -117,8 +117,8 @@ def guided_velocity(model_fn: ModelFn, x: jax.Array, t: jax.Array, context: jax.
     x: (B, H, W, C) current latents; t: (B,) flow time.
     context, mask: (B, L, D), (B, L) conditional text features and their mask.
     null_context, null_mask: (B or 1, L, D), (B or 1, L) the empty-caption features.
-    cfg_scale: s. A Python 1.0 runs the conditional batch only (B rows instead of 2B); a traced
-      value always runs both halves.
+    cfg_scale: s, a scalar or per row (B, 1, 1, 1). A Python 1.0 runs the conditional batch only
+      (B rows instead of 2B); a traced value always runs both halves.
     cfg_interval: (lo, hi) flow times; guidance applies only to rows with lo <= t <= hi, the others
       get the conditional velocity (s = 1), as in "guidance in a limited interval" (Kynkaanniemi
       et al. 2024). None (or an interval covering [0, 1]): every t, SANA's sampling.
@@ -131,8 +131,8 @@ def guided_velocity(model_fn: ModelFn, x: jax.Array, t: jax.Array, context: jax.
   v = model_fn(jnp.concatenate([x, x], axis=0), jnp.concatenate([t, t], axis=0), both_context, both_mask)
   v_cond, v_uncond = jnp.split(v.astype(jnp.float32), 2, axis=0)
   if not guidance_interval_is_full(cfg_interval):
-    inside = (t >= cfg_interval[0]) & (t <= cfg_interval[1])
-    cfg_scale = jnp.where(inside, cfg_scale, 1.0).astype(jnp.float32).reshape(-1, *([1] * (v_cond.ndim - 1)))
+    inside = ((t >= cfg_interval[0]) & (t <= cfg_interval[1])).reshape(-1, *([1] * (v_cond.ndim - 1)))
+    cfg_scale = jnp.where(inside, jnp.asarray(cfg_scale, jnp.float32), 1.0)  # scalar or (B, 1, 1, 1)
   return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 

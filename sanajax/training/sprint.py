@@ -147,6 +147,10 @@ class SprintDistiller:
     self.config, self.d, self.plan = config, d, plan
     self._teacher_json = teacher_config.to_json_best_effort(sort_keys=True)
     self.sigma_data = float(d.sigma_data)
+    # Flow times where the teacher's CFG applies (samplers.guided_velocity); None: every t, as the
+    # reference distils. Absent in configs written before the field existed.
+    interval = d.get("cfg_interval")
+    self.cfg_interval = None if interval is None else (float(interval[0]), float(interval[1]))
     self.scm_lambda, self.adv_lambda = float(d.scm_lambda), float(d.adv_lambda)
     if self.scm_lambda <= 0 and self.adv_lambda <= 0:
       raise ValueError("distill.scm_lambda and distill.adv_lambda are both 0: nothing to train.")
@@ -182,7 +186,7 @@ class SprintDistiller:
     is affine in v, so guiding the velocity guides F."""
     model_fn = lambda x, tt, c, m: self._apply(self.teacher, tparams, x, tt, c, m)
     guided = lambda x_f, t_f: guided_velocity(model_fn, x_f, t_f, ctx, mask, null_ctx, null_mask,
-                                              cfg[:, None, None, None])
+                                              cfg[:, None, None, None], self.cfg_interval)
     return trigflow.flow_to_trigflow(guided)(x_scaled.astype(jnp.float32), t)
 
   def student_F(self, params, x_scaled, t, ctx, mask, cfg, *, f32: bool = False):
