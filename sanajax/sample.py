@@ -1,7 +1,7 @@
 """Text-to-image sampling from a training workdir.
 
     python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT \
-        [--sampler=flow_dpm|flow_euler] [--steps=20] [--cfg=4.5] [--seed=0]
+        [--sampler=flow_dpm|flow_euler] [--steps=20] [--cfg=4.5] [--cfg_interval=0.5,1|none] [--seed=0]
     python -m sanajax.sample --workdir=DIR --prompt="a red circle" --out=OUT
     python -m sanajax.sample --workdir=SPRINT_DIR --prompt="a red circle" --out=OUT --sampler=scm --steps=2
     python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT --mesh=fsdp=8   # sharded (README "Scaling")
@@ -35,6 +35,8 @@ _SAMPLER = flags.DEFINE_enum("sampler", None, ["flow_dpm", "flow_euler", "scm"],
 _STEPS = flags.DEFINE_integer("steps", None, "Default: the config's sample.steps.")
 _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (a Sprint student's embedded guidance "
                           "value). Default: the config's sample.cfg.")
+_CFG_INTERVAL = flags.DEFINE_string("cfg_interval", None, "Flow times 'LO,HI' at which CFG applies (flow "
+                                    "samplers; 'none': every step). Default: the config's sample.cfg_interval.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per sampling call.")
 _MESH = flags.DEFINE_string("mesh", "", "Sharding plan for sampling, e.g. 'fsdp=8' or 'data=2,tensor=4' (mesh axes "
@@ -50,6 +52,20 @@ def parse_mesh(text: str) -> dict[str, int]:
       raise app.UsageError(f"--mesh part {part!r}: expected AXIS=SIZE with AXIS one of {MESH_AXES}.")
     out[name] = int(value)
   return out
+
+
+def parse_cfg_interval(text: str) -> tuple[float, float] | None:
+  """'0.5,1' -> (0.5, 1.0); 'none' -> None (guidance at every step)."""
+  if text.strip().lower() == "none":
+    return None
+  parts = text.split(",")
+  try:
+    lo, hi = (float(p) for p in parts)
+  except ValueError:
+    raise app.UsageError(f"--cfg_interval={text!r}: expected 'LO,HI' flow times (e.g. '0.5,1') or 'none'.") from None
+  if not 0.0 <= lo <= hi <= 1.0:
+    raise app.UsageError(f"--cfg_interval={text!r}: need 0 <= LO <= HI <= 1.")
+  return lo, hi
 
 
 def read_prompts(prompts_file: str | None, prompt: str | None) -> list[str]:
@@ -77,12 +93,15 @@ def main(argv):
   if not _WORKDIR.value or not _OUT.value:
     raise app.UsageError("--workdir and --out are required.")
   prompts = read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
+  interval = None if _CFG_INTERVAL.value is None else parse_cfg_interval(_CFG_INTERVAL.value)
   try:
     mesh = parse_mesh(_MESH.value)
     plan = Plan(make_mesh(mesh)) if mesh else None
     generator = Generator.from_workdir(_WORKDIR.value, plan=plan)
   except FileNotFoundError as e:
     raise app.UsageError(str(e)) from None
+  if _CFG_INTERVAL.value is not None:
+    generator.cfg_interval = interval
   cfg = generator.config.sample
   images = generator.generate(prompts, sampler=_SAMPLER.value or cfg.sampler, steps=_STEPS.value or cfg.steps,
                               cfg=cfg.cfg if _CFG.value is None else _CFG.value, seed=_SEED.value,

@@ -161,6 +161,16 @@ def test_sample_prompts_file_drops_geneval_categories(tmp_path):
     read_prompts(str(f), None)
 
 
+def test_sample_cfg_interval_flag_parses():
+  from absl import app
+  from sanajax.sample import parse_cfg_interval
+  assert parse_cfg_interval("0.5,1") == (0.5, 1.0)
+  assert parse_cfg_interval("None") is None
+  for bad in ("0.5", "a,b", "0.7,0.2", "0,1.5"):
+    with pytest.raises(app.UsageError, match="cfg_interval"):
+      parse_cfg_interval(bad)
+
+
 def test_train_cli_rejects_unknown_config_field(tmp_path):
   r = run_cli("sanajax.train", "--config=configs/tiny.py", "--config.train.no_such_field=3",
               f"--workdir={tmp_path}")
