@@ -42,11 +42,10 @@ def get_config(arg=None):
   c.distill.tangent_warmup_steps = 100
   c.distill.tangent_norm_constant = 0.1
   c.distill.cfg_scales = (4.0, 4.5, 5.0)  # teacher CFG scale per sample (scm_cfg_scale).
-  # Flow times at which the teacher's CFG applies (samplers.guided_velocity): the teacher's own
-  # sampling interval (configs/tiny.py sample.cfg_interval), so that the student learns the ODE the
-  # teacher is scored with. The reference guides at every time (None).
-  c.distill.cfg_interval = (ml_collections.config_dict.placeholder(tuple) if c.sample.cfg_interval is None
-                            else tuple(c.sample.cfg_interval))
+  # Guide the teacher as it samples: CFG only at the flow times of its config's sample.cfg_interval
+  # (True), so the student learns the ODE the teacher is scored with; False: at every time, as the
+  # reference distils (its teachers sample with guidance at every step).
+  c.distill.teacher_cfg_interval = True
   c.distill.scm_lambda = 1.0
   c.distill.adv_lambda = 0.5
   # tiny: the reference taps blocks 2, 8, 14, 19 of 20 (spread over the depth, the last one

@@ -30,7 +30,7 @@ def teacher_dir(tmp_path_factory):
   config = config_utils.load_config("configs/tiny.py", overrides={
       **SMALL, "ae.workdir": str(d / "ae"), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
       "ae_train.log_every": 1, "train.num_steps": 4, "train.log_every": 2, "train.checkpoint_every": 4,
-      "train.warmup_steps": 1, "eval.num_prompts": 0})
+      "train.warmup_steps": 1, "eval.num_prompts": 0, "sample.cfg_interval": (0.5, 1.0)})
   train_lib.train(config, str(d), run_eval=False)
   return d
 
@@ -188,12 +188,13 @@ def test_student_starts_as_teacher_and_one_step_lowers_scm_loss(teacher_dir, tmp
 
 
 def test_teacher_guidance_interval(teacher_dir, tmp_path):
-  """distill.cfg_interval limits the teacher's CFG to those flow times (t_f = sin t / (sin t + cos t)):
-  a row at trig time 1.3 (t_f 0.78) is guided, one at 0.2 (t_f 0.17) gets the conditional F."""
+  """distill.teacher_cfg_interval limits the teacher's CFG to the flow times it samples with (its
+  sample.cfg_interval, here (0.5, 1); t_f = sin t / (sin t + cos t)): a row at trig time 1.3 (t_f 0.78)
+  is guided, one at 0.2 (t_f 0.17) gets the conditional F."""
   t = jnp.array([1.3, 0.2])
   outs = {}
-  for name, interval in [("full", None), ("interval", (0.5, 1.0))]:
-    config = sprint_config(teacher_dir, **{"distill.cfg_interval": interval})
+  for name, use_interval in [("full", False), ("interval", True)]:
+    config = sprint_config(teacher_dir, **{"distill.teacher_cfg_interval": use_interval})
     config, distiller, frozen, state = sprint.setup(config, str(tmp_path / name))
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, config.model.in_channels))
     ids, mask = distiller.text.tokenize(["a red circle", "two blue squares"])

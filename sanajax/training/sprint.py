@@ -147,9 +147,9 @@ class SprintDistiller:
     self.config, self.d, self.plan = config, d, plan
     self._teacher_json = teacher_config.to_json_best_effort(sort_keys=True)
     self.sigma_data = float(d.sigma_data)
-    # Flow times where the teacher's CFG applies (samplers.guided_velocity); None: every t, as the
-    # reference distils. Absent in configs written before the field existed.
-    interval = d.get("cfg_interval")
+    # Flow times where the teacher's CFG applies (samplers.guided_velocity): those it samples with
+    # (distill.teacher_cfg_interval; absent in configs written before the field: every t).
+    interval = teacher_config.get("sample", {}).get("cfg_interval") if d.get("teacher_cfg_interval") else None
     self.cfg_interval = None if interval is None else (float(interval[0]), float(interval[1]))
     self.scm_lambda, self.adv_lambda = float(d.scm_lambda), float(d.adv_lambda)
     if self.scm_lambda <= 0 and self.adv_lambda <= 0:
