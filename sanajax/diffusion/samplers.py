@@ -120,8 +120,11 @@ def guided_velocity(model_fn: ModelFn, x: jax.Array, t: jax.Array, context: jax.
     cfg_scale: s, a scalar or per row (B, 1, 1, 1). A Python 1.0 runs the conditional batch only
       (B rows instead of 2B); a traced value always runs both halves.
     cfg_interval: (lo, hi) flow times; guidance applies only to rows with lo <= t <= hi, the others
-      get the conditional velocity (s = 1), as in "guidance in a limited interval" (Kynkaanniemi
-      et al. 2024). None (or an interval covering [0, 1]): every t, SANA's sampling.
+      get the conditional velocity (s = 1): "guidance in a limited interval" (Kynkaanniemi et al.
+      2024), SANA's `interval_guidance` (NVlabs/Sana diffusion/model/dpm_solver.py model_wrapper,
+      exposed by scripts/inference_geneval.py for flow_dpm-solver; default [0, 1]). SANA tests
+      lo < t < hi; no time of the flow_dpm grid lies on 0 or 1, so the two agree there unless lo
+      is a grid time. None (or an interval covering [0, 1]): every t.
   Returns:
     (B, H, W, C) guided velocity, float32.
   """
