@@ -291,12 +291,12 @@ def test_generator_guidance_interval_can_change_between_calls(monkeypatch):
   gen = generation.Generator(cfg, init_dit_params(cfg, jax.random.PRNGKey(2)), ae, ae_params, 1.0,
                              build_text_encoder(cfg), ae_downsample(cfg))
   run = lambda: gen.generate(["a red circle"], sampler="flow_euler", steps=2)
-  assert gen.cfg_interval is None
-  run()
-  gen.cfg_interval = (0.5, 1.0)
-  run()
-  gen.cfg_interval = [0.5, 1]  # the same interval, as a list of other number types: no new trace.
+  assert gen.cfg_interval == (0.5, 1.0) == tuple(cfg.sample.cfg_interval)  # the tiny default's
   run()
   gen.cfg_interval = None
   run()
-  assert traced == [None, (0.5, 1.0)]
+  gen.cfg_interval = [0.5, 1]  # the first interval, as a list of other number types: no new trace.
+  run()
+  gen.cfg_interval = (0.3, 1.0)
+  run()
+  assert traced == [(0.5, 1.0), None, (0.3, 1.0)]
