@@ -88,8 +88,7 @@ class Generator:
     self.plan = plan
     # Optional guidance interval of the flow samplers (config.sample.cfg_interval; absent or None:
     # guidance at every step). May be changed between calls: it is a static argument of the jit.
-    interval = config.get("sample", {}).get("cfg_interval")
-    self.cfg_interval = None if interval is None else (float(interval[0]), float(interval[1]))
+    self.cfg_interval = config.get("sample", {}).get("cfg_interval")
     self.dit = build_dit(config.model)
     self.text = text_encoder
     text_params = text_encoder.params
@@ -103,6 +102,14 @@ class Generator:
     null_ids, null_mask = self.text.tokenize([""])
     self._null = (jnp.asarray(null_ids), jnp.asarray(null_mask))
     self._sharded_fns = {}
+
+  @property
+  def cfg_interval(self) -> tuple[float, float] | None:
+    return self._cfg_interval
+
+  @cfg_interval.setter
+  def cfg_interval(self, interval) -> None:
+    self._cfg_interval = samplers.as_cfg_interval(interval)
 
   @classmethod
   def from_workdir(cls, workdir: str, *, ema: bool = True, plan: Plan | None = None) -> "Generator":
@@ -144,7 +151,7 @@ class Generator:
   def sample_batch(self, ids, mask, key: jax.Array, *, sampler: str, steps: int, cfg: float) -> jax.Array:
     """Float images (B, R, R, 3) in [-1, 1] for tokenized prompts (B, L); with a plan B must be a
     multiple of its batch shards and the images come back split over data x fsdp."""
-    interval = None if self.cfg_interval is None else tuple(float(v) for v in self.cfg_interval)
+    interval = self.cfg_interval
     if self.plan is None:
       return self._sample(self.dit_params, self.ae_params, self.text_params, key, jnp.asarray(ids),
                           jnp.asarray(mask), sampler, int(steps), jnp.float32(cfg), interval)

@@ -102,6 +102,12 @@ def _concat_cond_uncond(context, mask, null_context, null_mask):
   return both_context, jnp.concatenate([mask, null_mask.astype(mask.dtype)], axis=0)
 
 
+def as_cfg_interval(interval) -> tuple[float, float] | None:
+  """A guidance interval (any (lo, hi) pair, e.g. a config's list) as a tuple of Python floats,
+  hashable as a static jit argument; None stays None (guidance at every step)."""
+  return None if interval is None else (float(interval[0]), float(interval[1]))
+
+
 def guidance_interval_is_full(cfg_interval) -> bool:
   """True for None or an interval covering all of [0, 1]: plain CFG at every step."""
   return cfg_interval is None or (float(cfg_interval[0]) <= 0.0 and float(cfg_interval[1]) >= 1.0)

@@ -44,7 +44,7 @@ from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, pl
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source
 from sanajax.diffusion import scm, trigflow
-from sanajax.diffusion.samplers import guided_velocity
+from sanajax.diffusion.samplers import as_cfg_interval, guided_velocity
 from sanajax.models.discriminator import LaddHeads
 from sanajax.models.sana_dit import LogVarHead, build_dit, student_params_from_teacher
 from sanajax.parallel import Plan
@@ -150,7 +150,7 @@ class SprintDistiller:
     # Flow times where the teacher's CFG applies (samplers.guided_velocity): those it samples with
     # (distill.teacher_cfg_interval; absent in configs written before the field: every t).
     interval = teacher_config.get("sample", {}).get("cfg_interval") if d.get("teacher_cfg_interval") else None
-    self.cfg_interval = None if interval is None else (float(interval[0]), float(interval[1]))
+    self.cfg_interval = as_cfg_interval(interval)
     self.scm_lambda, self.adv_lambda = float(d.scm_lambda), float(d.adv_lambda)
     if self.scm_lambda <= 0 and self.adv_lambda <= 0:
       raise ValueError("distill.scm_lambda and distill.adv_lambda are both 0: nothing to train.")
