@@ -58,6 +58,8 @@ def get_config(arg=None):
   # tiny: bfloat16 in the reference (1.6B on a GPU); a CPU has no bfloat16 speed-up and the tiny
   # teacher is 0.7M parameters, so it stays float32.
   c.distill.teacher_dtype = "float32"
+  # The heads' peak learning rate; 0: train.learning_rate (the reference trains both at one rate).
+  c.distill.disc_learning_rate = 0.0
 
   # Both optimizers (G and D) are built from this section, as the reference builds optimizer_D
   # from the same settings.

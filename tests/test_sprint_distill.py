@@ -220,7 +220,37 @@ def test_a_student_with_another_time_embedding_than_its_teacher_is_pointed_to_ph
   assert "timestep_scale" not in capsys.readouterr().out
   sprint.setup(sprint_config(teacher_dir, **{"model.timestep_scale": 0.001}), str(tmp_path / "dense"))
   out = capsys.readouterr().out
-  assert "student's timestep_scale 0.001 differs from the teacher's 1" in out and "phase 1" in out, out
+  assert "student's model.timestep_scale=0.001 differs from the teacher's 1.0" in out and "phase 1" in out, out
+  sprint.setup(sprint_config(teacher_dir, **{"model.qk_norm": True}), str(tmp_path / "qk"))
+  out = capsys.readouterr().out
+  assert "student's model.qk_norm=True differs from the teacher's False" in out and "phase 1" in out, out
+
+
+def test_phase_1_fine_tune_starts_from_a_teacher_without_qk_norm(teacher_dir):
+  """init_from a workdir whose model lacks the q/k norms (Sprint phase 1): every saved weight is
+  copied, the new norm scales keep their init (ones); an architecture change beyond that raises."""
+  from flax import traverse_util
+  import flax.linen as nn
+  from sanajax import convert
+  from sanajax.builders import init_dit_params
+  from sanajax.training.setup import load_workdir_config
+  teacher_config = load_workdir_config(str(teacher_dir))
+  _, teacher = sprint.load_teacher(str(teacher_dir))
+  teacher = traverse_util.flatten_dict(nn.unbox(teacher), sep="/")
+  config = load_workdir_config(str(teacher_dir))
+  config.model.qk_norm = True
+  like = init_dit_params(config, jax.random.PRNGKey(5))
+  got = traverse_util.flatten_dict(nn.unbox(convert.init_params_from(str(teacher_dir), like)), sep="/")
+  new = sorted(set(got) - set(teacher))
+  assert new and all("norm_q" in k or "norm_k" in k for k in new), new
+  for k in new:
+    np.testing.assert_array_equal(got[k], np.ones_like(got[k]))
+  for k, v in teacher.items():
+    np.testing.assert_array_equal(got[k], v)
+  assert teacher_config.model.qk_norm is False
+  config.model.hidden_size *= 2
+  with pytest.raises(ValueError, match="shape"):
+    convert.init_params_from(str(teacher_dir), init_dit_params(config, jax.random.PRNGKey(5)))
 
 
 def test_killed_distillation_resumes_exactly(teacher_dir, tmp_path, monkeypatch):

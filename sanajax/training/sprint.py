@@ -58,7 +58,8 @@ from sanajax.training.state import ema_update, host_batch_size
 
 # Model fields a student may change relative to its teacher (the Sprint options); every other
 # architecture field must match, or the teacher's weights would not initialise the student.
-SPRINT_MODEL_FIELDS = ("guidance_embeds", "guidance_embeds_scale", "timestep_scale", "dtype", "attn_impl", "remat")
+SPRINT_MODEL_FIELDS = ("guidance_embeds", "guidance_embeds_scale", "timestep_scale", "qk_norm", "dtype", "attn_impl",
+                       "remat")
 
 
 @flax.struct.dataclass
@@ -415,14 +416,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   teacher_config, teacher_params = load_teacher(config.teacher_workdir)
   config = apply_resolution(config)
   check_student_config(config, teacher_config)
-  student_scale = float(config.model.get("timestep_scale", 1.0))
-  teacher_scale = float(teacher_config.model.get("timestep_scale", 1.0))
-  if student_scale != teacher_scale:
-    # Allowed (the released Sprint students embed dense time), but then the student starts from the
-    # teacher's weights, not from its function: SANA-Sprint fine-tunes the teacher first (phase 1).
-    print(f"Note: the student's timestep_scale {student_scale:g} differs from the teacher's {teacher_scale:g}, so it "
-          f"does not start as the teacher; fine-tune the teacher with the student's time embedding first "
-          f"(README \"SANA-Sprint distillation\", phase 1).", flush=True)
+  for field, default in (("timestep_scale", 1.0), ("qk_norm", False)):
+    student_value, teacher_value = config.model.get(field, default), teacher_config.model.get(field, default)
+    if student_value != teacher_value:
+      # Allowed (the released Sprint students embed dense time and normalise q / k), but then the
+      # student starts from the teacher's weights, not from its function: SANA-Sprint fine-tunes
+      # the teacher with them first (phase 1).
+      print(f"Note: the student's model.{field}={student_value} differs from the teacher's {teacher_value}, so it "
+            f"does not start as the teacher; fine-tune the teacher with the student's setting first "
+            f"(README \"SANA-Sprint distillation\", phase 1).", flush=True)
   # The distilled workdir must sample on its own: point it at the teacher's AE.
   if not config.ae.workdir:
     config.ae.workdir = os.path.abspath(ae_workdir(teacher_config, config.teacher_workdir))
@@ -434,12 +436,22 @@ def setup(config: ml_collections.ConfigDict, workdir: str):
   return config, distiller, frozen, state
 
 
+def discriminator_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The heads' optimizer settings: config.train (as the reference builds optimizer_D from the
+  student's settings) with the peak rate replaced by distill.disc_learning_rate when that is > 0."""
+  train = ml_collections.ConfigDict(config.train.to_dict())
+  disc_lr = float(config.distill.get("disc_learning_rate", 0.0) or 0.0)
+  if disc_lr > 0:
+    train.learning_rate = disc_lr
+  return train
+
+
 def build_distiller(config, teacher_config, teacher_params, ae_model, ae_params, ae_scaling: float, text_encoder):
   """(distiller, frozen, fresh state) from loaded parts. With config.mesh a plan: the state laid
   out by it (init_sharded_state) and the frozen AE, text encoder and teacher split by its rules
   (builders.place_frozen); config.train.batch_size is the global batch."""
   tx_g, schedule = build_optimizer(config.train, config.train.num_steps)
-  tx_d, _ = build_optimizer(config.train, config.train.num_steps)
+  tx_d, _ = build_optimizer(discriminator_train_config(config), config.train.num_steps)
   plan = Plan.from_config(config)
   host_batch_size(plan, config.train.batch_size)  # clear errors before anything is built
   distiller = SprintDistiller(config, teacher_config, ae_model, ae_scaling, text_encoder, tx_g, tx_d, schedule,
