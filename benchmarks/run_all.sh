@@ -33,7 +33,7 @@ except ImportError as e:
 PYEOF
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv || true
 
-ALL=(linear_attention dit_forward dcae_decode train_step)
+ALL=(linear_attention dit_forward dcae_decode train_step sprint_sample)
 if [[ $# -gt 0 && " ${ALL[*]} " == *" $1 "* ]]; then
   SCRIPTS=("$1"); shift
 else

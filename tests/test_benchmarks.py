@@ -108,6 +108,20 @@ def test_dcae_decode_smoke(tmp_path):
   assert _number(r"rel err vs diffusers ([\d.e+-]+)", rows[0].figure) <= 3e-2
 
 
+def test_sprint_sample_smoke_matches_the_diffusers_pipeline(tmp_path):
+  out = tmp_path / "RESULTS.md"
+  rows = _script("sprint_sample").main(["--smoke", "--results", str(out), "--steps", "1,2"])
+  _check_written(out, rows, "sprint_sample")
+  assert [r.impl for r in rows] == ["sanajax bf16 attn=auto", "diffusers eager float32",
+                                    "diffusers torch.compile eager float32"] * 2
+  assert [r.case.split(" (")[0] for r in rows[::3]] == ["64px B=1 1-step", "64px B=1 2-step"]
+  # One step: SanaSprintPipeline (DiT + AE decode, float32) and sanajax (bf16) on the same weights
+  # compute the same image: measured 5.5e-3 (an AE scaling off by 5% gives 3.1e-2). Two steps
+  # re-noise with different draws: no error shown.
+  assert _number(r"rel err vs diffusers ([\d.e+-]+)", rows[0].figure) <= 2e-2
+  assert "rel err" not in rows[3].figure
+
+
 def test_train_step_smoke_flops_match_info(tmp_path):
   out = tmp_path / "RESULTS.md"
   module = _script("train_step")

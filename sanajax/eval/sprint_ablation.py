@@ -79,8 +79,10 @@ def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: s
   config = config_utils.load_config("sprint_tiny")
   teacher = ml_collections.ConfigDict(teacher_config.to_dict())
   model = teacher.model
-  for field in SPRINT_MODEL_FIELDS:  # The Sprint options stay the student config's.
-    if field in config.model:
+  # The Sprint options stay the student config's; q/k norms follow the teacher (a phase-1 teacher
+  # has them), unless --set changes them.
+  for field in SPRINT_MODEL_FIELDS:
+    if field in config.model and field != "qk_norm":
       model[field] = config.model[field]
   config.model = model
   for section in TEACHER_SECTIONS:
