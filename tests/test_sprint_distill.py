@@ -344,3 +344,30 @@ def test_frechet_distance_on_known_gaussians_and_ae_features(teacher_dir):
   assert feats.shape == (6, 2 * 2 * config_utils.load_config("configs/dcae_tiny.py").ae.latent_channels) and np.all(np.isfinite(feats))
   with pytest.raises(ValueError, match="uint8"):
     fid_lite.encoder_features(ae_model, ae_params, images.astype(np.float32))
+
+
+def test_one_step_probe_regresses_the_teacher_onto_its_own_samples(teacher_dir, tmp_path):
+  """sanajax.eval.one_step_probe: the pairs are the teacher's own Flow-DPM-Solver samples of their
+  noise, the regression lowers its loss on them, and the run writes its score."""
+  from sanajax.eval import one_step_probe
+  from sanajax.generation import Generator, sample_latents
+  g = Generator.from_workdir(str(teacher_dir))
+  pairs = one_step_probe.teacher_pairs(g, 6, batch=3)
+  assert pairs["z"].shape == pairs["x0"].shape == (6, *g.latent_shape) and pairs["input_ids"].shape[0] == 6
+  # Row 4 redrawn alone from its noise and caption: the same latents (what the probe regresses onto).
+  ids, mask = jnp.asarray(pairs["input_ids"][4:5]), jnp.asarray(pairs["attention_mask"][4:5])
+  null_ids, null_mask = g.text.tokenize([""])
+  x0 = sample_latents(lambda *a, **k: g.dit.apply({"params": g.dit_params}, *a, **k), False,
+                      jnp.asarray(pairs["z"][4:5]), g.text.embed(g.text_params, ids, mask), mask,
+                      g.text.embed(g.text_params, jnp.asarray(null_ids), jnp.asarray(null_mask)), jnp.asarray(null_mask),
+                      sampler="flow_dpm", steps=20, cfg=4.5, shift=g.config.diffusion.flow_shift,
+                      key=jax.random.PRNGKey(0), cfg_interval=g.cfg_interval)
+  np.testing.assert_allclose(x0[0], pairs["x0"][4], rtol=1e-4, atol=1e-4)
+  assert g.cfg_interval == (0.5, 1.0)
+  _, losses = one_step_probe.regress(g, pairs, steps=30, learning_rate=3e-3, batch=6, log_every=0)
+  assert losses[-5:].mean() < 0.8 * losses[0], losses
+  summary = one_step_probe.run(str(teacher_dir), str(tmp_path), num_pairs=6, steps=3, learning_rate=1e-3,
+                               num_prompts=4)
+  with open(tmp_path / "one_step_probe.json") as f:
+    assert json.load(f) == summary
+  assert summary["pairs"] == 6 and 0.0 <= summary["overall"] <= 1.0 and set(summary["geneval"]) >= {"single"}
