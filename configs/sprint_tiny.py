@@ -37,8 +37,9 @@ def get_config(arg=None):
   c.distill.logit_std = 1.6
   c.distill.logit_mean_discriminator = -0.6
   c.distill.logit_std_discriminator = 1.0
-  # tiny: 4,000 in the reference (of runs of tens of thousands of steps); a CPU run is a few
-  # hundred steps, so the tangent reaches full strength after the first third of a 300-step run.
+  # tiny: 4,000 in the reference (of runs of tens of thousands of steps); a CPU run is 1,500 steps.
+  # Measured with the 0.633 default teacher (README "SANA-Sprint distillation"): 750 instead of 100
+  # gives 0.192 / 0.388 / 0.558 at 1 / 2 / 4 steps against 0.187 / 0.383 / 0.583 (level).
   c.distill.tangent_warmup_steps = 100
   c.distill.tangent_norm_constant = 0.1
   c.distill.cfg_scales = (4.0, 4.5, 5.0)  # teacher CFG scale per sample (scm_cfg_scale).
@@ -63,19 +64,19 @@ def get_config(arg=None):
 
   # Both optimizers (G and D) are built from this section, as the reference builds optimizer_D
   # from the same settings.
-  c.train.num_steps = 300  # tiny: measured budget of a CPU run (see README "SANA-Sprint distillation").
-  c.train.batch_size = 16  # reference train_batch_size.
-  # tiny: the reference trains CAME at lr 2e-6 with 5,000 warm-up steps, i.e. ~1/50 of SANA's
-  # pre-training rate, for a 0.6-1.6B model; a 300-step CPU run with a 0.7M model needs a larger
-  # rate: AdamW at 1e-4 (1/20 of the 2e-3 that teacher trained at), 20 warm-up steps. Measured on
-  # teacher workdirs/tiny_c8 (the 6-block default of 2026-11-23), 300 steps (sanajax.eval.sprint_ablation,
-  # README "SANA-Sprint distillation"):
-  # 1e-4 gives GenEval-lite 0.033 / 0.046 / 0.058 at 1 / 2 / 4 steps; 5e-4 collapses the student
-  # (0.000 at every step count, FID-lite 131 / 246 / 295 against 34 / 43 / 45).
-  c.train.optimizer = "adamw"
+  # tiny: 1,500 steps of Muon at 1e-4 (G and D) is the measured CPU recipe (README "SANA-Sprint
+  # distillation"; 280 s alone on 2 cores). From the 0.633 default teacher (configs/tiny.py),
+  # GenEval-lite at 1 / 2 / 4 steps: 0.187 / 0.383 / 0.583; 300 steps of AdamW 1e-4 (the default
+  # until 2026-12-05) 0.037 / 0.237 / 0.362, of Muon 0.017 / 0.237 / 0.492; 3,000 Muon steps
+  # 0.275 / 0.379 / 0.575. The reference trains CAME at lr 2e-6 with 5,000 warm-up steps for a
+  # 0.6-1.6B model; a 0.7M model in 1,500 steps needs a larger rate (5e-4 with AdamW collapsed the
+  # student of an earlier teacher: 0.000 at every step count).
+  c.train.num_steps = 1500
+  c.train.batch_size = 16  # reference train_batch_size (32 measured level: 0.225 / 0.371 / 0.575).
+  c.train.optimizer = "muon"
   c.train.learning_rate = 1e-4
   c.train.warmup_steps = 20
-  c.train.schedule = "constant"
+  c.train.schedule = "constant"  # cosine to 0 measured worse: 0.113 / 0.350 / 0.521 (1-step FID-lite 73).
   c.train.weight_decay = 0.0
   c.train.grad_clip = 0.1  # reference gradient_clip.
   c.train.ema_decay = 0.999

@@ -147,8 +147,8 @@ def test_hinge_loss_signs_and_discriminator_heads():
 def test_student_starts_as_teacher_and_one_step_lowers_scm_loss(teacher_dir, tmp_path):
   # No lr warm-up (its first step has lr 0, SANA's linear warm-up from 0). Adam's first step moves
   # every weight by ~lr: 1e-3 overshoots (measured: surrogate 0.11 -> 3.6), 1e-5 is a small step.
-  config = sprint_config(teacher_dir, **{"distill.adv_lambda": 0.0, "train.learning_rate": 1e-5,
-                                         "train.warmup_steps": 0})
+  config = sprint_config(teacher_dir, **{"distill.adv_lambda": 0.0, "train.optimizer": "adamw",
+                                         "train.learning_rate": 1e-5, "train.warmup_steps": 0})
   config, distiller, frozen, state = sprint.setup(config, str(tmp_path / "w"))
   it = train_lib.make_train_iterator(
       train_lib.make_source("shapes", 32, 0), batch_size=4, seed=0, tokenize_fn=distiller.text.tokenize)

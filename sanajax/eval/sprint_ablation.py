@@ -1,7 +1,7 @@
 """The SANA-Sprint ablation on shapes: sCM only, LADD only, sCM + LADD, against their teacher.
 
     python -m sanajax.eval.sprint_ablation --teacher_workdir=workdirs/tiny_c8 --out=workdirs/sprint_ablation \
-        [--steps=300] [--num_fid=2000] [--set distill.some_field=value ...]
+        [--steps=1500] [--num_fid=2000] [--set distill.some_field=value ...]
 
 1. Three distillations (sanajax.training.sprint.distill, each in OUT/<variant>/, resumable: a killed
    driver restarted with the same command continues each run from its last checkpoint and skips
@@ -70,9 +70,10 @@ def spread_blocks(depth: int, n: int) -> tuple[int, ...]:
   return tuple(sorted({int(round(depth - 1 - i * depth / n)) for i in range(n)}))
 
 
-def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: str, num_steps: int,
+def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: str, num_steps: int | None,
                    overrides: dict) -> ml_collections.ConfigDict:
-  """configs/sprint_tiny.py with the teacher's architecture / text / data / AE, then `overrides`."""
+  """configs/sprint_tiny.py with the teacher's architecture / text / data / AE, then `overrides`;
+  num_steps None keeps the config's train.num_steps."""
   from sanajax import config_utils
   from sanajax.builders import ae_workdir
   from sanajax.training.sprint import SPRINT_MODEL_FIELDS
@@ -93,8 +94,9 @@ def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: s
   config.seed = teacher.get("seed", config.seed)
   config.eval.num_prompts = teacher.eval.num_prompts
   config.teacher_workdir = os.path.abspath(teacher_workdir)
-  config.train.num_steps = int(num_steps)
-  config.train.checkpoint_every = min(config.train.checkpoint_every, int(num_steps))
+  if num_steps is not None:
+    config.train.num_steps = int(num_steps)
+  config.train.checkpoint_every = min(config.train.checkpoint_every, int(config.train.num_steps))
   ids = tuple(config.distill.head_block_ids)
   if max(ids) >= model.depth:  # A shallower teacher than configs/tiny.py's 4 blocks.
     config.distill.head_block_ids = spread_blocks(model.depth, len(ids))
@@ -171,7 +173,7 @@ def evaluate_row(generator, *, sampler: str, steps: int, seed: int, eval_set, fi
           "num_geneval": len(prompts), "num_fid": len(fid_captions), "sampling_seconds": seconds}
 
 
-def run(teacher_workdir: str, out: str, *, steps: int = 300, num_fid: int = 2000, overrides: dict | None = None,
+def run(teacher_workdir: str, out: str, *, steps: int | None = None, num_fid: int = 2000, overrides: dict | None = None,
         variants: Sequence[str] | None = None) -> dict:
   """The whole ablation (see the module docstring); returns what ablation.json holds."""
   from sanajax.builders import ae_workdir
@@ -189,8 +191,9 @@ def run(teacher_workdir: str, out: str, *, steps: int = 300, num_fid: int = 2000
   timings = {}
   for name, variant in chosen:
     config = student_config(teacher_config, teacher_workdir, steps, {**variant, **overrides})
-    print(f"=== {name}: distilling {steps} steps into {os.path.join(out, name)}", flush=True)
+    print(f"=== {name}: distilling {config.train.num_steps} steps into {os.path.join(out, name)}", flush=True)
     timings[name] = run_distillation(config, os.path.join(out, name))
+    steps = int(config.train.num_steps)  # what ablation.json records (the config's when --steps is not given)
 
   seed = int(teacher_config.get("seed", 0))
   eval_set = shapes.eval_prompt_set(int(teacher_config.eval.num_prompts), seed=seed)
@@ -283,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--teacher_workdir", required=True, help="A sanajax.train workdir (config.json + checkpoints).")
   parser.add_argument("--out", required=True, help="Where the three student workdirs and the results go.")
-  parser.add_argument("--steps", type=int, default=300, help="Distillation steps per variant.")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="Distillation steps per variant (default configs/sprint_tiny.py's train.num_steps).")
   parser.add_argument("--num_fid", type=int, default=2000, help="Samples (and data images) for FID-lite.")
   parser.add_argument("--variants", default=",".join(n for n, _ in VARIANTS), help="Comma-separated subset.")
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
