@@ -58,7 +58,8 @@ def teacher_pairs(generator, num_pairs: int, *, batch: int = 500, seed: int = 12
   out = {"z": [], "x0": [], "input_ids": [], "attention_mask": []}
   for i in range(-(-num_pairs // batch)):
     b = next(data)
-    z, x0 = draw(jax.random.PRNGKey(seed + i), jnp.asarray(b["input_ids"]), jnp.asarray(b["attention_mask"]))
+    z, x0 = draw(jax.random.fold_in(jax.random.PRNGKey(seed), i), jnp.asarray(b["input_ids"]),
+                 jnp.asarray(b["attention_mask"]))
     for k, v in (("z", z), ("x0", x0), ("input_ids", b["input_ids"]), ("attention_mask", b["attention_mask"])):
       out[k].append(np.asarray(v))
   return {k: np.concatenate(v) for k, v in out.items()}
