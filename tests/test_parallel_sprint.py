@@ -66,6 +66,12 @@ def configs(**mesh):
   teacher = config_utils.load_config("configs/tiny.py", overrides=SMALL)
   student = config_utils.load_config("configs/sprint_tiny.py", overrides={
       **SMALL, "distill.head_block_ids": (0,), "distill.tangent_warmup_steps": 2,
+      # AdamW with both networks at 1e-4 (configs/sprint_tiny.py before 2026-12-05). Adam's first
+      # steps move each weight by ~lr * sign(gradient), so a gradient that rounds to the other
+      # sign of zero under the plan moves a weight by 2 lr: with the heads at the config's 1e-3
+      # that was 3.4e-4 of the largest head weight (their optimizer moments equal to 3.5e-9),
+      # over SPRINT_RTOL; at 1e-4 it stays under it.
+      "train.optimizer": "adamw", "distill.disc_learning_rate": 0.0,
       **{f"mesh.{k}": v for k, v in mesh.items()}})
   return student, teacher
 
