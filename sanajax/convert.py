@@ -760,7 +760,8 @@ def init_params_from(path: str, like: Any) -> Any:
     ckpt = Checkpointer(os.path.join(path, "checkpoints"), read_only=True)
     saved_model = load_workdir_config(path).model
     saved = _boxed_abstract(sana_dit.build_dit(saved_model), *_dit_init_args(saved_model))
-    if _shapes(_flat_names(saved)) == _shapes(_flat_names(like)):
+    saved_shapes, like_shapes = _shapes(_flat_names(saved)), _shapes(_flat_names(like))
+    if saved_shapes == like_shapes:
       return ckpt.restore_params(like, ema=True)
     # A model with leaves the saved one lacks (SANA-Sprint phase 1 adds q/k RMSNorm and a CFG
     # embedder to a trained teacher): every saved weight goes to its place, the new leaves keep
@@ -769,7 +770,7 @@ def init_params_from(path: str, like: Any) -> Any:
       raise ValueError(f"init_from={path!r}: the saved model's parameters differ from this model's, and the new "
                        f"ones need initial values (pass initialised parameters, not abstract ones).")
     values = sana_dit.student_params_from_teacher(nn.unbox(ckpt.restore_params(saved, ema=True)), nn.unbox(like))
-    print(f"init_from {path}: the saved model lacks {len(_flat_names(like)) - len(_flat_names(saved))} parameter "
+    print(f"init_from {path}: the saved model lacks {len(like_shapes) - len(saved_shapes)} parameter "
           f"arrays of this one (e.g. q/k norms); they keep their initial values.", flush=True)
     return _like(like, values)
   if os.path.exists(os.path.join(path, "transformer", "config.json")):

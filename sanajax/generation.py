@@ -124,9 +124,10 @@ class Generator:
     return cls(config, params, ae_model, ae_params, scaling, build_text_encoder(config, workdir),
                ae_downsample(config), plan=plan)
 
-  def _sample_fn(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
-                 cfg_interval: tuple[float, float] | None):
-    """Images (B, R, R, 3) in [-1, 1] float32 for a batch of token ids (pure; jitted by the callers)."""
+  def latents_fn(self, dit_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
+                 cfg_interval: tuple[float, float] | None) -> tuple[jax.Array, jax.Array]:
+    """(noise, latents), both (B, h, w, C) float32, for a batch of token ids: the sampler's start and
+    result before the AE decoder (pure; jit it with sampler, steps and cfg_interval static)."""
     context = self.text.embed(text_params, ids, mask)
     null_ids = jnp.broadcast_to(self._null[0], ids.shape)
     null_mask = jnp.broadcast_to(self._null[1], mask.shape)
@@ -139,6 +140,12 @@ class Generator:
       latents = sample_latents(apply_fn, self.dit.guidance_embeds, noise, context, mask, null_context, null_mask,
                                sampler=sampler, steps=steps, cfg=cfg, shift=self.config.diffusion.flow_shift,
                                key=jax.random.fold_in(key, 1), cfg_interval=cfg_interval)
+    return noise, latents
+
+  def _sample_fn(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
+                 cfg_interval: tuple[float, float] | None):
+    """Images (B, R, R, 3) in [-1, 1] float32 for a batch of token ids (pure; jitted by the callers)."""
+    _, latents = self.latents_fn(dit_params, text_params, key, ids, mask, sampler, steps, cfg, cfg_interval)
     # Tiled (overlapping tiles, one at a time) above config.ae.tile_size_px, e.g. 2K/4K with f32c32.
     images = decode_latents(self.ae_model, ae_params, latents / self.ae_scaling, self.config.ae)
     return jnp.clip(images, -1.0, 1.0)

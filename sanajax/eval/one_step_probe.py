@@ -15,7 +15,6 @@ targets) and is scored as training's final eval is. Writes OUT/one_step_probe.js
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -37,20 +36,10 @@ def teacher_pairs(generator, num_pairs: int, *, batch: int = 500, seed: int = 12
   drawn for (the shapes train split, shuffled with `seed`)."""
   from sanajax.data.pipeline import make_train_iterator
   from sanajax.data.sources import make_source
-  from sanajax.generation import sample_latents
   g, c = generator, generator.config
-  null_ids, null_mask = g._null  # pylint: disable=protected-access
-
-  @jax.jit
-  def draw(key, ids, mask):
-    ctx = g.text.embed(g.text_params, ids, mask)
-    n_ids, n_mask = jnp.broadcast_to(null_ids, ids.shape), jnp.broadcast_to(null_mask, mask.shape)
-    z = jax.random.normal(key, (ids.shape[0], *g.latent_shape), jnp.float32)
-    apply_fn = functools.partial(g.dit.apply, {"params": g.dit_params})
-    x0 = sample_latents(apply_fn, False, z, ctx, mask, g.text.embed(g.text_params, n_ids, n_mask), n_mask,
-                        sampler=TEACHER_SAMPLER, steps=TEACHER_STEPS, cfg=jnp.float32(CFG),
-                        shift=c.diffusion.flow_shift, key=key, cfg_interval=g.cfg_interval)
-    return z, x0
+  # Generator.latents_fn: the noise and the teacher's sample of it, before the AE decoder.
+  draw = jax.jit(lambda key, ids, mask: g.latents_fn(g.dit_params, g.text_params, key, ids, mask, TEACHER_SAMPLER,
+                                                     TEACHER_STEPS, jnp.float32(CFG), g.cfg_interval))
 
   batch = min(batch, num_pairs)
   data = make_train_iterator(make_source(c.data.source, c.data.resolution, seed), batch_size=batch, seed=seed,
