@@ -116,3 +116,14 @@ def test_driver_writes_every_row_and_resumes(teacher_dir, tmp_path):
   assert sprint_ablation.main(args) == 0
   assert json.loads((out / "ablation.json").read_text())["rows"] == result["rows"]
   assert {p: os.path.getmtime(out / "evals" / p) for p in os.listdir(out / "evals")} == stamps
+
+  # The same command with a larger --steps continues the run from its checkpoint and re-samples
+  # its rows (they came from the step-2 weights); the teacher's rows stay cached.
+  longer = ["--teacher_workdir", str(teacher_dir), "--out", str(out), "--steps", "3", "--num_fid", "16",
+            "--variants", "scm_ladd", "--set", "train.batch_size=4", "--set", "train.log_every=1"]
+  assert sprint_ablation.main(longer) == 0
+  rows = {(r["model"], r["steps"]): r for r in json.loads((out / "ablation.json").read_text())["rows"]}
+  assert {r["checkpoint_step"] for (m, _), r in rows.items() if m == "scm_ladd"} == {3}
+  assert rows[("teacher", 20)]["checkpoint_step"] == 2
+  now = {p: os.path.getmtime(out / "evals" / p) for p in os.listdir(out / "evals")}
+  assert {p for p in now if now[p] != stamps[p]} == {f"scm_ladd_scm{k}.json" for k in (1, 2, 4)}

@@ -17,7 +17,9 @@
    teacher's samples/ images) followed by the captions of the first num_fid held-out ("eval"
    split) data scenes; GenEval-lite scores the first part, FID-lite (sanajax.eval.fid_lite: Frechet
    distance of pooled frozen-AE-encoder features) compares the second part with those scenes'
-   own images. Every row is cached in OUT/evals/ (a restart re-samples nothing).
+   own images. Every row is cached in OUT/evals/ with the step of the checkpoint it was sampled
+   from: a restart re-samples nothing, and a run continued with a larger --steps (the same command
+   with the new --steps) is distilled further and its rows re-sampled.
 3. OUT/ablation.json (every number, wall times, the targets of issue 5) and OUT/ablation.md (the
    table); a grid of the first 36 GenEval-lite samples per row in OUT/grids/.
 """
@@ -48,14 +50,13 @@ TEACHER_SECTIONS = ("text", "ae", "diffusion")
 
 def check_teacher(teacher_workdir: str) -> ml_collections.ConfigDict:
   """The teacher's config; SystemExit with what is wrong for a directory that is not a trained run."""
-  from sanajax.training.checkpoint import Checkpointer
   from sanajax.training.setup import load_workdir_config
   try:
     config = load_workdir_config(teacher_workdir)
   except FileNotFoundError as e:
     raise SystemExit(f"--teacher_workdir: {e}") from None
   ckpt_dir = os.path.join(teacher_workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or Checkpointer(ckpt_dir, read_only=True).latest_step() is None:
+  if not os.path.isdir(ckpt_dir) or checkpoint_step(teacher_workdir) is None:
     raise SystemExit(f"--teacher_workdir: no checkpoint under {ckpt_dir}; train the teacher first "
                      f"(python -m sanajax.train --workdir={teacher_workdir}).")
   if config.get("model", {}).get("guidance_embeds", False):
@@ -121,15 +122,13 @@ def parse_sets(items: Sequence[str]) -> dict:
 
 def run_distillation(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Distils (or resumes, or skips a finished run); returns {"distill_seconds", "steps"} summed over calls."""
-  from sanajax.training.checkpoint import Checkpointer
   from sanajax.training.sprint import distill
   timing_path = os.path.join(workdir, "ablation_timing.json")
   timing = {"distill_seconds": 0.0, "steps": 0}
   if os.path.exists(timing_path):
     with open(timing_path) as f:
       timing = json.load(f)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  done = (Checkpointer(ckpt_dir, read_only=True).latest_step() if os.path.isdir(ckpt_dir) else None) or 0
+  done = (checkpoint_step(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else None) or 0
   if done >= config.train.num_steps:
     return timing
   start = time.perf_counter()
@@ -206,12 +205,17 @@ def run(teacher_workdir: str, out: str, *, steps: int | None = None, num_fid: in
   generators = {}
   for name, workdir, settings in models:
     loaded = False
+    step = checkpoint_step(workdir)
     for sampler, k in settings:
       cache = os.path.join(out, "evals", f"{name}_{sampler}{k}.json")
+      row = {}
       if os.path.exists(cache):
         with open(cache) as f:
           row = json.load(f)
-      if not os.path.exists(cache) or row.get("num_fid") != num_fid or row.get("num_geneval") != len(eval_set):
+      # A cached row is reused only for the same checkpoint (a run continued with a larger --steps
+      # is re-sampled) and the same sample counts.
+      if (row.get("checkpoint_step") != step or row.get("num_fid") != num_fid
+          or row.get("num_geneval") != len(eval_set)):
         if not loaded:
           generator = load_generator(generators, "teacher" if name == "teacher" else "student", workdir)
           loaded = True
@@ -219,6 +223,7 @@ def run(teacher_workdir: str, out: str, *, steps: int | None = None, num_fid: in
                            fid_captions=fid_captions, real_features=real_features, ae_model=ae_model,
                            ae_params=ae_params, grid_path=os.path.join(out, "grids", f"{name}_{sampler}{k}.png"))
         row["model"] = name
+        row["checkpoint_step"] = step
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(cache, "w") as f:
           json.dump(row, f, indent=2)
@@ -236,6 +241,12 @@ def run(teacher_workdir: str, out: str, *, steps: int | None = None, num_fid: in
     f.write(table)
   print(table, flush=True)
   return result
+
+
+def checkpoint_step(workdir: str) -> int | None:
+  """The step of `workdir`'s latest checkpoint (the weights its rows are sampled from)."""
+  from sanajax.training.checkpoint import Checkpointer
+  return Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).latest_step()
 
 
 def load_generator(generators: dict, kind: str, workdir: str):
