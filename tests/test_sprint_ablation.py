@@ -127,3 +127,9 @@ def test_driver_writes_every_row_and_resumes(teacher_dir, tmp_path):
   assert rows[("teacher", 20)]["checkpoint_step"] == 2
   now = {p: os.path.getmtime(out / "evals" / p) for p in os.listdir(out / "evals")}
   assert {p for p in now if now[p] != stamps[p]} == {f"scm_ladd_scm{k}.json" for k in (1, 2, 4)}
+
+  # --num_prompts re-scores every row it shows on that many prompts (the run is not distilled again).
+  assert sprint_ablation.main(longer + ["--num_prompts", "12"]) == 0
+  rows = json.loads((out / "ablation.json").read_text())["rows"]
+  assert len(rows) == 4 and {r["num_geneval"] for r in rows} == {12}
+  assert json.loads((out / "scm_ladd" / "ablation_timing.json").read_text())["steps"] == 3
