@@ -64,8 +64,8 @@ def get_config(arg=None):
   c.model.mlp_ratio = 2.5
   # 8x8 latents -> 16 tokens: 3.4x faster steps than p=1 (measured, 2 cores, 6-block model). The
   # default's 7,000 steps with p=1 (64 tokens; README "SANA-Sprint distillation", 2026-12-05): 0.817
-  # in 1,189 s of DiT training (6.5 steps/s) against 0.633 in ~450 s; p=2 keeps the first command
-  # near 10 minutes.
+  # in 1,189 s of DiT training (6.5 steps/s) against 0.633 in ~450 s; p=2 for 16,000 steps scores
+  # 0.829 in 944 s, so at equal time p=2 is as good, and it keeps the first command near 10 minutes.
   c.model.patch_size = 2
   c.model.caption_channels = c.text.get_ref("hidden_size")
   c.model.in_channels = c.ae.get_ref("latent_channels")
