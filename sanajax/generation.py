@@ -24,7 +24,7 @@ from sanajax.models.dcae_tiling import decode_latents
 from sanajax.models.sana_dit import build_dit
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan
-from sanajax.training.checkpoint import Checkpointer
+from sanajax.training.checkpoint import Checkpointer, latest_workdir_step
 from sanajax.training.setup import load_workdir_config
 
 
@@ -115,7 +115,7 @@ class Generator:
   def from_workdir(cls, workdir: str, *, ema: bool = True, plan: Plan | None = None) -> "Generator":
     config = load_workdir_config(workdir)
     ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(ckpt_dir) or Checkpointer(ckpt_dir, read_only=True).latest_step() is None:
+    if latest_workdir_step(workdir) is None:
       raise FileNotFoundError(f"No checkpoint under {ckpt_dir}: train first with "
                               f"`python -m sanajax.train --config=... --workdir={workdir}`.")
     ae_model, ae_params, scaling, _ = load_ae(ae_workdir(config, workdir))

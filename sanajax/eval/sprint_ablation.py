@@ -50,13 +50,14 @@ TEACHER_SECTIONS = ("text", "ae", "diffusion")
 
 def check_teacher(teacher_workdir: str) -> ml_collections.ConfigDict:
   """The teacher's config; SystemExit with what is wrong for a directory that is not a trained run."""
+  from sanajax.training.checkpoint import latest_workdir_step
   from sanajax.training.setup import load_workdir_config
   try:
     config = load_workdir_config(teacher_workdir)
   except FileNotFoundError as e:
     raise SystemExit(f"--teacher_workdir: {e}") from None
   ckpt_dir = os.path.join(teacher_workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or checkpoint_step(teacher_workdir) is None:
+  if latest_workdir_step(teacher_workdir) is None:
     raise SystemExit(f"--teacher_workdir: no checkpoint under {ckpt_dir}; train the teacher first "
                      f"(python -m sanajax.train --workdir={teacher_workdir}).")
   if config.get("model", {}).get("guidance_embeds", False):
@@ -122,13 +123,14 @@ def parse_sets(items: Sequence[str]) -> dict:
 
 def run_distillation(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Distils (or resumes, or skips a finished run); returns {"distill_seconds", "steps"} summed over calls."""
+  from sanajax.training.checkpoint import latest_workdir_step
   from sanajax.training.sprint import distill
   timing_path = os.path.join(workdir, "ablation_timing.json")
   timing = {"distill_seconds": 0.0, "steps": 0}
   if os.path.exists(timing_path):
     with open(timing_path) as f:
       timing = json.load(f)
-  done = (checkpoint_step(workdir) if os.path.isdir(os.path.join(workdir, "checkpoints")) else None) or 0
+  done = latest_workdir_step(workdir) or 0
   if done >= config.train.num_steps:
     return timing
   start = time.perf_counter()
@@ -183,6 +185,7 @@ def run(teacher_workdir: str, out: str, *, steps: int | None = None, num_fid: in
   from sanajax.data import shapes
   from sanajax.eval import fid_lite
   from sanajax.training.autoencoder import load_ae
+  from sanajax.training.checkpoint import latest_workdir_step
   teacher_config = check_teacher(teacher_workdir)
   if not teacher_config.data.source.startswith("shapes"):
     raise SystemExit(f"GenEval-lite needs the shapes data; the teacher trained on {teacher_config.data.source!r}.")
@@ -209,7 +212,7 @@ def run(teacher_workdir: str, out: str, *, steps: int | None = None, num_fid: in
   generators = {}
   for name, workdir, settings in models:
     loaded = False
-    step = checkpoint_step(workdir)
+    step = latest_workdir_step(workdir)
     for sampler, k in settings:
       cache = os.path.join(out, "evals", f"{name}_{sampler}{k}.json")
       row = {}
@@ -245,12 +248,6 @@ def run(teacher_workdir: str, out: str, *, steps: int | None = None, num_fid: in
     f.write(table)
   print(table, flush=True)
   return result
-
-
-def checkpoint_step(workdir: str) -> int | None:
-  """The step of `workdir`'s latest checkpoint (the weights its rows are sampled from)."""
-  from sanajax.training.checkpoint import Checkpointer
-  return Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).latest_step()
 
 
 def load_generator(generators: dict, kind: str, workdir: str):

@@ -24,7 +24,7 @@ from sanajax.data.sources import make_source
 from sanajax.models import dcae
 from sanajax.parallel import Plan
 from sanajax.training import loop as loop_lib
-from sanajax.training.checkpoint import Checkpointer
+from sanajax.training.checkpoint import Checkpointer, latest_workdir_step
 from sanajax.training.optim import build_optimizer
 from sanajax.training.setup import load_workdir_config, prepare_workdir
 from sanajax.training.state import TrainState, apply_gradients, init_run_state, jit_step
@@ -137,8 +137,7 @@ def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def has_checkpoint(workdir: str) -> bool:
-  return os.path.isdir(os.path.join(workdir, "checkpoints")) and \
-      Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).latest_step() is not None
+  return latest_workdir_step(workdir) is not None
 
 
 def load_ae(workdir: str):

@@ -17,6 +17,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 
+def latest_workdir_step(workdir: str) -> int | None:
+  """The step of the latest checkpoint under WORKDIR/checkpoints; None when there is none (or no such folder)."""
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    return None
+  return Checkpointer(ckpt_dir, read_only=True).latest_step()
+
+
 class Checkpointer:
   """A thin wrapper over `ocp.CheckpointManager` for (state, data-iterator state) pairs."""
 

@@ -51,7 +51,7 @@ from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import load_ae
-from sanajax.training.checkpoint import Checkpointer
+from sanajax.training.checkpoint import Checkpointer, latest_workdir_step
 from sanajax.training.optim import build_optimizer
 from sanajax.training.setup import dtype_from_name, load_workdir_config, prepare_workdir
 from sanajax.training.state import ema_update, host_batch_size
@@ -120,7 +120,7 @@ def load_teacher(teacher_workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
     raise ValueError("Set --config.teacher_workdir to the workdir of a trained teacher (python -m sanajax.train).")
   teacher_config = load_workdir_config(teacher_workdir)
   ckpt_dir = os.path.join(teacher_workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir) or Checkpointer(ckpt_dir, read_only=True).latest_step() is None:
+  if latest_workdir_step(teacher_workdir) is None:
     raise FileNotFoundError(f"No checkpoint under {ckpt_dir}: train the teacher first "
                             f"(python -m sanajax.train --workdir={teacher_workdir}).")
   abstract = jax.eval_shape(lambda: init_dit_params(teacher_config, jax.random.PRNGKey(0)))
