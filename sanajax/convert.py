@@ -42,12 +42,12 @@ import struct
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
-from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 import ml_collections
 import ml_dtypes
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from sanajax.models import dcae, sana_dit, text_encoder
 
@@ -548,8 +548,8 @@ def load_text_encoder(path: str, text_config: Mapping[str, Any] | None = None,
   """
   run = dict(text_config or {})
   if _is_orbax_workdir(path):
-    from sanajax.training.checkpoint import Checkpointer
-    from sanajax.training.setup import load_workdir_config
+    from sanajax.workdir.checkpoint import Checkpointer
+    from sanajax.workdir.files import load_workdir_config
     saved = load_workdir_config(path).text
     dims = gemma2_config_from_dict(saved, run.get("dtype", saved.get("dtype", "float32")))
     model = text_encoder.build_gemma2(dims)
@@ -635,7 +635,7 @@ def _save_params(directory: str, params: Any) -> None:
   Only the EMA slot is written: sampling and `init_from` read it, and a second copy of a
   1.6B model would cost another 6.4 GB of disk.
   """
-  from sanajax.training.checkpoint import Checkpointer
+  from sanajax.workdir.checkpoint import Checkpointer
   ckpt = Checkpointer(os.path.join(directory, "checkpoints"), keep=1, async_save=False)
   ckpt.save(CONVERTED_STEP, {"ema_params": params}, {"converted": True})
   ckpt.close()
@@ -655,7 +655,7 @@ def _base_config(resolution: int) -> ml_collections.ConfigDict:
 def convert_text_encoder(src: str, dst: str, *, tokenizer_src: str | None = None, dtype: str = "float32",
                          text_config: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
   """transformers Gemma-2 directory -> text workdir (config.json with `text`, checkpoints/, tokenizer/)."""
-  from sanajax.training.setup import prepare_workdir
+  from sanajax.workdir.files import prepare_workdir
   _, params, text = load_gemma2(src, dtype=dtype, return_config=True)
   for k, v in (text_config or {}).items():
     if k in ("max_length", "chi_prompt", "seed", "pretrained"):
@@ -673,8 +673,7 @@ def convert_text_encoder(src: str, dst: str, *, tokenizer_src: str | None = None
 
 def convert_ae(src: str, dst: str, *, dtype: str = "float32") -> ml_collections.ConfigDict:
   """diffusers AutoencoderDC directory -> AE workdir (as sanajax.train_ae writes; load_ae reads it)."""
-  from sanajax.training.autoencoder import AE_INFO_FILE
-  from sanajax.training.setup import prepare_workdir
+  from sanajax.workdir.files import AE_INFO_FILE, prepare_workdir
   model, params, ae = load_dcae(src, dtype=dtype, return_config=True)
   f = dcae.downsample_factor(ae)
   c = ml_collections.ConfigDict({"ae": ae, "data": {"resolution": f}})
@@ -689,7 +688,7 @@ def convert_diffusers(src: str, dst: str, *, dtype: str = "float32", ae_workdir:
                       text_workdir: str = "") -> ml_collections.ConfigDict:
   """A diffusers SANA pipeline (model_index.json; transformer/ vae/ text_encoder/ tokenizer/) or a bare
   transformer directory -> a sanajax workdir that sanajax.sample loads and sanajax.train fine-tunes."""
-  from sanajax.training.setup import prepare_workdir
+  from sanajax.workdir.files import prepare_workdir
   pipeline = os.path.exists(os.path.join(src, "model_index.json")) or os.path.isdir(os.path.join(src, "transformer"))
   transformer_dir = os.path.join(src, "transformer") if pipeline else src
   dit, params, model = load_sana_transformer(transformer_dir, dtype=dtype, return_config=True)
@@ -698,7 +697,7 @@ def convert_diffusers(src: str, dst: str, *, dtype: str = "float32", ae_workdir:
     ae = convert_ae(os.path.join(src, "vae"), os.path.join(dst, "ae"), dtype=dtype)
     ae_ref = ""  # WORKDIR/ae, the trainer's default.
   elif ae_workdir:
-    from sanajax.training.setup import load_workdir_config
+    from sanajax.workdir.files import load_workdir_config
     ae, ae_ref = load_workdir_config(ae_workdir).ae, os.path.abspath(ae_workdir)
   else:
     raise ValueError(f"{src} is a bare transformer directory: give --ae=AE_WORKDIR (a converted AutoencoderDC) "
@@ -718,7 +717,7 @@ def convert_diffusers(src: str, dst: str, *, dtype: str = "float32", ae_workdir:
                                     text_config={"max_length": text.max_length, "chi_prompt": text.chi_prompt})
     text_ref = "text_encoder"
   elif text_workdir:
-    from sanajax.training.setup import load_workdir_config
+    from sanajax.workdir.files import load_workdir_config
     text_cfg, text_ref = load_workdir_config(text_workdir).text, os.path.abspath(text_workdir)
   else:
     raise ValueError(f"{src} is a bare transformer directory: give --text_encoder=TEXT_WORKDIR too.")
@@ -755,8 +754,8 @@ def init_params_from(path: str, like: Any) -> Any:
   if not os.path.isdir(path):
     raise FileNotFoundError(f"init_from={path!r} is not a directory.")
   if os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints")):
-    from sanajax.training.checkpoint import Checkpointer
-    from sanajax.training.setup import load_workdir_config
+    from sanajax.workdir.checkpoint import Checkpointer
+    from sanajax.workdir.files import load_workdir_config
     ckpt = Checkpointer(os.path.join(path, "checkpoints"), read_only=True)
     saved_model = load_workdir_config(path).model
     saved = _boxed_abstract(sana_dit.build_dit(saved_model), *_dit_init_args(saved_model))
@@ -786,10 +785,9 @@ def _flat_names(tree) -> dict[str, Any]:
 
 def export_diffusers(workdir: str, dst: str, *, dtype: str = "float32", ema: bool = True) -> None:
   """A sanajax workdir's latest DiT (EMA) weights -> DST/transformer, and its AE -> DST/vae."""
-  from sanajax.builders import ae_workdir
-  from sanajax.training.checkpoint import Checkpointer
-  from sanajax.training.setup import load_workdir_config
-  from sanajax.training.autoencoder import has_checkpoint, load_ae
+  from sanajax.workdir.checkpoint import Checkpointer
+  from sanajax.workdir.files import ae_workdir, load_workdir_config
+  from sanajax.workdir.loaders import has_checkpoint, load_ae
   config = load_workdir_config(workdir)
   model_cfg = dict(config.model, dtype="float32")
   model = sana_dit.build_dit(model_cfg)
@@ -806,6 +804,7 @@ def export_diffusers(workdir: str, dst: str, *, dtype: str = "float32", ema: boo
 
 def main(argv):
   from absl import app, flags
+
   from sanajax.training.setup import quiet_library_logs
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")

@@ -18,7 +18,6 @@ from sanajax.config_utils import record_overrides
 from sanajax.training.setup import quiet_library_logs
 from sanajax.training.sprint import distill
 
-
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/sprint_tiny.py", "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go (default: workdirs/<config name>).")
 

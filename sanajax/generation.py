@@ -17,15 +17,19 @@ from jax.experimental import multihost_utils
 from PIL import Image
 
 from sanajax.diffusion import samplers
-from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, latent_shape, place_frozen
-from sanajax.resolution import ae_downsample
-from sanajax.training.autoencoder import load_ae
 from sanajax.models.dcae_tiling import decode_latents
 from sanajax.models.sana_dit import build_dit
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan
-from sanajax.training.checkpoint import Checkpointer, latest_workdir_step
-from sanajax.training.setup import load_workdir_config
+from sanajax.resolution import ae_downsample
+from sanajax.workdir.files import ae_workdir, load_workdir_config
+from sanajax.workdir.loaders import (
+  build_text_encoder,
+  latent_shape,
+  load_ae,
+  load_dit_params,
+  place_frozen,
+)
 
 
 def to_uint8(images: jax.Array) -> np.ndarray:
@@ -114,13 +118,8 @@ class Generator:
   @classmethod
   def from_workdir(cls, workdir: str, *, ema: bool = True, plan: Plan | None = None) -> "Generator":
     config = load_workdir_config(workdir)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if latest_workdir_step(workdir) is None:
-      raise FileNotFoundError(f"No checkpoint under {ckpt_dir}: train first with "
-                              f"`python -m sanajax.train --config=... --workdir={workdir}`.")
+    params = load_dit_params(workdir, config, ema=ema)
     ae_model, ae_params, scaling, _ = load_ae(ae_workdir(config, workdir))
-    abstract = jax.eval_shape(lambda: init_dit_params(config, jax.random.PRNGKey(0)))
-    params = Checkpointer(ckpt_dir, read_only=True).restore_params(abstract, ema=ema)
     return cls(config, params, ae_model, ae_params, scaling, build_text_encoder(config, workdir),
                ae_downsample(config), plan=plan)
 

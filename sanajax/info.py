@@ -113,9 +113,10 @@ def format_description(info: dict[str, Any]) -> str:
 
 def main(argv):
   del argv
-  from sanajax.parallel import memory  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+  from sanajax.parallel import memory  # pylint: disable=g-import-not-at-top
   config = record_overrides(_CONFIG.value, config_flags.get_override_values(flags.FLAGS["config"]))
   lines = format_description(describe(config)).splitlines()
   # Per-device bytes under config.mesh (a -1 axis takes this machine's device count).

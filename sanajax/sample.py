@@ -24,7 +24,6 @@ from sanajax.generation import Generator, write_images
 from sanajax.parallel import MESH_AXES, Plan, make_mesh
 from sanajax.training.setup import quiet_library_logs
 
-
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line (a \"<TAB>category\" "
                                      "suffix, as in GenEval-lite prompts files, is dropped).")

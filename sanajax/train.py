@@ -23,7 +23,6 @@ from sanajax.parallel import distributed
 from sanajax.training.dit import train
 from sanajax.training.setup import quiet_library_logs
 
-
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go "
                                "(default: workdirs/<config name>).")

@@ -21,7 +21,6 @@ from sanajax.parallel import distributed
 from sanajax.training.autoencoder import train_ae
 from sanajax.training.setup import quiet_library_logs
 
-
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/dcae_tiny.py", "AE config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go.")
 distributed.define_flags()

@@ -24,6 +24,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 from test_dcae import _odd_config  # noqa: E402  (the DC-AE parity config; tests/ is on sys.path)
+
 from sanajax.models import dcae  # noqa: E402
 
 WORDS = ["a", "red", "blue", "circle", "square", "left", "of", "the", "user", "prompt", ":", "given", "enhanced"]
@@ -272,8 +273,7 @@ def test_safetensors_reader_writer_bf16(tmp_path):
 
 def test_cli_pipeline_to_workdir_sample_finetune_init_and_export(models, tmp_path):
   from sanajax import config_utils
-  from sanajax.builders import build_text_encoder, init_dit_params
-  from sanajax.training.autoencoder import load_ae
+  from sanajax.workdir.loaders import build_text_encoder, init_dit_params, load_ae
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   work, out, dst = str(tmp_path / "work"), str(tmp_path / "png"), str(tmp_path / "export")
   # The CLIs in one shell: diffusers pipeline -> workdir -> PNGs, and workdir -> diffusers.

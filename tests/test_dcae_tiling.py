@@ -165,9 +165,9 @@ def test_config_rule_and_errors():
 def test_generator_decodes_in_tiles_above_the_tile_size(monkeypatch):
   """The Generator's one jitted sampling call decodes through decode_latents: with the tiny config
   (64 px, f8) and ae.tile_size_px = 32, the latents go to tiled_decode with the config's tile/stride."""
-  from sanajax.builders import build_text_encoder, init_dit_params
   from sanajax.generation import Generator
   from sanajax.resolution import ae_downsample
+  from sanajax.workdir.loaders import build_text_encoder, init_dit_params
   cfg = load_config("tiny")
   cfg.ae.tile_size_px, cfg.ae.tile_stride_px = 32, 24
   model = dcae.build_dcae(cfg.ae)

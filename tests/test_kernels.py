@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from sanajax.kernels import linear_attention_pallas_triton as triton_mod
 from sanajax.kernels import linear_attention_tpu as tpu_mod
-from sanajax.kernels.linear_attention import (linear_attention, linear_attention_reference,
-                                              linear_attention_vjp_only)
+from sanajax.kernels.linear_attention import (
+  linear_attention,
+  linear_attention_reference,
+  linear_attention_vjp_only,
+)
 
 
 def _inputs(shape, dtype=jnp.float32, dead_rows=True, seed=0):

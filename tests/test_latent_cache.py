@@ -1,10 +1,10 @@
 """The latent cache: images encoded once, served through the same resumable pipeline."""
 import numpy as np
 import pytest
+from test_data_pipeline import FakeSource, R, byte_detokenize, byte_tokenize
 
 from sanajax.data.latent_cache import LatentSource, build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
-from test_data_pipeline import R, FakeSource, byte_detokenize, byte_tokenize
 
 
 def toy_encode(images):

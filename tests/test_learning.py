@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from xla_env import full_optimisation_env  # tests/xla_env.py (tests/ is on sys.path)
 
 from sanajax import config_utils
 from sanajax.data import shapes
@@ -22,7 +23,6 @@ from sanajax.eval.restoration import restoration_score
 from sanajax.generation import Generator
 from sanajax.training import dit
 from sanajax.training.metrics import read_metrics
-from xla_env import full_optimisation_env  # tests/xla_env.py (tests/ is on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

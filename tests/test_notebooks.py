@@ -14,8 +14,9 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-
-from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
+from small_configs import (
+  SMALLEST_MODEL,  # tests/small_configs.py (tests/ is on sys.path)
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(REPO, "notebooks")

@@ -18,7 +18,6 @@ import subprocess
 import sys
 
 import pytest
-
 from xla_env import FAST_COMPILE  # noqa: E402  (tests/xla_env.py; tests/ is on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -202,9 +201,10 @@ def components():
   """(ae_model, frozen params, text_encoder, dit) built once."""
   import jax
   import jax.numpy as jnp
-  from sanajax.builders import build_text_encoder
+
   from sanajax.models.sana_dit import build_dit
   from sanajax.resolution import ae_downsample
+  from sanajax.workdir.loaders import build_text_encoder
   config = small_config()
   ae = pool_encoder(ae_downsample(config), config.ae.latent_channels)  # the latent shape the DiT expects
   ae_params = ae.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))["params"]
@@ -214,6 +214,7 @@ def components():
 
 def batches(n: int, batch_size: int = 8):
   import numpy as np
+
   from sanajax.data.shapes import VOCAB  # noqa: F401  (the tiny encoder's vocabulary)
   _, _, text, _ = components()
   rng = np.random.default_rng(0)
@@ -234,6 +235,7 @@ def setup(mesh: dict, devices=None, *, batch_size: int = 8, with_grads: bool = T
   batch) returns (state, metrics [with the step's gradients]). The jitted step is built once
   per mesh and optimizer and reused (it is what takes the time to compile)."""
   import jax
+
   from sanajax.parallel import Plan
   from sanajax.training import dit as dit_lib
   from sanajax.training.optim import build_optimizer
@@ -332,6 +334,7 @@ def check_state_shardings(plan, mesh: dict, state, grads, optimizer: str = "adam
   import numpy as np
   import optax
   from jax.sharding import PartitionSpec as P
+
   from sanajax.parallel import memory
   is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
   axis = {"F": "fsdp" if mesh.get("fsdp", 1) > 1 else None, "T": "tensor" if mesh.get("tensor", 1) > 1 else None,
@@ -488,6 +491,7 @@ def case_muon_plans(data) -> None:
   import flax.linen as nn
   import jax
   import numpy as np
+
   from sanajax.training.optim import muon_dimension_numbers
   ref = trajectory({}, data, jax.devices()[:1], optimizer="muon")
   print("muon, one device: losses", ref["losses"], flush=True)
@@ -513,6 +517,7 @@ def case_sequence() -> None:
   import jax.numpy as jnp
   import numpy as np
   from sanajax.kernels import linear_attention_reference
+
   from sanajax.models.layers import depthwise_conv2d
   from sanajax.parallel import Plan, make_mesh, sequence
   plan = Plan(make_mesh({"data": 2, "sequence": 4}))
@@ -560,7 +565,8 @@ def case_sequence() -> None:
 def case_checkpoint(tmpdir: str) -> None:
   import jax
   import numpy as np
-  from sanajax.training.checkpoint import Checkpointer
+
+  from sanajax.workdir.checkpoint import Checkpointer
   data = batches(6)
   ckdir = os.path.join(tmpdir, "ckpt")
   # Train 3 steps under fsdp=8 and save.
@@ -617,12 +623,13 @@ def case_ae(tmpdir: str) -> None:
   import numpy as np
   import orbax.checkpoint as ocp
   from jax.sharding import PartitionSpec as P
+
   from sanajax.models import dcae
   from sanajax.parallel import Plan
   from sanajax.training import autoencoder as ae_lib
-  from sanajax.training.checkpoint import Checkpointer
   from sanajax.training.metrics import read_metrics
   from sanajax.training.optim import build_optimizer
+  from sanajax.workdir.checkpoint import Checkpointer
   runs = {}
   for name, mesh in (("one device", {}), ("plan", AE_MESH)):
     config = ae_config(**mesh)

@@ -61,13 +61,14 @@ def worker(coordinator: str, process_id: int, workdir: str) -> None:
   distributed.initialize(coordinator, 2, process_id)
   import jax
   import numpy as np
-  from jax.experimental import multihost_utils
   import test_parallel as tp
+  from jax.experimental import multihost_utils
+
   from sanajax.data.pipeline import make_train_iterator
   from sanajax.data.sources import make_source
   from sanajax.training import loop as loop_lib
-  from sanajax.training.checkpoint import Checkpointer
   from sanajax.training.metrics import MetricWriter
+  from sanajax.workdir.checkpoint import Checkpointer
   print(f"process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} global devices", flush=True)
   config, plan, state, step = tp.setup({"fsdp": 4}, batch_size=4, with_grads=False)
   _, _, text, _ = tp.components()

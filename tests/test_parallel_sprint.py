@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from xla_env import FAST_COMPILE  # noqa: E402  (tests/xla_env.py; tests/ is on sys.path)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,6 +45,7 @@ def test_sampling_under_a_plan_equals_one_device(cases_output):
 
 def test_sample_cli_mesh_flag_parses():
   from absl import app
+
   from sanajax.sample import parse_mesh
   assert parse_mesh("fsdp=4, tensor=2") == {"fsdp": 4, "tensor": 2}
   assert parse_mesh("data=-1") == {"data": -1}
@@ -81,8 +81,9 @@ def parts():
   """Random tiny DC-AE, text encoder and teacher DiT (float32), built once and shared by every plan."""
   import jax
   import jax.numpy as jnp
-  from sanajax.builders import build_text_encoder, init_dit_params
+
   from sanajax.models import dcae
+  from sanajax.workdir.loaders import build_text_encoder, init_dit_params
   _, teacher = configs()
   ae = dcae.build_dcae(teacher.ae)
   ae_params = jax.jit(ae.init)(jax.random.PRNGKey(5), jnp.zeros((1, 32, 32, 3)))["params"]  # boxed
@@ -115,6 +116,7 @@ def max_rel(a, b) -> float:
 def distill_run(mesh: dict, data):
   """(distiller, frozen, state after len(data) steps, metrics of each step) under `mesh` ({}: one device)."""
   import jax
+
   from sanajax.training import sprint
   config, teacher = configs(**mesh)
   ae, ae_params, text, teacher_params = parts()
@@ -195,6 +197,7 @@ def case_sprint() -> None:
 def case_sampling() -> None:
   import jax
   import numpy as np
+
   from sanajax.generation import Generator
   from sanajax.parallel import Plan, make_mesh
   from sanajax.resolution import ae_downsample

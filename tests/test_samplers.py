@@ -274,10 +274,10 @@ def test_generator_guidance_interval_can_change_between_calls(monkeypatch):
   from flax import linen as nn
 
   from sanajax import generation
-  from sanajax.builders import build_text_encoder, init_dit_params
   from sanajax.config_utils import load_config
   from sanajax.models import dcae
   from sanajax.resolution import ae_downsample
+  from sanajax.workdir.loaders import build_text_encoder, init_dit_params
   cfg = load_config("tiny")
   ae = dcae.build_dcae(cfg.ae)
   ae_params = nn.unbox(ae.init(jax.random.PRNGKey(1), jnp.zeros((1, 64, 64, 3))))["params"]

@@ -6,15 +6,16 @@ import os
 import jax
 import numpy as np
 import pytest
+from small_configs import (
+  SMALLEST_MODEL,  # tests/small_configs.py (tests/ is on sys.path)
+)
 
 from sanajax import config_utils
-from sanajax.builders import build_text_encoder, init_dit_params
 from sanajax.eval import sprint_ablation
 from sanajax.training import dit as train_lib
 from sanajax.training import sprint
-from sanajax.training.autoencoder import load_ae
 from sanajax.training.optim import build_optimizer
-from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
+from sanajax.workdir.loaders import build_text_encoder, init_dit_params, load_ae
 
 # Nearly all of this file's time is XLA compiling on the CPU (the teacher's AE and DiT steps, three
 # distillation steps, four samplers): the teacher is the smallest model (tests/small_configs.py).

@@ -8,15 +8,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from small_configs import (
+  SMALLEST_MODEL,  # tests/small_configs.py (tests/ is on sys.path)
+)
 
 from sanajax import config_utils
 from sanajax.diffusion import scm, trigflow
 from sanajax.models.discriminator import LaddHeads, spectral_normalize
 from sanajax.training import dit as train_lib
 from sanajax.training import sprint
-from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.metrics import read_metrics
-from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
+from sanajax.workdir.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -229,11 +231,12 @@ def test_a_student_with_another_time_embedding_than_its_teacher_is_pointed_to_ph
 def test_phase_1_fine_tune_starts_from_a_teacher_without_qk_norm(teacher_dir):
   """init_from a workdir whose model lacks the q/k norms (Sprint phase 1): every saved weight is
   copied, the new norm scales keep their init (ones); an architecture change beyond that raises."""
-  from flax import traverse_util
   import flax.linen as nn
+  from flax import traverse_util
+
   from sanajax import convert
-  from sanajax.builders import init_dit_params
-  from sanajax.training.setup import load_workdir_config
+  from sanajax.workdir.files import load_workdir_config
+  from sanajax.workdir.loaders import init_dit_params
   teacher_config = load_workdir_config(str(teacher_dir))
   _, teacher = sprint.load_teacher(str(teacher_dir))
   teacher = traverse_util.flatten_dict(nn.unbox(teacher), sep="/")
@@ -331,7 +334,7 @@ def test_cli_distills_and_writes_a_training_layout(teacher_dir, tmp_path):
 
 def test_frechet_distance_on_known_gaussians_and_ae_features(teacher_dir):
   from sanajax.eval import fid_lite
-  from sanajax.training.autoencoder import load_ae
+  from sanajax.workdir.loaders import load_ae
   rng = np.random.default_rng(0)
   a = rng.normal(size=(4000, 3))
   b = rng.normal(size=(4000, 3)) * 2.0 + np.array([1.0, 0.0, 0.0])

@@ -7,13 +7,15 @@ import sys
 import jax
 import numpy as np
 import pytest
+from small_configs import (
+  SMALLEST_MODEL,  # tests/small_configs.py (tests/ is on sys.path)
+)
 
 from sanajax import config_utils
 from sanajax.training import dit as train_lib
 from sanajax.training import loop as loop_lib
-from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.metrics import read_metrics
-from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
+from sanajax.workdir.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -141,7 +143,7 @@ def test_sample_cli_errors_on_missing_workdir(tmp_path):
 def test_sample_cli_errors_on_missing_checkpoint(tmp_path):
   (tmp_path / "w").mkdir()
   config = small_config(tmp_path / "ae")
-  from sanajax.training.setup import prepare_workdir
+  from sanajax.workdir.files import prepare_workdir
   prepare_workdir(str(tmp_path / "w"), config)
   r = run_cli("sanajax.sample", f"--workdir={tmp_path / 'w'}", "--prompt=a red circle", f"--out={tmp_path / 'o'}")
   assert r.returncode != 0
@@ -150,6 +152,7 @@ def test_sample_cli_errors_on_missing_checkpoint(tmp_path):
 
 def test_sample_prompts_file_drops_geneval_categories(tmp_path):
   from absl import app
+
   from sanajax.sample import read_prompts
   f = tmp_path / "p.txt"
   f.write_text("a red circle\tsingle\n\nthree blue squares\tcounting\n")
@@ -163,6 +166,7 @@ def test_sample_prompts_file_drops_geneval_categories(tmp_path):
 
 def test_sample_cfg_interval_flag_parses():
   from absl import app
+
   from sanajax.sample import parse_cfg_interval
   assert parse_cfg_interval("0.5,1") == (0.5, 1.0)
   assert parse_cfg_interval("None") is None
@@ -179,7 +183,7 @@ def test_train_cli_rejects_unknown_config_field(tmp_path):
 
 
 def test_changed_architecture_in_existing_workdir_is_refused(tmp_path):
-  from sanajax.training.setup import prepare_workdir
+  from sanajax.workdir.files import prepare_workdir
   prepare_workdir(str(tmp_path), small_config(tmp_path / "ae"))
   with pytest.raises(ValueError, match="different config.model"):
     prepare_workdir(str(tmp_path), small_config(tmp_path / "ae", **{"model.depth": 3}))
@@ -188,11 +192,11 @@ def test_changed_architecture_in_existing_workdir_is_refused(tmp_path):
 def test_cached_latents_give_the_loss_of_encoding_in_the_step(ae_dir):
   """The step's loss on a batch of cached latents equals its loss on the images they came from."""
   import jax.numpy as jnp
-  from sanajax.builders import build_text_encoder
+
   from sanajax.data.pipeline import make_train_iterator
   from sanajax.data.sources import make_source
   from sanajax.models.sana_dit import build_dit
-  from sanajax.training.autoencoder import load_ae
+  from sanajax.workdir.loaders import build_text_encoder, load_ae
   config = small_config(ae_dir)
   ae_model, ae_params, scaling, _ = load_ae(str(ae_dir))
   text = build_text_encoder(config)

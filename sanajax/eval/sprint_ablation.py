@@ -50,8 +50,8 @@ TEACHER_SECTIONS = ("text", "ae", "diffusion")
 
 def check_teacher(teacher_workdir: str) -> ml_collections.ConfigDict:
   """The teacher's config; SystemExit with what is wrong for a directory that is not a trained run."""
-  from sanajax.training.checkpoint import latest_workdir_step
-  from sanajax.training.setup import load_workdir_config
+  from sanajax.workdir.checkpoint import latest_workdir_step
+  from sanajax.workdir.files import load_workdir_config
   try:
     config = load_workdir_config(teacher_workdir)
   except FileNotFoundError as e:
@@ -77,8 +77,8 @@ def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: s
   """configs/sprint_tiny.py with the teacher's architecture / text / data / AE, then `overrides`;
   num_steps None keeps the config's train.num_steps."""
   from sanajax import config_utils
-  from sanajax.builders import ae_workdir
   from sanajax.training.sprint import SPRINT_MODEL_FIELDS
+  from sanajax.workdir.files import ae_workdir
   config = config_utils.load_config("sprint_tiny")
   teacher = ml_collections.ConfigDict(teacher_config.to_dict())
   model = teacher.model
@@ -123,8 +123,8 @@ def parse_sets(items: Sequence[str]) -> dict:
 
 def run_distillation(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Distils (or resumes, or skips a finished run); returns {"distill_seconds", "steps"} summed over calls."""
-  from sanajax.training.checkpoint import latest_workdir_step
   from sanajax.training.sprint import distill
+  from sanajax.workdir.checkpoint import latest_workdir_step
   timing_path = os.path.join(workdir, "ablation_timing.json")
   timing = {"distill_seconds": 0.0, "steps": 0}
   if os.path.exists(timing_path):
@@ -157,9 +157,10 @@ def fid_set(source: str, resolution: int, num: int, seed: int) -> tuple[list[str
 def evaluate_row(generator, *, sampler: str, steps: int, seed: int, eval_set, fid_captions, real_features,
                  ae_model, ae_params, grid_path: str) -> dict:
   """GenEval-lite and FID-lite of one (model, sampler, steps) from one sampling pass."""
+  from PIL import Image
+
   from sanajax.eval import fid_lite, geneval_lite
   from sanajax.generation import make_grid
-  from PIL import Image
   prompts = [p for p, _ in eval_set]
   start = time.perf_counter()
   images = generator.generate(prompts + list(fid_captions), sampler=sampler, steps=steps, cfg=CFG, seed=seed)
@@ -181,11 +182,11 @@ def run(teacher_workdir: str, out: str, *, steps: int | None = None, num_fid: in
   num_prompts: GenEval-lite prompts per row (None: the teacher's eval.num_prompts, its final-eval set;
   more give a tighter estimate, e.g. 960: +-0.015 instead of +-0.03 at a score of 0.6).
   """
-  from sanajax.builders import ae_workdir
   from sanajax.data import shapes
   from sanajax.eval import fid_lite
-  from sanajax.training.autoencoder import load_ae
-  from sanajax.training.checkpoint import latest_workdir_step
+  from sanajax.workdir.checkpoint import latest_workdir_step
+  from sanajax.workdir.files import ae_workdir
+  from sanajax.workdir.loaders import load_ae
   teacher_config = check_teacher(teacher_workdir)
   if not teacher_config.data.source.startswith("shapes"):
     raise SystemExit(f"GenEval-lite needs the shapes data; the teacher trained on {teacher_config.data.source!r}.")
@@ -255,10 +256,11 @@ def load_generator(generators: dict, kind: str, workdir: str):
   Generator (its jitted sampling is compiled once per step count, not once per student): the
   weights are swapped in."""
   import jax
-  from sanajax.builders import init_dit_params
+
   from sanajax.generation import Generator
-  from sanajax.training.checkpoint import Checkpointer
-  from sanajax.training.setup import load_workdir_config
+  from sanajax.workdir.checkpoint import Checkpointer
+  from sanajax.workdir.files import load_workdir_config
+  from sanajax.workdir.loaders import init_dit_params
   if kind not in generators:
     generators[kind] = Generator.from_workdir(workdir)
     return generators[kind]

@@ -27,11 +27,11 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
-from flax.traverse_util import flatten_dict
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from sanajax.kernels import linear_attention
 from sanajax.models.layers import depthwise_conv2d

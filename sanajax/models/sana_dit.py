@@ -38,15 +38,29 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
-from flax.traverse_util import flatten_dict, unflatten_dict
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from sanajax.models.attention import CrossAttention, LinearSelfAttention
-from sanajax.models.layers import (AdaLNSingle, CaptionProjection, MixFFN, PatchEmbed, RMSNorm, TimestepEmbedder,
-                                   dense, layer_norm_no_affine, logical_constraint, modulate, normal_002,
-                                   remat_policy, scale_shift_table_init, timestep_sinusoid, unpatchify)
+from sanajax.models.layers import (
+  AdaLNSingle,
+  CaptionProjection,
+  MixFFN,
+  PatchEmbed,
+  RMSNorm,
+  TimestepEmbedder,
+  dense,
+  layer_norm_no_affine,
+  logical_constraint,
+  modulate,
+  normal_002,
+  remat_policy,
+  scale_shift_table_init,
+  timestep_sinusoid,
+  unpatchify,
+)
 
 Dtype = Any
 ACT_AXES = ("batch", "length", "embed")

@@ -7,7 +7,14 @@
   memory.py      per-device bytes of a plan (python -m sanajax.info)
 """
 from sanajax.parallel.context import active_plan, use_plan
-from sanajax.parallel.mesh import DEFAULT_RULES, MESH_AXES, logical_to_mesh, make_mesh, mesh_config, mesh_shape
+from sanajax.parallel.mesh import (
+           DEFAULT_RULES,
+           MESH_AXES,
+           logical_to_mesh,
+           make_mesh,
+           mesh_config,
+           mesh_shape,
+)
 from sanajax.parallel.plan import Plan
 
 __all__ = ["DEFAULT_RULES", "MESH_AXES", "Plan", "active_plan", "logical_to_mesh", "make_mesh", "mesh_config",

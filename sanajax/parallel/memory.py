@@ -23,7 +23,13 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from sanajax.parallel.mesh import DEFAULT_RULES, MESH_AXES, logical_to_mesh, mesh_shape, normalize_rules
+from sanajax.parallel.mesh import (
+  DEFAULT_RULES,
+  MESH_AXES,
+  logical_to_mesh,
+  mesh_shape,
+  normalize_rules,
+)
 
 
 def _abstract_mesh(shape: tuple[int, ...]) -> Any:

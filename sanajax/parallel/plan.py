@@ -21,10 +21,18 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from sanajax.parallel import context
-from sanajax.parallel.mesh import DEFAULT_RULES, MESH_AXES, describe_mesh, logical_to_mesh, make_mesh, normalize_rules
+from sanajax.parallel.mesh import (
+  DEFAULT_RULES,
+  MESH_AXES,
+  describe_mesh,
+  logical_to_mesh,
+  make_mesh,
+  normalize_rules,
+)
 
 
 def _is_box(x: Any) -> bool:

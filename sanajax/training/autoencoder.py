@@ -24,12 +24,9 @@ from sanajax.data.sources import make_source
 from sanajax.models import dcae
 from sanajax.parallel import Plan
 from sanajax.training import loop as loop_lib
-from sanajax.training.checkpoint import Checkpointer, latest_workdir_step
 from sanajax.training.optim import build_optimizer
-from sanajax.training.setup import load_workdir_config, prepare_workdir
 from sanajax.training.state import TrainState, apply_gradients, init_run_state, jit_step
-
-AE_INFO_FILE = "ae_info.json"
+from sanajax.workdir.files import AE_INFO_FILE, prepare_workdir
 
 
 def _no_text(captions):
@@ -134,25 +131,3 @@ def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
   print(f"DC-AE: held-out PSNR {info['psnr']:.2f} dB on {info['num_images']} images; "
         f"latent std {info['latent_std']:.4f} -> scaling factor {info['scaling_factor']:.4f}", flush=True)
   return info
-
-
-def has_checkpoint(workdir: str) -> bool:
-  return latest_workdir_step(workdir) is not None
-
-
-def load_ae(workdir: str):
-  """(model, params, scaling_factor, config) of a trained AE workdir (EMA weights of the latest step)."""
-  config = load_workdir_config(workdir)
-  if not has_checkpoint(workdir):
-    raise FileNotFoundError(f"No AE checkpoint under {workdir}/checkpoints; train one with "
-                            f"`python -m sanajax.train_ae --config=configs/dcae_tiny.py --workdir={workdir}`.")
-  model = dcae.build_dcae(config.ae)
-  res = config.data.resolution
-  abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3), jnp.float32))["params"]
-  params = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(abstract)
-  info_path = os.path.join(workdir, AE_INFO_FILE)
-  scaling = float(config.ae.scaling_factor)
-  if os.path.exists(info_path):
-    with open(info_path) as f:
-      scaling = json.load(f)["scaling_factor"]
-  return model, params, scaling, config

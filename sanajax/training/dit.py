@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, place_frozen
 from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.shapes import eval_prompt_set
@@ -25,10 +24,17 @@ from sanajax.models.sana_dit import build_dit
 from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
-from sanajax.training.autoencoder import has_checkpoint, load_ae, train_ae
+from sanajax.training.autoencoder import train_ae
 from sanajax.training.optim import build_optimizer
-from sanajax.training.setup import prepare_workdir
 from sanajax.training.state import TrainState, apply_gradients, init_run_state, jit_step
+from sanajax.workdir.files import ae_workdir, prepare_workdir
+from sanajax.workdir.loaders import (
+  build_text_encoder,
+  has_checkpoint,
+  init_dit_params,
+  load_ae,
+  place_frozen,
+)
 
 
 def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

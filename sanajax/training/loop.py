@@ -16,9 +16,9 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from sanajax.training.checkpoint import Checkpointer
 from sanajax.training.metrics import MetricWriter
 from sanajax.training.state import NAN_QUANTITIES
+from sanajax.workdir.checkpoint import Checkpointer
 
 
 class NonFiniteError(FloatingPointError):

@@ -23,7 +23,9 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
       if tensorboard:
-        from tensorboardX import SummaryWriter  # Imported lazily: only the logging process needs it.
+        from tensorboardX import (
+          SummaryWriter,  # Imported lazily: only the logging process needs it.
+        )
         self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", prefix.rstrip("_") or "train"))
 
   def scalars(self, step: int, values: Mapping[str, float]) -> None:

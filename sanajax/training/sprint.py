@@ -40,7 +40,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from sanajax.builders import ae_workdir, build_text_encoder, init_dit_params, place_frozen
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source
 from sanajax.diffusion import scm, trigflow
@@ -50,11 +49,17 @@ from sanajax.models.sana_dit import LogVarHead, build_dit, student_params_from_t
 from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
-from sanajax.training.autoencoder import load_ae
-from sanajax.training.checkpoint import Checkpointer, latest_workdir_step
 from sanajax.training.optim import build_optimizer
-from sanajax.training.setup import dtype_from_name, load_workdir_config, prepare_workdir
+from sanajax.training.setup import dtype_from_name
 from sanajax.training.state import ema_update, host_batch_size
+from sanajax.workdir.files import ae_workdir, load_workdir_config, prepare_workdir
+from sanajax.workdir.loaders import (
+  build_text_encoder,
+  init_dit_params,
+  load_ae,
+  load_dit_params,
+  place_frozen,
+)
 
 # Model fields a student may change relative to its teacher (the Sprint options); every other
 # architecture field must match, or the teacher's weights would not initialise the student.
@@ -119,12 +124,7 @@ def load_teacher(teacher_workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
   if not teacher_workdir:
     raise ValueError("Set --config.teacher_workdir to the workdir of a trained teacher (python -m sanajax.train).")
   teacher_config = load_workdir_config(teacher_workdir)
-  ckpt_dir = os.path.join(teacher_workdir, "checkpoints")
-  if latest_workdir_step(teacher_workdir) is None:
-    raise FileNotFoundError(f"No checkpoint under {ckpt_dir}: train the teacher first "
-                            f"(python -m sanajax.train --workdir={teacher_workdir}).")
-  abstract = jax.eval_shape(lambda: init_dit_params(teacher_config, jax.random.PRNGKey(0)))
-  params = Checkpointer(ckpt_dir, read_only=True).restore_params(abstract, ema=True)
+  params = load_dit_params(teacher_workdir, teacher_config, ema=True)
   return teacher_config, params
 
 

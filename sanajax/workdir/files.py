@@ -1,0 +1,61 @@
+"""What a workdir holds on disk, by name: config.json, ae_info.json, checkpoints/, the AE folder.
+
+    WORKDIR/config.json        the run's whole config (what sample / eval / resume rebuild it from)
+    WORKDIR/checkpoints/STEP/  Orbax checkpoints (sanajax.workdir.checkpoint)
+    WORKDIR/ae/                the AE workdir the tiny configs train first (config.ae.workdir overrides)
+    WORKDIR/ae_info.json       an AE workdir's latent scaling factor and held-out PSNR
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+
+CONFIG_FILE = "config.json"
+AE_INFO_FILE = "ae_info.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(workdir, CHECKPOINT_DIR)
+
+
+def ae_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The AE workdir a DiT config uses: config.ae.workdir, else WORKDIR/ae."""
+  return config.ae.workdir or os.path.join(workdir, "ae")
+
+
+def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Creates workdir and writes config.json (what sample/eval rebuild the run from).
+
+  A resumed run must use the same config: a changed architecture field would make the
+  restore fail later with a much less readable message, so it is checked here.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_FILE)
+  new = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    for section in ("model", "ae", "text"):
+      if section in old and section in new and old[section] != new[section]:
+        changed = sorted(k for k in set(old[section]) | set(new[section])
+                         if old[section].get(k) != new[section].get(k))
+        raise ValueError(f"{workdir} holds a run with a different config.{section} (fields {changed}); "
+                         f"use a new --workdir or the same config.")
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump(new, f, indent=2, sort_keys=True)
+
+
+def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` was trained with; a clear error if there is none."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isdir(workdir):
+    raise FileNotFoundError(f"Workdir {workdir!r} does not exist; pass the --workdir of a training run.")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir!r} has no {CONFIG_FILE}: it is not a sanajax training workdir.")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
