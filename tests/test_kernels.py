@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from sanajax.kernels import linear_attention_pallas_triton as triton_mod
 from sanajax.kernels import linear_attention_tpu as tpu_mod
 from sanajax.kernels.linear_attention import (

@@ -516,8 +516,8 @@ def case_sequence() -> None:
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from sanajax.kernels import linear_attention_reference
 
+  from sanajax.kernels import linear_attention_reference
   from sanajax.models.layers import depthwise_conv2d
   from sanajax.parallel import Plan, make_mesh, sequence
   plan = Plan(make_mesh({"data": 2, "sequence": 4}))
