@@ -1,20 +1,16 @@
 """sanajax: SANA / SANA-Sprint in JAX + Flax.
 
-`kernels/` ships as `sanajax.kernels` (the bare name `kernels` is taken on PyPI).
+One package, `sanajax` (its kernels are `sanajax.kernels`); tests/, benchmarks/ and experiments are not shipped.
 """
 from setuptools import find_packages, setup
 
-_sanajax_packages = [p for p in find_packages(exclude=("tests", "tests.*", "kernels", "kernels.*"))
-                     if p == "sanajax" or p.startswith("sanajax.")]
-_kernel_packages = ["sanajax.kernels" + p[len("kernels"):] for p in find_packages(include=("kernels", "kernels.*"))]
 
 setup(
     name="sanajax",
     version="0.1.0",
     description="SANA (linear DiT + deep-compression AE) and SANA-Sprint in JAX/Flax",
     python_requires=">=3.11",
-    packages=_sanajax_packages + _kernel_packages,
-    package_dir={"sanajax.kernels": "kernels"},
+    packages=find_packages(include=("sanajax", "sanajax.*")),
     install_requires=[
         "jax>=0.10,<0.12",
         "flax>=0.12.8,<0.13",

@@ -19,8 +19,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# sanajax itself (kernels/ is mapped to sanajax.kernels by setup.py), without touching dependencies.
-if ! $PY -c "import sanajax.kernels" 2>/dev/null; then
+# sanajax itself, without touching dependencies. Checked from /tmp: `python benchmarks/x.py` puts benchmarks/, not
+# the repository root, on sys.path, so sanajax must be installed, not merely importable from here.
+if ! (cd /tmp && $PY -c "import sanajax.kernels") 2>/dev/null; then
   $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . >/dev/null
 fi
 $PY - <<'PYEOF'

@@ -132,24 +132,3 @@ def test_impl_errors():
   with pytest.raises(ValueError, match="Unknown linear attention impl"):
     linear_attention(q, k, v, impl="cuda")
 
-
-def test_the_checkout_folder_does_not_shadow_the_pypi_kernels_package(tmp_path):
-  # From the repository root (as `python -m pytest` and `python -m sanajax.convert` run), the
-  # folder kernels/ is found as the top-level `kernels`, the name of Hugging Face's package that
-  # transformers imports; it must hand over to that package and stay importable as sanajax.kernels.
-  import pathlib
-  import subprocess
-  import sys
-  root = pathlib.Path(__file__).resolve().parents[1]
-  code = ("import kernels, sanajax.kernels as own\n"
-          "print(kernels.__file__)\nprint(own.__file__)\nprint(callable(own.linear_attention))\n")
-  has_pypi = subprocess.run([sys.executable, "-c", "import importlib.util as u; print(u.find_spec('kernels').origin)"],
-                            cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-  proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
-  if has_pypi and has_pypi != "None":
-    assert proc.returncode == 0, proc.stderr
-    pypi_file, own_file, ok = proc.stdout.split()
-    assert pypi_file == has_pypi and not pypi_file.startswith(str(root))
-    assert own_file == str(root / "kernels" / "__init__.py") and ok == "True"
-  else:
-    assert proc.returncode != 0 and "PyPI package `kernels` is not installed" in proc.stderr
