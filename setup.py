@@ -4,7 +4,6 @@ One package, `sanajax` (its kernels are `sanajax.kernels`); tests/, benchmarks/ 
 """
 from setuptools import find_packages, setup
 
-
 setup(
     name="sanajax",
     version="0.1.0",

@@ -517,8 +517,7 @@ def case_sequence() -> None:
   import jax.numpy as jnp
   import numpy as np
 
-  from sanajax.kernels import linear_attention_reference
-  from sanajax.models.layers import depthwise_conv2d
+  from sanajax.kernels import depthwise_conv2d, linear_attention_reference
   from sanajax.parallel import Plan, make_mesh, sequence
   plan = Plan(make_mesh({"data": 2, "sequence": 4}))
   key = jax.random.split(jax.random.PRNGKey(0), 6)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sanajax import config_utils
+from sanajax.kernels import depthwise_conv2d
 from sanajax.models import attention, layers, sana_dit
 
 
@@ -115,12 +116,12 @@ def test_depthwise_conv_equals_grouped_conv_in_value_and_gradient(k, hw):
     return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                         feature_group_count=c, precision="highest")
 
-  np.testing.assert_allclose(layers.depthwise_conv2d(x, w), grouped(x, w), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(depthwise_conv2d(x, w), grouped(x, w), rtol=1e-5, atol=1e-5)
   grad = lambda f: jax.grad(lambda x, w: jnp.sum(f(x, w) * r), (0, 1))(x, w)
-  for got, want in zip(grad(layers.depthwise_conv2d), grad(grouped)):
+  for got, want in zip(grad(depthwise_conv2d), grad(grouped)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="odd square kernel"):
-    layers.depthwise_conv2d(x, jnp.ones((2, 2, 1, c)))
+    depthwise_conv2d(x, jnp.ones((2, 2, 1, c)))
 
 
 def test_timestep_sinusoid_matches_diffusers():

@@ -1,9 +1,12 @@
-"""Kernels for sanajax: ReLU linear attention (jnp reference, Pallas Triton / Mosaic GPU / TPU backends).
+"""Kernels for sanajax, the bottom layer (imports nothing else of sanajax).
 
-Every kernel has a pure-jnp reference with the same signature; `impl` picks one.
+  linear_attention.py  ReLU linear attention: a pure-jnp reference and Pallas backends with the same signature
+                       (Triton / Mosaic GPU / Mosaic TPU); `impl` picks one
+  depthwise_conv.py    depthwise 'same' conv as shifted multiply-adds (the DiT's Mix-FFN and the AE's convs)
 """
 from __future__ import annotations
 
+from sanajax.kernels.depthwise_conv import depthwise_conv2d
 from sanajax.kernels.linear_attention import linear_attention, linear_attention_reference, linear_attention_vjp_only
 
-__all__ = ["linear_attention", "linear_attention_reference", "linear_attention_vjp_only"]
+__all__ = ["depthwise_conv2d", "linear_attention", "linear_attention_reference", "linear_attention_vjp_only"]

@@ -24,11 +24,10 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-
-from sanajax.kernels._common import pad_axis, round_up
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sanajax.kernels import linear_attention_pallas_triton as _triton
+from sanajax.kernels._common import pad_axis, round_up
 
 _F32 = jnp.float32
 BLOCK_N = 64

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from sanajax.kernels._common import pad_axis, round_up
-from jax.experimental.pallas import triton as plgpu
 
 _F32 = jnp.float32
 _HIGHEST = lax.Precision.HIGHEST

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from sanajax.kernels import linear_attention
 from sanajax.models.layers import RMSNorm, dense
+from sanajax.parallel import sequence
 from sanajax.parallel.context import active_plan
 
 Dtype = Any
@@ -49,7 +50,6 @@ class LinearSelfAttention(nn.Module):
     plan = active_plan()
     if plan is not None and plan.sequence_parallel:
       # Tokens split over the `sequence` mesh axis: local K^T V states, one all-reduce.
-      from sanajax.parallel import sequence  # pylint: disable=g-import-not-at-top (imports models.layers)
       out = sequence.linear_attention(plan, q.reshape(shape), k.reshape(shape), v.reshape(shape), eps=self.eps)
     else:
       out = linear_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), eps=self.eps, impl=self.impl)

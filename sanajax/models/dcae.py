@@ -34,7 +34,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from sanajax.kernels import linear_attention
-from sanajax.models.layers import depthwise_conv2d
+from sanajax.kernels.depthwise_conv import depthwise_conv2d
 
 # diffusers' RMSNorm eps everywhere in AutoencoderDC (get_normalization default, GLUMBConv, norm_out).
 NORM_EPS = 1e-5

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from sanajax.models import layers
+from sanajax.kernels import depthwise_conv
 
 AXIS = "sequence"
 
@@ -62,7 +62,7 @@ def linear_attention(plan: Any, q: jax.Array, k: jax.Array, v: jax.Array, *, eps
 
 
 def depthwise_conv2d(plan: Any, x: jax.Array, kernel: jax.Array, channel_axis: str | None = "mlp") -> jax.Array:
-  """sanajax.models.layers.depthwise_conv2d with rows split over `sequence` (one halo exchange).
+  """sanajax.kernels.depthwise_conv.depthwise_conv2d with rows split over `sequence` (one halo exchange).
 
   x (B, H, W, C), kernel (k, k, 1, C) -> (B, H, W, C); H / sequence must be >= k // 2.
   """
@@ -82,6 +82,6 @@ def depthwise_conv2d(plan: Any, x: jax.Array, kernel: jax.Array, channel_axis: s
     ext = jnp.concatenate([from_above, x, from_below], axis=1)
     # The 'same' conv of the extended block; its first and last `pad` rows saw the zero padding
     # instead of the halo and are dropped.
-    return layers.depthwise_conv2d(ext, kernel)[:, pad:-pad]
+    return depthwise_conv.depthwise_conv2d(ext, kernel)[:, pad:-pad]
 
   return jax.shard_map(local, mesh=plan.mesh, in_specs=(x_spec, k_spec), out_specs=x_spec)(x, kernel)
