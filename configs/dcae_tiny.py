@@ -78,6 +78,7 @@ def get_config(arg=None):
   d.source = "shapes"
   d.resolution = 64
   d.num_workers = 0
+  d.max_image_megapixels = 89.0  # larger images are skipped and named; PIL's own limit, rounded down.
 
   # Sharding plan (README "Scaling"): all 1 is one device; e.g. --config.mesh.fsdp=8.
   c.mesh = parallel.mesh_config()

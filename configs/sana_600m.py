@@ -59,6 +59,7 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   c.data.source = "folder:"  # folder:/path/to/images (SANA trains on its own web-scale set).
   c.data.resolution = res
   c.data.num_workers = 10  # SANA yamls: num_workers 10.
+  c.data.max_image_megapixels = 89.0  # larger images are skipped and named; PIL's own limit, rounded down.
   c.data.latent_cache = 0  # images AE-encoded once before training (sanajax.data.latent_cache); 0: off.
   c.data.caption_clip_threshold = 25.0  # SANA `clip_thr`.
   c.data.caption_temperature = 0.1  # SANA `clip_thr_temperature`.

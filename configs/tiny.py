@@ -23,6 +23,9 @@ def get_config(arg=None):
   c.data.source = "shapes"  # or "folder:/path/to/images"
   c.data.resolution = 64
   c.data.num_workers = 0  # grain worker processes; 0 reads in the main process.
+  # A folder's images over this many megapixels (W x H / 1e6) are skipped and named; 89 is PIL's own
+  # decompression-bomb limit (89.5 MP, 256 MiB decoded) rounded down, so PIL's limit stays unchanged.
+  c.data.max_image_megapixels = 89.0
   # Images encoded once by the frozen AE before DiT training (sanajax.data.latent_cache; 0: encode
   # in every step). Measured on 2 cores: the AE encode was 0.11 s of a 0.35 s step at batch 32;
   # 20,000 images (5,600 x 32 = 9 epochs) take 26-47 s to encode once.

@@ -4,14 +4,17 @@ import io
 import json
 import logging
 import os
+import struct
+import zlib
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
 from sanajax.data.captions import caption_weights, pick_caption
 from sanajax.data.pipeline import make_train_iterator, stream_indices
-from sanajax.data.sources import FolderSource, make_source
+from sanajax.data.sources import FolderSource, make_source, make_source_from_config
 
 R = 32
 L = 16
@@ -235,6 +238,68 @@ def test_folder_iterator_skips_and_counts_undecodable(image_folder, caplog):
   assert it.skipped == sum(bad) and 3 <= it.skipped <= 6
   warned = " ".join(r.getMessage() for r in caplog.records)
   assert any(os.path.join(image_folder, b) in warned for b in BAD_FILES)
+
+
+def write_blank_png(path, width, height):
+  """Writes a valid 1-bit black PNG of width x height pixels, cheaply.
+
+  Only the file is small (~1 KB per 2 MB of rows): PIL would decode it at a byte a pixel, so
+  nothing here may load it whole. Used for a real over-the-limit image without 225 MB of pixels.
+  """
+  def chunk(kind, data):
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+  row = b"\0" * (1 + (width + 7) // 8)  # Filter byte 0, then 1 bit a pixel, all 0.
+  z = zlib.compressobj(9)
+  data = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+  with open(path, "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
+def test_image_over_the_default_pixel_limit_is_named_too_large(tmp_path, caplog, monkeypatch):
+  """A valid 225-megapixel PNG is not "truncated, empty or not an image"."""
+  write_blank_png(tmp_path / "huge.png", 15_000, 15_000)
+  with pytest.raises(Image.DecompressionBombError):
+    Image.open(tmp_path / "huge.png")  # PIL's own check refuses it...
+  with monkeypatch.context() as m:
+    m.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with Image.open(tmp_path / "huge.png") as img:  # ...though the file is a valid 225 MP PNG (CRCs checked).
+      assert img.size == (15_000, 15_000) and img.mode == "1"
+      img.verify()
+  _save(Image.new("RGB", (40, 40), (1, 2, 3)), str(tmp_path / "ok.png"))
+  src = FolderSource(str(tmp_path), R)
+  huge = src[src.files.index("huge.png")]
+  assert huge["image"] is None
+  assert huge["skip_reason"] == "larger than the 89-megapixel limit (config.data.max_image_megapixels)"
+  with caplog.at_level(logging.WARNING, logger="sanajax.data.pipeline"):
+    it = make_train_iterator(src, batch_size=2, seed=0, tokenize_fn=byte_tokenize)
+    next(it)
+  assert it.skipped >= 1
+  assert f"skipping image {tmp_path / 'huge.png'}: larger than the 89-megapixel limit" in caplog.text
+  assert "not an image" not in caplog.text
+
+
+def test_pixel_limit_from_the_config(tmp_path, monkeypatch):
+  _save(Image.new("RGB", (40, 48), (1, 2, 3)), str(tmp_path / "big.png"))  # 1,920 px
+  _save(Image.new("RGB", (20, 30), (4, 5, 6)), str(tmp_path / "small.png"))  # 600 px
+  data = ml_collections.ConfigDict({"source": f"folder:{tmp_path}", "resolution": R, "max_image_megapixels": 0.001})
+  src = make_source_from_config(data, seed=0)
+  big, small = src[src.files.index("big.png")], src[src.files.index("small.png")]
+  assert big["image"] is None and small["skip_reason"] == ""
+  assert big["skip_reason"] == "40x48 px, larger than the 0.001-megapixel limit (config.data.max_image_megapixels)"
+  np.testing.assert_array_equal(small["image"], np.broadcast_to([4, 5, 6], (R, R, 3)))
+  # A config.json written before the field existed: the default (89 MP) lets both through.
+  del data["max_image_megapixels"]
+  src = make_source_from_config(data, seed=0)
+  assert all(src[i]["image"] is not None for i in range(2))
+  # A limit above PIL's own one wins: PIL (here limited to 500 px, refusing above 1,000) must not refuse 1,920 px.
+  monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+  src = make_source(f"folder:{tmp_path}", R, 0, max_image_megapixels=0.004)
+  big = src[src.files.index("big.png")]
+  assert big["skip_reason"] == "" and big["image"] is not None and Image.MAX_IMAGE_PIXELS == 4000
+  for bad in (0, -1, float("nan"), float("inf"), "lots"):
+    with pytest.raises(ValueError, match="config.data.max_image_megapixels must be a finite number > 0"):
+      make_source(f"folder:{tmp_path}", R, 0, max_image_megapixels=bad)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,10 +1,14 @@
 """The latent cache: images encoded once, served through the same resumable pipeline."""
+import logging
+
 import numpy as np
 import pytest
+from PIL import Image
 from test_data_pipeline import FakeSource, R, byte_detokenize, byte_tokenize
 
 from sanajax.data.latent_cache import LatentSource, build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
+from sanajax.data.sources import FolderSource
 
 
 def toy_encode(images):
@@ -23,7 +27,7 @@ def test_cache_holds_encoded_good_images_in_order_and_counts_bad_ones():
     image = np.full((1, R, R, 3), i % 256, np.uint8).astype(np.float32) / 127.5 - 1.0
     np.testing.assert_array_equal(cache[j]["latent"], toy_encode(np.repeat(image, 8, 0))[0])
     assert cache[j]["captions"] == [f"a{i}", f"b{i}", f"low{i}"] and cache[j]["scores"] == [30.0, 29.0, 3.0]
-  assert "19 images" in lines[0] and "4 undecodable" in lines[0]
+  assert "19 images" in lines[0] and "4 skipped: /fake/3.png, /fake/8.png, /fake/13.png, ...)" in lines[0]
 
 
 def test_cache_size_and_process_shares():
@@ -59,6 +63,54 @@ def test_iterator_over_cache_yields_latents_resumes_and_counts_skipped():
     for k in x:
       np.testing.assert_array_equal(x[k], y[k])
   assert resumed.skipped == 4
+
+
+def _skip_warnings(caplog):
+  return [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping image")]
+
+
+def test_cache_names_skipped_images_as_the_iterator_does(tmp_path, caplog):
+  """With the cache on, each skipped file is named with its reason and counted, as without it."""
+  for i in range(4):
+    Image.new("RGB", (20, 30), (i, i, i)).save(tmp_path / f"ok{i}.png")
+  (tmp_path / "broken.png").write_bytes(b"not a png at all")
+  Image.new("RGB", (40, 48)).save(tmp_path / "big.png")  # 1,920 px, over a 0.001-megapixel limit
+  src = FolderSource(str(tmp_path), R, max_image_megapixels=0.001)
+  expected = [(f"skipping image {tmp_path / 'big.png'}: 40x48 px, larger than the 0.001-megapixel limit "
+               "(config.data.max_image_megapixels)"),
+              f"skipping image {tmp_path / 'broken.png'}: truncated, empty or not an image"]
+  # Without the cache: 8 good images span two epochs, so the iterator meets both files (once or twice).
+  with caplog.at_level(logging.WARNING, logger="sanajax.data.pipeline"):
+    it = make_train_iterator(src, batch_size=4, seed=0, tokenize_fn=byte_tokenize)
+    next(it), next(it)
+  warned = _skip_warnings(caplog)
+  assert sorted(set(warned)) == expected and it.skipped == len(warned) >= 2
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="sanajax.data.pipeline"):
+    cache = build_latent_cache(src, toy_encode, num_examples=100, batch_size=8, log=lambda _: None)
+    it = make_train_iterator(cache, batch_size=4, seed=0, tokenize_fn=byte_tokenize)
+    next(it)
+  assert sorted(_skip_warnings(caplog)) == expected and it.skipped == cache.skipped == 2
+  assert sorted(f"skipping image {p}: {why}" for p, why in cache.skipped_images) == expected
+
+
+def test_cache_caps_its_skip_warnings_and_lists_every_skipped_image(caplog):
+  with caplog.at_level(logging.WARNING, logger="sanajax.data.pipeline"):
+    cache = build_latent_cache(FakeSource(n=40), toy_encode, num_examples=100, batch_size=8, log=lambda _: None)
+  bad = [f"/fake/{i}.png" for i in range(40) if i % 5 == 3]
+  warned = _skip_warnings(caplog)
+  assert warned == [f"skipping image {p}: truncated, empty or not an image" for p in bad[:4]] + [
+      f"skipping image {bad[4]}: truncated, empty or not an image; further ones are only counted"]
+  assert cache.skipped == 8 and [p for p, _ in cache.skipped_images] == bad
+
+
+def test_cache_build_shows_a_progress_bar_on_process_0(capsys):
+  build_latent_cache(FakeSource(n=23), toy_encode, num_examples=100, batch_size=8, log=lambda _: None)
+  err = capsys.readouterr().err
+  assert "latent cache" in err and "23/23" in err
+  build_latent_cache(FakeSource(n=23), toy_encode, num_examples=100, batch_size=8, process_index=1, process_count=2,
+                     log=lambda _: None)
+  assert capsys.readouterr().err == ""
 
 
 def test_empty_cache_is_a_clear_error():

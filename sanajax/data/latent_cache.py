@@ -19,8 +19,10 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+from tqdm import tqdm
 
-from sanajax.data.pipeline import uint8_to_unit
+from sanajax.data.pipeline import SkipWarnings, uint8_to_unit
+from sanajax.data.sources import UNDECODABLE
 
 
 class LatentSource:
@@ -28,12 +30,13 @@ class LatentSource:
 
   Items: {"latent": float32 (h, w, c) raw AE latent, "captions": list[str], "scores": list[float],
   "path": where the image came from}. `skipped` counts the source's images that could not be
-  decoded while the cache was built (the train iterator starts its count there).
+  used (undecodable, too large) while the cache was built (the train iterator starts its count
+  there); `skipped_images` lists them as (path, reason).
   """
   field = "latent"
 
   def __init__(self, latents: np.ndarray, captions: list[list[str]], scores: list[list[float]],
-               where: list[str], skipped: int = 0):
+               where: list[str], skipped: int = 0, skipped_images: list[tuple[str, str]] | None = None):
     if not len(latents) == len(captions) == len(scores) == len(where):
       raise ValueError("LatentSource: latents, captions, scores and where must have one entry per example.")
     if len(latents) == 0:
@@ -43,6 +46,7 @@ class LatentSource:
     self.scores = scores
     self.where = where
     self.skipped = int(skipped)
+    self.skipped_images = list(skipped_images or [])
 
   def __len__(self) -> int:
     return len(self.latents)
@@ -66,7 +70,10 @@ def build_latent_cache(source, encode_fn: Callable[[np.ndarray], Any], num_examp
       hosts of a multi-host run cache disjoint shares.
     log: receives one line when the cache is done.
 
-  Undecodable images are skipped and counted (LatentSource.skipped), never cached.
+  Images the source cannot give (undecodable, too large) are never cached: named in warnings as the
+  train iterator names them (pipeline.SkipWarnings), counted (LatentSource.skipped, which the
+  iterator's `skipped` and so the `skipped_images` metric start from) and listed
+  (LatentSource.skipped_images). Process 0 shows a progress bar of the images read and encoded.
   """
   if num_examples < 1:
     raise ValueError(f"latent cache size must be >= 1, got {num_examples}.")
@@ -74,7 +81,10 @@ def build_latent_cache(source, encode_fn: Callable[[np.ndarray], Any], num_examp
   indices = range(process_index, min(int(num_examples), len(source)), process_count)
   latents, captions, scores, where = [], [], [], []
   pending: list[np.ndarray] = []
-  skipped = 0
+  skipped: list[tuple[str, str]] = []
+  warn = SkipWarnings()
+  bar = tqdm(total=len(indices), desc="latent cache", unit="image", dynamic_ncols=True,
+             disable=process_index != 0, mininterval=2.0)
 
   def flush():
     if pending:
@@ -83,20 +93,26 @@ def build_latent_cache(source, encode_fn: Callable[[np.ndarray], Any], num_examp
       pending.extend([pending[0]] * (batch_size - n))
       latents.append(np.asarray(encode_fn(uint8_to_unit(np.stack(pending))), np.float32)[:n])
       pending.clear()
+    # Counts the images read (encoded or skipped), so the bar ends at its total.
+    bar.update(len(where) + len(skipped) - bar.n)
 
-  for i in indices:
-    ex = source[i]
-    if ex["image"] is None:
-      skipped += 1
-      continue
-    pending.append(ex["image"])
-    captions.append(list(ex["captions"]))
-    scores.append(list(ex.get("scores") or []))
-    where.append(str(ex.get("path", f"index {i}")))
-    if len(pending) == batch_size:
-      flush()
-  flush()
-  cache = LatentSource(np.concatenate(latents) if latents else np.zeros((0,)), captions, scores, where, skipped)
+  with bar:
+    for i in indices:
+      ex = source[i]
+      if ex["image"] is None:
+        skipped.append((str(ex.get("path", f"index {i}")), ex.get("skip_reason") or UNDECODABLE))
+        warn(*skipped[-1])
+        continue
+      pending.append(ex["image"])
+      captions.append(list(ex["captions"]))
+      scores.append(list(ex.get("scores") or []))
+      where.append(str(ex.get("path", f"index {i}")))
+      if len(pending) == batch_size:
+        flush()
+    flush()
+  cache = LatentSource(np.concatenate(latents) if latents else np.zeros((0,)), captions, scores, where,
+                       len(skipped), skipped)
+  named = (": " + ", ".join(path for path, _ in skipped[:3]) + (", ..." if len(skipped) > 3 else "")) if skipped else ""
   log(f"Latent cache: {len(cache)} images encoded in {time.perf_counter() - start:.0f} s "
-      f"({cache.latents.nbytes / 2**20:.0f} MiB; {skipped} undecodable skipped).")
+      f"({cache.latents.nbytes / 2**20:.0f} MiB; {len(skipped)} skipped{named}).")
   return cache

@@ -21,6 +21,7 @@ import grain
 import numpy as np
 
 from sanajax.data.captions import pick_caption
+from sanajax.data.sources import UNDECODABLE
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,24 @@ _MAX_WARNINGS = 5
 # up to ~15 ms (n=4) — slower than decoding. Below this size an explicit per-epoch
 # permutation (<= 512 KB) is used instead.
 _SMALL_SHARD = 1 << 16
+
+
+class SkipWarnings:
+  """Names skipped images in warning lines: the first _MAX_WARNINGS of them, then only counts.
+
+  One per reader of a source (the train iterator, a latent-cache build), so that a skipped image
+  is reported alike whether or not the latents are cached.
+  """
+
+  def __init__(self):
+    self.warned = 0
+
+  def __call__(self, where: str, reason: str | None) -> None:
+    """where: the image's path (or "index i"); reason: why it was skipped (default UNDECODABLE)."""
+    if self.warned < _MAX_WARNINGS:
+      self.warned += 1
+      log.warning("skipping image %s: %s%s", where, reason or UNDECODABLE,
+                  "; further ones are only counted" if self.warned == _MAX_WARNINGS else "")
 
 
 class _EpochPermutation:
@@ -116,11 +135,12 @@ class _LoadExample:
       rng = np.random.default_rng([self.seed, idx, epoch, _CAPTION_RNG_SALT])
       caption = pick_caption(captions, ex.get("scores"), rng, self.threshold,
                              self.temperature)
-    return {"image": image, "caption": caption, "where": ex.get("path", f"index {idx}")}
+    return {"image": image, "caption": caption, "where": ex.get("path", f"index {idx}"),
+            "skip_reason": "" if image is not None else ex.get("skip_reason") or UNDECODABLE}
 
 
 class _DropUndecodable(grain.IterDataset):
-  """Drops examples whose image is None and records how many were dropped.
+  """Drops examples whose image is None, names them (SkipWarnings) and records how many were dropped.
 
   Each output example carries `skipped` = number of undecodable examples dropped just
   before it. The count travels with the data (not as a side effect in this process),
@@ -144,7 +164,7 @@ class _DropUndecodableIterator(grain.DatasetIterator):
   def __init__(self, parent: grain.DatasetIterator, shard_len: int):
     super().__init__(parent)
     self._shard_len = shard_len
-    self._warned = 0
+    self._warn = SkipWarnings()
 
   def __next__(self) -> dict[str, Any]:
     skipped = 0
@@ -154,11 +174,7 @@ class _DropUndecodableIterator(grain.DatasetIterator):
         return {"image": ex["image"], "caption": ex["caption"],
                 "skipped": np.int32(skipped)}
       skipped += 1
-      if self._warned < _MAX_WARNINGS:
-        self._warned += 1
-        log.warning("skipping undecodable image %s (truncated, empty or not an image)%s",
-                    ex["where"], "; further ones are only counted"
-                    if self._warned == _MAX_WARNINGS else "")
+      self._warn(ex["where"], ex["skip_reason"])
       # Generous on purpose: a legitimately bad-heavy folder must never stop a run, but
       # an all-bad source should fail instead of spinning forever.
       if skipped > 10 * self._shard_len + 1000:
@@ -181,7 +197,7 @@ class TrainIterator:
     latent:         float32 (B, h, w, c), the AE's raw latents;
     input_ids:      int32 (B, L);
     attention_mask: int32 (B, L).
-  `it.skipped` counts undecodable images dropped so far (restored by `set_state`);
+  `it.skipped` counts images dropped so far, undecodable or too large (restored by `set_state`);
   `it.last_captions` holds the B caption strings of the latest batch (for logging).
   """
 

@@ -4,7 +4,8 @@ A source is anything with `__len__` and `__getitem__(i) -> dict` holding
   image:    uint8 (R, R, 3) RGB, or None when the file cannot be decoded;
   captions: list[str], at least one ('' for an uncaptioned image);
   scores:   list[float], one CLIP score per caption, or [] when there are none;
-  path:     (optional) where the example came from, for warnings.
+  path:     (optional) where the example came from, for warnings;
+  skip_reason: (optional) why `image` is None, e.g. UNDECODABLE or too_large(...), for warnings.
 Grain's `MapDataset.source` reads it directly (see `pipeline.py`).
 """
 
@@ -22,6 +23,13 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTIONS_JSONL = "captions.jsonl"
+
+# The default of config.data.max_image_megapixels: PIL's own limit (Image.MAX_IMAGE_PIXELS =
+# 89,478,485 px, a 256 MiB RGB decode) rounded down, so by default PIL's process-wide limit stays
+# as it is and no image PIL would warn about is decoded. A 1024 px training crop needs ~1 MP.
+DEFAULT_MAX_IMAGE_MEGAPIXELS = 89.0
+# Why an image was skipped (an item's "skip_reason"), unless it is too_large(...).
+UNDECODABLE = "truncated, empty or not an image"
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,26 +79,57 @@ def resize_center_crop(img: Image.Image, resolution: int) -> Image.Image:
                     box=(left, top, left + side, top + side))
 
 
-def load_image(path: str, resolution: int) -> np.ndarray | None:
-  """Decodes an image file to uint8 (R, R, 3) RGB, or None when it cannot be decoded.
+def too_large(max_megapixels: float, size: tuple[int, int] | None = None) -> str:
+  """The skip reason of an image over the pixel limit; `size` (W, H) in pixels when known."""
+  prefix = f"{size[0]}x{size[1]} px, " if size else ""
+  return f"{prefix}larger than the {max_megapixels:g}-megapixel limit (config.data.max_image_megapixels)"
 
-  Truncated files, zero-byte files and non-images return None (the pipeline skips and
-  counts them) rather than raising mid-epoch.
+
+def _allow_pil_pixels(max_pixels: int) -> None:
+  """Raises PIL's process-wide decompression-bomb limit to at least `max_pixels`.
+
+  PIL warns above Image.MAX_IMAGE_PIXELS and refuses above twice that, in Image.open, before we
+  see the size; a config limit above PIL's must win, or images under it would still be refused.
+  Only ever raised (never lowered, never set when PIL's check is off), and set here rather than
+  once at start because grain's worker processes import a fresh PIL.
   """
+  current = Image.MAX_IMAGE_PIXELS
+  if current is not None and max_pixels > current:
+    Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def load_image(path: str, resolution: int, max_megapixels: float = DEFAULT_MAX_IMAGE_MEGAPIXELS
+               ) -> tuple[np.ndarray | None, str]:
+  """Decodes an image file to uint8 (R, R, 3) RGB, or says why it cannot be used.
+
+  Truncated files, zero-byte files, non-images and images over `max_megapixels` (W x H / 1e6,
+  checked from the header, before decoding) give None and the reason (the pipeline skips,
+  names and counts them) rather than raising mid-epoch.
+
+  Returns:
+    (image, "") or (None, reason): UNDECODABLE or too_large(...).
+  """
+  max_pixels = int(max_megapixels * 1e6)
+  _allow_pil_pixels(max_pixels)
   try:
     with Image.open(path) as img:
+      if img.size[0] * img.size[1] > max_pixels:
+        return None, too_large(max_megapixels, img.size)
       # JPEG only: let libjpeg decode at a reduced DCT scale that still leaves the
       # shorter side >= R; decoding a 4K JPEG for a 64 px crop is mostly wasted work.
       img.draft("RGB", (resolution, resolution))
       img.load()  # Force the full decode so a truncated file fails here, not later.
       img = ImageOps.exif_transpose(img)
       img = _to_rgb(img)
+  except Image.DecompressionBombError:
+    # Over twice PIL's limit, which _allow_pil_pixels keeps >= ours: over ours too.
+    return None, too_large(max_megapixels)
   except Exception as e:  # pylint: disable=broad-except
     # PIL's decoders raise a zoo of types on bad data (OSError, SyntaxError,
-    # ValueError, EOFError, struct.error, DecompressionBombError...).
+    # ValueError, EOFError, struct.error...).
     log.debug("cannot decode %s: %s: %s", path, type(e).__name__, e)
-    return None
-  return np.asarray(resize_center_crop(img, resolution), dtype=np.uint8)
+    return None, UNDECODABLE
+  return np.asarray(resize_center_crop(img, resolution), dtype=np.uint8), ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,11 +212,14 @@ class FolderSource:
   Args:
     path: folder to scan.
     resolution: R; images are resized (shorter side) and centre-cropped to R x R.
+    max_image_megapixels: images with more pixels (W x H / 1e6) are skipped, named as too large.
   """
 
-  def __init__(self, path: str, resolution: int):
+  def __init__(self, path: str, resolution: int,
+               max_image_megapixels: float = DEFAULT_MAX_IMAGE_MEGAPIXELS):
     self.path = os.path.abspath(os.path.expanduser(path))
     self.resolution = int(resolution)
+    self.max_image_megapixels = _check_megapixels(max_image_megapixels)
     if not os.path.isdir(self.path):
       raise FileNotFoundError(
           f"FolderSource: {self.path!r} is not a directory. Pass source='folder:PATH' "
@@ -233,14 +275,28 @@ class FolderSource:
     i = int(i)
     path = os.path.join(self.path, self.files[i])
     captions, scores = self.captions_for(i)
-    return {"image": load_image(path, self.resolution), "captions": captions,
-            "scores": scores, "path": path}
+    image, reason = load_image(path, self.resolution, self.max_image_megapixels)
+    return {"image": image, "captions": captions, "scores": scores, "path": path,
+            "skip_reason": reason}
 
   def __repr__(self) -> str:
     return f"FolderSource({self.path!r}, resolution={self.resolution}, n={len(self)})"
 
 
-def make_source(source: str, resolution: int, seed: int, split: str = "train"):
+def _check_megapixels(value) -> float:
+  """`config.data.max_image_megapixels` as a float > 0, or a ValueError naming the field."""
+  try:
+    number = float(value)
+  except (TypeError, ValueError):
+    number = float("nan")
+  if not 0 < number < float("inf"):
+    raise ValueError(f"config.data.max_image_megapixels must be a finite number > 0 (megapixels, W x H / 1e6), "
+                     f"got {value!r}; the default is {DEFAULT_MAX_IMAGE_MEGAPIXELS:g}.")
+  return number
+
+
+def make_source(source: str, resolution: int, seed: int, split: str = "train", *,
+                max_image_megapixels: float = DEFAULT_MAX_IMAGE_MEGAPIXELS):
   """Builds a source from its config string (`config.data.source`).
 
   Args:
@@ -249,6 +305,8 @@ def make_source(source: str, resolution: int, seed: int, split: str = "train"):
     seed: seed of procedural sources (ignored by folders).
     split: "train" or an eval split; procedural sources draw disjoint examples per
       split. A folder has no splits: point another `folder:` at the eval images.
+    max_image_megapixels: a folder's images over this many megapixels are skipped and named
+      (`config.data.max_image_megapixels`).
   """
   if not isinstance(source, str):
     raise ValueError(f"data source must be a string, got {source!r} "
@@ -260,7 +318,16 @@ def make_source(source: str, resolution: int, seed: int, split: str = "train"):
     path = source[len("folder:"):]
     if not path:
       raise ValueError("data source 'folder:' has no path; write 'folder:/path/to/images'.")
-    return FolderSource(path, resolution)
+    return FolderSource(path, resolution, max_image_megapixels)
   raise ValueError(f"unknown data source {source!r}. Accepted forms: 'shapes' (procedural "
                    "shapes set) or 'folder:PATH' (images under PATH with sidecar .txt or "
                    "captions.jsonl captions).")
+
+
+def make_source_from_config(data, seed: int, split: str = "train"):
+  """make_source from a config's `data` section (source, resolution, max_image_megapixels).
+
+  A field missing from an older workdir's config.json takes its default.
+  """
+  return make_source(data.source, data.resolution, seed, split,
+                     max_image_megapixels=data.get("max_image_megapixels", DEFAULT_MAX_IMAGE_MEGAPIXELS))
