@@ -1,6 +1,6 @@
 """Can the teacher's architecture draw in ONE pass? A regression probe for Sprint's 1-step target.
 
-    python -m sanajax.eval.one_step_probe --teacher_workdir=workdirs/tiny [--pairs=20000] [--steps=3000]
+    python -m experiments.one_step_probe --teacher_workdir=workdirs/tiny [--pairs=20000] [--steps=3000]
 
 Not a distillation method of SANA-Sprint: a measurement of what a one-pass generator of the
 teacher's size can reach on shapes, to tell a capacity limit from an optimisation one when a Sprint
@@ -27,6 +27,14 @@ import ml_collections
 import numpy as np
 import optax
 
+from sanajax.cli import quiet_library_logs
+from sanajax.data.pipeline import make_train_iterator
+from sanajax.data.shapes import eval_prompt_set
+from sanajax.data.sources import make_source_from_config
+from sanajax.eval import geneval_lite
+from sanajax.generation import Generator
+from sanajax.training.optim import build_optimizer
+
 TEACHER_SAMPLER, TEACHER_STEPS, CFG = "flow_dpm", 20, 4.5
 
 
@@ -34,15 +42,13 @@ def teacher_pairs(generator, num_pairs: int, *, batch: int = 500, seed: int = 12
   """{"z", "x0", "input_ids", "attention_mask"}: num_pairs (rounded up to whole batches) noise /
   teacher-sample latent pairs (N, h, w, C) float32 and the tokenized training captions they were
   drawn for (the shapes train split, shuffled with `seed`)."""
-  from sanajax.data.pipeline import make_train_iterator
-  from sanajax.data.sources import make_source
   g, c = generator, generator.config
   # Generator.latents_fn: the noise and the teacher's sample of it, before the AE decoder.
   draw = jax.jit(lambda key, ids, mask: g.latents_fn(g.dit_params, g.text_params, key, ids, mask, TEACHER_SAMPLER,
                                                      TEACHER_STEPS, jnp.float32(CFG), g.cfg_interval))
 
   batch = min(batch, num_pairs)
-  data = make_train_iterator(make_source(c.data.source, c.data.resolution, seed), batch_size=batch, seed=seed,
+  data = make_train_iterator(make_source_from_config(c.data, seed), batch_size=batch, seed=seed,
                              tokenize_fn=g.text.tokenize)
   out = {"z": [], "x0": [], "input_ids": [], "attention_mask": []}
   for i in range(-(-num_pairs // batch)):
@@ -58,7 +64,6 @@ def regress(generator, pairs: dict, *, steps: int, learning_rate: float, batch: 
             log_every: int = 250):
   """The teacher's weights regressed at t = 1 onto v = z - x0 (Muon, cosine); returns (params, losses),
   losses the batch MSE at every step (float32 numpy)."""
-  from sanajax.training.optim import build_optimizer
   g = generator
   train = ml_collections.ConfigDict(dict(optimizer="muon", learning_rate=learning_rate,
                                          warmup_steps=min(50, steps // 10), schedule="cosine", grad_clip=1.0))
@@ -92,9 +97,6 @@ def regress(generator, pairs: dict, *, steps: int, learning_rate: float, batch: 
 
 def run(teacher_workdir: str, out: str, *, num_pairs: int, steps: int, learning_rate: float,
         num_prompts: int | None = None) -> dict:
-  from sanajax.data.shapes import eval_prompt_set
-  from sanajax.eval import geneval_lite
-  from sanajax.generation import Generator
   g = Generator.from_workdir(teacher_workdir)
   start = time.perf_counter()
   pairs = teacher_pairs(g, num_pairs)
@@ -128,7 +130,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=3000, help="Regression steps (batch 64).")
   parser.add_argument("--learning_rate", type=float, default=1e-3)
   args = parser.parse_args(argv)
-  from sanajax.training.setup import quiet_library_logs
   quiet_library_logs()
   run(args.teacher_workdir, args.out or args.teacher_workdir, num_pairs=args.pairs, steps=args.steps,
       learning_rate=args.learning_rate)

@@ -1,6 +1,6 @@
 """The SANA-Sprint ablation on shapes: sCM only, LADD only, sCM + LADD, against their teacher.
 
-    python -m sanajax.eval.sprint_ablation --teacher_workdir=workdirs/tiny_c8 --out=workdirs/sprint_ablation \
+    python -m experiments.sprint_ablation --teacher_workdir=workdirs/tiny_c8 --out=workdirs/sprint_ablation \
         [--steps=1500] [--num_fid=2000] [--set distill.some_field=value ...]
 
 1. Three distillations (sanajax.training.sprint.distill, each in OUT/<variant>/, resumable: a killed
@@ -33,8 +33,19 @@ import sys
 import time
 from typing import Sequence
 
-import ml_collections
 import numpy as np
+from PIL import Image
+
+from sanajax.cli import quiet_library_logs
+from sanajax.data import shapes
+from sanajax.data.sources import make_source
+from sanajax.eval import fid_lite, geneval_lite
+from sanajax.generation import Generator, make_grid
+from sanajax.training.sprint import distill
+from sanajax.training.sprint_config import check_teacher, student_config
+from sanajax.workdir.checkpoint import latest_workdir_step
+from sanajax.workdir.files import ae_workdir
+from sanajax.workdir.loaders import load_ae, load_dit_params
 
 # (name, overrides): the paper's ablation (Sprint Table: sCM only / LADD only / both).
 VARIANTS = (
@@ -44,69 +55,6 @@ VARIANTS = (
 )
 STUDENT_STEPS = (1, 2, 4)
 TEACHER_SAMPLER, TEACHER_STEPS, CFG = "flow_dpm", 20, 4.5
-# Sections of the teacher's config.json a student must share (sprint.check_student_config).
-TEACHER_SECTIONS = ("text", "ae", "diffusion")
-
-
-def check_teacher(teacher_workdir: str) -> ml_collections.ConfigDict:
-  """The teacher's config; SystemExit with what is wrong for a directory that is not a trained run."""
-  from sanajax.workdir.checkpoint import latest_workdir_step
-  from sanajax.workdir.files import load_workdir_config
-  try:
-    config = load_workdir_config(teacher_workdir)
-  except FileNotFoundError as e:
-    raise SystemExit(f"--teacher_workdir: {e}") from None
-  ckpt_dir = os.path.join(teacher_workdir, "checkpoints")
-  if latest_workdir_step(teacher_workdir) is None:
-    raise SystemExit(f"--teacher_workdir: no checkpoint under {ckpt_dir}; train the teacher first "
-                     f"(python -m sanajax.train --workdir={teacher_workdir}).")
-  if config.get("model", {}).get("guidance_embeds", False):
-    raise SystemExit(f"--teacher_workdir: {teacher_workdir} is a Sprint student (guidance_embeds), not a teacher.")
-  return config
-
-
-def spread_blocks(depth: int, n: int) -> tuple[int, ...]:
-  """n block indices spread over [0, depth), the last block included (the reference taps 2, 8, 14,
-  19 of 20; configs/sprint_tiny.py 0, 2, 3 of 4)."""
-  n = max(1, min(n, depth))
-  return tuple(sorted({int(round(depth - 1 - i * depth / n)) for i in range(n)}))
-
-
-def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: str, num_steps: int | None,
-                   overrides: dict) -> ml_collections.ConfigDict:
-  """configs/sprint_tiny.py with the teacher's architecture / text / data / AE, then `overrides`;
-  num_steps None keeps the config's train.num_steps."""
-  from sanajax import config_utils
-  from sanajax.training.sprint import SPRINT_MODEL_FIELDS
-  from sanajax.workdir.files import ae_workdir
-  config = config_utils.load_config("sprint_tiny")
-  teacher = ml_collections.ConfigDict(teacher_config.to_dict())
-  model = teacher.model
-  # The Sprint options stay the student config's; q/k norms follow the teacher (a phase-1 teacher
-  # has them), unless --set changes them.
-  for field in SPRINT_MODEL_FIELDS:
-    if field in config.model and field != "qk_norm":
-      model[field] = config.model[field]
-  config.model = model
-  for section in TEACHER_SECTIONS:
-    config[section] = teacher[section]
-  config.ae.workdir = os.path.abspath(ae_workdir(teacher_config, teacher_workdir))
-  config.data.source = teacher.data.source
-  config.data.resolution = teacher.data.resolution
-  config.seed = teacher.get("seed", config.seed)
-  config.eval.num_prompts = teacher.eval.num_prompts
-  config.teacher_workdir = os.path.abspath(teacher_workdir)
-  if num_steps is not None:
-    config.train.num_steps = int(num_steps)
-  config.train.checkpoint_every = min(config.train.checkpoint_every, int(config.train.num_steps))
-  ids = tuple(config.distill.head_block_ids)
-  if max(ids) >= model.depth:  # A shallower teacher than configs/tiny.py's 4 blocks.
-    config.distill.head_block_ids = spread_blocks(model.depth, len(ids))
-  for key, value in overrides.items():
-    config_utils.set_field(config, key, value)
-  return config
-
-
 def parse_sets(items: Sequence[str]) -> dict:
   """["a.b=1e-4", "c=(0, 1)"] -> {"a.b": 1e-4, "c": (0, 1)} (Python literals, else strings)."""
   out = {}
@@ -123,8 +71,6 @@ def parse_sets(items: Sequence[str]) -> dict:
 
 def run_distillation(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Distils (or resumes, or skips a finished run); returns {"distill_seconds", "steps"} summed over calls."""
-  from sanajax.training.sprint import distill
-  from sanajax.workdir.checkpoint import latest_workdir_step
   timing_path = os.path.join(workdir, "ablation_timing.json")
   timing = {"distill_seconds": 0.0, "steps": 0}
   if os.path.exists(timing_path):
@@ -134,7 +80,7 @@ def run_distillation(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if done >= config.train.num_steps:
     return timing
   start = time.perf_counter()
-  distill(config, workdir, run_eval=False)
+  distill(config, workdir)
   timing["distill_seconds"] += time.perf_counter() - start
   timing["steps"] = int(config.train.num_steps)
   with open(timing_path, "w") as f:
@@ -144,7 +90,6 @@ def run_distillation(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def fid_set(source: str, resolution: int, num: int, seed: int) -> tuple[list[str], np.ndarray]:
   """Captions and uint8 images of the first `num` held-out scenes (split "eval", never trained on)."""
-  from sanajax.data.sources import make_source
   src = make_source(source, resolution, seed, split="eval")
   captions, images = [], []
   for i in range(num):
@@ -157,10 +102,6 @@ def fid_set(source: str, resolution: int, num: int, seed: int) -> tuple[list[str
 def evaluate_row(generator, *, sampler: str, steps: int, seed: int, eval_set, fid_captions, real_features,
                  ae_model, ae_params, grid_path: str) -> dict:
   """GenEval-lite and FID-lite of one (model, sampler, steps) from one sampling pass."""
-  from PIL import Image
-
-  from sanajax.eval import fid_lite, geneval_lite
-  from sanajax.generation import make_grid
   prompts = [p for p, _ in eval_set]
   start = time.perf_counter()
   images = generator.generate(prompts + list(fid_captions), sampler=sampler, steps=steps, cfg=CFG, seed=seed)
@@ -182,12 +123,10 @@ def run(teacher_workdir: str, out: str, *, steps: int | None = None, num_fid: in
   num_prompts: GenEval-lite prompts per row (None: the teacher's eval.num_prompts, its final-eval set;
   more give a tighter estimate, e.g. 960: +-0.015 instead of +-0.03 at a score of 0.6).
   """
-  from sanajax.data import shapes
-  from sanajax.eval import fid_lite
-  from sanajax.workdir.checkpoint import latest_workdir_step
-  from sanajax.workdir.files import ae_workdir
-  from sanajax.workdir.loaders import load_ae
-  teacher_config = check_teacher(teacher_workdir)
+  try:
+    teacher_config = check_teacher(teacher_workdir)
+  except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"--teacher_workdir: {e}") from None
   if not teacher_config.data.source.startswith("shapes"):
     raise SystemExit(f"GenEval-lite needs the shapes data; the teacher trained on {teacher_config.data.source!r}.")
   if num_fid < 2:
@@ -255,20 +194,11 @@ def load_generator(generators: dict, kind: str, workdir: str):
   """The Generator of `workdir`'s EMA weights. All students share one architecture, so they share one
   Generator (its jitted sampling is compiled once per step count, not once per student): the
   weights are swapped in."""
-  import jax
-
-  from sanajax.generation import Generator
-  from sanajax.workdir.checkpoint import Checkpointer
-  from sanajax.workdir.files import load_workdir_config
-  from sanajax.workdir.loaders import init_dit_params
   if kind not in generators:
     generators[kind] = Generator.from_workdir(workdir)
     return generators[kind]
   generator = generators[kind]
-  config = load_workdir_config(workdir)
-  abstract = jax.eval_shape(lambda: init_dit_params(config, jax.random.PRNGKey(0)))
-  generator.dit_params = Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).restore_params(
-      abstract, ema=True)
+  generator.dit_params = generator.plan.place(load_dit_params(workdir, ema=True))
   return generator
 
 
@@ -313,7 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
   unknown = set(variants) - {n for n, _ in VARIANTS}
   if unknown:
     raise SystemExit(f"--variants: unknown {sorted(unknown)}; choose from {[n for n, _ in VARIANTS]}.")
-  from sanajax.training.setup import quiet_library_logs
   quiet_library_logs()
   run(args.teacher_workdir, args.out, steps=args.steps, num_fid=args.num_fid, overrides=parse_sets(args.set),
       variants=variants, num_prompts=args.num_prompts)

@@ -4,7 +4,6 @@ Used by `python -m sanajax.sample`, by training's final evaluation and by notebo
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -15,6 +14,7 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from PIL import Image
+from tqdm import tqdm
 
 from sanajax.diffusion import samplers
 from sanajax.models.dcae_tiling import decode_latents
@@ -79,9 +79,9 @@ def sample_latents(apply_fn, guidance_embeds: bool, noise: jax.Array, context: j
 class Generator:
   """Prompts -> images with a DiT, a text encoder and an AE; all sampling is one jitted call per batch.
 
-  plan (sanajax.parallel.Plan, optional): the DiT, AE and text-encoder parameters are split by
-  its logical-axis rules (Plan.place), each batch of prompts over data x fsdp, and the sampling
-  call is jitted with those in/out shardings and traced under the plan (block-boundary
+  plan (sanajax.parallel.Plan; default one device): the DiT, AE and text-encoder parameters are
+  split by its logical-axis rules (Plan.place), each batch of prompts over data x fsdp, and the
+  sampling call is jitted with those in/out shardings and traced under the plan (block-boundary
   constraints, sequence-parallel layers). Images equal the single-device ones (the noise is
   drawn with the partitionable threefry, whatever the layout).
   """
@@ -89,23 +89,19 @@ class Generator:
   def __init__(self, config: ml_collections.ConfigDict, dit_params, ae_model, ae_params, ae_scaling: float,
                text_encoder: TextEncoder, ae_downsample: int, *, plan: Plan | None = None):
     self.config = config
-    self.plan = plan
+    self.plan = plan = plan or Plan.single_device()
     # Optional guidance interval of the flow samplers (config.sample.cfg_interval; absent or None:
     # guidance at every step). May be changed between calls: it is a static argument of the jit.
     self.cfg_interval = config.get("sample", {}).get("cfg_interval")
     self.dit = build_dit(config.model)
     self.text = text_encoder
-    text_params = text_encoder.params
-    if plan is not None:
-      dit_params = plan.place(dit_params)
-      placed = place_frozen(plan, {"ae": ae_params, "text": text_params}, text_encoder)
-      ae_params, text_params = placed["ae"], placed["text"]
-    self.dit_params, self.text_params = dit_params, text_params
-    self.ae_model, self.ae_params, self.ae_scaling = ae_model, ae_params, ae_scaling
+    placed = place_frozen(plan, {"ae": ae_params, "text": text_encoder.params}, text_encoder)
+    self.dit_params, self.text_params = plan.place(dit_params), placed["text"]
+    self.ae_model, self.ae_params, self.ae_scaling = ae_model, placed["ae"], ae_scaling
     self.latent_shape = latent_shape(config, ae_downsample)
     null_ids, null_mask = self.text.tokenize([""])
     self._null = (jnp.asarray(null_ids), jnp.asarray(null_mask))
-    self._sharded_fns = {}
+    self._jitted = {}
 
   @property
   def cfg_interval(self) -> tuple[float, float] | None:
@@ -132,10 +128,9 @@ class Generator:
     null_mask = jnp.broadcast_to(self._null[1], mask.shape)
     null_context = self.text.embed(text_params, null_ids, null_mask)
     noise = jax.random.normal(key, (ids.shape[0], *self.latent_shape), jnp.float32)
-    if self.plan is not None:
-      noise = jax.lax.with_sharding_constraint(noise, self.plan.batch_sharding(noise.ndim))
+    noise = jax.lax.with_sharding_constraint(noise, self.plan.batch_sharding(noise.ndim))
     apply_fn = functools.partial(self.dit.apply, {"params": dit_params})
-    with self.plan.activate() if self.plan is not None else contextlib.nullcontext():
+    with self.plan.activate():
       latents = sample_latents(apply_fn, self.dit.guidance_embeds, noise, context, mask, null_context, null_mask,
                                sampler=sampler, steps=steps, cfg=cfg, shift=self.config.diffusion.flow_shift,
                                key=jax.random.fold_in(key, 1), cfg_interval=cfg_interval)
@@ -149,19 +144,12 @@ class Generator:
     images = decode_latents(self.ae_model, ae_params, latents / self.ae_scaling, self.config.ae)
     return jnp.clip(images, -1.0, 1.0)
 
-  @functools.partial(jax.jit, static_argnums=(0, 7, 8, 10))
-  def _sample(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
-              cfg_interval: tuple[float, float] | None):
-    return self._sample_fn(dit_params, ae_params, text_params, key, ids, mask, sampler, steps, cfg, cfg_interval)
-
   def sample_batch(self, ids, mask, key: jax.Array, *, sampler: str, steps: int, cfg: float) -> jax.Array:
-    """Float images (B, R, R, 3) in [-1, 1] for tokenized prompts (B, L); with a plan B must be a
-    multiple of its batch shards and the images come back split over data x fsdp."""
+    """Float images (B, R, R, 3) in [-1, 1] for tokenized prompts (B, L); B must be a multiple of the
+    plan's batch shards and the images come back split over data x fsdp. One compiled program per
+    (sampler, steps, cfg interval), jitted with the plan's shardings."""
     interval = self.cfg_interval
-    if self.plan is None:
-      return self._sample(self.dit_params, self.ae_params, self.text_params, key, jnp.asarray(ids),
-                          jnp.asarray(mask), sampler, int(steps), jnp.float32(cfg), interval)
-    fn = self._sharded_fns.get((sampler, int(steps), interval))
+    fn = self._jitted.get((sampler, int(steps), interval))
     if fn is None:
       layout = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
       rep, batch2 = self.plan.replicated, self.plan.batch_sharding(2)
@@ -169,34 +157,37 @@ class Generator:
                    in_shardings=(layout(self.dit_params), layout(self.ae_params), layout(self.text_params), rep,
                                  batch2, batch2, rep),
                    out_shardings=self.plan.batch_sharding(4))
-      self._sharded_fns[(sampler, int(steps), interval)] = fn
+      self._jitted[(sampler, int(steps), interval)] = fn
     batch = self.plan.shard_global_batch({"ids": ids, "mask": mask})
     key = self.plan.replicate(key)
     return fn(self.dit_params, self.ae_params, self.text_params, key, batch["ids"], batch["mask"],
               self.plan.replicate(np.float32(cfg)))
 
   def generate(self, prompts: list[str], *, sampler: str = "flow_dpm", steps: int = 20, cfg: float = 4.5,
-               seed: int = 0, batch_size: int = 64) -> np.ndarray:
+               seed: int = 0, batch_size: int = 64, progress: str | None = None) -> np.ndarray:
     """uint8 images (N, R, R, 3), one per prompt; the noise of prompt i depends only on (seed, i).
 
     sampler: "flow_dpm" | "flow_euler" | "scm" (SANA-Sprint, steps 1-4). cfg: the CFG scale; for a
     model with guidance_embeds (a Sprint student) it is the model's guidance input (Sprint: 4.5)
-    and no unconditional batch is run.
+    and no unconditional batch is run. progress: a progress-bar label (None: no bar).
     """
     if sampler not in samplers.SAMPLERS:
       raise ValueError(f"Unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}.")
     out = []
+    bar = tqdm(total=len(prompts), desc=progress, unit="image", disable=progress is None or jax.process_index() != 0,
+               dynamic_ncols=True, mininterval=2.0)
     for start in range(0, len(prompts), batch_size):
       chunk = prompts[start:start + batch_size]
       pad = batch_size - len(chunk) if len(prompts) > batch_size else 0  # one compiled shape per run.
-      if self.plan is not None:  # The batch splits over data x fsdp (padding leaves the noise of row i as is).
-        pad += -(len(chunk) + pad) % self.plan.batch_shards()
+      pad += -(len(chunk) + pad) % self.plan.batch_shards()  # splits over data x fsdp; row i's noise is kept
       ids, mask = self.text.tokenize(chunk + [""] * pad)
       key = jax.random.fold_in(jax.random.PRNGKey(seed), start)
       images = self.sample_batch(ids, mask, key, sampler=sampler, steps=steps, cfg=cfg)
       if not images.is_fully_addressable:  # Multi-host: every process gets all images.
         images = multihost_utils.process_allgather(images, tiled=True)
       out.append(to_uint8(images)[:len(chunk)])
+      bar.update(len(chunk))
+    bar.close()
     return np.concatenate(out)
 
   def __hash__(self):  # jit's static self: identity hashing.

@@ -184,8 +184,8 @@ def test_generator_decodes_in_tiles_above_the_tile_size(monkeypatch):
   gen = Generator(cfg, None, model, ae_params, 1.0, text, ae_downsample(cfg))
   dit_params = jax.eval_shape(lambda: init_dit_params(cfg, jax.random.PRNGKey(0)))
   ids, mask = text.tokenize(["a red circle"])
-  out = jax.eval_shape(lambda d, a, t: Generator._sample.__wrapped__(
-      gen, d, a, t, jax.random.PRNGKey(0), jnp.asarray(ids), jnp.asarray(mask), "flow_euler", 2, 4.5, None),
+  out = jax.eval_shape(lambda d, a, t: gen._sample_fn(
+      d, a, t, jax.random.PRNGKey(0), jnp.asarray(ids), jnp.asarray(mask), "flow_euler", 2, 4.5, None),
       dit_params, ae_params, text.params)
   assert out.shape == (1, 64, 64, 3)
   assert calls == [((1, 8, 8, cfg.ae.latent_channels), {"tile": 32, "stride": 24})]

@@ -18,7 +18,7 @@ from xla_env import full_optimisation_env  # tests/xla_env.py (tests/ is on sys.
 from sanajax import config_utils
 from sanajax.data import shapes
 from sanajax.diffusion import flow
-from sanajax.eval import geneval_lite
+from sanajax.eval import after_training, geneval_lite
 from sanajax.eval.restoration import restoration_score
 from sanajax.generation import Generator
 from sanajax.training import dit
@@ -97,7 +97,7 @@ def conditioning_ratio(generator, num_prompts=96, repeats=8):
 def measure_short_run(workdir: str) -> dict:
   """Trains the short run in workdir and measures everything the tests below assert on."""
   config = config_utils.load_config("configs/tiny.py", overrides=SHORT_RUN)
-  result = dit.train(config, workdir)
+  result = dit.train(config, workdir, evaluate=after_training.evaluate_dit_run)
   losses = [row["loss"] for row in read_metrics(workdir)]
   prompts = [p for p, c in shapes.eval_prompt_set(288, seed=1) if c in ("single", "colors")][:48]
   generator = Generator.from_workdir(workdir)

@@ -121,8 +121,6 @@ def distill_run(mesh: dict, data):
   config, teacher = configs(**mesh)
   ae, ae_params, text, teacher_params = parts()
   distiller, frozen, state = sprint.build_distiller(config, teacher, teacher_params, ae, ae_params, 1.0, text)
-  if distiller.plan is None:
-    state = jax.device_put(state, jax.devices()[0])
   step = distiller.make_step(frozen, state)
   metrics = []
   for b in data:
@@ -146,7 +144,7 @@ def case_sprint() -> None:
   data = batches(2)
   _, _, ref_state, ref_metrics = distill_run({}, data)
   distiller, frozen, state, metrics = distill_run(SPRINT_MESH, data)
-  assert distiller.plan is not None and distiller.plan.batch_shards() == 4
+  assert distiller.plan.batch_shards() == 4
   print("metrics:", {k: float(v) for k, v in metrics[-1].items()}, flush=True)
   errors = {}
   for name in ("loss", "scm_loss", "adv_loss", "d_loss", "grad_norm", "d_grad_norm"):

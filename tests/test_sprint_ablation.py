@@ -1,4 +1,4 @@
-"""sanajax.eval.sprint_ablation: the three distillations, the evaluation table, resume, bad teacher dirs."""
+"""experiments.sprint_ablation: the three distillations, the evaluation table, resume, bad teacher dirs."""
 import json
 import math
 import os
@@ -10,10 +10,10 @@ from small_configs import (
   SMALLEST_MODEL,  # tests/small_configs.py (tests/ is on sys.path)
 )
 
+from experiments import sprint_ablation
 from sanajax import config_utils
-from sanajax.eval import sprint_ablation
 from sanajax.training import dit as train_lib
-from sanajax.training import sprint
+from sanajax.training import sprint, sprint_config
 from sanajax.training.optim import build_optimizer
 from sanajax.workdir.loaders import build_text_encoder, init_dit_params, load_ae
 
@@ -32,7 +32,7 @@ def teacher_dir(tmp_path_factory):
       **SMALL, "ae.workdir": str(d / "ae"), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
       "ae_train.log_every": 1, "train.num_steps": 2, "train.log_every": 1, "train.checkpoint_every": 2,
       "train.warmup_steps": 1, "eval.num_prompts": 6})
-  train_lib.train(config, str(d), run_eval=False)
+  train_lib.train(config, str(d))
   return d
 
 
@@ -40,10 +40,10 @@ def test_sprint_tiny_taps_the_default_teachers_blocks_like_the_reference():
   # The reference taps blocks 2, 8, 14, 19 of 20 (spread over the depth, the last block included);
   # configs/sprint_tiny.py does the same over configs/tiny.py's depth, as spread_blocks does for
   # other teachers (6 blocks: 1, 3, 5), so a change of the default's depth must update it.
-  assert sprint_ablation.spread_blocks(6, 3) == (1, 3, 5)
+  assert sprint_config.spread_blocks(6, 3) == (1, 3, 5)
   depth = config_utils.load_config("configs/tiny.py").model.depth
   ids = tuple(config_utils.load_config("configs/sprint_tiny.py").distill.head_block_ids)
-  assert ids == sprint_ablation.spread_blocks(depth, 3) and max(ids) == depth - 1, (ids, depth)
+  assert ids == sprint_config.spread_blocks(depth, 3) and max(ids) == depth - 1, (ids, depth)
 
 
 def test_bad_teacher_dir_is_a_clear_error(tmp_path):
@@ -68,10 +68,10 @@ def test_variants_skip_the_work_they_do_not_need(teacher_dir, monkeypatch):
       calls[_name] += 1
       return _original(self, *a, **k)
     monkeypatch.setattr(sprint.SprintDistiller, name, counted)
-  teacher_config = sprint_ablation.check_teacher(str(teacher_dir))
+  teacher_config = sprint_config.check_teacher(str(teacher_dir))
   ae_model, ae_params, ae_scaling, _ = load_ae(str(teacher_dir / "ae"))
   for variant, overrides in sprint_ablation.VARIANTS:
-    config = sprint_ablation.student_config(teacher_config, str(teacher_dir), 1,
+    config = sprint_config.student_config(teacher_config, str(teacher_dir), 1,
                                             {**overrides, "train.batch_size": 4})
     text = build_text_encoder(config)
     tx, schedule = build_optimizer(config.train, 1)

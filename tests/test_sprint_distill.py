@@ -33,7 +33,7 @@ def teacher_dir(tmp_path_factory):
       **SMALL, "ae.workdir": str(d / "ae"), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
       "ae_train.log_every": 1, "train.num_steps": 4, "train.log_every": 2, "train.checkpoint_every": 4,
       "train.warmup_steps": 1, "eval.num_prompts": 0, "sample.cfg_interval": (0.5, 1.0)})
-  train_lib.train(config, str(d), run_eval=False)
+  train_lib.train(config, str(d))
   return d
 
 
@@ -234,16 +234,15 @@ def test_phase_1_fine_tune_starts_from_a_teacher_without_qk_norm(teacher_dir):
   import flax.linen as nn
   from flax import traverse_util
 
-  from sanajax import convert
   from sanajax.workdir.files import load_workdir_config
-  from sanajax.workdir.loaders import init_dit_params
+  from sanajax.workdir.loaders import init_dit_params, init_params_from
   teacher_config = load_workdir_config(str(teacher_dir))
   _, teacher = sprint.load_teacher(str(teacher_dir))
   teacher = traverse_util.flatten_dict(nn.unbox(teacher), sep="/")
   config = load_workdir_config(str(teacher_dir))
   config.model.qk_norm = True
   like = init_dit_params(config, jax.random.PRNGKey(5))
-  got = traverse_util.flatten_dict(nn.unbox(convert.init_params_from(str(teacher_dir), like)), sep="/")
+  got = traverse_util.flatten_dict(nn.unbox(init_params_from(str(teacher_dir), like)), sep="/")
   new = sorted(set(got) - set(teacher))
   assert new and all("norm_q" in k or "norm_k" in k for k in new), new
   for k in new:
@@ -253,12 +252,12 @@ def test_phase_1_fine_tune_starts_from_a_teacher_without_qk_norm(teacher_dir):
   assert teacher_config.model.qk_norm is False
   config.model.hidden_size *= 2
   with pytest.raises(ValueError, match="shape"):
-    convert.init_params_from(str(teacher_dir), init_dit_params(config, jax.random.PRNGKey(5)))
+    init_params_from(str(teacher_dir), init_dit_params(config, jax.random.PRNGKey(5)))
 
 
 def test_killed_distillation_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
   config = sprint_config(teacher_dir)
-  sprint.distill(config, str(tmp_path / "straight"), run_eval=False)
+  sprint.distill(config, str(tmp_path / "straight"))
 
   real_iterator = sprint.make_train_iterator
   count = {"n": 0}
@@ -283,10 +282,10 @@ def test_killed_distillation_resumes_exactly(teacher_dir, tmp_path, monkeypatch)
 
   monkeypatch.setattr(sprint, "make_train_iterator", dying_iterator)
   with pytest.raises(Killed):
-    sprint.distill(sprint_config(teacher_dir), str(tmp_path / "killed"), run_eval=False)
+    sprint.distill(sprint_config(teacher_dir), str(tmp_path / "killed"))
   monkeypatch.setattr(sprint, "make_train_iterator", real_iterator)
   assert Checkpointer(str(tmp_path / "killed" / "checkpoints"), read_only=True).latest_step() == 2
-  sprint.distill(sprint_config(teacher_dir), str(tmp_path / "killed"), run_eval=False)
+  sprint.distill(sprint_config(teacher_dir), str(tmp_path / "killed"))
 
   _, _, _, abstract = sprint.setup(sprint_config(teacher_dir), str(tmp_path / "abstract"))
   a, _ = Checkpointer(str(tmp_path / "straight" / "checkpoints"), read_only=True).restore(abstract)
@@ -350,9 +349,9 @@ def test_frechet_distance_on_known_gaussians_and_ae_features(teacher_dir):
 
 
 def test_one_step_probe_regresses_the_teacher_onto_its_own_samples(teacher_dir, tmp_path):
-  """sanajax.eval.one_step_probe: the pairs are the teacher's own Flow-DPM-Solver samples of their
+  """experiments.one_step_probe: the pairs are the teacher's own Flow-DPM-Solver samples of their
   noise, the regression lowers its loss on them, and the run writes its score."""
-  from sanajax.eval import one_step_probe
+  from experiments import one_step_probe
   from sanajax.generation import Generator, sample_latents
   g = Generator.from_workdir(str(teacher_dir))
   pairs = one_step_probe.teacher_pairs(g, 6, batch=3)

@@ -1,6 +1,6 @@
 """A sharding plan: a mesh plus logical-axis rules, and everything derived from them.
 
-    plan = Plan.from_config(config)                 # None when config.mesh is all 1 on one process
+    plan = Plan.from_config(config)                 # config.mesh; all 1 (the default) is a one-device mesh
     state_sh = plan.shardings(abstract_state)       # NamedShardings for a (boxed) pytree
     batch = plan.shard_batch(host_batch)            # host-local numpy -> global arrays over data x fsdp
     frozen = plan.place(frozen_params, like=boxed)  # frozen AE / text encoder / teacher, split by the rules
@@ -21,13 +21,13 @@ from typing import Any, Mapping, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sanajax.parallel import context
 from sanajax.parallel.mesh import (
   DEFAULT_RULES,
-  MESH_AXES,
   describe_mesh,
   logical_to_mesh,
   make_mesh,
@@ -48,15 +48,21 @@ class Plan:
     object.__setattr__(self, "rules", normalize_rules(self.rules))
 
   @classmethod
-  def from_config(cls, config: Any, devices: Sequence[Any] | None = None, *, force: bool = False) -> "Plan | None":
-    """The plan of `config.mesh`; None when it is all 1 on one process (and not `force`), so
-    that the default config runs exactly the single-device code."""
+  def from_config(cls, config: Any, devices: Sequence[Any] | None = None) -> "Plan":
+    """The plan of `config.mesh` (absent or every axis 1: a mesh of one device, so the single-device
+    run is the same code as a pod's, with trivial shardings)."""
     m = config.get("mesh") if hasattr(config, "get") else None
-    if m is None:
-      m = {}
-    if not force and jax.process_count() == 1 and all(int(m.get(a, 1)) == 1 for a in MESH_AXES):
-      return None
+    m = m or {}
     return cls(make_mesh(m, devices), m.get("rules", DEFAULT_RULES))
+
+  @classmethod
+  def single_device(cls) -> "Plan":
+    """A mesh of this process's first device: what the single-device code runs under."""
+    return cls.from_config({})
+
+  @property
+  def num_devices(self) -> int:
+    return int(self.mesh.devices.size)
 
   # --- specs ---------------------------------------------------------------------------------
 
@@ -160,7 +166,6 @@ class Plan:
     """Global arrays -> numpy arrays whole on every process (place's inverse; keeps boxes), e.g.
     to evaluate a sharded state's parameters on one device. Collective across hosts: every
     process must call it."""
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
     def one(x):
       if isinstance(x, jax.Array) and not x.is_fully_addressable:

@@ -19,14 +19,16 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sanajax.config_check import validate_config
 from sanajax.data.pipeline import make_train_iterator
-from sanajax.data.sources import make_source
+from sanajax.data.sources import make_source_from_config
 from sanajax.models import dcae
 from sanajax.parallel import Plan
 from sanajax.training import loop as loop_lib
 from sanajax.training.optim import build_optimizer
 from sanajax.training.state import TrainState, apply_gradients, init_run_state, jit_step
 from sanajax.workdir.files import AE_INFO_FILE, prepare_workdir
+from sanajax.workdir.lock import holding_workdir
 
 
 def _no_text(captions):
@@ -34,22 +36,19 @@ def _no_text(captions):
   return np.zeros((len(captions), 1), np.int32), np.ones((len(captions), 1), np.int32)
 
 
-def make_ae_step(model, tx, schedule, ema_decay: float, *, plan: Plan | None = None, state_shardings=None):
+def make_ae_step(model, tx, schedule, ema_decay: float, *, plan: Plan, state_shardings):
   """The jitted AE step: L1 + MSE reconstruction, the guarded update.
 
-  plan=None: one device. With a sharding `plan` (sanajax.parallel), the step is jitted with
-  explicit shardings: the state as `state_shardings` (init_ae_state's), the batch {"image"}
-  over data x fsdp (plan.batch_sharding; pass plan.shard_batch of the host batch), metrics
-  replicated. The state is donated either way.
+  Jitted with the sharding `plan`'s explicit shardings (sanajax.parallel; one device by default):
+  the state as `state_shardings` (init_ae_state's), the batch {"image"} over data x fsdp
+  (plan.batch_sharding; pass plan.shard_batch of the host batch), metrics replicated. The state
+  is donated.
   """
   def loss_fn(params, images):
     recon = model.apply({"params": params}, images)
     return dcae.reconstruction_loss(recon, images), recon
 
-  if plan is None:
-    jit = jit_step(None)
-  else:
-    jit = jit_step(plan, (state_shardings, {"image": plan.batch_sharding(4)}), (state_shardings, plan.replicated))
+  jit = jit_step(plan, (state_shardings, {"image": plan.batch_sharding(4)}), (state_shardings, plan.replicated))
 
   @jit
   def step(state: TrainState, batch):
@@ -65,7 +64,7 @@ def make_ae_step(model, tx, schedule, ema_decay: float, *, plan: Plan | None = N
 def evaluate_ae(model, params, config: ml_collections.ConfigDict, *, num_images: int = 256,
                 batch_size: int = 64) -> dict:
   """PSNR on held-out shapes images and the latent std (for the scaling factor)."""
-  source = make_source(config.data.source, config.data.resolution, config.seed + 1, split="eval")
+  source = make_source_from_config(config.data, config.seed + 1, split="eval")
   it = make_train_iterator(source, batch_size=batch_size, seed=config.seed + 1, tokenize_fn=_no_text)
 
   @jax.jit
@@ -85,42 +84,41 @@ def evaluate_ae(model, params, config: ml_collections.ConfigDict, *, num_images:
           "scaling_factor": float(1.0 / max(latents.std(), 1e-6)), "num_images": int(latents.shape[0])}
 
 
-def init_ae_state(config: ml_collections.ConfigDict, model, tx, plan: Plan | None):
-  """(state, state shardings or None, per-process batch) of a fresh AE run (state.init_run_state,
-  as the DiT's: one device for plan=None, else laid out by the plan, with the batch checks)."""
+def init_ae_state(config: ml_collections.ConfigDict, model, tx, plan: Plan):
+  """(state, state shardings, per-process batch) of a fresh AE run (state.init_run_state, as the
+  DiT's: laid out by the plan, with the batch checks)."""
   res = config.data.resolution
   key = jax.random.PRNGKey(config.seed)
   init = lambda k: model.init(k, jnp.zeros((1, res, res, 3), jnp.float32))["params"]
   return init_run_state(init, tx, key, jax.random.fold_in(key, 1), plan, config.train.batch_size)
 
 
+@holding_workdir  # one run per workdir: a second refuses before any work (sanajax.workdir.lock)
 def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the AE in workdir; returns the evaluation dict also saved in ae_info.json.
 
   Under a sharding plan (config.mesh) config.train.batch_size is the global batch; evaluation
   runs on one device of every process, on the gathered EMA weights.
   """
+  validate_config(config, "ae")  # every bad field at once, before any work (ConfigError)
   prepare_workdir(workdir, config)
   model = dcae.build_dcae(config.ae)
   tx, schedule = build_optimizer(config.train, config.train.num_steps)
   plan = Plan.from_config(config)
   state, state_sh, host_batch = init_ae_state(config, model, tx, plan)
-  if plan is not None:
+  if plan.num_devices > 1:
     print(f"DC-AE sharding plan: {plan}.", flush=True)
-  source = make_source(config.data.source, config.data.resolution, config.seed)
+  source = make_source_from_config(config.data, config.seed)
   data_iter = make_train_iterator(source, batch_size=host_batch, seed=config.seed, tokenize_fn=_no_text,
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   num_workers=config.data.get("num_workers", 0))
   step = make_ae_step(model, tx, schedule, config.train.ema_decay, plan=plan, state_shardings=state_sh)
-  if plan is None:
-    step_fn = step
-  else:
-    step_fn = lambda s, b: step(s, plan.shard_batch({"image": b["image"]}))
+  step_fn = lambda s, b: step(s, plan.shard_batch({"image": b["image"]}))
   info = {}
 
   def evaluate(state, writer):
     """The EMA weights' held-out PSNR (logged at the last step) and latent statistics."""
-    ema = state.ema_params if plan is None else plan.gather(state.ema_params)
+    ema = plan.gather(state.ema_params)
     info.update(evaluate_ae(model, ema, config))
     writer.scalars(config.train.num_steps, {"eval_psnr": info["psnr"]})
 

@@ -2,27 +2,24 @@
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sanajax.config_check import validate_config
 from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
-from sanajax.data.shapes import eval_prompt_set
-from sanajax.data.sources import make_source
+from sanajax.data.sources import make_source_from_config
 from sanajax.diffusion import flow
-from sanajax.eval import geneval_lite, restoration
-from sanajax.generation import Generator, make_grid, write_images
 from sanajax.info import describe
 from sanajax.models.sana_dit import build_dit
 from sanajax.parallel import Plan
-from sanajax.resolution import ae_downsample, apply_resolution
+from sanajax.resolution import apply_resolution
 from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import train_ae
 from sanajax.training.optim import build_optimizer
@@ -32,9 +29,11 @@ from sanajax.workdir.loaders import (
   build_text_encoder,
   has_checkpoint,
   init_dit_params,
+  init_params_from,
   load_ae,
   place_frozen,
 )
+from sanajax.workdir.lock import holding_workdir
 
 
 def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -49,12 +48,12 @@ def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return c
 
 
-def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: Plan | None = None):
+def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: Plan):
   """loss_fn(params, frozen, batch, key) -> scalar flow-matching loss of one global batch.
 
   AE-encode (unless the batch holds cached "latent"s instead of "image"s), text-encode (with
-  caption dropout), noise, DiT; the DiT is traced under `plan`
-  (block-boundary constraints, sequence-parallel layers) when one is given.
+  caption dropout), noise, DiT; the DiT is traced under `plan` (block-boundary constraints,
+  sequence-parallel layers).
   """
   null_ids, null_mask = (jnp.asarray(a) for a in text_encoder.tokenize([""]))
   dropout = config.train.caption_dropout
@@ -76,7 +75,7 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
     t = flow.sample_time_from_config(k_t, b, config.diffusion)
     eps = jax.random.normal(k_eps, latents.shape, latents.dtype)
     x_t = flow.interpolate(latents, eps, t)
-    with plan.activate() if plan is not None else contextlib.nullcontext():
+    with plan.activate():
       pred = dit.apply({"params": params}, x_t, t, context, mask)
     return flow.flow_matching_loss(pred, flow.velocity_target(latents, eps))
 
@@ -84,31 +83,28 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
 
 
 def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling: float, *,
-                    plan: Plan | None = None, state_shardings=None, frozen_shardings=None,
+                    plan: Plan, state_shardings, frozen_shardings=None,
                     with_grads: bool = False, batch_field: str = "image"):
   """The jitted DiT step: make_loss_fn's loss, its gradient, the guarded update.
 
   Frozen AE and text-encoder parameters are arguments (not closed-over constants) so they are
-  not baked into the compiled program. With a sharding `plan` (sanajax.parallel), the step is
-  jitted with explicit shardings: the state as `state_shardings` (plan.shardings of it), the
-  frozen parameters as `frozen_shardings` (default replicated; train() splits them with
-  builders.place_frozen), the batch over data x fsdp (plan.batch_spec), metrics
-  replicated. plan=None: one device, as before. with_grads: metrics also hold the step's
+  not baked into the compiled program. The step is jitted with the sharding `plan`'s explicit
+  shardings (sanajax.parallel; one device by default): the state as `state_shardings`
+  (plan.shardings of it), the frozen parameters as `frozen_shardings` (default replicated;
+  train() splits them with workdir.loaders.place_frozen), the batch over data x fsdp
+  (plan.batch_spec), metrics replicated. with_grads: metrics also hold the step's
   gradients (laid out as the parameters), for inspecting or comparing plans. batch_field:
   "image" (batches of images, AE-encoded in the step) or "latent" (from the latent cache).
   """
   loss_fn = make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling, plan)
 
-  if plan is None:
-    jit = jit_step(None)
-  else:
-    batch_sh = {k: plan.batch_sharding(n) for k, n in ((batch_field, 4), ("input_ids", 2), ("attention_mask", 2))}
-    metrics_sh = plan.replicated
-    frozen_sh = plan.replicated if frozen_shardings is None else frozen_shardings
-    if with_grads:
-      metrics_sh = {k: plan.replicated for k in ("loss", "grad_norm", "learning_rate")}
-      metrics_sh["grads"] = state_shardings.params
-    jit = jit_step(plan, (state_shardings, frozen_sh, batch_sh), (state_shardings, metrics_sh))
+  batch_sh = {k: plan.batch_sharding(n) for k, n in ((batch_field, 4), ("input_ids", 2), ("attention_mask", 2))}
+  metrics_sh = plan.replicated
+  frozen_sh = plan.replicated if frozen_shardings is None else frozen_shardings
+  if with_grads:
+    metrics_sh = {k: plan.replicated for k in ("loss", "grad_norm", "learning_rate")}
+    metrics_sh["grads"] = state_shardings.params
+  jit = jit_step(plan, (state_shardings, frozen_sh, batch_sh), (state_shardings, metrics_sh))
 
   @jit
   def step(state: TrainState, frozen, batch):
@@ -124,10 +120,10 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
   return step
 
 
-def init_train_state(config, tx, key: jax.Array, plan: Plan | None):
-  """(state, state shardings or None, per-host batch size) for a fresh run of `config`
-  (state.init_run_state: one device for plan=None, else laid out by the plan; checks that
-  config.train.batch_size, the global batch, splits over the processes and data x fsdp)."""
+def init_train_state(config, tx, key: jax.Array, plan: Plan):
+  """(state, state shardings, per-host batch size) for a fresh run of `config` (state.init_run_state:
+  laid out by the plan; checks that config.train.batch_size, the global batch, splits over the
+  processes and data x fsdp)."""
   return init_run_state(lambda k: init_dit_params(config, k), tx, jax.random.fold_in(key, 0),
                         jax.random.fold_in(key, 1), plan, config.train.batch_size)
 
@@ -152,59 +148,18 @@ def ensure_ae(config: ml_collections.ConfigDict, workdir: str) -> str:
   return ae_dir
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str, *, sampler: str | None = None,
-             steps: int | None = None, cfg: float | None = None, tag: str = "",
-             generator: Generator | None = None) -> dict:
-  """Samples the held-out GenEval-lite prompts with the EMA weights; writes samples and the table."""
-  sampler = sampler or config.sample.sampler
-  steps = steps or config.sample.steps
-  cfg = config.sample.cfg if cfg is None else cfg
-  prompt_set = eval_prompt_set(config.eval.num_prompts, seed=config.seed)
-  prompts = [p for p, _ in prompt_set]
-  generator = generator or Generator.from_workdir(workdir)
-  start = time.perf_counter()
-  images = generator.generate(prompts, sampler=sampler, steps=steps, cfg=cfg, seed=config.seed)
-  seconds = time.perf_counter() - start
-  result = geneval_lite.evaluate(images, prompts, [c for _, c in prompt_set])
-  result.update(sampler=sampler, steps=steps, cfg=cfg, sampling_seconds=seconds)
-  name = f"geneval_lite{tag}"
-  out_dir = os.path.join(workdir, f"samples{tag}")
-  write_images(images, out_dir)
-  geneval_lite.write_prompts_file(os.path.join(out_dir, "prompts.txt"), prompt_set)
-  with open(os.path.join(workdir, f"{name}.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"GenEval-lite ({sampler}, {steps} steps, cfg {cfg}) on {len(prompts)} held-out prompts:", flush=True)
-  print(geneval_lite.format_table(result), flush=True)
-  return result
+@holding_workdir  # one run per workdir: a second refuses before any work (sanajax.workdir.lock)
+def train(config: ml_collections.ConfigDict, workdir: str, *,
+          evaluate: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+          make_sample_fn: Callable[..., Callable[[Any], np.ndarray]] | None = None) -> dict:
+  """Trains (or resumes) the DiT in workdir.
 
-
-def evaluate_restoration(config: ml_collections.ConfigDict, workdir: str, generator: Generator) -> dict:
-  """Restoration probe (sanajax.eval.restoration) at config.eval.restoration_t0; writes restoration.json."""
-  t0 = float(config.eval.restoration_t0)
-  result = restoration.restoration_score(generator, t0=t0, num_prompts=config.eval.num_prompts,
-                                         cfg=config.sample.cfg, seed=config.seed)
-  with open(os.path.join(workdir, "restoration.json"), "w") as f:
-    json.dump(result, f, indent=2)
-  print(f"Restoration (held-out scenes noised to t={t0:g}, Flow-Euler {result['steps']} steps back, "
-        f"cfg {result['cfg']:g}), GenEval-lite:", flush=True)
-  print(geneval_lite.format_table(result), flush=True)
-  return {"overall": result["overall"], "t0": t0}
-
-
-def make_grid_fn(config, ae_model, ae_params, ae_scaling: float, text_encoder, num_prompts: int = 16):
-  """state -> uint8 sample grid of the EMA weights on fixed held-out prompts (for TensorBoard)."""
-  prompts = [p for p, _ in eval_prompt_set(num_prompts, seed=config.seed)]
-  generator = Generator(config, None, ae_model, ae_params, ae_scaling, text_encoder, ae_downsample(config))
-
-  def grid(state) -> np.ndarray:
-    generator.dit_params = state.ema_params
-    return make_grid(generator.generate(prompts, sampler=config.sample.sampler, steps=config.sample.steps,
-                                        cfg=config.sample.cfg, seed=config.seed))
-  return grid
-
-
-def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = True) -> dict:
-  """Trains (or resumes) the DiT in workdir; returns the final GenEval-lite result (or {})."""
+  evaluate(config, workdir) -> dict runs after the last step (sanajax.eval.after_training.
+  evaluate_dit_run: GenEval-lite on held-out prompts); its result is returned ({} without one).
+  make_sample_fn(config, ae_model, ae_params, ae_scaling, text_encoder, plan) -> (state -> uint8
+  grid) gives the TensorBoard grids every train.sample_every steps (after_training.make_grid_fn).
+  """
+  validate_config(config, "dit")  # every bad field at once, before the AE trains (ConfigError)
   start_time = time.perf_counter()
   config = apply_resolution(config)
   prepare_workdir(workdir, config)
@@ -217,16 +172,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
   state, state_sh, host_batch = init_train_state(config, tx, key, plan)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f"DiT: {num_params / 1e6:.2f}M parameters; AE scaling factor {ae_scaling:.4f}."
-        + (f" Sharding plan: {plan}." if plan is not None else ""), flush=True)
+        + (f" Sharding plan: {plan}." if plan.num_devices > 1 else ""), flush=True)
 
   if config.get("init_from"):
-    # Fine-tuning: start from converted or previously trained weights (sanajax.convert.init_params_from);
+    # Fine-tuning: start from converted or previously trained weights (sanajax.workdir.loaders.init_params_from);
     # a checkpoint of this run, restored below, still wins, so a resumed fine-tune continues.
-    from sanajax.convert import init_params_from
     loaded = init_params_from(config.init_from, state.params)
     state = state.replace(params=loaded, ema_params=jax.tree.map(jnp.copy, loaded))
     print(f"DiT initialised from {config.init_from}.", flush=True)
-  source = make_source(config.data.source, config.data.resolution, config.seed)
+  source = make_source_from_config(config.data, config.seed)
   process_index, process_count = jax.process_index(), jax.process_count()
   if config.data.get("latent_cache", 0):
     # No more images than the run will read (a short run, or a test, encodes only those).
@@ -239,33 +193,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = T
       caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
       process_index=process_index, process_count=process_count,
       num_workers=config.data.get("num_workers", 0))
-  frozen = {"ae": ae_params, "text": text_encoder.params}
-  if plan is not None:
-    frozen = place_frozen(plan, frozen, text_encoder)
+  frozen = place_frozen(plan, {"ae": ae_params, "text": text_encoder.params}, text_encoder)
   step = make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling, plan=plan,
                          state_shardings=state_sh, batch_field=getattr(source, "field", "image"),
-                         frozen_shardings=None if plan is None else jax.tree.map(lambda x: x.sharding, frozen))
-  if plan is None:
-    step_fn = lambda s, b: step(s, frozen, b)
-  else:
-    step_fn = lambda s, b: step(s, frozen, plan.shard_batch(b))
+                         frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen))
+  step_fn = lambda s, b: step(s, frozen, plan.shard_batch(b))
+  sample_fn = None
+  if make_sample_fn is not None:
+    sample_fn = make_sample_fn(config, ae_model, frozen["ae"], ae_scaling, text_encoder, plan)
   loop_lib.run_from_config(config.train, workdir, state, step_fn, data_iter, description="dit",
-                           flops_per_step=describe(config)["train_step_flops"],
-                           sample_fn=make_grid_fn(config, ae_model, ae_params, ae_scaling, text_encoder))
+                           flops_per_step=describe(config)["train_step_flops"], sample_fn=sample_fn)
   print(f"Training done in {time.perf_counter() - start_time:.0f} s.", flush=True)
-  if not run_eval or not config.data.source.startswith("shapes"):
+  if evaluate is None:
     return {}
-  if jax.process_count() > 1:
-    # Evaluation samples on one host from the saved EMA weights: run sanajax.sample / evaluate there.
-    print("Multi-host run: skipping the built-in evaluation (run `python -m sanajax.sample` on one host).", flush=True)
-    return {}
-  generator = Generator.from_workdir(workdir)
-  result = evaluate(config, workdir, generator=generator)
-  if config.eval.get("euler_steps", 0):
-    euler = evaluate(config, workdir, sampler="flow_euler", steps=config.eval.euler_steps,
-                     tag=f"_flow_euler{config.eval.euler_steps}", generator=generator)
-    result["flow_euler"] = {"overall": euler["overall"], "steps": config.eval.euler_steps}
-  if config.eval.get("restoration_t0", 0):
-    result["restoration"] = evaluate_restoration(config, workdir, generator)
+  result = evaluate(config, workdir)
   print(f"Total wall time {time.perf_counter() - start_time:.0f} s.", flush=True)
   return result

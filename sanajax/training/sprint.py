@@ -25,12 +25,10 @@ load it like any run (the distilled config.json names the teacher's AE as `ae.wo
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import json
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import flax
 import flax.linen as nn
@@ -40,17 +38,18 @@ import ml_collections
 import numpy as np
 import optax
 
+from sanajax.config_check import validate_config
 from sanajax.data.pipeline import make_train_iterator
-from sanajax.data.sources import make_source
+from sanajax.data.sources import make_source_from_config
 from sanajax.diffusion import scm, trigflow
 from sanajax.diffusion.samplers import as_cfg_interval, guided_velocity
+from sanajax.dtypes import dtype_from_name
 from sanajax.models.discriminator import LaddHeads
 from sanajax.models.sana_dit import LogVarHead, build_dit, student_params_from_teacher
 from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
 from sanajax.training.optim import build_optimizer
-from sanajax.training.setup import dtype_from_name
 from sanajax.training.state import ema_update, host_batch_size
 from sanajax.workdir.files import ae_workdir, load_workdir_config, prepare_workdir
 from sanajax.workdir.loaders import (
@@ -60,6 +59,7 @@ from sanajax.workdir.loaders import (
   load_dit_params,
   place_frozen,
 )
+from sanajax.workdir.lock import holding_workdir
 
 # Model fields a student may change relative to its teacher (the Sprint options); every other
 # architecture field must match, or the teacher's weights would not initialise the student.
@@ -136,16 +136,16 @@ class SprintDistiller:
   frozen = {"ae": AE params, "text": text-encoder params, "teacher": teacher DiT params (in
   distill.teacher_dtype)}; passed as arguments so they are not baked into the compiled program.
 
-  plan (sanajax.parallel.Plan, optional): every DiT pass (teacher, student, the JVP, the heads'
-  teacher features) is traced under it, and `make_step` jits the step with the plan's in/out
-  shardings (init_sharded_state lays the state out, builders.place_frozen the frozen weights).
+  plan (sanajax.parallel.Plan; default one device): every DiT pass (teacher, student, the JVP, the
+  heads' teacher features) is traced under it, and `make_step` jits the step with the plan's in/out
+  shardings (init_sharded_state lays the state out, workdir.loaders.place_frozen the frozen weights).
   """
 
   def __init__(self, config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict, ae_model,
                ae_scaling: float, text_encoder, tx_g: optax.GradientTransformation,
                tx_d: optax.GradientTransformation, schedule, plan: Plan | None = None):
     d = config.distill
-    self.config, self.d, self.plan = config, d, plan
+    self.config, self.d, self.plan = config, d, plan or Plan.single_device()
     self._teacher_json = teacher_config.to_json_best_effort(sort_keys=True)
     self.sigma_data = float(d.sigma_data)
     # Flow times where the teacher's CFG applies (samplers.guided_velocity): those it samples with
@@ -155,7 +155,7 @@ class SprintDistiller:
     self.scm_lambda, self.adv_lambda = float(d.scm_lambda), float(d.adv_lambda)
     if self.scm_lambda <= 0 and self.adv_lambda <= 0:
       raise ValueError("distill.scm_lambda and distill.adv_lambda are both 0: nothing to train.")
-    teacher_dtype = dtype_from_name(d.teacher_dtype)
+    teacher_dtype = dtype_from_name(d.teacher_dtype, "distill.teacher_dtype")
     blocks = tuple(int(i) for i in d.head_block_ids)
     depth = teacher_config.model.depth
     if not blocks or min(blocks) < 0 or max(blocks) >= depth:
@@ -175,7 +175,7 @@ class SprintDistiller:
   def _traced(self):
     """DiT passes are traced under the plan (constraints, sequence-parallel layers); the frozen AE
     and text encoder are not (their layers are not written for the sequence split)."""
-    return self.plan.activate() if self.plan is not None else contextlib.nullcontext()
+    return self.plan.activate()
 
   def _apply(self, model, params, *args, **kwargs):
     with self._traced():
@@ -339,18 +339,11 @@ class SprintDistiller:
         nan_code=jnp.where(first_bad, jnp.where(loss_ok, 1, 0), state.nan_code))
     return new_state, metrics
 
-  @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(1,))
-  def step(self, state: DistillState, frozen, batch):
-    return self.step_fn(state, frozen, batch)
-
   def make_step(self, frozen, state: DistillState):
-    """step(state, host batch) -> (state, metrics) with `frozen` bound. Without a plan: the jitted
-    `step` on one device. With one: jitted with explicit shardings, the state as the plan lays
-    out `state` (parameters, EMA, both optimizers and the heads by their logical names), frozen
-    weights as placed, the batch split over data x fsdp (plan.shard_batch of each host's part),
-    metrics replicated; the state is donated."""
-    if self.plan is None:
-      return lambda s, b: self.step(s, frozen, b)
+    """step(state, host batch) -> (state, metrics) with `frozen` bound, jitted with the plan's explicit
+    shardings: the state as the plan lays out `state` (parameters, EMA, both optimizers and the heads
+    by their logical names), frozen weights as placed, the batch split over data x fsdp
+    (plan.shard_batch of each host's part), metrics replicated; the state is donated."""
     plan = self.plan
     state_sh = plan.shardings(state)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
@@ -459,27 +452,29 @@ def build_distiller(config, teacher_config, teacher_params, ae_model, ae_params,
   key = jax.random.PRNGKey(config.seed)
   student_init = jax.jit(functools.partial(init_dit_params, config))(jax.random.fold_in(key, 0))
   student = init_student_from_teacher(student_init, teacher_params)
-  teacher_dtype = dtype_from_name(config.distill.teacher_dtype)
+  teacher_dtype = dtype_from_name(config.distill.teacher_dtype, "distill.teacher_dtype")
   frozen = {"ae": ae_params, "text": text_encoder.params,
             "teacher": jax.tree.map(lambda x: jnp.asarray(x, teacher_dtype), teacher_params)}
-  if plan is None:
-    state = distiller.init_state(student, jax.random.fold_in(key, 1))
-  else:
-    state = distiller.init_sharded_state(student, jax.random.fold_in(key, 1))
-    frozen = place_frozen(plan, frozen, text_encoder)
+  state = distiller.init_sharded_state(student, jax.random.fold_in(key, 1))
+  frozen = place_frozen(plan, frozen, text_encoder)
   return distiller, frozen, state
 
 
-def distill(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool = True) -> dict:
-  """Distils (or resumes) a Sprint student in workdir; returns the GenEval-lite results (or {})."""
+@holding_workdir  # one run per workdir: a second refuses before any work (sanajax.workdir.lock)
+def distill(config: ml_collections.ConfigDict, workdir: str, *,
+            evaluate: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> dict:
+  """Distils (or resumes) a Sprint student in workdir. evaluate(config, workdir) -> dict runs after the
+  last step (sanajax.eval.after_training.evaluate_sprint_run: GenEval-lite at 1, 2 and 4 sCM steps);
+  its result is returned ({} without one)."""
+  validate_config(config, "sprint")  # every bad field at once, before the teacher loads (ConfigError)
   start_time = time.perf_counter()
   config, distiller, frozen, state = setup(config, workdir)
   n_student = sum(x.size for x in jax.tree.leaves(state.params))
   n_heads = sum(x.size for x in jax.tree.leaves(state.disc_params))
   print(f"Sprint student: {n_student / 1e6:.2f}M parameters; LADD heads {n_heads / 1e6:.2f}M on teacher blocks "
         f"{list(config.distill.head_block_ids)}; scm_lambda {distiller.scm_lambda}, adv_lambda {distiller.adv_lambda}."
-        + (f" Sharding plan: {distiller.plan}." if distiller.plan is not None else ""), flush=True)
-  source = make_source(config.data.source, config.data.resolution, config.seed)
+        + (f" Sharding plan: {distiller.plan}." if distiller.plan.num_devices > 1 else ""), flush=True)
+  source = make_source_from_config(config.data, config.seed)
   data_iter = make_train_iterator(
       source, batch_size=host_batch_size(distiller.plan, config.train.batch_size), seed=config.seed,
       tokenize_fn=distiller.text.tokenize,
@@ -489,23 +484,4 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *, run_eval: bool =
   loop_lib.run_from_config(config.train, workdir, state, distiller.make_step(frozen, state), data_iter,
                            description="sprint")
   print(f"Distillation done in {time.perf_counter() - start_time:.0f} s.", flush=True)
-  if not run_eval or not config.data.source.startswith("shapes") or not config.eval.num_prompts:
-    return {}
-  if jax.process_count() > 1:  # As sanajax.train: evaluate on one host with sanajax.sample.
-    print("Multi-host run: skipping the built-in evaluation (run `python -m sanajax.sample` on one host).", flush=True)
-    return {}
-  return evaluate_steps(config, workdir)
-
-
-def evaluate_steps(config: ml_collections.ConfigDict, workdir: str, steps=(1, 2, 4)) -> dict:
-  """GenEval-lite of the distilled student (EMA) with the sCM sampler at 1, 2 and 4 steps."""
-  from sanajax.generation import Generator
-  from sanajax.training.dit import evaluate
-  generator = Generator.from_workdir(workdir)
-  results = {}
-  for n in steps:
-    r = evaluate(config, workdir, sampler="scm", steps=n, cfg=config.sample.cfg, tag=f"_scm{n}", generator=generator)
-    results[f"scm_{n}"] = {"overall": r["overall"], **{k: v for k, v in r.items() if isinstance(v, float)}}
-  with open(os.path.join(workdir, "geneval_lite_sprint.json"), "w") as f:
-    json.dump(results, f, indent=2)
-  return results
+  return evaluate(config, workdir) if evaluate is not None else {}

@@ -13,6 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+# Moved to config_check (validate_config checks the split before any work); kept importable here.
+from sanajax.config_check import host_batch_size
+
 # What the NaN guard can name, in the order of `TrainState.nan_code`.
 NAN_QUANTITIES = ("loss", "grad_norm")
 
@@ -59,43 +62,21 @@ def create_sharded_train_state(init_params: Callable[[jax.Array], Any], tx: opta
 
 def init_run_state(init_params: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
                    params_key: jax.Array, rng: jax.Array, plan: Any, batch_size: int) -> tuple[TrainState, Any, int]:
-  """(state, state shardings or None, per-process batch) for a fresh run (the DiT's and the AE's).
+  """(state, state shardings, per-process batch) for a fresh run (the DiT's and the AE's).
 
-  plan=None: the single-device path (parameters initialised under jit, then the state built).
-  With a plan (sanajax.parallel.Plan), create_sharded_train_state builds the whole state by one
-  jit whose out_shardings follow the plan, so no device ever holds more than its shard;
+  create_sharded_train_state builds the whole state by one jit whose out_shardings follow the
+  plan (sanajax.parallel.Plan), so no device ever holds more than its shard;
   `batch_size` (config.train.batch_size) is the global batch, split over processes (each reads
   its own part of the data) and then over data x fsdp, so it must be a multiple of both.
   """
   batch = host_batch_size(plan, batch_size)
-  if plan is None:
-    return create_train_state(jax.jit(init_params)(params_key), tx, rng), None, batch
   state, shardings = create_sharded_train_state(init_params, tx, params_key, rng, plan)
   return state, shardings, batch
 
 
-def host_batch_size(plan: Any, batch_size: int) -> int:
-  """This process's share of the global `batch_size` (config.train.batch_size) under `plan`.
-
-  Clear errors for what cannot run: several processes without a mesh (plan None), or a batch
-  that does not split evenly over the processes and over the mesh's data x fsdp shards.
-  """
-  batch = int(batch_size)
-  if plan is None:
-    if jax.process_count() > 1:
-      raise ValueError("Multi-host runs need a mesh: set e.g. --config.mesh.data=-1 (or fsdp=-1).")
-    return batch
-  if batch % plan.batch_shards() or batch % jax.process_count():
-    raise ValueError(f"train.batch_size={batch} must be a multiple of the batch shards ({plan.batch_shards()} = "
-                     f"mesh data x fsdp) and of the process count ({jax.process_count()}).")
-  return batch // jax.process_count()
-
-
 def jit_step(plan: Any, in_shardings: Any = None, out_shardings: Any = None) -> Callable[[Callable], Callable]:
   """The jax.jit decorator of a train step fn(state, ...) -> (state, metrics): the state (argument 0)
-  is donated; with a plan, explicit in/out shardings (plan=None: one device, no shardings)."""
-  if plan is None:
-    return lambda fn: jax.jit(fn, donate_argnums=(0,))
+  is donated; explicit in/out shardings from the plan."""
   return lambda fn: jax.jit(fn, donate_argnums=(0,), in_shardings=in_shardings, out_shardings=out_shardings)
 
 

@@ -1,0 +1,70 @@
+"""A Sprint student config for a trained teacher workdir (notebooks, experiments.sprint_ablation).
+
+    teacher = check_teacher("workdirs/tiny")
+    config = student_config(teacher, "workdirs/tiny", num_steps=1500, overrides={"distill.adv_lambda": 0.0})
+    sprint.distill(config, "workdirs/sprint_tiny")
+"""
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from sanajax import config_utils
+from sanajax.training.sprint import SPRINT_MODEL_FIELDS
+from sanajax.workdir.checkpoint import latest_workdir_step
+from sanajax.workdir.files import ae_workdir, checkpoint_dir, load_workdir_config
+
+# Sections of the teacher's config.json a student must share (sprint.check_student_config).
+TEACHER_SECTIONS = ("text", "ae", "diffusion")
+
+
+def check_teacher(teacher_workdir: str) -> ml_collections.ConfigDict:
+  """The teacher's config; FileNotFoundError / ValueError saying what is wrong for a directory that
+  is not a trained teacher run."""
+  config = load_workdir_config(teacher_workdir)
+  if latest_workdir_step(teacher_workdir) is None:
+    raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(teacher_workdir)}; train the teacher first "
+                            f"(python -m sanajax.train --workdir={teacher_workdir}).")
+  if config.get("model", {}).get("guidance_embeds", False):
+    raise ValueError(f"{teacher_workdir} is a Sprint student (guidance_embeds), not a teacher.")
+  return config
+
+
+def spread_blocks(depth: int, n: int) -> tuple[int, ...]:
+  """n block indices spread over [0, depth), the last block included (the reference taps 2, 8, 14,
+  19 of 20; configs/sprint_tiny.py 0, 2, 3 of 4)."""
+  n = max(1, min(n, depth))
+  return tuple(sorted({int(round(depth - 1 - i * depth / n)) for i in range(n)}))
+
+
+def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: str, num_steps: int | None,
+                   overrides: dict) -> ml_collections.ConfigDict:
+  """configs/sprint_tiny.py with the teacher's architecture / text / data / AE, then `overrides`
+  ({dotted field: value}); num_steps None keeps the config's train.num_steps."""
+  config = config_utils.load_config("sprint_tiny")
+  teacher = ml_collections.ConfigDict(teacher_config.to_dict())
+  model = teacher.model
+  # The Sprint options stay the student config's; q/k norms follow the teacher (a phase-1 teacher
+  # has them), unless an override changes them.
+  for field in SPRINT_MODEL_FIELDS:
+    if field in config.model and field != "qk_norm":
+      model[field] = config.model[field]
+  config.model = model
+  for section in TEACHER_SECTIONS:
+    config[section] = teacher[section]
+  config.ae.workdir = os.path.abspath(ae_workdir(teacher_config, teacher_workdir))
+  config.data.source = teacher.data.source
+  config.data.resolution = teacher.data.resolution
+  config.seed = teacher.get("seed", config.seed)
+  config.eval.num_prompts = teacher.eval.num_prompts
+  config.teacher_workdir = os.path.abspath(teacher_workdir)
+  if num_steps is not None:
+    config.train.num_steps = int(num_steps)
+  config.train.checkpoint_every = min(config.train.checkpoint_every, int(config.train.num_steps))
+  ids = tuple(config.distill.head_block_ids)
+  if max(ids) >= model.depth:  # A shallower teacher than configs/tiny.py's 4 blocks.
+    config.distill.head_block_ids = spread_blocks(model.depth, len(ids))
+  for key, value in overrides.items():
+    config_utils.set_field(config, key, value)
+  return config
