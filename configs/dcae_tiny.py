@@ -2,8 +2,9 @@
 
     python -m sanajax.train_ae --config=configs/dcae_tiny.py --workdir=/tmp/sanajax_ae
 
-Same modules as configs/dcae_f32c32.py; only numbers differ. Numbers marked "measured" were
-chosen with /tmp scratch runs on the shared 2-core CPU (timings are noisy: other jobs ran).
+Same modules as configs/dcae_f32c32.py; only numbers differ. The latent width and the training
+length were chosen by measurements on a 2-core CPU (docs/results.md#autoencoder); the block types,
+head dim and shortcuts follow the released DC-AE (diffusers AutoencoderDC).
 """
 import ml_collections
 
@@ -17,13 +18,9 @@ def get_config(arg=None):
 
   ae = c.ae = ml_collections.ConfigDict()
   ae.in_channels = 3
-  # Measured (eval PSNR on 256 held-out shapes, seed 1, split "eval"): latent 8 -> 26.70 dB and
-  # latent 16 -> 27.05 dB after 400 steps at batch 32; latent 16 at batch 16 x 800 steps -> 28.06 dB.
-  # 8x8x8 latents (24x compression of a 64x64x3 image). Measured on shapes, 800 AE steps then
-  # 700 DiT steps (/work/exp runs of 2026-11-23): c16 28.04 dB, GenEval-lite 0.029, single-prompt
-  # colour adherence 0.71; c8 28.06 dB, 0.079, 0.69 with fewer extra objects; c4 27.57 dB (below
-  # the 28 dB bar), 0.050. As in the DC-AE paper, fewer latent channels make the latent easier
-  # for the diffusion model at equal reconstruction.
+  # 8x8x8 latents (24x compression of a 64x64x3 image). c8 reconstructs as well as c16 and gives the
+  # better DiT; c4 falls under the 28 dB bar. As in the DC-AE paper, fewer latent channels make the
+  # latent easier for the diffusion model at equal reconstruction (docs/results.md#autoencoder).
   ae.latent_channels = 8
   ae.attention_head_dim = 32  # SANA / DC-AE head dim
   ae.encoder_block_types = ["ResBlock", "ResBlock", "ResBlock", "EfficientViTBlock"]
@@ -51,25 +48,19 @@ def get_config(arg=None):
   ae.attn_impl = "xla"
   ae.workdir = ""  # empty: the trainer's WORKDIR/ae
 
-  # Measured on the shared 2-core CPU (other jobs running, so noisy): ~0.4 s/step at batch 16
-  # with little other load (1.0-1.2 s/step at load 3-6); 800 steps ~5.5 min -> 28.06 dB held-out
-  # PSNR with L1+MSE, warmup then cosine. 400 x batch 32 (same images) reached only 27.05 dB:
-  # at this size more updates beat bigger batches.
+  # L1 + MSE, warm-up then cosine. At this size more updates beat bigger batches (batch 16 x 800
+  # steps beat 32 x 400 by 1 dB), and 1,000 steps reach 28.01-28.05 dB held-out PSNR, over the
+  # 28 dB bar that 800 steps miss (docs/results.md#autoencoder). ~150-280 s on 2 cores.
   t = c.train = ml_collections.ConfigDict()
-  # 800 steps gave 28.06 dB before the LR warm-up fix (step 1 at peak/warmup instead of 0) and
-  # 27.49 dB after it (measured 2026-12-01, same seed): too close to the 28 dB bar. 1,000 steps
-  # (cosine over 1,000) measured 28.05 dB held-out PSNR (28.01 dB on the machines of 2026-12-02/03).
-  # Measured 2026-12-03 with a depthwise conv of other rounding (README "Results"): 1,000 steps
-  # 27.98 dB; 1,200 steps 28.33 dB, but the default DiT on that AE scored 0.279 instead of 0.317.
   t.num_steps = 1000
   t.batch_size = 16
-  t.learning_rate = 2e-3
+  t.learning_rate = 2e-3  # picked in the runs above, not swept.
   t.warmup_steps = 25
   t.schedule = "cosine"  # to 0 at num_steps; the measurements above used it
-  t.optimizer = "adamw"
+  t.optimizer = "adamw"  # Muon reaches 30 dB but gives a worse DiT (docs/results.md#autoencoder).
   t.weight_decay = 0.0
   t.grad_clip = 1.0
-  t.ema_decay = 0.0
+  t.ema_decay = 0.0  # 0: no EMA (ema_params is a copy of the weights); not tuned.
   t.log_every = 25
   t.checkpoint_every = 500
   t.keep_checkpoints = 2
@@ -80,6 +71,6 @@ def get_config(arg=None):
   d.num_workers = 0
   d.max_image_megapixels = 89.0  # larger images are skipped and named; PIL's own limit, rounded down.
 
-  # Sharding plan (README "Scaling"): all 1 is one device; e.g. --config.mesh.fsdp=8.
+  # Sharding plan (docs/scaling.md): all 1 is one device; e.g. --config.mesh.fsdp=8.
   c.mesh = parallel.mesh_config()
   return c

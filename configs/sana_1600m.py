@@ -5,7 +5,7 @@
 
 `arg` is the resolution in pixels ("512", "1024" (default), "2048", "4096"). Values that follow
 from it live in `resolution_presets` and are re-applied by `sanajax.resolution.apply_resolution`
-after command-line overrides. Numbers: sana_reference.md section 3 and NVlabs/Sana
+after command-line overrides. Numbers: the SANA paper (arXiv:2410.10629) and NVlabs/Sana
 configs/sana_config/{1024ms/Sana_1600M_img1024,2048ms/Sana_1600M_img2048_bf16,
 4096ms/Sana_1600M_img4096_bf16}.yaml; the DiT has 1,604,462,752 parameters, equal to diffusers'
 SanaTransformer2DModel with the same settings (tests/test_info.py).

@@ -5,8 +5,9 @@
 
 `arg` is the resolution in pixels ("512", "1024" (default), "2048", "4096"). Values that follow
 from it live in `resolution_presets` and are re-applied by `sanajax.resolution.apply_resolution`
-after command-line overrides. Numbers: sana_reference.md section 3 and NVlabs/Sana
-configs/sana_config/{512ms/Sana_600M_img512,1024ms/Sana_600M_img1024}.yaml; the DiT has
+after command-line overrides. Numbers: the SANA paper (arXiv:2410.10629), NVlabs/Sana
+configs/sana_config/{512ms/Sana_600M_img512,1024ms/Sana_600M_img1024}.yaml and diffusers'
+scripts/convert_sana_to_diffusers.py; the DiT has
 591,747,872 parameters, equal to diffusers' SanaTransformer2DModel with the same settings
 (tests/test_info.py). `base_config` / `finish` are shared with configs/sana_1600m.py.
 """
@@ -112,7 +113,7 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   m.attn_impl = "auto"
   m.remat = "full"  # SANA: grad_checkpointing true (every block).
 
-  # Sharding plan (README "Scaling"): all 1 is one device; e.g. --config.mesh.fsdp=8 on 8 GPUs.
+  # Sharding plan (docs/scaling.md): all 1 is one device; e.g. --config.mesh.fsdp=8 on 8 GPUs.
   c.mesh = parallel.mesh_config()
 
   d = c.diffusion = ml_collections.ConfigDict()

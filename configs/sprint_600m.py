@@ -5,8 +5,8 @@
 
 Architecture: configs/sana_600m.py plus, from NVlabs/Sana
 configs/sana_sprint_config/1024ms/SanaSprint_*_allqknorm_bf16_scm_ladd.yaml and diffusers'
-scripts/convert_sana_to_diffusers.py (model_type SanaSprint_600M_P1_D28), see
-../shared/reference/sana_reference.md "SANA-Sprint":
+scripts/convert_sana_to_diffusers.py (model_type SanaSprint_600M_P1_D28), and the SANA-Sprint paper
+(arXiv:2503.09641):
   * qk_norm: RMSNorm on q/k in self- and cross-attention (`qk_norm: true, cross_norm: true`;
     diffusers qk_norm="rms_norm_across_heads");
   * dense time embedding (`timestep_norm_scale_factor: 1000`: the embedder sees t in [0, 1]):

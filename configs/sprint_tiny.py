@@ -6,9 +6,10 @@
     python -m sanajax.sample --workdir=workdirs/sprint_tiny --sampler=scm --steps=1 --prompt="a red circle" --out=out
 
 Architecture, data and text encoder are the teacher's (configs/tiny.py); the student adds the
-CFG embedding. Distillation numbers are the reference's (NVlabs/Sana
-configs/sana_sprint_config/1024ms/SanaSprint_*_scm_ladd.yaml and train_scm_ladd.py, see
-../shared/reference/sana_reference.md "SANA-Sprint") except where marked "tiny:" with the reason.
+CFG embedding. Distillation numbers are the reference's (SANA-Sprint, arXiv:2503.09641; NVlabs/Sana
+configs/sana_sprint_config/1024ms/SanaSprint_1600M_1024px_allqknorm_bf16_scm_ladd.yaml and
+train_scripts/train_scm_ladd.py) except where marked "tiny:" with the reason; the measurements behind
+those are in docs/sprint.md.
 """
 import ml_collections
 
@@ -28,7 +29,7 @@ def get_config(arg=None):
   # tiny: the reference's dense time embedding (timestep_scale 0.001, the embedder sees t in [0, 1])
   # needs a teacher fine-tuned with it first (Sprint's phase 1); configs/tiny.py's teacher embeds
   # 1000 t, and a student initialised from it must keep that to start equal to it. With a phase-1
-  # teacher (README "SANA-Sprint distillation") pass --config.model.timestep_scale=0.001.
+  # teacher (docs/sprint.md#phase-1-dense-time-embedding) pass --config.model.timestep_scale=0.001.
   c.model.timestep_scale = 1.0
 
   c.distill = ml_collections.ConfigDict()
@@ -37,15 +38,15 @@ def get_config(arg=None):
   c.distill.logit_std = 1.6
   c.distill.logit_mean_discriminator = -0.6
   c.distill.logit_std_discriminator = 1.0
-  # tiny: 4,000 in the reference (of runs of tens of thousands of steps); a CPU run is 1,500 steps.
-  # Measured with the 0.633 default teacher (README "SANA-Sprint distillation"): 750 instead of 100
-  # gives 0.192 / 0.388 / 0.558 at 1 / 2 / 4 steps against 0.187 / 0.383 / 0.583 (level).
+  # tiny: 4,000 in the reference (of runs of tens of thousands of steps); a CPU run is 1,500 steps,
+  # and 750 measured level with 100 (docs/sprint.md#variants).
   c.distill.tangent_warmup_steps = 100
   c.distill.tangent_norm_constant = 0.1
   c.distill.cfg_scales = (4.0, 4.5, 5.0)  # teacher CFG scale per sample (scm_cfg_scale).
   # Guide the teacher as it samples: CFG only at the flow times of its config's sample.cfg_interval
   # (True), so the student learns the ODE the teacher is scored with; False: at every time, as the
-  # reference distils (its teachers sample with guidance at every step).
+  # reference distils (its teachers sample with guidance at every step). True scores higher at 2 and 4
+  # steps (docs/sprint.md#teacher-guidance).
   c.distill.teacher_cfg_interval = True
   c.distill.scm_lambda = 1.0
   c.distill.adv_lambda = 0.5
@@ -61,27 +62,23 @@ def get_config(arg=None):
   c.distill.teacher_dtype = "float32"
   # The heads' peak learning rate (0: train.learning_rate, as the reference trains both at one rate).
   # tiny: 10x the student's. At the student's 1e-4 the heads stay near chance (hinge loss 0.92 of
-  # 1.0 after 1,000 steps) and LADD gives little signal; measured from the 0.633 default teacher
-  # (README "SANA-Sprint distillation"), GenEval-lite at 1 / 2 / 4 steps: 1,500 steps 0.192 /
-  # 0.446 / 0.567 (hinge loss 0.72) against 0.187 / 0.383 / 0.583; 3,000 steps 0.308 / 0.404 /
-  # 0.588 against 0.275 / 0.379 / 0.575. 1e-2: 0.246 / 0.400 / 0.575 at 1,500 steps.
+  # 1.0) and LADD gives little signal; 1e-3 scores higher at 2 steps after 1,500 steps and at every
+  # step count after 3,000 (docs/sprint.md#heads-learning-rate).
   c.distill.disc_learning_rate = 1e-3
 
   # Both optimizers (G and D) are built from this section, as the reference builds optimizer_D
   # from the same settings (the heads' rate is distill.disc_learning_rate).
-  # tiny: 1,500 steps of Muon at 1e-4 is the measured CPU recipe (README "SANA-Sprint
-  # distillation"; 280 s alone on 2 cores). From the 0.633 default teacher (configs/tiny.py),
-  # GenEval-lite at 1 / 2 / 4 steps: 0.187 / 0.383 / 0.583; 300 steps of AdamW 1e-4 (the default
-  # until 2026-12-05) 0.037 / 0.237 / 0.362, of Muon 0.017 / 0.237 / 0.492; 3,000 Muon steps
-  # 0.275 / 0.379 / 0.575. The reference trains CAME at lr 2e-6 with 5,000 warm-up steps for a
-  # 0.6-1.6B model; a 0.7M model in 1,500 steps needs a larger rate (5e-4 with AdamW collapsed the
-  # student of an earlier teacher: 0.000 at every step count).
+  # tiny: 1,500 steps of Muon at 1e-4 is the measured CPU recipe (~5 min alone on 2 cores); 300 steps
+  # leave the 1-step images washed out, and at 1,500 steps Muon beats AdamW
+  # (docs/sprint.md#optimizer-and-steps).
+  # The reference trains CAME at lr 2e-6 with 5,000 warm-up steps for a 0.6-1.6B model; a 0.7M model
+  # in 1,500 steps needs a larger rate (5e-4 with AdamW collapsed a student).
   c.train.num_steps = 1500
-  c.train.batch_size = 16  # reference train_batch_size (32 measured level: 0.225 / 0.371 / 0.575).
+  c.train.batch_size = 16  # reference train_batch_size (32 measured level: docs/sprint.md#variants).
   c.train.optimizer = "muon"
   c.train.learning_rate = 1e-4
-  c.train.warmup_steps = 20
-  c.train.schedule = "constant"  # cosine to 0 measured worse: 0.113 / 0.350 / 0.521 (1-step FID-lite 73).
+  c.train.warmup_steps = 20  # tiny: short, as the run (reference 5,000); not tuned.
+  c.train.schedule = "constant"  # cosine to 0 measured worse (docs/sprint.md#variants).
   c.train.weight_decay = 0.0
   c.train.grad_clip = 0.1  # reference gradient_clip.
   c.train.ema_decay = 0.999
