@@ -1,4 +1,5 @@
-"""sanajax.convert: directory loaders against diffusers/transformers, round trips, errors, the CLI.
+"""sanajax.convert and the mappings it re-exports (sanajax/models/*_diffusers.py, gemma2_transformers.py):
+directory loaders against diffusers/transformers, round trips, errors, the CLI.
 
 Every model here is a tiny random one built with diffusers/transformers (PyTorch CPU, float32)
 and written with save_pretrained; odd sizes on purpose (head dims 12 and 18, 3 heads, non-square
@@ -7,6 +8,7 @@ latents, padded text masks).
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import types
@@ -16,7 +18,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from sanajax import convert
+from sanajax import config_utils, convert, safetensors_io
+from sanajax.workdir.loaders import build_text_encoder, init_dit_params, init_params_from, load_ae, load_text_encoder
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -126,7 +129,7 @@ def test_sana_transformer_loads_matches_and_round_trips(models, tmp_path):
   _assert_close(got, want)
   # sanajax -> diffusers: the same tensors bit for bit, and diffusers runs them to the same output.
   convert.save_diffusers(str(tmp_path / "out"), model, params)
-  _same_state_dict(convert.read_state_dict(str(tmp_path / "out")),
+  _same_state_dict(safetensors_io.read_state_dict(str(tmp_path / "out")),
                    {k: v.numpy() for k, v in models.dit.state_dict().items()})
   back = diffusers.SanaTransformer2DModel.from_pretrained(str(tmp_path / "out")).eval()
   assert all(back.config[k] == v for k, v in DIT_KW.items())
@@ -150,7 +153,7 @@ def test_sprint_transformer_guidance_and_time_convention(tmp_path):
       params, x, t, ctx, mask, guidance=g))
   _assert_close(got, want)
   convert.save_diffusers(str(tmp_path / "out"), model, params)
-  _same_state_dict(convert.read_state_dict(str(tmp_path / "out")), {k: v.numpy() for k, v in tm.state_dict().items()})
+  _same_state_dict(safetensors_io.read_state_dict(str(tmp_path / "out")), {k: v.numpy() for k, v in tm.state_dict().items()})
   back = diffusers.SanaTransformer2DModel.from_pretrained(str(tmp_path / "out"))
   assert back.config.timestep_scale == 1.0 and back.config.guidance_embeds
 
@@ -168,7 +171,7 @@ def test_dcae_loads_matches_and_round_trips(models, tmp_path):
   _assert_close(z, z_ref)
   _assert_close(y, y_ref)
   convert.save_diffusers(str(tmp_path / "vae"), model, params)
-  _same_state_dict(convert.read_state_dict(str(tmp_path / "vae")),
+  _same_state_dict(safetensors_io.read_state_dict(str(tmp_path / "vae")),
                    {k: v.numpy() for k, v in models.ae.state_dict().items()})
   back = diffusers.AutoencoderDC.from_pretrained(str(tmp_path / "vae")).eval()
   assert back.config.scaling_factor == models.ae.config.scaling_factor
@@ -207,7 +210,7 @@ def test_text_encoder_with_chi_prompt_matches_sana_pipeline(models):
   chi = ["given a user prompt :", "enhanced : the"]
   max_length = 6
   text_config = {"max_length": max_length, "chi_prompt": "\n".join(chi)}
-  enc = convert.load_text_encoder(os.path.join(models.root, "text_encoder"), text_config)
+  enc = load_text_encoder(os.path.join(models.root, "text_encoder"), text_config)
   prompts = ["a red circle left of the blue square", "blue"]
   ctx, mask = enc.encode(prompts)
   pipe = types.SimpleNamespace(tokenizer=_tokenizer(), text_encoder=models.gemma,
@@ -225,13 +228,13 @@ def test_text_encoder_with_chi_prompt_matches_sana_pipeline(models):
 
 def test_missing_unexpected_and_misshaped_tensors_are_named(models, tmp_path):
   src = os.path.join(models.root, "transformer")
-  state = dict(convert.read_state_dict(src))
+  state = dict(safetensors_io.read_state_dict(src))
   del state["transformer_blocks.1.attn2.to_k.weight"]
   state["proj_out.weight"] = np.zeros((3, 36), np.float32)
   state["pos_embed.extra"] = np.zeros((2,), np.float32)
   os.makedirs(tmp_path / "bad")
   shutil.copy(os.path.join(src, "config.json"), tmp_path / "bad")
-  convert.write_safetensors(str(tmp_path / "bad" / "diffusion_pytorch_model.safetensors"), state)
+  safetensors_io.write_safetensors(str(tmp_path / "bad" / "diffusion_pytorch_model.safetensors"), state)
   with pytest.raises(ValueError) as err:
     convert.load_sana_transformer(str(tmp_path / "bad"))
   msg = str(err.value)
@@ -248,11 +251,11 @@ def test_missing_unexpected_and_misshaped_tensors_are_named(models, tmp_path):
                                        r"\(8, 32, 3, 3\)"):
     convert.load_dcae(str(tmp_path / "bad_vae"))
   # Gemma with a layer missing.
-  gstate = {k: v for k, v in convert.read_state_dict(os.path.join(models.root, "text_encoder")).items()
+  gstate = {k: v for k, v in safetensors_io.read_state_dict(os.path.join(models.root, "text_encoder")).items()
             if not k.startswith("layers.2.")}
   os.makedirs(tmp_path / "bad_gemma")
   shutil.copy(os.path.join(models.root, "text_encoder", "config.json"), tmp_path / "bad_gemma")
-  convert.write_safetensors(str(tmp_path / "bad_gemma" / "model.safetensors"), gstate)
+  safetensors_io.write_safetensors(str(tmp_path / "bad_gemma" / "model.safetensors"), gstate)
   with pytest.raises(ValueError) as err:
     convert.load_gemma2(str(tmp_path / "bad_gemma"))
   assert "missing tensor layers.2.self_attn.q_proj.weight (expected shape (24, 20))" in str(err.value)
@@ -263,17 +266,42 @@ def test_safetensors_reader_writer_bf16(tmp_path):
   import ml_dtypes
   import safetensors.torch
   a = {"w": np.arange(6, dtype=np.float32).reshape(2, 3).astype(ml_dtypes.bfloat16), "b": np.ones(3, np.float16)}
-  convert.write_safetensors(str(tmp_path / "x.safetensors"), a)
+  safetensors_io.write_safetensors(str(tmp_path / "x.safetensors"), a)
   t = safetensors.torch.load_file(str(tmp_path / "x.safetensors"))
   assert t["w"].dtype == torch.bfloat16 and t["w"].float().numpy().tolist() == [[0, 1, 2], [3, 4, 5]]
-  back = convert.read_safetensors(str(tmp_path / "x.safetensors"))
+  back = safetensors_io.read_safetensors(str(tmp_path / "x.safetensors"))
   assert back["w"].dtype == ml_dtypes.bfloat16 and back["b"].dtype == np.float16
   np.testing.assert_array_equal(back["w"].astype(np.float32), a["w"].astype(np.float32))
 
 
+def test_cli_names_the_truncated_file_and_tensor(models, tmp_path):
+  """A diffusers pipeline whose transformer weights were cut short (an interrupted download): the CLI
+  prints one line naming the file and the tensor that was cut, exits 2, and writes nothing."""
+  src = str(tmp_path / "pipeline")
+  shutil.copytree(models.root, src)
+  weights = os.path.join(src, "transformer", "diffusion_pytorch_model.safetensors")
+  with open(weights, "rb") as f:  # The header, read here independently of the reader under test.
+    (n,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(n))
+  name, info = max(((k, v) for k, v in header.items() if k != "__metadata__"), key=lambda kv: kv[1]["data_offsets"][1])
+  start, end = (8 + n + offset for offset in info["data_offsets"])
+  cut = (start + end) // 2  # Half of the last tensor's bytes are gone.
+  with open(weights, "r+b") as f:
+    f.truncate(cut)
+  dst = str(tmp_path / "work")
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-m", "sanajax.convert", "--from=diffusers", f"--src={src}", f"--dst={dst}"],
+                        cwd=repo, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 2, proc.stdout + proc.stderr
+  assert "Traceback" not in proc.stderr, proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("sanajax.convert: error:")]
+  assert errors == [f"sanajax.convert: error: {weights}: tensor {name!r} needs bytes {start}..{end} but the file "
+                    f"has {cut} bytes (truncated?)."], proc.stderr
+  assert not os.path.exists(dst)
+
+
 def test_cli_pipeline_to_workdir_sample_finetune_init_and_export(models, tmp_path):
-  from sanajax import config_utils
-  from sanajax.workdir.loaders import build_text_encoder, init_dit_params, load_ae
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   work, out, dst = str(tmp_path / "work"), str(tmp_path / "png"), str(tmp_path / "export")
   # The CLIs in one shell: diffusers pipeline -> workdir -> PNGs, and workdir -> diffusers.
@@ -292,7 +320,7 @@ def test_cli_pipeline_to_workdir_sample_finetune_init_and_export(models, tmp_pat
   _, want = convert.load_sana_transformer(os.path.join(models.root, "transformer"))
   like = jax.eval_shape(lambda: init_dit_params(cfg, jax.random.PRNGKey(0)))  # boxed, as the trainer holds it
   for source in (cfg.init_from, models.root):
-    jax.tree.map(np.testing.assert_array_equal, nn.unbox(convert.init_params_from(source, like)), want)
+    jax.tree.map(np.testing.assert_array_equal, nn.unbox(init_params_from(source, like)), want)
   # The AE and the text encoder the sampler and trainer build from the workdir.
   _, ae_params, scaling, _ = load_ae(os.path.join(work, "ae"))
   assert scaling == models.ae.config.scaling_factor
@@ -306,5 +334,5 @@ def test_cli_pipeline_to_workdir_sample_finetune_init_and_export(models, tmp_pat
   back = diffusers.SanaTransformer2DModel.from_pretrained(os.path.join(dst, "transformer")).eval()
   x, t, c, m = _dit_inputs()
   np.testing.assert_array_equal(_torch_dit(back, x, t, c, m), _torch_dit(models.dit, x, t, c, m))
-  _same_state_dict(convert.read_state_dict(os.path.join(dst, "vae")),
+  _same_state_dict(safetensors_io.read_state_dict(os.path.join(dst, "vae")),
                    {k: v.numpy() for k, v in models.ae.state_dict().items()})

@@ -490,12 +490,12 @@ class DCAE(nn.Module):
     return self.decode(self.encode(images))
 
 
-_CONFIG_FIELDS = ("in_channels", "latent_channels", "attention_head_dim", "encoder_block_types",
+CONFIG_FIELDS = ("in_channels", "latent_channels", "attention_head_dim", "encoder_block_types",
                   "decoder_block_types", "encoder_block_out_channels", "decoder_block_out_channels",
                   "encoder_layers_per_block", "decoder_layers_per_block", "encoder_qkv_multiscales",
                   "decoder_qkv_multiscales", "upsample_block_type", "downsample_block_type",
                   "decoder_norm_types", "decoder_act_fns", "scaling_factor")
-_OPTIONAL_FIELDS = ("encoder_out_shortcut", "decoder_in_shortcut", "decoder_conv_act_fn", "attn_eps")
+OPTIONAL_FIELDS = ("encoder_out_shortcut", "decoder_in_shortcut", "decoder_conv_act_fn", "attn_eps")
 
 
 def _frozen(value):
@@ -507,11 +507,11 @@ def _frozen(value):
 
 def diffusers_kwargs(ae_config: ml_collections.ConfigDict) -> dict:
   """The AutoencoderDC(**kwargs) equivalent of an `ae` config (used by tests and converters)."""
-  missing = [f for f in _CONFIG_FIELDS if f not in ae_config]
+  missing = [f for f in CONFIG_FIELDS if f not in ae_config]
   if missing:
     raise KeyError(f"DC-AE config lacks fields {missing}; see configs/dcae_f32c32.py for the full list.")
-  kw = {f: _frozen(ae_config[f]) for f in _CONFIG_FIELDS}
-  kw.update({f: _frozen(ae_config[f]) for f in _OPTIONAL_FIELDS[:-1] if f in ae_config})
+  kw = {f: _frozen(ae_config[f]) for f in CONFIG_FIELDS}
+  kw.update({f: _frozen(ae_config[f]) for f in OPTIONAL_FIELDS[:-1] if f in ae_config})
   return kw
 
 

@@ -318,8 +318,8 @@ def student_params_from_teacher(teacher_params: Mapping[str, Any], student_param
 
 # --- diffusers weights --------------------------------------------------------------------------
 
-# 1x1 convs that are Dense layers here: torch (O, I, 1, 1) -> (I, O).
-_POINTWISE = ("conv_inverted", "conv_point")
+# 1x1 convs that are Dense layers here: torch (O, I, 1, 1) -> (I, O) (and back in sana_dit_diffusers).
+POINTWISE_CONVS = ("conv_inverted", "conv_point")
 
 
 def params_from_diffusers_state_dict(state_dict: Mapping[str, Any]) -> dict:
@@ -347,7 +347,7 @@ def params_from_diffusers_state_dict(state_dict: Mapping[str, Any]) -> dict:
     elif leaf == "weight" and arr.ndim == 2:
       path, out = parts[:-1] + ["kernel"], arr.T
     elif leaf == "weight" and arr.ndim == 4:
-      if parts[-2] in _POINTWISE:
+      if parts[-2] in POINTWISE_CONVS:
         out = arr[:, :, 0, 0].T
       else:
         out = arr.transpose(2, 3, 1, 0)

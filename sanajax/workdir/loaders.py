@@ -7,18 +7,30 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Any, Mapping
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from sanajax.data.shapes import VOCAB
 from sanajax.models import dcae
-from sanajax.models.sana_dit import build_dit
-from sanajax.models.text_encoder import TextEncoder
+from sanajax.models.gemma2_transformers import (
+  gemma2_config_from_dict,
+  gemma2_init_args,
+  has_tokenizer,
+  load_gemma2,
+  load_tokenizer,
+)
+from sanajax.models.sana_dit import build_dit, student_params_from_teacher
+from sanajax.models.sana_dit_diffusers import dit_init_args, load_sana_transformer
+from sanajax.models.text_encoder import TextEncoder, build_gemma2
+from sanajax.models.weights_util import abstract_params, boxed_abstract_params, flat_names, put_like
 from sanajax.resolution import ae_downsample
+from sanajax.safetensors_io import check_tensors, tensor_shapes
 from sanajax.workdir.checkpoint import Checkpointer, latest_workdir_step
-from sanajax.workdir.files import AE_INFO_FILE, checkpoint_dir, load_workdir_config
+from sanajax.workdir.files import AE_INFO_FILE, CONFIG_FILE, checkpoint_dir, load_workdir_config
 
 
 def build_text_encoder(config: ml_collections.ConfigDict, workdir: str | None = None) -> TextEncoder:
@@ -32,9 +44,6 @@ def build_text_encoder(config: ml_collections.ConfigDict, workdir: str | None = 
                        "`python -m sanajax.convert --from=transformers` (or a transformers one).")
     if not os.path.isabs(path) and workdir:
       path = os.path.join(workdir, path)
-    from sanajax.convert import (
-      load_text_encoder,  # TODO(structure): moves into this layer with the convert split.
-    )
     return load_text_encoder(path, config.text)
   if config.text.kind != "tiny_gemma2":
     raise ValueError(f"config.text.kind={config.text.kind!r} is unknown: use 'tiny_gemma2' or 'gemma2'.")
@@ -98,3 +107,71 @@ def load_ae(workdir: str):
     with open(info_path) as f:
       scaling = json.load(f)["scaling_factor"]
   return model, params, scaling, config
+
+
+def _is_workdir(path: str) -> bool:
+  """Whether `path` is a sanajax workdir with checkpoints (else a diffusers / transformers directory)."""
+  return os.path.exists(os.path.join(path, CONFIG_FILE)) and os.path.isdir(checkpoint_dir(path))
+
+
+def load_text_encoder(path: str, text_config: Mapping[str, Any] | None = None,
+                      tokenizer_path: str | None = None) -> TextEncoder:
+  """A frozen TextEncoder from a converted text workdir (sanajax.convert --from=transformers) or a
+  transformers Gemma-2 directory; `text_config` supplies max_length, chi_prompt and dtype (model
+  dimensions come from `path`). Tokenizer: tokenizer_path, else path/tokenizer, path, or the
+  sibling ../tokenizer of a diffusers pipeline.
+  """
+  run = dict(text_config or {})
+  if _is_workdir(path):
+    saved = load_workdir_config(path).text
+    dims = gemma2_config_from_dict(saved, run.get("dtype", saved.get("dtype", "float32")))
+    model = build_gemma2(dims)
+    params = Checkpointer(checkpoint_dir(path), read_only=True).restore_params(
+        abstract_params(model, *gemma2_init_args()))
+  else:
+    _, params, dims = load_gemma2(path, dtype=run.get("dtype", "float32"), return_config=True)
+  candidates = [tokenizer_path] if tokenizer_path else [os.path.join(path, "tokenizer"), path,
+                                                        os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                                     "tokenizer")]
+  tok_dir = next((c for c in candidates if c and has_tokenizer(c)), None)
+  if tok_dir is None:
+    raise FileNotFoundError(f"No tokenizer files (tokenizer.json / tokenizer.model) in {candidates}.")
+  config = ml_collections.ConfigDict(dict(dims))
+  config.max_length = int(run.get("max_length", 300))  # SANA's model_max_length.
+  config.chi_prompt = run.get("chi_prompt", "") or ""
+  return TextEncoder(config, tokenizer=load_tokenizer(tok_dir), params=params)
+
+
+def init_params_from(path: str, like: Any) -> Any:
+  """DiT parameters to fine-tune from (`config.init_from`): the EMA weights of the latest checkpoint
+  of a sanajax workdir (a converted one, or a finished run), or a diffusers transformer directory
+  (or a pipeline directory holding transformer/).
+
+  `like` is the freshly initialised params tree as the trainer holds it (model.init's boxed
+  tree of arrays or ShapeDtypeStructs, with shardings where given); the result has its structure
+  and shardings, float32.
+  """
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"init_from={path!r} is not a directory.")
+  if _is_workdir(path):
+    ckpt = Checkpointer(checkpoint_dir(path), read_only=True)
+    saved_model = load_workdir_config(path).model
+    saved = boxed_abstract_params(build_dit(saved_model), *dit_init_args(saved_model))
+    saved_shapes, like_shapes = tensor_shapes(flat_names(saved)), tensor_shapes(flat_names(like))
+    if saved_shapes == like_shapes:
+      return ckpt.restore_params(like, ema=True)
+    # A model with leaves the saved one lacks (SANA-Sprint phase 1 adds q/k RMSNorm and a CFG
+    # embedder to a trained teacher): every saved weight goes to its place, the new leaves keep
+    # their init (norm scales 1, the CFG embedder's zero last layer); any other difference raises.
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(like)):
+      raise ValueError(f"init_from={path!r}: the saved model's parameters differ from this model's, and the new "
+                       f"ones need initial values (pass initialised parameters, not abstract ones).")
+    values = student_params_from_teacher(nn.unbox(ckpt.restore_params(saved, ema=True)), nn.unbox(like))
+    print(f"init_from {path}: the saved model lacks {len(like_shapes) - len(saved_shapes)} parameter "
+          f"arrays of this one (e.g. q/k norms); they keep their initial values.", flush=True)
+    return put_like(like, values)
+  if os.path.exists(os.path.join(path, "transformer", "config.json")):
+    path = os.path.join(path, "transformer")
+  _, params = load_sana_transformer(path)
+  check_tensors(tensor_shapes(flat_names(params)), tensor_shapes(flat_names(like)), path)
+  return put_like(like, params)
