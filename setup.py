@@ -22,6 +22,7 @@ setup(
         "pillow>=10",
         "tensorboardX>=2.6",
         "tqdm>=4.60",
+        "matplotlib>=3.8",  # WORKDIR/loss.png
     ],
     extras_require={
         # PyTorch references for parity tests: the CPU wheel (torch==2.13.0) lies on disk.

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sanajax import config_utils, info
-from sanajax.models import sana_dit
+from sanajax import config_utils
+from sanajax.models import dit_facts, sana_dit
 
 EAGER_RATIO_TARGET = 0.4  # at 1024 px, batch 1
 MATMUL_FRACTION_TARGET = 0.70  # at 4096 px, batch 1
@@ -61,7 +61,7 @@ def load_config(resolution: int, smoke: bool, attn_impl: str):
 
 def make_inputs(config, batch: int, key):
   """bf16 latents (B, h, w, C), t (B,) float32, bf16 caption (B, L, D), mask (B, L) int32."""
-  d = info.describe(config)
+  d = dit_facts.describe(config)
   h, w, c = d["latent_shape"]
   length = d["text_tokens"]
   kx, kt, kc = jax.random.split(key, 3)
@@ -106,7 +106,7 @@ def main(argv=None) -> list[hx.Row]:
   for res, batch in cases:
     config = load_config(res, args.smoke, args.attn_impl)
     case = f"{res}px B={batch}" + (" (tiny DiT)" if args.smoke else "")
-    flops = batch * info.describe(config)["forward_flops"]
+    flops = batch * dit_facts.describe(config)["forward_flops"]
     dit = sana_dit.build_dit(config.model)
     x, t, ctx, mask = make_inputs(config, batch, jax.random.PRNGKey(res + batch))
     if res not in built:

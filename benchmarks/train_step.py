@@ -44,7 +44,8 @@ import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from sanajax import config_utils, info, resolution  # noqa: E402
+from sanajax import config_utils, resolution  # noqa: E402
+from sanajax.models import dit_facts  # noqa: E402
 from sanajax.diffusion import flow  # noqa: E402
 from sanajax.models import sana_dit  # noqa: E402
 from sanajax.training.optim import build_optimizer  # noqa: E402
@@ -62,8 +63,8 @@ SMOKE_OVERRIDES = {"model.depth": 1, "model.hidden_size": 64, "model.cross_num_h
 def load_config(res: int, policy: str, batch: int, smoke: bool):
   """configs/sana_1600m.py at `res` with AdamW, model.remat = policy and batch size `batch`.
 
-  The batch goes into the resolution preset (which `apply_resolution`, and so `info.describe`,
-  re-applies), so `info.describe(config)["train_step_flops"]` counts exactly this batch.
+  The batch goes into the resolution preset (which `apply_resolution`, and so `dit_facts.describe`,
+  re-applies), so `dit_facts.describe(config)["train_step_flops"]` counts exactly this batch.
   """
   overrides = dict(SMOKE_OVERRIDES) if smoke else {}
   overrides.update({"model.remat": policy, "train.optimizer": "adamw",
@@ -74,7 +75,7 @@ def load_config(res: int, policy: str, batch: int, smoke: bool):
 
 def make_batch(config, key):
   """Fixed device inputs: latents (B, h, w, C) float32, caption (B, L, D) bf16, mask (B, L) int32."""
-  d = info.describe(config)
+  d = dit_facts.describe(config)
   b = d["batch_size"]
   length = d["text_tokens"]
   kx, kc = jax.random.split(key)
@@ -88,7 +89,7 @@ def make_state_fn(config):
   """jitted key -> fresh TrainState (float32 params, AdamW state, EMA copy)."""
   dit = sana_dit.build_dit(config.model)
   tx, _ = build_optimizer(config.train, config.train.num_steps)
-  d = info.describe(config)
+  d = dit_facts.describe(config)
   x = jnp.zeros((1, *d["latent_shape"]), jnp.float32)
   ctx = jnp.zeros((1, d["text_tokens"], config.model.caption_channels), jnp.float32)
   mask = jnp.ones((1, d["text_tokens"]), jnp.int32)
@@ -267,7 +268,7 @@ def main(argv=None) -> list[hx.Row]:
     fits, ending = search_policy(trainer, policy, args, deadline)
     measured[policy] = fits
     for batch, ms in fits.items():
-      flops = info.describe(load_config(res, policy, batch, smoke))["train_step_flops"]
+      flops = dit_facts.describe(load_config(res, policy, batch, smoke))["train_step_flops"]
       figure, mfu = mfu_figure(flops, ms, batch, peak, matmul)
       rows.append(hx.Row("train_step", f"{res}px B={batch} remat={policy}{tag}", "sanajax adamw bf16", ms, figure,
                          target, hx.met(None if mfu is None else mfu >= MFU_TARGET)))
@@ -285,7 +286,7 @@ def main(argv=None) -> list[hx.Row]:
       except Exception as e:
         if not hx.is_oom(e):
           raise
-    flops = info.describe(load_config(res, "full", torch_batch, smoke))["train_step_flops"]
+    flops = dit_facts.describe(load_config(res, "full", torch_batch, smoke))["train_step_flops"]
     for label, ms in torch_times:
       figure, _ = mfu_figure(flops, ms, torch_batch, peak, matmul)
       if sanajax_ms is not None:

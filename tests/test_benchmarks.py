@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import optax
 import pytest
 
-from sanajax import info
+from sanajax.models import dit_facts
 from sanajax.models.layers import remat_policy
 from sanajax.training import loop as loop_lib
 from sanajax.training.state import create_train_state
@@ -88,7 +88,7 @@ def test_dit_forward_smoke_flops_match_info_and_profile(tmp_path):
   sanajax = rows[1]
   config = module.load_config(512, True, "auto")
   assert _number(r"([\d.]+) GFLOP/image", sanajax.figure) == pytest.approx(
-      info.describe(config)["forward_flops"] / 1e9, abs=5e-4)
+      dit_facts.describe(config)["forward_flops"] / 1e9, abs=5e-4)
   # bf16 sanajax vs float32 diffusers on the same weights: measured 6.4e-3.
   assert _number(r"rel err vs diffusers ([\d.e+-]+)", sanajax.figure) <= 3e-2
   ratio = _number(r"([\d.]+)x diffusers eager", sanajax.figure)
@@ -130,13 +130,13 @@ def test_train_step_smoke_flops_match_info(tmp_path):
   _check_written(out, rows, "train_step")
   timed = [r for r in rows if r.impl == "sanajax adamw bf16"]
   assert [r.case for r in timed] == ["512px B=1 remat=full (tiny DiT)"]
-  flops = info.describe(module.load_config(512, "full", 1, True))["train_step_flops"]
+  flops = dit_facts.describe(module.load_config(512, "full", 1, True))["train_step_flops"]
   assert _number(r"([\d.e+-]+) TFLOP/step", timed[0].figure) == pytest.approx(flops / 1e12, rel=1e-2)
   assert _number(r"([\d.]+) img/s", timed[0].figure) == pytest.approx(1 / (timed[0].ms * 1e-3), rel=0.01, abs=0.06)
   for batch in (2, 8):  # the batch goes into the FLOP count through the resolution preset
     config = module.load_config(512, "full", batch, True)
     assert config.train.batch_size == batch
-    assert info.describe(config)["train_step_flops"] == 3 * batch * info.describe(config)["forward_flops"]
+    assert dit_facts.describe(config)["train_step_flops"] == 3 * batch * dit_facts.describe(config)["forward_flops"]
   largest = next(r for r in rows if r.impl == "sanajax largest batch")
   assert largest.ms is None and "largest batch that fits: 1 (reached --max_batch=1)" in largest.figure
   assert [r.impl for r in rows[-2:]] == ["diffusers eager fp32", "diffusers torch.compile eager fp32"]

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from sanajax import config_utils, info
-from sanajax.models import sana_dit
+from sanajax import config_utils
+from sanajax.models import dit_facts, sana_dit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # SANA's sizes (the paper's 0.6B / 1.6B, counted exactly from diffusers SanaTransformer2DModel).
@@ -24,7 +24,7 @@ def _diffusers_count(model_config):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_param_counts_match_sana_and_diffusers(name):
   config = config_utils.load_config(name)
-  got = info.describe(config)
+  got = dit_facts.describe(config)
   assert abs(got["total_params"] - EXPECTED[name]) <= 5e-4 * EXPECTED[name]
   assert got["total_params"] == _diffusers_count(config.model)
   assert got["params_per_module"]["caption_projection"] == 2304 * config.model.hidden_size + config.model.hidden_size \
@@ -33,12 +33,12 @@ def test_param_counts_match_sana_and_diffusers(name):
 
 def test_resolution_override_is_applied():
   config = config_utils.load_config("sana_1600m", overrides={"data.resolution": 4096})
-  got = info.describe(config)
+  got = dit_facts.describe(config)
   assert got["latent_shape"] == (128, 128, 32) and got["image_tokens"] == 128 * 128
   assert config.model.use_pe and config.model.pe_interpolation == 2.0 and config.diffusion.flow_shift == 6.0
   assert got["total_params"] == 1604462752  # sin-cos PE adds no parameters.
   # Linear attention: 16x the tokens cost 16x the self-attention FLOPs.
-  base = info.describe(config_utils.load_config("sana_1600m"))
+  base = dit_facts.describe(config_utils.load_config("sana_1600m"))
   ratio = got["forward_flops_per_image"]["self_attention"] / base["forward_flops_per_image"]["self_attention"]
   assert ratio == pytest.approx(16.0)
 
@@ -109,7 +109,7 @@ def test_sprint_param_counts_match_diffusers(name, base):
   config = config_utils.load_config(name)
   m = config.model
   assert m.qk_norm and m.guidance_embeds and m.timestep_scale == 0.001 and m.sample_size == 32
-  got = info.describe(config)["total_params"]
+  got = dit_facts.describe(config)["total_params"]
   assert got == _diffusers_count(m)
   h, depth = m.hidden_size, m.depth
   extra = (256 * h + h + h * h + h) + depth * (2 * h + 2 * m.cross_num_heads * m.cross_head_dim)

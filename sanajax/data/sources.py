@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from sanajax.data.shapes import ShapesSource
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -312,7 +314,6 @@ def make_source(source: str, resolution: int, seed: int, split: str = "train", *
     raise ValueError(f"data source must be a string, got {source!r} "
                      f"({type(source).__name__}). Accepted: 'shapes' or 'folder:PATH'.")
   if source == "shapes":
-    from sanajax.data.shapes import ShapesSource  # pylint: disable=g-import-not-at-top
     return ShapesSource(resolution=resolution, seed=seed, split=split)
   if source.startswith("folder:"):
     path = source[len("folder:"):]

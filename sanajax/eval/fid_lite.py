@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sanajax.data.sources import make_source
+
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _features(ae_model, ae_params, images, pool: int):
@@ -63,7 +65,6 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 
 def data_images(source: str, resolution: int, num: int, *, seed: int = 0, split: str = "train") -> np.ndarray:
   """The first `num` images (N, R, R, 3) uint8 of a data source (sanajax.data.sources.make_source)."""
-  from sanajax.data.sources import make_source
   src = make_source(source, resolution, seed, split=split)
   images = []
   i = 0

@@ -16,7 +16,7 @@ from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source_from_config
 from sanajax.diffusion import flow
-from sanajax.info import describe
+from sanajax.models.dit_facts import describe
 from sanajax.models.sana_dit import build_dit
 from sanajax.parallel import Plan
 from sanajax.resolution import apply_resolution
