@@ -3,6 +3,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import xla_env  # noqa: E402  (tests/xla_env.py)
 
@@ -22,9 +24,18 @@ LONGEST_FIRST = ("test_learning.py", "test_sprint_distill.py", "test_parallel.py
                  "test_sprint_ablation.py", "test_parallel_sprint.py", "test_notebooks.py")
 
 
+# Files marked `slow` (each over ~2 minutes on the 2-core machine: they train, distil or run the
+# 8-device and notebook scripts). `pytest -m "not slow"` is the quick suite (README "Tests"); CI runs all.
+SLOW_FILES = ("test_learning.py", "test_sprint_distill.py", "test_parallel.py", "test_sprint_ablation.py",
+              "test_parallel_sprint.py", "test_notebooks.py")
+
+
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
+  for item in items:
+    if item.path.name in SLOW_FILES:
+      item.add_marker(pytest.mark.slow)
 
 
 def pytest_configure(config):
@@ -39,6 +50,7 @@ def pytest_configure(config):
   (jax_persistent_cache_min_compile_time_secs) are not stored. A run that sets
   JAX_COMPILATION_CACHE_DIR keeps its own; JAX_ENABLE_COMPILATION_CACHE=false turns it off.
   """
+  config.addinivalue_line("markers", "slow: a test file over ~2 minutes on 2 cores (quick suite: -m 'not slow')")
   if hasattr(config.option, "loadscopereorder"):
     config.option.loadscopereorder = False  # xdist would reorder files by test count; keep LONGEST_FIRST
   if "PYTEST_XDIST_WORKER" in os.environ or "JAX_COMPILATION_CACHE_DIR" in os.environ:
