@@ -105,7 +105,7 @@ def test_info_per_device_bytes_follow_the_plan():
   """Sana-1600M (1,604,462,752 float32 parameters): one device holds them all; fsdp=8 an eighth
   (plus what no rule splits); AdamW's two moments are twice the parameters."""
   from sanajax import config_utils
-  from sanajax.parallel import memory
+  from sanajax.training import memory
   n = 1604462752
   one = memory.plan_memory(config_utils.load_config("sana_1600m", overrides={"train.optimizer": "adamw"}))
   assert one["parameters"] == 4 * n and 8 * n < one["optimizer_state"] <= 8 * n + 16  # + int32 step counts
@@ -326,7 +326,7 @@ def check_state_shardings(plan, mesh: dict, state, grads, optimizer: str = "adam
     (optax.contrib.muon, a partition of two transforms): the Muon momentum of each kernel that
     muon_dimension_numbers orthogonalises, AdamW's mu and nu of every other parameter, and an
     empty box (optax's MaskedNode) in the other transform's trees;
-  * each device holds what sanajax.parallel.memory (the `sanajax.info` per-device figures)
+  * each device holds what sanajax.training.memory (the `sanajax.info` per-device figures)
     computes for the plan.
   """
   import flax.linen as nn
@@ -335,7 +335,7 @@ def check_state_shardings(plan, mesh: dict, state, grads, optimizer: str = "adam
   import optax
   from jax.sharding import PartitionSpec as P
 
-  from sanajax.parallel import memory
+  from sanajax.training import memory
   is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)
   axis = {"F": "fsdp" if mesh.get("fsdp", 1) > 1 else None, "T": "tensor" if mesh.get("tensor", 1) > 1 else None,
           None: None}

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from sanajax.dtypes import dtype_from_name
 from sanajax.kernels import linear_attention
 from sanajax.kernels.depthwise_conv import depthwise_conv2d
 
@@ -521,7 +522,7 @@ def build_dcae(ae_config: ml_collections.ConfigDict) -> DCAE:
   if "attn_eps" in ae_config:
     kw["attn_eps"] = float(ae_config.attn_eps)
   return DCAE(**kw, attn_impl=ae_config.get("attn_impl", "xla"),
-              dtype=jnp.dtype(ae_config.get("dtype", "float32")))
+              dtype=dtype_from_name(ae_config.get("dtype", "float32"), "ae.dtype"))
 
 
 def downsample_factor(ae_config: ml_collections.ConfigDict) -> int:

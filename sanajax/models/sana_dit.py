@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from sanajax.dtypes import dtype_from_name
 from sanajax.models.attention import CrossAttention, LinearSelfAttention
 from sanajax.models.layers import (
   AdaLNSingle,
@@ -247,9 +248,6 @@ class SanaDiT(nn.Module):
     return out
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def build_dit(model_config: Mapping[str, Any], **overrides) -> SanaDiT:
   """SanaDiT from a config's `model` ConfigDict (fields as configs/tiny.py; optional
   pe_interpolation, sample_size (the latent side the PE grid is based on, diffusers'
@@ -258,9 +256,7 @@ def build_dit(model_config: Mapping[str, Any], **overrides) -> SanaDiT:
   c = dict(model_config)
   if c.get("name", "sana_dit") != "sana_dit":
     raise ValueError(f"build_dit builds model.name='sana_dit', got {c['name']!r}.")
-  dtype = c.get("dtype", "float32")
-  if dtype not in _DTYPES:
-    raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+  dtype = dtype_from_name(c.get("dtype", "float32"), "model.dtype")
   kwargs = dict(
       depth=c["depth"], hidden_size=c["hidden_size"], linear_head_dim=c["linear_head_dim"],
       cross_num_heads=c["cross_num_heads"], cross_head_dim=c["cross_head_dim"], mlp_ratio=c["mlp_ratio"],
@@ -271,7 +267,7 @@ def build_dit(model_config: Mapping[str, Any], **overrides) -> SanaDiT:
       attn_eps=c["attn_eps"], norm_eps=c["norm_eps"], y_norm_scale=c["y_norm_scale"], qk_norm=c.get("qk_norm", False),
       timestep_scale=float(c.get("timestep_scale", 1.0)), guidance_embeds=bool(c.get("guidance_embeds", False)),
       guidance_embeds_scale=float(c.get("guidance_embeds_scale", 0.1)),
-      dtype=_DTYPES[dtype], attn_impl=c.get("attn_impl", "xla"), remat=c.get("remat", "none"))
+      dtype=dtype, attn_impl=c.get("attn_impl", "xla"), remat=c.get("remat", "none"))
   kwargs.update(overrides)
   if kwargs["hidden_size"] % kwargs["linear_head_dim"]:
     raise ValueError(f"hidden_size {kwargs['hidden_size']} is not a multiple of linear_head_dim "

@@ -22,8 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sanajax.dtypes import dtype_from_name
+
 Dtype = Any
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 _init = nn.initializers.normal(stddev=0.02)  # Gemma2Config.initializer_range.
 
 
@@ -181,7 +182,7 @@ def build_gemma2(text_config: Mapping[str, Any], vocab_size: int | None = None) 
       num_kv_heads=c["num_kv_heads"], head_dim=c["head_dim"], intermediate_size=c["intermediate_size"],
       sliding_window=c.get("sliding_window"), attn_logit_softcapping=c.get("attn_logit_softcapping"),
       query_pre_attn_scalar=c.get("query_pre_attn_scalar") or c["head_dim"], rope_theta=c.get("rope_theta", 10000.0),
-      rms_norm_eps=c.get("rms_norm_eps", 1e-6), dtype=_DTYPES[c.get("dtype", "float32")])
+      rms_norm_eps=c.get("rms_norm_eps", 1e-6), dtype=dtype_from_name(c.get("dtype", "float32"), "text.dtype"))
 
 
 def params_from_transformers_state_dict(state_dict: Mapping[str, Any], text_config: Mapping[str, Any] | None = None

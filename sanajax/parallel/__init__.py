@@ -4,7 +4,7 @@
   plan.py        Plan: shardings of states and batches, activation constraints
   sequence.py    sequence-parallel linear attention and Mix-FFN conv halo (shard_map)
   distributed.py jax.distributed.initialize from flags / SLURM / TPU pods
-  memory.py      per-device bytes of a plan (python -m sanajax.info)
+(Per-device bytes of a plan, `python -m sanajax.info`, are sanajax.training.memory: they size the trainer's state.)
 """
 from sanajax.parallel.context import active_plan, use_plan
 from sanajax.parallel.mesh import (

@@ -2,7 +2,8 @@
 
 Used by `python -m sanajax.info --config=... --config.mesh.fsdp=8`: a plan's mesh may be bigger
 than the machine it is printed on, so shard sizes come from the mesh *shape* and the same rules
-(sanajax.parallel.mesh.logical_to_mesh) the trainer uses.
+(sanajax.parallel.mesh.logical_to_mesh) the trainer uses. It lives in training/ because it sizes
+the trainer's state: the DiT (models/) and the optimizer (training/optim.py).
 
   parameters        float32 master weights, split as their logical names say;
   gradients         the same layout and size (float32, alive during the update);
@@ -23,6 +24,9 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from sanajax import resolution
+from sanajax.dtypes import dtype_from_name
+from sanajax.models import sana_dit
 from sanajax.parallel.mesh import (
   DEFAULT_RULES,
   MESH_AXES,
@@ -30,6 +34,7 @@ from sanajax.parallel.mesh import (
   mesh_shape,
   normalize_rules,
 )
+from sanajax.training.optim import build_optimizer
 
 
 def _abstract_mesh(shape: tuple[int, ...]) -> Any:
@@ -72,7 +77,7 @@ def activation_bytes(config: Any, latent_hw: tuple[int, int], mesh: Any) -> int:
   channels over tensor.
   """
   m = config.model
-  item = {"float32": 4, "bfloat16": 2, "float16": 2}[m.get("dtype", "float32")]
+  item = np.dtype(dtype_from_name(m.get("dtype", "float32"), "model.dtype")).itemsize
   b_local = max(1, int(config.train.batch_size) // (mesh.shape["data"] * mesh.shape["fsdp"]))
   n = (latent_hw[0] // m.patch_size) * (latent_hw[1] // m.patch_size)
   n_local = math.ceil(n / mesh.shape["sequence"])
@@ -91,9 +96,6 @@ def activation_bytes(config: Any, latent_hw: tuple[int, int], mesh: Any) -> int:
 
 def plan_memory(config: Any, num_devices: int | None = None) -> dict[str, Any]:
   """Per-device bytes of the config's DiT training state and activations under config.mesh."""
-  from sanajax import resolution  # pylint: disable=g-import-not-at-top
-  from sanajax.models import sana_dit  # pylint: disable=g-import-not-at-top
-  from sanajax.training.optim import build_optimizer  # pylint: disable=g-import-not-at-top
   config = resolution.apply_resolution(config)
   mesh_cfg = config.get("mesh") or {}
   sizes = [int(mesh_cfg.get(a, 1)) for a in MESH_AXES]

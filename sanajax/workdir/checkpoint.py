@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def latest_workdir_step(workdir: str) -> int | None:
@@ -98,7 +99,6 @@ def _gather_process_states(data_state: dict) -> dict:
   Orbax writes a JSON item from process 0 only, but each host reads a different shard of the
   data; the positions are gathered (as padded UTF-8 bytes) so each host resumes its own.
   """
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   raw = np.frombuffer(json.dumps(data_state).encode(), np.uint8)
   lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32)).reshape(-1)
   padded = np.zeros(int(lengths.max()), np.uint8)
