@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from sanajax.training.metrics import MetricWriter
 from sanajax.training.state import NAN_QUANTITIES
 from sanajax.workdir.checkpoint import Checkpointer
+from sanajax.workdir.lock import hold_workdir
 
 
 class NonFiniteError(FloatingPointError):
@@ -47,16 +49,31 @@ def check_finite(state: Any) -> None:
 
 
 def restore_or_init(ckpt: Checkpointer, init_state: Any, data_iter: Any) -> Any:
-  """Returns the latest checkpointed state (and positions data_iter) or init_state."""
-  step = ckpt.latest_step()
-  if step is None:
+  """Returns the newest checkpointed state that restores (and positions data_iter) or init_state.
+
+  A damaged latest checkpoint is reported and set aside by Checkpointer.restore, which falls back
+  to the newest intact one.
+  """
+  if ckpt.latest_step() is None:
     return init_state
-  state, data_state = ckpt.restore(init_state, step)
+  state, data_state = ckpt.restore(init_state)
+  step = ckpt.restored_step
   if data_state and hasattr(data_iter, "set_state"):
     data_iter.set_state(data_state)
   logging.info("Resumed from %s at step %d.", ckpt.directory, step)
   print(f"Resumed from checkpoint at step {step} ({ckpt.directory}).", flush=True)
   return state
+
+
+def restart_clock(bar: tqdm) -> None:
+  """Starts the bar's clock now: called when the first step's call returns, before its update.
+
+  That call includes XLA compiling the step (minutes for a large model); counted, it made the first
+  ETA "3:34:16". unpause() moves the start (and the last print) to now, so the elapsed time and the
+  rate (the average of per-update rates, or steps / elapsed) count only the steps that follow.
+  """
+  bar.set_postfix_str("", refresh=False)  # drops "compiling the step"
+  bar.unpause()
 
 
 def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]], data_iter: Iterator,
@@ -73,6 +90,7 @@ def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, d
     return state
   bar = tqdm(total=loop.num_steps, initial=start, desc=loop.description, unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0, mininterval=2.0)
+  bar.set_postfix_str("compiling the step", refresh=True)
   last_time, last_step = time.perf_counter(), start
   step = start
   metrics = {}
@@ -80,7 +98,10 @@ def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, d
     for step in range(start + 1, loop.num_steps + 1):
       batch = next(data_iter)
       state, metrics = step_fn(state, batch)
+      if step == start + 1:
+        restart_clock(bar)
       bar.update(1)
+      ckpt.check_save()  # a failed asynchronous save stops the run at the next step, not the next save
       if step % loop.log_every == 0 or step == loop.num_steps:
         metrics = jax.device_get(metrics)
         check_finite(state)
@@ -120,17 +141,24 @@ def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callab
   steps. step_fn: `run`'s (may be built from the fresh state: restoring keeps its layout).
   on_done(state, writer): called after the last step, before the writer is closed (e.g. to log
   an evaluation at the final step).
+
+  The workdir's lock (sanajax.workdir.lock) is held throughout: the trainers take it first thing,
+  and this takes it again (reentrant) for callers that do not. metrics.jsonl keeps only rows up to
+  the restored step (a killed run's later steps are logged again by this one).
   """
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_config.keep_checkpoints)
-  state = restore_or_init(ckpt, state, data_iter)
-  writer = MetricWriter(workdir)
-  loop = LoopConfig(num_steps=train_config.num_steps, batch_size=train_config.batch_size,
-                    log_every=train_config.log_every, checkpoint_every=train_config.checkpoint_every,
-                    flops_per_step=flops_per_step, description=description)
-  state = run(loop, state, step_fn, data_iter, ckpt, writer, sample_fn=sample_fn,
-              extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
-  if on_done is not None:
-    on_done(state, writer)
-  ckpt.close()
-  writer.close()
+  with hold_workdir(workdir):
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_config.keep_checkpoints)
+    state = restore_or_init(ckpt, state, data_iter)
+    writer = MetricWriter(workdir)
+    writer.drop_after(int(jax.device_get(state.step)))
+    loop = LoopConfig(num_steps=train_config.num_steps, batch_size=train_config.batch_size,
+                      log_every=train_config.log_every, checkpoint_every=train_config.checkpoint_every,
+                      sample_every=int(train_config.get("sample_every", 0) or 0), flops_per_step=flops_per_step,
+                      description=description)
+    state = run(loop, state, step_fn, data_iter, ckpt, writer, sample_fn=sample_fn,
+                extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
+    if on_done is not None:
+      on_done(state, writer)
+    ckpt.close()
+    writer.close()
   return state
