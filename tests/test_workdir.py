@@ -2,7 +2,9 @@
 metrics, and the progress bar's clock (sanajax/workdir/lock.py, workdir/checkpoint.py, training/loop.py)."""
 import errno
 import glob
+import logging
 import os
+import pathlib
 import shutil
 import signal
 import socket
@@ -17,6 +19,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 import test_training  # tests/ is on sys.path: its tiny DiT config
+from absl import logging as absl_logging
 
 from sanajax import config_utils
 from sanajax.generation import Generator
@@ -84,9 +87,8 @@ def test_a_second_trainer_refuses_at_once_and_a_dead_ones_lock_is_taken_over(tmp
 
 
 def test_the_lock_is_released_on_an_exception_and_another_hosts_lock_is_not_taken(tmp_path):
-  with pytest.raises(ZeroDivisionError):
-    with hold_workdir(str(tmp_path)):
-      1 / 0  # noqa: B018
+  with pytest.raises(ZeroDivisionError), hold_workdir(str(tmp_path)):
+    1 / 0  # noqa: B018
   assert not os.path.exists(tmp_path / ".lock")
   (tmp_path / ".lock").write_text('{"host": "other-host", "pid": 1, "started": "2026-01-02T03:04:05"}')
   with pytest.raises(WorkdirLockedError, match=r"host other-host, pid 1, started 2026-01-02T03:04:05.*delete"):
@@ -115,7 +117,7 @@ def truncate_arrays(step_dir):
 DAMAGE = {
     "truncated arrays": truncate_arrays,
     "deleted state/": lambda d: shutil.rmtree(os.path.join(d, "state")),
-    "garbage data JSON": lambda d: open(os.path.join(d, "data", "metadata"), "w").write("{garbage"),
+    "garbage data JSON": lambda d: pathlib.Path(d, "data", "metadata").write_text("{garbage"),
 }
 
 
@@ -156,7 +158,7 @@ def test_unreadable_metadata_and_an_unfinished_save_do_not_block_a_restore(tmp_p
   ckpt.save(1, small_state(1.0))
   ckpt.save(2, small_state(2.0))
   ckpt.close()
-  open(os.path.join(directory, "2", "_CHECKPOINT_METADATA"), "w").write("{garbage")  # Orbax restores without it
+  pathlib.Path(directory, "2", "_CHECKPOINT_METADATA").write_text("{garbage")  # Orbax restores without it
   shutil.copytree(os.path.join(directory, "2"), os.path.join(directory, "3.orbax-checkpoint-tmp-1234"))
   writer = Checkpointer(directory)
   state, _ = writer.restore(small_state(0.0))
@@ -307,3 +309,16 @@ def test_the_progress_bar_rate_excludes_the_first_steps_compile(tmp_path, monkey
   rate = seen["rate"] or (seen["n"] - seen["initial"]) / seen["elapsed"]
   assert seen["n"] == 20 and seen["elapsed"] < 2.0, seen
   assert rate > 10, seen  # ~1 step/s or less if the 2.5 s compile counted
+
+
+# --- what a user sees ----------------------------------------------------------------------------------------------
+
+def test_opening_checkpoints_read_only_logs_no_orbax_warnings(tmp_path, caplog):
+  ckpt = Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  ckpt.save(1, small_state(1.0))
+  ckpt.close()
+  with caplog.at_level(logging.WARNING):
+    Checkpointer(str(tmp_path / "checkpoints"), read_only=True).restore_params(small_state(0.0).ema_params)
+    absl_logging.warning("Given directory is a test=%s", 1)  # other absl warnings still pass
+  messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert messages == ["Given directory is a test=1"], messages
