@@ -17,7 +17,8 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
-from sanajax.training.metrics import MetricWriter
+from sanajax.training.loss_plot import LOSS_PLOT_FILE, write_loss_plot
+from sanajax.training.metrics import MetricWriter, read_metrics
 from sanajax.training.state import NAN_QUANTITIES
 from sanajax.workdir.checkpoint import Checkpointer
 from sanajax.workdir.lock import hold_workdir
@@ -144,7 +145,8 @@ def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callab
 
   The workdir's lock (sanajax.workdir.lock) is held throughout: the trainers take it first thing,
   and this takes it again (reentrant) for callers that do not. metrics.jsonl keeps only rows up to
-  the restored step (a killed run's later steps are logged again by this one).
+  the restored step (a killed run's later steps are logged again by this one). At the end the
+  loss curve is drawn to WORKDIR/loss.png (sanajax.training.loss_plot).
   """
   with hold_workdir(workdir):
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_config.keep_checkpoints)
@@ -161,4 +163,6 @@ def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callab
       on_done(state, writer)
     ckpt.close()
     writer.close()
+    if jax.process_index() == 0 and os.path.exists(writer.path):
+      write_loss_plot(read_metrics(workdir), os.path.join(workdir, LOSS_PLOT_FILE), title=f"{description} loss")
   return state
