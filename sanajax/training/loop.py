@@ -3,6 +3,12 @@
 It owns what every run needs and nothing model-specific: resume from the latest checkpoint,
 a progress bar with ETA, metrics.jsonl + TensorBoard, throughput (images/s, TFLOP/s), the
 NaN guard, periodic asynchronous checkpoints, and optional sample grids.
+
+What it survives: a second run on the workdir (the lock, sanajax.workdir.lock, refuses it); a
+damaged latest checkpoint (the resume falls back to the newest that restores); a failed
+asynchronous save (checked every step: the run stops at the step after it, naming the folder);
+the rows a killed run logged after its last checkpoint (dropped on resume, logged again). The
+bar's clock starts after the first step, whose call includes compiling it.
 """
 from __future__ import annotations
 
