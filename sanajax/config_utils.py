@@ -66,6 +66,13 @@ def record_overrides(config: ml_collections.ConfigDict, dotted_keys) -> ml_colle
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
   """Sets config.a.b.c = value, refusing unknown fields with the list of known ones."""
+  node, leaf = field_parent(config, dotted)
+  node[leaf] = value
+
+
+def field_parent(config: ml_collections.ConfigDict, dotted: str) -> tuple[ml_collections.ConfigDict, str]:
+  """(config.a.b, "c") for "a.b.c"; a KeyError naming the unknown field and the known ones (what
+  set_field and the CLIs' override check say)."""
   *parents, leaf = dotted.split(".")
   node = config
   for i, name in enumerate(parents):
@@ -75,4 +82,4 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
   if leaf not in node:
     raise KeyError(f"Unknown config field {dotted!r}; known fields of {'.'.join(parents) or 'config'}: "
                    f"{sorted(node.keys())}")
-  node[leaf] = value
+  return node, leaf

@@ -54,13 +54,13 @@ import numpy as np
 from absl import app, flags, logging
 
 from sanajax import config_utils
+from sanajax.cli import quiet_library_logs
 from sanajax.models import dcae, dcae_diffusers, sana_dit, sana_dit_diffusers
 from sanajax.models.dcae_diffusers import load_dcae
 from sanajax.models.gemma2_transformers import gemma2_config_from_dict, has_tokenizer, load_gemma2, load_tokenizer
 from sanajax.models.sana_dit_diffusers import dit_init_args, load_sana_transformer
 from sanajax.models.weights_util import abstract_params, boxed_abstract_params, put_like
 from sanajax.safetensors_io import read_json
-from sanajax.training.setup import quiet_library_logs
 from sanajax.workdir.checkpoint import Checkpointer
 from sanajax.workdir.files import AE_INFO_FILE, ae_workdir, checkpoint_dir, load_workdir_config, prepare_workdir
 from sanajax.workdir.loaders import has_checkpoint, load_ae

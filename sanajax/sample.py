@@ -4,53 +4,65 @@
         [--sampler=flow_dpm|flow_euler] [--steps=20] [--cfg=4.5] [--cfg_interval=0.5,1|none] [--seed=0]
     python -m sanajax.sample --workdir=DIR --prompt="a red circle" --out=OUT
     python -m sanajax.sample --workdir=SPRINT_DIR --prompt="a red circle" --out=OUT --sampler=scm --steps=2
-    python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT --mesh=fsdp=8   # sharded (README "Scaling")
+    python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT --config.mesh.fsdp=8   # sharded (README "Scaling")
 
 `--sampler=scm` is SANA-Sprint's sCM sampler (1, 2 or 4 steps on the TrigFlow grids [1.5708, 0],
-[1.5708, 1.3, 0], linspace(1.5708, 0, 5)); with a Sprint student (model.guidance_embeds) `--cfg`
-is the guidance value the student embeds (Sprint: 4.5), not a second model pass.
+[1.5708, 1.3, 0], linspace(1.5708, 0, 5)) for a Sprint student (a sanajax.distill_sprint workdir,
+model.guidance_embeds); there `--cfg` is the guidance value the student embeds (Sprint: 4.5), not
+a second model pass. `--config.mesh.*` is the sharding plan, spelt as for training (mesh axes data,
+fsdp, sequence, tensor; -1: the rest of the devices; default: one device); multi-host with the
+flags of sanajax.train.
+
+The options are checked before any model loads (one line on stderr and exit code 2 for a
+non-finite --cfg, --steps < 1, scm on a model that is not a Sprint student, an --out that cannot
+be written); a prompt longer than the text encoder reads is sampled from its first tokens, with
+a warning.
 
 Writes OUT/00000.png, 00001.png, ... (one per prompt, in order) and OUT/grid.png, using
 the EMA weights of the latest checkpoint in DIR.
 """
 from __future__ import annotations
 
+import math
 import os
+import sys
+import tempfile
 
-from absl import app, flags
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
+from sanajax import cli
+from sanajax.diffusion import samplers
 from sanajax.eval.geneval_lite import read_prompts_file
 from sanajax.generation import Generator, write_images
-from sanajax.parallel import MESH_AXES, Plan, make_mesh
-from sanajax.training.setup import quiet_library_logs
+from sanajax.models.text_encoder import TextEncoder
+from sanajax.parallel import Plan, mesh_config
+from sanajax.workdir.files import load_workdir_config
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (config.json + checkpoints).")
+cli.define_flags("Training workdir (config.json + checkpoints).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line (a \"<TAB>category\" "
                                      "suffix, as in GenEval-lite prompts files, is dropped).")
 _PROMPT = flags.DEFINE_string("prompt", None, "A single prompt (instead of --prompts_file).")
-_OUT = flags.DEFINE_string("out", None, "Output folder for the PNGs.")
-_SAMPLER = flags.DEFINE_enum("sampler", None, ["flow_dpm", "flow_euler", "scm"],
-                             "Default: the config's sample.sampler. scm: SANA-Sprint's 1-4 step sampler.")
-_STEPS = flags.DEFINE_integer("steps", None, "Default: the config's sample.steps.")
-_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale (a Sprint student's embedded guidance "
-                          "value). Default: the config's sample.cfg.")
+_OUT = flags.DEFINE_string("out", None, "Output folder for the PNGs (created; must be writable).")
+_SAMPLER = flags.DEFINE_enum("sampler", None, list(samplers.SAMPLERS),
+                             "Default: the config's sample.sampler. scm: SANA-Sprint's 1-4 step sampler "
+                             "(Sprint students only).")
+_STEPS = flags.DEFINE_integer("steps", None, "Model evaluations, >= 1. Default: the config's sample.steps.")
+_CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale, finite (a Sprint student's embedded "
+                          "guidance value). Default: the config's sample.cfg.")
 _CFG_INTERVAL = flags.DEFINE_string("cfg_interval", None, "Flow times 'LO,HI' at which CFG applies (flow "
                                     "samplers; 'none': every step). Default: the config's sample.cfg_interval.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per sampling call.")
-_MESH = flags.DEFINE_string("mesh", "", "Sharding plan for sampling, e.g. 'fsdp=8' or 'data=2,tensor=4' (mesh axes "
-                            "data, fsdp, sequence, tensor; -1: the rest of the devices). Default: one device.")
+# Only the sharding plan is set from the command line (--config.mesh.fsdp=8, as for training); it is
+# laid over the workdir's config, whose mesh was the training run's (sampling defaults to one device).
+_CONFIG = cli.define_config_dict(ml_collections.ConfigDict({"mesh": mesh_config()}),
+                                "Sampling overrides: --config.mesh.AXIS=SIZE.")
 
-
-def parse_mesh(text: str) -> dict[str, int]:
-  """'fsdp=4,tensor=2' -> {"fsdp": 4, "tensor": 2} (checked against the mesh axes)."""
-  out = {}
-  for part in filter(None, (p.strip() for p in text.split(","))):
-    name, _, value = part.partition("=")
-    if name not in MESH_AXES or not value.lstrip("-").isdigit():
-      raise app.UsageError(f"--mesh part {part!r}: expected AXIS=SIZE with AXIS one of {MESH_AXES}.")
-    out[name] = int(value)
-  return out
+MAX_PROMPT_WARNINGS = 5
 
 
 def parse_cfg_interval(text: str) -> tuple[float, float] | None:
@@ -61,53 +73,130 @@ def parse_cfg_interval(text: str) -> tuple[float, float] | None:
   try:
     lo, hi = (float(p) for p in parts)
   except ValueError:
-    raise app.UsageError(f"--cfg_interval={text!r}: expected 'LO,HI' flow times (e.g. '0.5,1') or 'none'.") from None
+    raise cli.UserError(f"--cfg_interval={text!r}: expected 'LO,HI' flow times (e.g. '0.5,1') or 'none'.") from None
   if not 0.0 <= lo <= hi <= 1.0:
-    raise app.UsageError(f"--cfg_interval={text!r}: need 0 <= LO <= HI <= 1.")
+    raise cli.UserError(f"--cfg_interval={text!r}: need 0 <= LO <= HI <= 1.")
   return lo, hi
 
 
 def read_prompts(prompts_file: str | None, prompt: str | None) -> list[str]:
   if (prompts_file is None) == (prompt is None):
-    raise app.UsageError("Give exactly one of --prompts_file or --prompt.")
+    raise cli.UserError("Give exactly one of --prompts_file or --prompt.")
   if prompt is not None:
     return [prompt]
   if not os.path.exists(prompts_file):
-    raise app.UsageError(f"--prompts_file {prompts_file!r} does not exist.")
+    raise cli.UserError(f"--prompts_file {prompts_file!r} does not exist.")
   # The GenEval-lite format ("prompt<TAB>category" lines, e.g. a run's samples/prompts.txt) is read
   # the way the evaluator reads it: the category is for scoring, never part of the prompt.
   try:
     prompts, _ = read_prompts_file(prompts_file)
   except ValueError as e:
-    raise app.UsageError(f"--prompts_file: {e}") from None
+    raise cli.UserError(f"--prompts_file: {e}") from None
   if not prompts:
-    raise app.UsageError(f"--prompts_file {prompts_file!r} holds no prompts.")
+    raise cli.UserError(f"--prompts_file {prompts_file!r} holds no prompts.")
   return prompts
 
 
+def check_out_dir(out: str) -> None:
+  """Creates `out` and writes a probe file in it, so an unwritable --out fails before sampling."""
+  try:
+    os.makedirs(out, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=out, prefix=".sanajax-write-test-"):
+      pass
+  except OSError as e:
+    raise cli.UserError(f"--out={out!r} cannot be written ({e.strerror or e}); choose a folder you can write to.") \
+        from e
+
+
+def check_options(config: ml_collections.ConfigDict, sampler: str, steps: int, cfg: float, batch_size: int) -> None:
+  """The sampling options against the workdir's config (config.json only: nothing has loaded yet).
+
+  steps >= 1 (every sampler; scm's grids: 1, 2, 4 as released, any count works), a finite cfg,
+  and scm only for a Sprint student: a plain flow model sampled with scm goes through the TrigFlow
+  transform of its velocity (generation.sample_latents), which is what distillation starts from,
+  not a few-step sampler; at 1-4 steps it gives blurred images, not the student's.
+  """
+  source = lambda flag, field: f"--{flag}" if flags.FLAGS[flag].present else f"sample.{field} of the workdir's config"
+  if not isinstance(steps, int) or steps < 1:
+    raise cli.UserError(f"{source('steps', 'steps')}={steps}: the number of sampling steps must be >= 1.")
+  if not math.isfinite(cfg):
+    raise cli.UserError(f"{source('cfg', 'cfg')}={cfg}: the guidance scale must be a finite number (e.g. 4.5).")
+  if batch_size < 1:
+    raise cli.UserError(f"--batch_size={batch_size}: must be >= 1.")
+  if sampler == "scm" and not config.model.get("guidance_embeds", False):
+    raise cli.UserError(
+        f"{source('sampler', 'sampler')}=scm needs a SANA-Sprint student (model.guidance_embeds); this workdir holds a "
+        f"flow-matching model: sample it with --sampler=flow_dpm or flow_euler, or distil it first "
+        f"(python -m sanajax.distill_sprint --config.teacher_workdir=WORKDIR).")
+
+
+def sampling_plan(workdir_config: ml_collections.ConfigDict) -> Plan:
+  """The --config.mesh.* plan (default one device) with the workdir's logical-axis rules (unless
+  --config.mesh.rules is given): the mesh of training is not reused, sampling may run elsewhere."""
+  mesh = ml_collections.ConfigDict(_CONFIG.value.mesh.to_dict())
+  overridden = config_flags.get_override_values(flags.FLAGS["config"])
+  if "mesh.rules" not in overridden and "rules" in workdir_config.get("mesh", {}):
+    mesh.rules = workdir_config.mesh.rules
+  try:
+    return Plan.from_config({"mesh": mesh})
+  except (ValueError, TypeError) as e:
+    raise cli.UserError(f"--config.mesh: {e}") from e
+
+
+def truncation_warnings(text_encoder: TextEncoder, prompts: list[str]) -> list[str]:
+  """One line per prompt longer than the text encoder reads (text.max_length tokens, BOS included).
+
+  The tokenizer keeps the START of a long prompt (WordTokenizer and transformers' truncation=True
+  both cut the end; with a CHI prompt, chi_tokenize keeps the same first prompt tokens). The line
+  says which end it found kept by comparing the kept ids with the prompt's own.
+  """
+  tok = text_encoder.tokenizer
+  bos = len(tok.encode(""))
+  _, empty_mask = text_encoder.tokenize([""])
+  fixed = int(np.asarray(empty_mask).sum())  # kept positions that are not the prompt's (BOS, CHI tail)
+  ids, mask = (np.asarray(a) for a in text_encoder.tokenize(prompts))
+  lines = []
+  for i, prompt in enumerate(prompts):
+    own = list(tok.encode(prompt))[bos:]
+    kept = int(mask[i].sum()) - fixed
+    if len(own) <= kept:
+      continue
+    kept_ids = list(ids[i][mask[i] == 1][len(ids[i][mask[i] == 1]) - kept:]) if kept > 0 else []
+    end = "first" if kept_ids == own[:kept] else ("last" if kept_ids == own[-kept:] else "")
+    which = f"its {end} {kept}" if end else f"{kept}"
+    lines.append(f"Warning: prompt {i} has {len(own)} tokens; the text encoder reads only {which} "
+                 f"(text.max_length={text_encoder.max_length} with BOS): the rest is ignored.")
+  if len(lines) > MAX_PROMPT_WARNINGS:
+    lines = lines[:MAX_PROMPT_WARNINGS] + [f"Warning: ... and {len(lines) - MAX_PROMPT_WARNINGS} more long prompts."]
+  return lines
+
+
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  quiet_library_logs()
-  if not _WORKDIR.value or not _OUT.value:
-    raise app.UsageError("--workdir and --out are required.")
+  del argv  # cli.run refuses positional arguments.
+  if not flags.FLAGS.workdir or not _OUT.value:
+    raise cli.UserError("--workdir and --out are required.")
+  workdir = flags.FLAGS.workdir
   prompts = read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
   interval = None if _CFG_INTERVAL.value is None else parse_cfg_interval(_CFG_INTERVAL.value)
-  try:
-    mesh = parse_mesh(_MESH.value)
-    plan = Plan(make_mesh(mesh)) if mesh else None
-    generator = Generator.from_workdir(_WORKDIR.value, plan=plan)
-  except FileNotFoundError as e:
-    raise app.UsageError(str(e)) from None
+  config = load_workdir_config(workdir)  # config.json only: the options are checked before any model loads.
+  sample = config.sample
+  sampler = _SAMPLER.value or sample.sampler
+  steps = sample.steps if _STEPS.value is None else _STEPS.value
+  cfg = float(sample.cfg if _CFG.value is None else _CFG.value)
+  check_options(config, sampler, steps, cfg, _BATCH.value)
+  check_out_dir(_OUT.value)
+  plan = sampling_plan(config)
+  generator = Generator.from_workdir(workdir, plan=plan)
+  for line in truncation_warnings(generator.text, prompts):
+    print(line, file=sys.stderr, flush=True)
   if _CFG_INTERVAL.value is not None:
     generator.cfg_interval = interval
-  cfg = generator.config.sample
-  images = generator.generate(prompts, sampler=_SAMPLER.value or cfg.sampler, steps=_STEPS.value or cfg.steps,
-                              cfg=cfg.cfg if _CFG.value is None else _CFG.value, seed=_SEED.value,
+  images = generator.generate(prompts, sampler=sampler, steps=steps, cfg=cfg, seed=_SEED.value,
                               batch_size=_BATCH.value)
-  write_images(images, _OUT.value)
-  print(f"Wrote {len(images)} images and grid.png to {_OUT.value}", flush=True)
+  if jax.process_index() == 0:  # every process holds all images (Generator.generate); one writes them.
+    write_images(images, _OUT.value)
+    print(f"Wrote {len(images)} images and grid.png to {_OUT.value}", flush=True)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -6,39 +6,25 @@
 The tiny default trains its own AE first (WORKDIR/ae) when `config.ae.workdir` holds no
 checkpoint, then the DiT, then writes WORKDIR/samples/ (a grid on held-out prompts) and
 WORKDIR/geneval_lite.json. A killed run restarted with the same command resumes from its
-last checkpoint and continues exactly as if it had not stopped.
+last checkpoint and continues exactly as if it had not stopped. The whole config is checked
+first (sanajax.config_check): a bad field fails in seconds, with every bad field named.
 
 Multi-host (README "Scaling", launch/*.sh): one process per host with --coordinator=HOST:PORT
 --num_processes=N --process_id=I, or --distributed=auto under SLURM / on TPU pods.
 """
 from __future__ import annotations
 
-import os
-
-from absl import app, flags
-from ml_collections import config_flags
-
-from sanajax.config_utils import record_overrides
-from sanajax.parallel import distributed
+from sanajax import cli
 from sanajax.training.dit import train
-from sanajax.training.setup import quiet_library_logs
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "Config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and samples go "
-                               "(default: workdirs/<config name>).")
-distributed.define_flags()
+_CONFIG = cli.define_config_file("configs/tiny.py", "Config file.")
+cli.define_flags("Where checkpoints, metrics and samples go (default: workdirs/<config name>).")
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  quiet_library_logs()
-  distributed.initialize_from_flags()  # before any other JAX call; a no-op for single-process runs.
-  config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-  workdir = _WORKDIR.value or os.path.join("workdirs", config_name)
-  print(f"Workdir: {os.path.abspath(workdir)}", flush=True)
-  train(record_overrides(_CONFIG.value, config_flags.get_override_values(flags.FLAGS["config"])), workdir)
+  del argv  # cli.run refuses positional arguments.
+  train(cli.config_from_flags(), cli.workdir(default=cli.default_workdir()))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

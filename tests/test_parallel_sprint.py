@@ -43,17 +43,6 @@ def test_sampling_under_a_plan_equals_one_device(cases_output):
   assert "sampling ok" in cases_output, cases_output
 
 
-def test_sample_cli_mesh_flag_parses():
-  from absl import app
-
-  from sanajax.sample import parse_mesh
-  assert parse_mesh("fsdp=4, tensor=2") == {"fsdp": 4, "tensor": 2}
-  assert parse_mesh("data=-1") == {"data": -1}
-  assert parse_mesh("") == {}
-  with pytest.raises(app.UsageError, match="AXIS=SIZE"):
-    parse_mesh("model=2")
-
-
 # ----------------------------------------------------------------------------------- cases
 
 SMALL = {"data.resolution": 32, "model.depth": 1, "model.hidden_size": 64, "model.patch_size": 1,

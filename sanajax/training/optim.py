@@ -32,8 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-OPTIMIZERS = ("adamw", "came", "muon")
-SCHEDULES = ("constant", "cosine")
+from sanajax.config_check import OPTIMIZERS, SCHEDULES  # the names a config may give (checked before a run)
 
 # Stand-in for the state a parameter does not use (factored vs unfactored), as optax.adafactor does.
 _UNUSED = (1,)
