@@ -32,9 +32,11 @@ from ml_collections import config_flags
 from sanajax import config_utils
 from sanajax.config_check import ConfigError
 from sanajax.parallel import distributed
+from sanajax.workdir.lock import WorkdirLockedError
 
-# What a user can fix by changing the command line or the config: reported in one line (exit 2).
-USER_ERRORS = (app.UsageError, flags.Error, ConfigError, FileNotFoundError, NotADirectoryError)
+# What a user can fix by changing the command line, the config or the workdir (another run holds it):
+# reported in one line (exit 2).
+USER_ERRORS = (app.UsageError, flags.Error, ConfigError, FileNotFoundError, NotADirectoryError, WorkdirLockedError)
 EXIT_USER_ERROR = 2
 
 

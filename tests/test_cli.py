@@ -209,6 +209,14 @@ def test_train_ae_and_distill_sprint_check_their_configs(tmp_path):
                             f"--config.teacher_workdir={tmp_path / 'empty'}"), "config.json")
 
 
+def test_a_workdir_held_by_another_run_is_one_line(tmp_path):
+  """sanajax.workdir.lock's refusal reaches the user as the one line naming the holder."""
+  from sanajax.workdir.lock import hold_workdir
+  with hold_workdir(str(tmp_path / "w")):  # this test process holds it
+    r = run_cli("sanajax.train_ae", f"--workdir={tmp_path / 'w'}", "--config.train.num_steps=1")
+  assert_user_error(r, f"pid {os.getpid()}")
+
+
 def test_the_helper_records_overrides_and_derives_the_workdir(tmp_path):
   """cli.config_from_flags / default_workdir, as each CLI calls them (train_ae recorded nothing before)."""
   script = ("import sys\nfrom sanajax import cli\n"
