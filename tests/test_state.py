@@ -35,20 +35,19 @@ def test_non_finite_update_is_skipped_and_recorded():
 
 
 def test_host_batch_size_splits_the_global_batch_or_says_why_not(monkeypatch):
+  from sanajax import config_check  # its home (validate_config checks the split before any work)
   from sanajax.training import state as state_lib
+  assert state_lib.host_batch_size is config_check.host_batch_size  # still importable where trainers took it
 
   class FakePlan:  # only what host_batch_size reads: data x fsdp = 4 batch shards
     def batch_shards(self):
       return 4
 
-  assert state_lib.host_batch_size(None, 6) == 6
-  assert state_lib.host_batch_size(FakePlan(), 8) == 8
+  assert config_check.host_batch_size(FakePlan(), 8) == 8
   with pytest.raises(ValueError, match=r"multiple of the batch shards \(4"):
-    state_lib.host_batch_size(FakePlan(), 6)
-  monkeypatch.setattr(state_lib.jax, "process_count", lambda: 2)
-  assert state_lib.host_batch_size(FakePlan(), 8) == 4  # each of the 2 processes reads half
-  with pytest.raises(ValueError, match="need a mesh"):
-    state_lib.host_batch_size(None, 8)
-  monkeypatch.setattr(state_lib.jax, "process_count", lambda: 8)
+    config_check.host_batch_size(FakePlan(), 6)
+  monkeypatch.setattr(config_check.jax, "process_count", lambda: 2)
+  assert config_check.host_batch_size(FakePlan(), 8) == 4  # each of the 2 processes reads half
+  monkeypatch.setattr(config_check.jax, "process_count", lambda: 8)
   with pytest.raises(ValueError, match=r"process count \(8\)"):
-    state_lib.host_batch_size(FakePlan(), 4)  # splits over the 4 shards, not over 8 processes
+    config_check.host_batch_size(FakePlan(), 4)  # splits over the 4 shards, not over 8 processes
