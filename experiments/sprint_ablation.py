@@ -33,6 +33,7 @@ import sys
 import time
 from typing import Sequence
 
+import ml_collections
 import numpy as np
 from PIL import Image
 

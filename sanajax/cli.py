@@ -25,6 +25,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -32,11 +33,15 @@ from ml_collections import config_flags
 from sanajax import config_utils
 from sanajax.config_check import ConfigError
 from sanajax.parallel import distributed
+from sanajax.safetensors_io import WeightsError
+from sanajax.workdir.checkpoint import CheckpointSaveError
+from sanajax.workdir.files import run_outputs
 from sanajax.workdir.lock import WorkdirLockedError
 
-# What a user can fix by changing the command line, the config or the workdir (another run holds it):
-# reported in one line (exit 2).
-USER_ERRORS = (app.UsageError, flags.Error, ConfigError, FileNotFoundError, NotADirectoryError, WorkdirLockedError)
+# What a user can fix by changing the command line, the config, the files it names (a truncated
+# weights file) or the machine (another run holds the workdir, the disk is full): one line, exit 2.
+USER_ERRORS = (app.UsageError, flags.Error, ConfigError, FileNotFoundError, NotADirectoryError, WorkdirLockedError,
+               WeightsError, CheckpointSaveError)
 EXIT_USER_ERROR = 2
 
 
@@ -44,11 +49,25 @@ class UserError(app.UsageError):
   """A mistake in the command line or the files it names, said in one line (exit code 2)."""
 
 
-def define_flags(workdir_help: str) -> None:
-  """--workdir, --verbose and the multi-host flags (sanajax.parallel.distributed.define_flags)."""
-  flags.DEFINE_string("workdir", None, workdir_help)
+def define_flags(workdir_help: str | None = None, *, multihost: bool = True) -> None:
+  """--verbose; --workdir when `workdir_help` is given; the multi-host flags
+  (sanajax.parallel.distributed.define_flags) unless multihost=False (one-process tools)."""
+  if workdir_help is not None:
+    flags.DEFINE_string("workdir", None, workdir_help)
   flags.DEFINE_bool("verbose", False, "On an error, also print its traceback (by default: one line on stderr).")
-  distributed.define_flags()
+  if multihost:
+    distributed.define_flags()
+
+
+def print_run_summary(workdir: str) -> None:
+  """Where a finished run left its outputs (workdir.files.run_outputs), one line each, on process 0."""
+  if jax.process_index() != 0:
+    return
+  outputs = run_outputs(workdir)
+  width = max((len(label) for label, _ in outputs), default=0)
+  print(f"Done. In {os.path.abspath(workdir)}:", flush=True)
+  for label, path in outputs:
+    print(f"  {label:<{width}}  {path}", flush=True)
 
 
 def quiet_library_logs() -> None:
@@ -201,10 +220,11 @@ def run(main: Callable[[list[str]], Any]) -> None:
       if len(argv) > 1:
         raise UserError(f"Unexpected arguments: {argv[1:]} (flags are written --name=value).")
       quiet_library_logs()
-      try:
-        distributed.initialize_from_flags()  # before any other JAX call; a no-op for single-process runs.
-      except ValueError as e:
-        raise UserError(f"multi-host flags: {e}") from e
+      if "distributed" in flags.FLAGS:
+        try:
+          distributed.initialize_from_flags()  # before any other JAX call; a no-op for single-process runs.
+        except ValueError as e:
+          raise UserError(f"multi-host flags: {e}") from e
       return main(argv)
     except USER_ERRORS as e:
       fail(e)

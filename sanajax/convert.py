@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -51,10 +50,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
-from sanajax import config_utils
-from sanajax.cli import quiet_library_logs
+from sanajax import cli, config_utils
 from sanajax.models import dcae, dcae_diffusers, sana_dit, sana_dit_diffusers
 from sanajax.models.dcae_diffusers import load_dcae
 from sanajax.models.gemma2_transformers import gemma2_config_from_dict, has_tokenizer, load_gemma2, load_tokenizer
@@ -214,25 +212,19 @@ def export_diffusers(workdir: str, dst: str, *, dtype: str = "float32", ema: boo
     save_diffusers(os.path.join(dst, "vae"), ae_model, ae_params, dtype=dtype)
 
 
-# Errors that mean "this input cannot be converted" (a missing or truncated file, weights that do not
-# fit their config, an unsupported model variant, a bad flag): one line and exit code 2, no traceback.
-# TODO(structure): the lead replaces this with sanajax/cli.py's shared handler (and its --verbose).
-_USER_ERRORS = (app.UsageError, OSError, ValueError, NotImplementedError)
-
-
 def main(argv):
+  """The CLI: user errors (cli.USER_ERRORS, plus what the converters raise about their inputs: a
+  ValueError / OSError naming the file or field, an unsupported variant) are one line, exit code 2."""
   try:
     _convert(argv)
-  except _USER_ERRORS as e:
-    logging.debug("sanajax.convert failed", exc_info=True)  # The traceback, with --verbosity=1.
-    print(f"sanajax.convert: error: {e}", file=sys.stderr, flush=True)
-    raise SystemExit(2) from None
+  except (ValueError, OSError, NotImplementedError) as e:
+    if isinstance(e, cli.USER_ERRORS):
+      raise
+    raise cli.UserError(str(e)) from e
 
 
 def _convert(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  quiet_library_logs()
+  del argv  # cli.run refuses positional arguments.
   f = flags.FLAGS
   if not f.src or not f.dst:
     raise app.UsageError("--src and --dst are required.")
@@ -272,4 +264,5 @@ def _define_flags():
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  cli.define_flags(multihost=False)
+  cli.run(main)

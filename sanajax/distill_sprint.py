@@ -11,6 +11,7 @@ student with `python -m sanajax.sample --workdir=WORKDIR --sampler=scm --steps=1
 from __future__ import annotations
 
 from sanajax import cli
+from sanajax.eval import after_training
 from sanajax.training.sprint import distill
 
 _CONFIG = cli.define_config_file("configs/sprint_tiny.py", "Config file.")
@@ -22,7 +23,9 @@ def main(argv):
   config = cli.config_from_flags()
   if not config.get("teacher_workdir"):
     raise cli.UserError("--config.teacher_workdir is required: the workdir of a trained teacher (sanajax.train).")
-  distill(config, cli.workdir(default=cli.default_workdir()))
+  workdir = cli.workdir(default=cli.default_workdir())
+  distill(config, workdir, evaluate=after_training.evaluate_sprint_run)
+  cli.print_run_summary(workdir)
 
 
 if __name__ == "__main__":

@@ -8,17 +8,15 @@ Counts the DiT only (not the text encoder or the autoencoder): sanajax.models.di
 from __future__ import annotations
 
 import jax
-from absl import app, flags
-from ml_collections import config_flags
 
-from sanajax.config_utils import record_overrides
+from sanajax import cli
 from sanajax.models.dit_facts import describe, format_description
 from sanajax.training import memory
 
 
 def main(argv):
-  del argv
-  config = record_overrides(_CONFIG.value, config_flags.get_override_values(flags.FLAGS["config"]))
+  del argv  # cli.run refuses positional arguments.
+  config = cli.config_from_flags()
   lines = format_description(describe(config)).splitlines()
   # Per-device bytes under config.mesh (a -1 axis takes this machine's device count).
   mem = memory.format_plan_memory(memory.plan_memory(config, jax.device_count()))
@@ -26,6 +24,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  # Defined here, not at import: tests and other modules import describe() without claiming --config.
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/sana_1600m.py[:RES].")
-  app.run(main)
+  # Defined here, not at import: tests and other modules import this module without claiming --config.
+  _CONFIG = cli.define_config_file("configs/tiny.py", "Config file, e.g. configs/sana_1600m.py[:RES].")
+  cli.define_flags(multihost=False)
+  cli.run(main)

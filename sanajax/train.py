@@ -15,6 +15,7 @@ Multi-host (README "Scaling", launch/*.sh): one process per host with --coordina
 from __future__ import annotations
 
 from sanajax import cli
+from sanajax.eval import after_training
 from sanajax.training.dit import train
 
 _CONFIG = cli.define_config_file("configs/tiny.py", "Config file.")
@@ -23,7 +24,10 @@ cli.define_flags("Where checkpoints, metrics and samples go (default: workdirs/<
 
 def main(argv):
   del argv  # cli.run refuses positional arguments.
-  train(cli.config_from_flags(), cli.workdir(default=cli.default_workdir()))
+  workdir = cli.workdir(default=cli.default_workdir())
+  train(cli.config_from_flags(), workdir, evaluate=after_training.evaluate_dit_run,
+        make_sample_fn=after_training.make_grid_fn)
+  cli.print_run_summary(workdir)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ cli.define_flags("Where checkpoints and metrics go (default: workdirs/<config na
 
 def main(argv):
   del argv  # cli.run refuses positional arguments.
-  train_ae(cli.config_from_flags(), cli.workdir(default=cli.default_workdir()))
+  workdir = cli.workdir(default=cli.default_workdir())
+  train_ae(cli.config_from_flags(), workdir)
+  cli.print_run_summary(workdir)
 
 
 if __name__ == "__main__":

@@ -225,6 +225,9 @@ def test_loop_reads_the_device_only_at_log_and_checkpoint_steps(monkeypatch):
     def wait(self):
       pass
 
+    def check_save(self):
+      pass
+
   class Writer:
     def __init__(self):
       self.logged = []

@@ -84,11 +84,14 @@ def test_mesh_config_errors_are_clear():
     mesh_shape({"data": -1, "tensor": 3}, 8)
 
 
-def test_default_config_has_no_plan():
+def test_default_config_plans_one_device():
+  """Every run has a plan (one sharding path); the default mesh (every axis 1) is one device."""
   from sanajax import config_utils
   from sanajax.parallel import Plan
-  assert Plan.from_config(config_utils.load_config("configs/tiny.py")) is None
-  assert Plan.from_config(config_utils.load_config("configs/dcae_tiny.py")) is None
+  for name in ("configs/tiny.py", "configs/dcae_tiny.py"):
+    plan = Plan.from_config(config_utils.load_config(name))
+    assert plan.num_devices == 1 and plan.batch_shards() == 1 and not plan.sequence_parallel
+    assert dict(plan.mesh.shape) == {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
 
 
 def test_ae_trained_by_the_dit_trainer_gets_the_dit_mesh():
@@ -247,19 +250,14 @@ def setup(mesh: dict, devices=None, *, batch_size: int = 8, with_grads: bool = T
     plan = Plan.from_config(config, devices)
     tx, schedule = build_optimizer(config.train, config.train.num_steps)
   state, state_sh, _ = dit_lib.init_train_state(config, tx, jax.random.PRNGKey(config.seed), plan)
-  if plan is None:
-    state = jax.device_put(state, jax.devices()[0])
   if step is None:
     ae, frozen, text, dit = components()
     train_step = dit_lib.make_train_step(config, dit, ae, text, tx, schedule, 1.0, plan=plan,
                                          state_shardings=state_sh, with_grads=with_grads)
-    if plan is None:
-      step = lambda s, b: train_step(s, frozen, b)
-    else:
-      frozen = plan.replicate(frozen)
-      step = lambda s, b: train_step(s, frozen, plan.shard_batch(b))
-      # The compiled program's HLO text (jit's caches hold it once the step has run: no new compile).
-      step.hlo = lambda s, b: train_step.lower(s, frozen, plan.shard_batch(b)).compile().as_text()
+    frozen = plan.replicate(frozen)
+    step = lambda s, b: train_step(s, frozen, plan.shard_batch(b))
+    # The compiled program's HLO text (jit's caches hold it once the step has run: no new compile).
+    step.hlo = lambda s, b: train_step.lower(s, frozen, plan.shard_batch(b)).compile().as_text()
     _STEPS[key] = (plan, tx, step)
   return config, plan, state, step
 
@@ -585,7 +583,7 @@ def case_checkpoint(tmpdir: str) -> None:
     restored, data_state = Checkpointer(ckdir, read_only=True).restore(fresh)
     assert data_state == {"position": 3} and int(restored.step) == 3
     leaf = restored.params["transformer_blocks_0"]["ff"]["conv_inverted"]["kernel"].value
-    if plan is None:
+    if plan.num_devices == 1:
       assert len(leaf.sharding.device_set) == 1
     else:
       assert leaf.sharding.spec == fresh.params["transformer_blocks_0"]["ff"]["conv_inverted"]["kernel"].value.sharding.spec
@@ -635,7 +633,7 @@ def case_ae(tmpdir: str) -> None:
     workdir = os.path.join(tmpdir, "ae_plan" if mesh else "ae_one")
     info = ae_lib.train_ae(config, workdir)
     plan = Plan.from_config(config)
-    assert (plan is None) == (not mesh)
+    assert (plan.num_devices == 1) == (not mesh)
     model = dcae.build_dcae(config.ae)
     tx, _ = build_optimizer(config.train, config.train.num_steps)
     fresh, _, host_batch = ae_lib.init_ae_state(config, model, tx, plan)

@@ -12,6 +12,7 @@ from small_configs import (
 )
 
 from sanajax import config_utils
+from sanajax.parallel import Plan
 from sanajax.training import dit as train_lib
 from sanajax.training import loop as loop_lib
 from sanajax.training.metrics import read_metrics
@@ -76,7 +77,7 @@ def wrapped_iterator(make_iterator, on_batch):
 def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch, latent_cache):
   # latent_cache 16: the DiT reads AE latents encoded once at start-up (rebuilt on resume).
   config = small_config(ae_dir, **{"data.latent_cache": latent_cache})
-  train_lib.train(config, str(tmp_path / "straight"), run_eval=False)
+  train_lib.train(config, str(tmp_path / "straight"))
 
   # Kill the second run while it fetches the batch of step 5 (after the checkpoint at step 3).
   def die_at_5(count, batch):
@@ -87,10 +88,10 @@ def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch, latent_cache)
   real_iterator = train_lib.make_train_iterator
   monkeypatch.setattr(train_lib, "make_train_iterator", wrapped_iterator(real_iterator, die_at_5))
   with pytest.raises(Killed):
-    train_lib.train(config, str(tmp_path / "killed"), run_eval=False)
+    train_lib.train(config, str(tmp_path / "killed"))
   monkeypatch.setattr(train_lib, "make_train_iterator", real_iterator)
   assert Checkpointer(str(tmp_path / "killed" / "checkpoints"), read_only=True).latest_step() == 3
-  train_lib.train(config, str(tmp_path / "killed"), run_eval=False)
+  train_lib.train(config, str(tmp_path / "killed"))
 
   abstract = jax.eval_shape(lambda: train_lib.init_dit_params(config, jax.random.PRNGKey(0)))
   for ema in (False, True):
@@ -116,12 +117,12 @@ def test_nan_guard_names_step_and_quantity(tmp_path, ae_dir, monkeypatch):
 
   monkeypatch.setattr(train_lib, "make_train_iterator", wrapped_iterator(train_lib.make_train_iterator, poison_3))
   with pytest.raises(loop_lib.NonFiniteError, match=r"Non-finite loss at step 3"):
-    train_lib.train(config, str(tmp_path / "nan"), run_eval=False)
+    train_lib.train(config, str(tmp_path / "nan"))
 
 
 def test_metrics_jsonl_has_step_and_loss(tmp_path, ae_dir):
   config = small_config(ae_dir, **{"train.num_steps": 2})
-  train_lib.train(config, str(tmp_path / "m"), run_eval=False)
+  train_lib.train(config, str(tmp_path / "m"))
   rows = read_metrics(str(tmp_path / "m"))
   assert [r["step"] for r in rows] == [1, 2]
   for r in rows:
@@ -203,7 +204,8 @@ def test_cached_latents_give_the_loss_of_encoding_in_the_step(ae_dir):
   batch = next(make_train_iterator(make_source("shapes", 32, 0), batch_size=4, seed=0, tokenize_fn=text.tokenize))
   cached = dict(batch, latent=np.asarray(train_lib.make_encode_fn(ae_model, ae_params)(batch["image"])))
   del cached["image"]
-  loss_fn = jax.jit(train_lib.make_loss_fn(config, build_dit(config.model), ae_model, text, scaling))
+  loss_fn = jax.jit(train_lib.make_loss_fn(config, build_dit(config.model), ae_model, text, scaling,
+                                              Plan.single_device()))
   params = train_lib.init_dit_params(config, jax.random.PRNGKey(0))
   frozen = {"ae": ae_params, "text": text.params}
   key = jax.random.PRNGKey(5)
@@ -224,13 +226,13 @@ def test_training_on_a_folder_skips_corrupt_images(tmp_path, ae_dir):
   (folder / "broken.png").write_bytes(b"not a png at all")
   (folder / "broken.txt").write_text("a blue square\n")
   config = small_config(ae_dir, **{"data.source": f"folder:{folder}", "train.num_steps": 3})
-  train_lib.train(config, str(tmp_path / "run"), run_eval=False)
+  train_lib.train(config, str(tmp_path / "run"))
   rows = read_metrics(str(tmp_path / "run"))
   assert rows[-1]["step"] == 3
   # 3 batches of 4 from 6 good images: the broken one comes up at least once per epoch.
   assert rows[-1]["skipped_images"] >= 1
   # With a latent cache the broken image is met (and counted) once, while the cache is built.
   config = small_config(ae_dir, **{"data.source": f"folder:{folder}", "train.num_steps": 3, "data.latent_cache": 100})
-  train_lib.train(config, str(tmp_path / "cached"), run_eval=False)
+  train_lib.train(config, str(tmp_path / "cached"))
   rows = read_metrics(str(tmp_path / "cached"))
   assert rows[-1]["step"] == 3 and rows[-1]["skipped_images"] == 1

@@ -19,16 +19,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sanajax.config_check import validate_config
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source_from_config
 from sanajax.models import dcae
 from sanajax.parallel import Plan
 from sanajax.training import loop as loop_lib
+from sanajax.training.guard import guarded
 from sanajax.training.optim import build_optimizer
 from sanajax.training.state import TrainState, apply_gradients, init_run_state, jit_step
 from sanajax.workdir.files import AE_INFO_FILE, prepare_workdir
-from sanajax.workdir.lock import holding_workdir
 
 
 def _no_text(captions):
@@ -93,14 +92,13 @@ def init_ae_state(config: ml_collections.ConfigDict, model, tx, plan: Plan):
   return init_run_state(init, tx, key, jax.random.fold_in(key, 1), plan, config.train.batch_size)
 
 
-@holding_workdir  # one run per workdir: a second refuses before any work (sanajax.workdir.lock)
+@guarded("ae")  # the whole config checked, then the workdir locked, before any work
 def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (or resumes) the AE in workdir; returns the evaluation dict also saved in ae_info.json.
 
   Under a sharding plan (config.mesh) config.train.batch_size is the global batch; evaluation
   runs on one device of every process, on the gathered EMA weights.
   """
-  validate_config(config, "ae")  # every bad field at once, before any work (ConfigError)
   prepare_workdir(workdir, config)
   model = dcae.build_dcae(config.ae)
   tx, schedule = build_optimizer(config.train, config.train.num_steps)

@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from sanajax.config_check import validate_config
 from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source_from_config
@@ -22,6 +21,7 @@ from sanajax.parallel import Plan
 from sanajax.resolution import apply_resolution
 from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import train_ae
+from sanajax.training.guard import guarded
 from sanajax.training.optim import build_optimizer
 from sanajax.training.state import TrainState, apply_gradients, init_run_state, jit_step
 from sanajax.workdir.files import ae_workdir, prepare_workdir
@@ -33,7 +33,6 @@ from sanajax.workdir.loaders import (
   load_ae,
   place_frozen,
 )
-from sanajax.workdir.lock import holding_workdir
 
 
 def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -148,7 +147,7 @@ def ensure_ae(config: ml_collections.ConfigDict, workdir: str) -> str:
   return ae_dir
 
 
-@holding_workdir  # one run per workdir: a second refuses before any work (sanajax.workdir.lock)
+@guarded("dit")  # the whole config checked, then the workdir locked, before any work
 def train(config: ml_collections.ConfigDict, workdir: str, *,
           evaluate: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
           make_sample_fn: Callable[..., Callable[[Any], np.ndarray]] | None = None) -> dict:
@@ -159,7 +158,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   make_sample_fn(config, ae_model, ae_params, ae_scaling, text_encoder, plan) -> (state -> uint8
   grid) gives the TensorBoard grids every train.sample_every steps (after_training.make_grid_fn).
   """
-  validate_config(config, "dit")  # every bad field at once, before the AE trains (ConfigError)
   start_time = time.perf_counter()
   config = apply_resolution(config)
   prepare_workdir(workdir, config)

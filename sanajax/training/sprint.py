@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sanajax.config_check import validate_config
+from sanajax.config_check import host_batch_size
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source_from_config
 from sanajax.diffusion import scm, trigflow
@@ -49,8 +49,9 @@ from sanajax.models.sana_dit import LogVarHead, build_dit, student_params_from_t
 from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
+from sanajax.training.guard import guarded
 from sanajax.training.optim import build_optimizer
-from sanajax.training.state import ema_update, host_batch_size
+from sanajax.training.state import ema_update
 from sanajax.workdir.files import ae_workdir, load_workdir_config, prepare_workdir
 from sanajax.workdir.loaders import (
   build_text_encoder,
@@ -59,7 +60,6 @@ from sanajax.workdir.loaders import (
   load_dit_params,
   place_frozen,
 )
-from sanajax.workdir.lock import holding_workdir
 
 # Model fields a student may change relative to its teacher (the Sprint options); every other
 # architecture field must match, or the teacher's weights would not initialise the student.
@@ -460,13 +460,12 @@ def build_distiller(config, teacher_config, teacher_params, ae_model, ae_params,
   return distiller, frozen, state
 
 
-@holding_workdir  # one run per workdir: a second refuses before any work (sanajax.workdir.lock)
+@guarded("sprint")  # the whole config checked, then the workdir locked, before any work
 def distill(config: ml_collections.ConfigDict, workdir: str, *,
             evaluate: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> dict:
   """Distils (or resumes) a Sprint student in workdir. evaluate(config, workdir) -> dict runs after the
   last step (sanajax.eval.after_training.evaluate_sprint_run: GenEval-lite at 1, 2 and 4 sCM steps);
   its result is returned ({} without one)."""
-  validate_config(config, "sprint")  # every bad field at once, before the teacher loads (ConfigError)
   start_time = time.perf_counter()
   config, distiller, frozen, state = setup(config, workdir)
   n_student = sum(x.size for x in jax.tree.leaves(state.params))

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-# Moved to config_check (validate_config checks the split before any work); kept importable here.
 from sanajax.config_check import host_batch_size
 
 # What the NaN guard can name, in the order of `TrainState.nan_code`.

@@ -59,3 +59,23 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(f"{workdir!r} has no {CONFIG_FILE}: it is not a sanajax training workdir.")
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))
+
+
+# What a finished run leaves in its workdir, in the order a user looks for it: (label, path).
+RUN_OUTPUTS = (
+    ("sample grid", "samples/grid.png"),
+    ("GenEval-lite scores", "geneval_lite.json"),
+    ("Sprint scores (1/2/4 steps)", "geneval_lite_sprint.json"),
+    ("restoration probe", "restoration.json"),
+    ("loss curve", "loss.png"),
+    ("metrics (one JSON row per log step)", "metrics.jsonl"),
+    ("TensorBoard", "tensorboard"),
+    ("checkpoints", CHECKPOINT_DIR),
+    ("config", CONFIG_FILE),
+)
+
+
+def run_outputs(workdir: str) -> list[tuple[str, str]]:
+  """(label, path) of each of RUN_OUTPUTS that exists in workdir (the end-of-run summary)."""
+  found = [(label, os.path.join(workdir, name)) for label, name in RUN_OUTPUTS]
+  return [(label, path) for label, path in found if os.path.exists(path)]

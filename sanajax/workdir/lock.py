@@ -7,7 +7,7 @@ compile), and a second run refuses at once, naming the holder:
     with hold_workdir(workdir):   # or a plain `hold_workdir(workdir)`: held until the process exits
       ...train...
 
-or `@holding_workdir` on a trainer `def train(config, workdir, ...)`.
+or through sanajax.training.guard's `@guarded(kind)` on a trainer `def train(config, workdir, ...)`.
 
 The lock file is JSON {"host", "pid", "started" (local ISO time), "proc_start", "token"}. It is
 created atomically (written to a temporary file, then hard-linked to .lock, which fails if one
@@ -27,15 +27,12 @@ import atexit
 import contextlib
 import datetime
 import fcntl
-import functools
-import inspect
 import json
 import os
 import socket
 import time
 import uuid
 import warnings
-from collections.abc import Callable
 from typing import Self, TypeVar
 
 import jax
@@ -101,19 +98,6 @@ def hold_workdir(workdir: str) -> WorkdirLock:
     _HELD[path] = lock
   lock.count += 1
   return lock
-
-
-def holding_workdir(fn: Callable[..., T]) -> Callable[..., T]:
-  """Decorator for a trainer fn(config, workdir, ...): holds workdir's lock while fn runs, taken before
-  its first line and released when it returns or raises (a one-line way to wire hold_workdir)."""
-  signature = inspect.signature(fn)
-
-  @functools.wraps(fn)
-  def wrapper(*args, **kwargs):
-    with hold_workdir(signature.bind(*args, **kwargs).arguments["workdir"]):
-      return fn(*args, **kwargs)
-
-  return wrapper
 
 
 def _acquire(path: str) -> str:
