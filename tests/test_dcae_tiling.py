@@ -171,7 +171,8 @@ def test_generator_decodes_in_tiles_above_the_tile_size(monkeypatch):
   cfg = load_config("tiny")
   cfg.ae.tile_size_px, cfg.ae.tile_stride_px = 32, 24
   model = dcae.build_dcae(cfg.ae)
-  ae_params = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))["params"])
+  # Concrete AE weights (the Generator places them on its plan); the sampling call itself is only traced.
+  ae_params = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3))))["params"]
   text = build_text_encoder(cfg)
   calls = []
   real = dcae_tiling.tiled_decode

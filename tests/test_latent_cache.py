@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from test_data_pipeline import FakeSource, R, byte_detokenize, byte_tokenize
 
-from sanajax.data.latent_cache import LatentSource, build_latent_cache
+from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import FolderSource
 

@@ -184,7 +184,6 @@ def pool_encoder(factor: int, channels: int):
   the real one five times over (once per plan) took most of this file's time on 2 busy cores.
   """
   import flax.linen as nn
-  import jax.numpy as jnp
 
   class PoolEncoder(nn.Module):
     def __call__(self, x):
@@ -513,7 +512,6 @@ def case_muon_plans(data) -> None:
 def case_sequence() -> None:
   import jax
   import jax.numpy as jnp
-  import numpy as np
 
   from sanajax.kernels import depthwise_conv2d, linear_attention_reference
   from sanajax.parallel import Plan, make_mesh, sequence
@@ -561,7 +559,6 @@ def case_sequence() -> None:
 
 def case_checkpoint(tmpdir: str) -> None:
   import jax
-  import numpy as np
 
   from sanajax.workdir.checkpoint import Checkpointer
   data = batches(6)

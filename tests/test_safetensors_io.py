@@ -4,7 +4,6 @@ No torch here: files are written with write_safetensors (tests/test_convert.py c
 the safetensors library) and damaged byte by byte.
 """
 import json
-import os
 import struct
 
 import ml_dtypes

@@ -1,5 +1,4 @@
 """The trainer's promises: exact resume after a kill, the NaN guard, metrics, clear CLI errors."""
-import json
 import os
 import subprocess
 import sys

@@ -62,7 +62,9 @@ def test_a_second_trainer_refuses_at_once_and_a_dead_ones_lock_is_taken_over(tmp
     monkeypatch.setattr(sprint_lib, "setup", no_work)
     trainers = [lambda: train_lib.train(small_config(tmp_path / "ae"), str(workdir)),
                 lambda: ae_lib.train_ae(config_utils.load_config("configs/dcae_tiny.py"), str(workdir)),
-                lambda: sprint_lib.distill(config_utils.load_config("configs/sprint_tiny.py"), str(workdir))]
+                # A valid config (the whole config is checked before the lock): any existing folder as teacher.
+                lambda: sprint_lib.distill(config_utils.load_config("configs/sprint_tiny.py", overrides={
+                    "teacher_workdir": str(tmp_path)}), str(workdir))]
     for trainer in trainers:
       start = time.perf_counter()
       with pytest.raises(WorkdirLockedError) as refused:
