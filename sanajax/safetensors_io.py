@@ -156,6 +156,22 @@ def read_json(path: str) -> dict:
       raise WeightsError(f"{path} is not valid JSON ({e}).") from None
 
 
+def read_model_config(directory: str, class_name: str) -> dict:
+  """A diffusers model directory's config.json; a clear error when it describes another class."""
+  cfg = read_json(os.path.join(directory, "config.json"))
+  if cfg.get("_class_name", class_name) != class_name:
+    raise ValueError(f"{directory} holds a {cfg['_class_name']}, not a {class_name}.")
+  return cfg
+
+
+def read_checked_state_dict(directory: str, want: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """read_state_dict(directory), checked against `want` ({name: array or ShapeDtypeStruct}, the
+  state dict the model expects) by check_tensors: every tensor present, with its shape."""
+  state = read_state_dict(directory)
+  check_tensors(tensor_shapes(state), tensor_shapes(want), directory)
+  return state
+
+
 def tensor_shapes(tensors: Mapping[str, Any]) -> dict[str, tuple]:
   """{name: shape} of a flat mapping of arrays (numpy, jax or ShapeDtypeStructs)."""
   return {k: tuple(v.shape) for k, v in tensors.items()}

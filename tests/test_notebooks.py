@@ -1,4 +1,4 @@
-"""notebooks/*.ipynb run end to end on CPU with tiny models (DESIGN.md: "executed in tests on CPU").
+"""notebooks/*.ipynb run end to end on CPU with tiny models (the notebooks are executed in tests on CPU).
 
 Each notebook's code cells run in order as one script in a fresh interpreter; right after the cell
 tagged "parameters" the test adds one cell of its own that points the workdirs at a temporary

@@ -624,6 +624,7 @@ def case_ae(tmpdir: str) -> None:
   from sanajax.training.metrics import read_metrics
   from sanajax.training.optim import build_optimizer
   from sanajax.workdir.checkpoint import Checkpointer
+  from sanajax.workdir.loaders import load_ae
   runs = {}
   for name, mesh in (("one device", {}), ("plan", AE_MESH)):
     config = ae_config(**mesh)
@@ -680,7 +681,7 @@ def case_ae(tmpdir: str) -> None:
   assert again == got["info"], (again, got["info"])
   # load_ae: the sharded checkpoint comes back whole (host numpy, as from a one-device run),
   # equal to the saved EMA.
-  _, params, scaling, _ = ae_lib.load_ae(got["workdir"])
+  _, params, scaling, _ = load_ae(got["workdir"])
   assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(params))
   assert scaling == got["info"]["scaling_factor"]
   assert max_rel(jax.device_get(params), jax.device_get(got["state"].ema_params)) == 0.0

@@ -96,7 +96,7 @@ def test_sample_equals_sana_pipeline(models, sampler):
   solvers, the sanajax model function is given the pipeline's truncated times; without that the
   final latents differ by 0.13 of their max here (measured; random weights make the DiT very
   sensitive to t), while with them the difference is 4.8e-6 (Euler: 6.1e-6). (NVlabs' SanaMS also
-  embeds `timestep.long()`, shared/reference/sana_reference.md; whether sanajax should feed integer
+  embeds `timestep.long()`, NVlabs/Sana diffusion/model/nets/sana_multi_scale.py; whether sanajax should feed integer
   times to released weights is left to the sampler's owner.)
   """
   tm, model, params, inputs = models

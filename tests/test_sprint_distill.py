@@ -13,6 +13,8 @@ from small_configs import (
 )
 
 from sanajax import config_utils
+from sanajax.data.pipeline import make_train_iterator
+from sanajax.data.sources import make_source
 from sanajax.diffusion import scm, trigflow
 from sanajax.models.discriminator import LaddHeads, spectral_normalize
 from sanajax.training import dit as train_lib
@@ -152,8 +154,7 @@ def test_student_starts_as_teacher_and_one_step_lowers_scm_loss(teacher_dir, tmp
   config = sprint_config(teacher_dir, **{"distill.adv_lambda": 0.0, "train.optimizer": "adamw",
                                          "train.learning_rate": 1e-5, "train.warmup_steps": 0})
   config, distiller, frozen, state = sprint.setup(config, str(tmp_path / "w"))
-  it = train_lib.make_train_iterator(
-      train_lib.make_source("shapes", 32, 0), batch_size=4, seed=0, tokenize_fn=distiller.text.tokenize)
+  it = make_train_iterator(make_source("shapes", 32, 0), batch_size=4, seed=0, tokenize_fn=distiller.text.tokenize)
   batch = {k: jnp.asarray(v) for k, v in next(it).items()}
   inp = distiller.prepare(frozen, batch, jax.random.PRNGKey(0))
   # The zero-initialised CFG embedding makes the student the teacher's conditional branch.

@@ -1,6 +1,6 @@
 """Procedural shapes text-to-image data set (the embedded default data).
 
-Spec: /work/shared/SHAPES.md. Every scene is generated from a caption template, so every
+Spec: docs/shapes.md. Every scene is generated from a caption template, so every
 caption attached to the image describes it exactly. Scenes carry several captions with
 CLIP-like scores (full description ~31, prefixed ~29.5, less detailed ~27, partial ~21.5), so
 SANA's caption sampler (keep score >= 25, weight score^(1/0.1)) has something to choose from.

@@ -10,7 +10,6 @@ model); this module holds its inverse and the config mapping.
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -21,7 +20,7 @@ from flax.traverse_util import flatten_dict
 
 from sanajax.models import dcae
 from sanajax.models.weights_util import abstract_params, diffusers_version, write_diffusers_dir
-from sanajax.safetensors_io import check_tensors, read_json, read_state_dict, tensor_shapes
+from sanajax.safetensors_io import read_checked_state_dict, read_model_config
 
 # The `ae` config fields that are AutoencoderDC's constructor arguments; attn_eps is sanajax's
 # own (diffusers hard-codes SanaMultiscaleLinearAttention's 1e-15, dcae.ATTN_EPS).
@@ -101,16 +100,13 @@ def load_dcae(path: str, *, dtype: str = "float32", return_config: bool = False)
   it. model.scaling_factor is the config's (0.41407 for the released f32c32).
   With return_config, returns (model, params, ae_config ConfigDict).
   """
-  cfg = read_json(os.path.join(path, "config.json"))
-  if cfg.get("_class_name", "AutoencoderDC") != "AutoencoderDC":
-    raise ValueError(f"{path} holds a {cfg['_class_name']}, not an AutoencoderDC.")
+  cfg = read_model_config(path, "AutoencoderDC")
   ae_config = dcae_config_from_diffusers(cfg, dtype=dtype)
   model = dcae.build_dcae(ae_config)
   f = dcae.downsample_factor(ae_config)
   want = jax.eval_shape(dcae_state_dict_from_params,
                         abstract_params(model, jax.ShapeDtypeStruct((1, f, f, model.in_channels), jnp.float32)))
-  state = read_state_dict(path)
-  check_tensors(tensor_shapes(state), tensor_shapes(want), path)
+  state = read_checked_state_dict(path, want)
   params = dcae.params_from_diffusers_state_dict(state, ae_config)
   return (model, params, ae_config) if return_config else (model, params)
 

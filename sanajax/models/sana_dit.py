@@ -8,7 +8,7 @@ Inputs: x (B, H, W, C) latents, t (B,) flow time in [0, 1] (t * 1000 * timestep_
 as diffusers' SanaPipeline feeds `timestep * transformer.config.timestep_scale`), context
 (B, L, caption_channels) text-encoder states, context_mask (B, L) of 0/1.
 
-SANA-Sprint student options (sana_reference.md "SANA-Sprint"; diffusers names):
+SANA-Sprint student options (SANA-Sprint, arXiv:2503.09641, and diffusers' SanaTransformer2DModel names):
   timestep_scale=0.001   dense time embedding: the embedder sees t in [0, 1] instead of 1000 t.
   qk_norm=True           RMSNorm on q and k in self- and cross-attention ("rms_norm_across_heads").
   guidance_embeds=True   CFG embedding: `guidance` (B,) (the raw CFG scale, e.g. 4.5) times

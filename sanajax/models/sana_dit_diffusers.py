@@ -9,7 +9,6 @@ the model, which tests and benchmarks call); this module holds its inverse and t
 """
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -20,7 +19,7 @@ from flax.traverse_util import flatten_dict
 
 from sanajax.models import sana_dit
 from sanajax.models.weights_util import abstract_params, diffusers_version, write_diffusers_dir
-from sanajax.safetensors_io import check_tensors, read_json, read_state_dict, tensor_shapes
+from sanajax.safetensors_io import read_checked_state_dict, read_model_config
 
 # diffusers config.json fields that sanajax does not model; values other than these are refused.
 _FIXED = {"attention_bias": False, "norm_elementwise_affine": False, "dropout": 0.0}
@@ -142,14 +141,11 @@ def load_sana_transformer(path: str, *, dtype: str = "float32", return_config: b
   (e.g. 4.5; the model multiplies it by guidance_embeds_scale, as that pipeline does).
   With return_config, returns (model, params, model_config ConfigDict).
   """
-  cfg = read_json(os.path.join(path, "config.json"))
-  if cfg.get("_class_name", "SanaTransformer2DModel") != "SanaTransformer2DModel":
-    raise ValueError(f"{path} holds a {cfg['_class_name']}, not a SanaTransformer2DModel.")
+  cfg = read_model_config(path, "SanaTransformer2DModel")
   model_config = sana_config_from_diffusers(cfg, dtype=dtype)
   model = sana_dit.build_dit(model_config)
   want = jax.eval_shape(dit_state_dict_from_params, abstract_params(model, *dit_init_args(model_config)))
-  state = read_state_dict(path)
-  check_tensors(tensor_shapes(state), tensor_shapes(want), path)
+  state = read_checked_state_dict(path, want)
   params = sana_dit.params_from_diffusers_state_dict(state)
   return (model, params, model_config) if return_config else (model, params)
 
