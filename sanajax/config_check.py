@@ -53,7 +53,7 @@ def host_batch_size(plan: Any, batch_size: int) -> int:
   """This process's share of the global `batch_size` (config.train.batch_size) under `plan`.
 
   A clear error for a batch that does not split evenly over the processes and over the mesh's
-  data x fsdp shards (plan.batch_shards()). Used by the trainers (training.state re-exports it)
+  data x fsdp shards (plan.batch_shards()). Used by the trainers (training.state.init_run_state)
   and by validate_config, so the error comes before any work.
   """
   batch = int(batch_size)
@@ -166,6 +166,8 @@ def _check_data(c: _Checker) -> None:
   c.int_at_least("data.resolution", 1)
   c.int_at_least("data.num_workers", 0, required=False)
   c.int_at_least("data.latent_cache", 0, required=False)
+  c.real_in("data.max_image_megapixels", 0.0, math.inf, lo_open=True, hi_open=True, required=False,
+            text="must be a finite number > 0 (megapixels; larger images are skipped and named)")
 
 
 def _check_mesh(c: _Checker) -> None:

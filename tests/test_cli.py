@@ -87,7 +87,7 @@ def test_every_bad_field_is_named_at_once_with_what_it_may_be(tmp_path):
                    "train.learning_rate": float("nan"), "train.ema_decay": 1.0, "train.optimizer": "sgd",
                    "eval.num_prompts": -1, "sample.sampler": "ddim", "sample.steps": 0, "sample.cfg": float("inf"),
                    "data.source": f"folder:{tmp_path / 'nope'}", "model.dtype": "fp8", "mesh.fsdp": 0,
-                   "ae_train.keep_checkpoints": 0})
+                   "ae_train.keep_checkpoints": 0, "data.max_image_megapixels": 0.0})
   got = problems(config, "dit")
   expected = {
       "train.batch_size=0": "must be a positive integer",
@@ -104,12 +104,13 @@ def test_every_bad_field_is_named_at_once_with_what_it_may_be(tmp_path):
       "model.dtype='fp8'": "bfloat16, float16, float32",
       "mesh.fsdp=0": "-1",
       "ae_train.keep_checkpoints=0": "must be a positive integer",
+      "data.max_image_megapixels=0.0": "> 0",
   }
   for field, why in expected.items():
     line = [p for p in got if p.startswith(field)]
     assert len(line) == 1 and why in line[0], (field, got)
   assert len(got) == len(expected), got
-  assert "14 bad config fields: train.batch_size=0: must be a positive integer; " in str(ConfigError(got))
+  assert "15 bad config fields: train.batch_size=0: must be a positive integer; " in str(ConfigError(got))
 
 
 def test_resolution_must_fit_the_ae_and_the_patch():
