@@ -115,7 +115,8 @@ def tiled_decode(model: DCAE, params, latents: jax.Array, *, tile: int = DEFAULT
   """Raw latent (B, h, w, C) -> images (B, h f, w f, 3) float32, decoded in overlapping tiles.
 
   Args:
-    model, params: a DCAE and its (unboxed) params.
+    model, params: a DCAE or an autoencoder_kl.AutoencoderKL (any AE module with downsample_factor,
+      encode and decode: every function here takes either) and its (unboxed) params.
     latents: raw latents (divide diffusion latents by the scaling factor first).
     tile, stride: tile side and tile step in PIXELS (multiples of f); overlap = tile - stride.
   Traceable (jit it, or call it inside a jitted function); a latent no larger than one tile is
