@@ -27,7 +27,9 @@ import jax
 
 from sanajax.diffusion import flow, samplers
 from sanajax.dtypes import DTYPES
+from sanajax.models.backbones import BACKBONES, POOLED_TEXT
 from sanajax.models.layers import remat_policy
+from sanajax.models.mmdit import JOINT_ATTENTION_KINDS
 from sanajax.parallel import MESH_AXES, Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 
@@ -205,6 +207,11 @@ def _check_diffusion(c: _Checker) -> None:
 
 def _check_model(c: _Checker, kind: str) -> None:
   c.int_at_least("model.patch_size", 1)
+  name = c.get("model.name")
+  if name is not _MISSING and name not in BACKBONES:
+    c.bad("model.name", name, f"must be one of {', '.join(BACKBONES)}")
+  if name == "mmdit":
+    _check_mmdit(c, kind)
   for field in ("depth", "hidden_size"):
     c.int_at_least(f"model.{field}", 1, required=False)
   c.dtype("model.dtype")
@@ -218,6 +225,29 @@ def _check_model(c: _Checker, kind: str) -> None:
   c.dtype("text.dtype")
   if kind == "sprint" and c.get("model.guidance_embeds") is not True:
     c.bad("model.guidance_embeds", c.get("model.guidance_embeds"), "must be True for a Sprint student")
+
+
+def _check_mmdit(c: _Checker, kind: str) -> None:
+  """An MM-DiT's fields (sanajax.models.mmdit; names as diffusers' SD3Transformer2DModel)."""
+  for field in ("num_layers", "num_attention_heads", "attention_head_dim", "joint_attention_dim",
+                "caption_projection_dim", "pooled_projection_dim", "in_channels"):
+    c.int_at_least(f"model.{field}", 1)
+  c.one_of("model.joint_attention", JOINT_ATTENTION_KINDS, required=False)
+  c.one_of("model.pooled_text", POOLED_TEXT, required=False)
+  heads, dim = c.get("model.num_attention_heads"), c.get("model.attention_head_dim")
+  proj = c.get("model.caption_projection_dim")
+  if _is_int(heads) and _is_int(dim) and _is_int(proj) and proj != heads * dim:
+    c.bad("model.caption_projection_dim", proj, f"must equal num_attention_heads x attention_head_dim = {heads * dim}")
+  joint, pooled = c.get("model.joint_attention_dim"), c.get("model.pooled_projection_dim")
+  if _is_int(joint) and _is_int(pooled) and pooled != joint:
+    c.bad("model.pooled_projection_dim", pooled, f"must equal model.joint_attention_dim={joint} (the pooled text is "
+          "the masked mean of the encoder states)")
+  text = c.get("text.hidden_size")
+  if _is_int(joint) and _is_int(text) and joint != text:
+    c.bad("model.joint_attention_dim", joint, f"must equal the text encoder's width text.hidden_size={text}")
+  if kind == "sprint":
+    c.bad("model.name", "mmdit", "Sprint distillation of an MM-DiT is not built yet: distil a model.name='sana_dit' "
+          "teacher")
 
 
 def _check_resolution(c: _Checker, resolved: Any, kind: str) -> None:

@@ -53,10 +53,24 @@ import numpy as np
 from absl import app, flags
 
 from sanajax import cli, config_utils
-from sanajax.models import dcae, dcae_diffusers, sana_dit, sana_dit_diffusers
+from sanajax.models import (
+  autoencoder_kl,
+  autoencoder_kl_diffusers,
+  dcae,
+  dcae_diffusers,
+  mmdit,
+  mmdit_diffusers,
+  sana_dit,
+  sana_dit_diffusers,
+)
+from sanajax.models.autoencoder_kl_diffusers import load_sd3_vae
+from sanajax.models.clip_transformers import load_clip_text_encoder
 from sanajax.models.dcae_diffusers import load_dcae
 from sanajax.models.gemma2_transformers import gemma2_config_from_dict, has_tokenizer, load_gemma2, load_tokenizer
+from sanajax.models.mmdit_diffusers import load_sd3_transformer
 from sanajax.models.sana_dit_diffusers import dit_init_args, load_sana_transformer
+from sanajax.models.sd3_text import load_sd3_text_encoder
+from sanajax.models.t5_transformers import load_t5_encoder
 from sanajax.models.weights_util import abstract_params, boxed_abstract_params, put_like
 from sanajax.safetensors_io import read_json
 from sanajax.workdir.checkpoint import Checkpointer
@@ -64,23 +78,29 @@ from sanajax.workdir.files import AE_INFO_FILE, ae_workdir, checkpoint_dir, load
 from sanajax.workdir.loaders import has_checkpoint, load_ae
 
 # The Python API users call as sanajax.convert.X (README "Pretrained weights"); the rest is the CLI.
-__all__ = ["convert_ae", "convert_diffusers", "convert_text_encoder", "export_diffusers", "load_dcae", "load_gemma2",
-           "load_sana_transformer", "save_diffusers"]
+__all__ = ["convert_ae", "convert_diffusers", "convert_text_encoder", "export_diffusers", "load_clip_text_encoder",
+           "load_dcae", "load_gemma2", "load_sana_transformer", "load_sd3_text_encoder", "load_sd3_transformer",
+           "load_sd3_vae", "load_t5_encoder", "save_diffusers"]
 
 
 def save_diffusers(directory: str, model: nn.Module, params: Mapping, *, dtype: str = "float32",
                    sample_size: int | None = None) -> None:
-  """Writes a sanajax SanaDiT or DCAE as a diffusers directory (config.json +
-  diffusion_pytorch_model.safetensors) that SanaTransformer2DModel / AutoencoderDC.from_pretrained
-  loads. dtype: float32 (bit-identical round trip), bfloat16 or float16. sample_size (DiT only):
-  diffusers' `sample_size` (latent side); default the model's PE base grid, else 32.
+  """Writes a sanajax SanaDiT, DCAE, MMDiT (SD3) or AutoencoderKL (SD3 VAE) as a diffusers directory
+  (config.json + diffusion_pytorch_model.safetensors) that SanaTransformer2DModel / AutoencoderDC /
+  SD3Transformer2DModel / AutoencoderKL.from_pretrained loads. dtype: float32 (bit-identical round
+  trip), bfloat16 or float16. sample_size (SanaDiT only): diffusers' `sample_size` (latent side);
+  default the model's PE base grid, else 32.
   """
   if isinstance(model, sana_dit.SanaDiT):
     sana_dit_diffusers.save_diffusers(directory, model, params, dtype=dtype, sample_size=sample_size)
   elif isinstance(model, dcae.DCAE):
     dcae_diffusers.save_diffusers(directory, model, params, dtype=dtype)
+  elif isinstance(model, mmdit.MMDiT):
+    mmdit_diffusers.save_diffusers(directory, model, params, dtype=dtype)
+  elif isinstance(model, autoencoder_kl.AutoencoderKL):
+    autoencoder_kl_diffusers.save_diffusers(directory, model, params, dtype=dtype)
   else:
-    raise TypeError(f"save_diffusers exports a SanaDiT or a DCAE, got {type(model).__name__}.")
+    raise TypeError(f"save_diffusers exports a SanaDiT, DCAE, MMDiT or AutoencoderKL, got {type(model).__name__}.")
 
 
 # --------------------------------------------------------------------------- workdirs

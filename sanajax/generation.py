@@ -17,8 +17,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from sanajax.diffusion import samplers
+from sanajax.models.backbones import build_backbone
 from sanajax.models.dcae_tiling import decode_latents
-from sanajax.models.sana_dit import build_dit
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample
@@ -93,7 +93,7 @@ class Generator:
     # Optional guidance interval of the flow samplers (config.sample.cfg_interval; absent or None:
     # guidance at every step). May be changed between calls: it is a static argument of the jit.
     self.cfg_interval = config.get("sample", {}).get("cfg_interval")
-    self.dit = build_dit(config.model)
+    self.dit = build_backbone(config.model)
     self.text = text_encoder
     placed = place_frozen(plan, {"ae": ae_params, "text": text_encoder.params}, text_encoder)
     self.dit_params, self.text_params = plan.place(dit_params), placed["text"]

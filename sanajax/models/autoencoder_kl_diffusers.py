@@ -23,8 +23,13 @@ import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from sanajax.models.autoencoder_kl import (CONFIG_FIELDS, DOWN_BLOCK_TYPE, UP_BLOCK_TYPE, AutoencoderKL,
-                                           build_autoencoder_kl)
+from sanajax.models.autoencoder_kl import (
+  CONFIG_FIELDS,
+  DOWN_BLOCK_TYPE,
+  UP_BLOCK_TYPE,
+  AutoencoderKL,
+  build_autoencoder_kl,
+)
 from sanajax.models.dcae_diffusers import _listify, _torch_key, dcae_state_dict_from_params
 from sanajax.models.weights_util import abstract_params, diffusers_version, write_diffusers_dir
 from sanajax.safetensors_io import check_tensors, read_checked_state_dict, read_model_config, tensor_shapes

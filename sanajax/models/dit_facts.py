@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from sanajax import resolution
-from sanajax.models import sana_dit
+from sanajax.models import backbones, mmdit
 
 
 def forward_flops(model_config: Any, latent_hw: tuple[int, int], text_length: int) -> dict[str, int]:
@@ -52,6 +52,38 @@ def forward_flops(model_config: Any, latent_hw: tuple[int, int], text_length: in
   }
 
 
+def mmdit_forward_flops(model_config: Any, latent_hw: tuple[int, int], text_length: int) -> dict[str, int]:
+  """Analytic forward FLOPs of an MM-DiT (sanajax.models.mmdit) for one image, by part, counted as
+  the linear DiT's (2 per multiply-add, elementwise work left out). N image tokens, L text tokens,
+  T = N + L joint tokens, h hidden (heads x head dim), per block: q, k, v and out projections of
+  both streams 8 T h^2 (the last block's text stream has no out projection or MLP: ignored),
+  the joint attention 4 T^2 h (softmax: scores and weighted sum) or 4 T h (D + 1) (linear, D =
+  head dim), the 4x MLPs 16 T h^2, the adaLN modulations 2 (6 + 6) h^2; a dual-attention block
+  adds an image-only attention (8 N h^2 + 4 N^2 h, or its linear form) and 3 h^2 of modulation."""
+  m = dict(model_config)
+  p, cin = int(m["patch_size"]), int(m["in_channels"])
+  heads, d = int(m["num_attention_heads"]), int(m["attention_head_dim"])
+  h = heads * d
+  n = (latent_hw[0] // p) * (latent_hw[1] // p)
+  l = int(text_length)
+  tokens = n + l
+  linear = m.get("joint_attention", "softmax") == "linear"
+  attend = (lambda k: 4 * k * h * (d + 1)) if linear else (lambda k: 4 * k * k * h)
+  layers = int(m["num_layers"])
+  dual = len(tuple(m.get("dual_attention_layers") or ()))
+  pooled, ctx = int(m["pooled_projection_dim"]), int(m["joint_attention_dim"])
+  return {
+      "patch_embed": 2 * n * p * p * cin * h,
+      "time_text_embed": 2 * (256 * h + h * h + pooled * h + h * h),
+      "context_embedder": 2 * l * ctx * h,
+      "joint_attention": layers * (8 * tokens * h * h + attend(tokens)),
+      "image_attention": dual * (8 * n * h * h + attend(n)),
+      "mlp": layers * 16 * tokens * h * h,
+      "adaln": layers * 2 * 12 * h * h + dual * 2 * 3 * h * h,
+      "proj_out": 2 * n * h * p * p * cin + 2 * 2 * h * h,
+  }
+
+
 def describe(config: Any) -> dict[str, Any]:
   """Facts of the config's DiT: params (total and per top-level module), shapes, FLOPs.
 
@@ -63,15 +95,18 @@ def describe(config: Any) -> dict[str, Any]:
   down = resolution.ae_downsample(config)
   latent_hw = (res // down, res // down)
   text_length = int(config.text.max_length)
-  model = sana_dit.build_dit(m)
-  shapes = jax.eval_shape(model.init, jax.random.key(0), *sana_dit.dummy_inputs(m, latent_hw, text_length))["params"]
+  is_mmdit = backbones.backbone_name(m) == "mmdit"
+  model = backbones.build_backbone(m)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), *backbones.dummy_inputs(m, latent_hw, text_length))["params"]
   per_module: dict[str, int] = collections.OrderedDict()
   for name, sub in shapes.items():
     key = "transformer_blocks" if name.startswith("transformer_blocks_") else name
+    if is_mmdit and name == "pos_embed":  # the frozen sin-cos table is a buffer, not a parameter (diffusers)
+      sub = {k: v for k, v in sub.items() if f"pos_embed/{k}" not in mmdit.FROZEN_PARAMS}
     count = sum(int(np.prod(getattr(x, "value", x).shape)) for x in
                 jax.tree.leaves(sub, is_leaf=lambda x: hasattr(x, "names")))
     per_module[key] = per_module.get(key, 0) + count
-  flops = forward_flops(m, latent_hw, text_length)
+  flops = (mmdit_forward_flops if is_mmdit else forward_flops)(m, latent_hw, text_length)
   fwd = sum(flops.values())
   batch = int(config.train.batch_size)
   p = m.patch_size
@@ -80,8 +115,8 @@ def describe(config: Any) -> dict[str, Any]:
       "latent_shape": (*latent_hw, int(m.in_channels)),
       "image_tokens": (latent_hw[0] // p) * (latent_hw[1] // p),
       "text_tokens": text_length,
-      "depth": int(m.depth),
-      "hidden_size": int(m.hidden_size),
+      "depth": int(m.num_layers if is_mmdit else m.depth),
+      "hidden_size": int(m.num_attention_heads * m.attention_head_dim if is_mmdit else m.hidden_size),
       "params_per_module": dict(per_module),
       "total_params": int(sum(per_module.values())),
       "forward_flops_per_image": flops,
@@ -93,7 +128,7 @@ def describe(config: Any) -> dict[str, Any]:
 
 def format_description(info: dict[str, Any]) -> str:
   """Human-readable lines; the last is exactly `total_params: N`."""
-  lines = [f"DiT only (no text encoder, no autoencoder); resolution {info['resolution']} px",
+  lines = [f"Denoiser only (no text encoder, no autoencoder); resolution {info['resolution']} px",
            f"latent (H, W, C): {info['latent_shape']}  image tokens: {info['image_tokens']}  "
            f"text tokens: {info['text_tokens']}  depth: {info['depth']}  hidden: {info['hidden_size']}",
            "parameters per module:"]

@@ -15,8 +15,8 @@ from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source_from_config
 from sanajax.diffusion import flow
+from sanajax.models.backbones import build_backbone
 from sanajax.models.dit_facts import describe
-from sanajax.models.sana_dit import build_dit
 from sanajax.parallel import Plan
 from sanajax.resolution import apply_resolution
 from sanajax.training import loop as loop_lib
@@ -163,7 +163,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   prepare_workdir(workdir, config)
   ae_model, ae_params, ae_scaling, _ = load_ae(ensure_ae(config, workdir))
   text_encoder = build_text_encoder(config)
-  dit = build_dit(config.model)
+  dit = build_backbone(config.model)
   key = jax.random.PRNGKey(config.seed)
   tx, schedule = build_optimizer(config.train, config.train.num_steps)
   plan = Plan.from_config(config)

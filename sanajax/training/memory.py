@@ -26,7 +26,8 @@ import numpy as np
 
 from sanajax import resolution
 from sanajax.dtypes import dtype_from_name
-from sanajax.models import sana_dit
+from sanajax.models.backbones import backbone_name, build_backbone
+from sanajax.models.backbones import dummy_inputs as backbone_inputs
 from sanajax.parallel.mesh import (
   DEFAULT_RULES,
   MESH_AXES,
@@ -80,17 +81,25 @@ def activation_bytes(config: Any, latent_hw: tuple[int, int], mesh: Any) -> int:
   item = np.dtype(dtype_from_name(m.get("dtype", "float32"), "model.dtype")).itemsize
   b_local = max(1, int(config.train.batch_size) // (mesh.shape["data"] * mesh.shape["fsdp"]))
   n = (latent_hw[0] // m.patch_size) * (latent_hw[1] // m.patch_size)
-  n_local = math.ceil(n / mesh.shape["sequence"])
   t = mesh.shape["tensor"]
-  h, f = m.hidden_size, int(m.hidden_size * m.mlp_ratio)
-  c = m.cross_num_heads * m.cross_head_dim
   text = int(config.text.max_length)
-  per_token_block = (h + (4 * h + 6 * f + f + 2 * c) / t) * item + m.cross_num_heads / t * text * 4
+  if backbone_name(m) == "mmdit":
+    # MM-DiT, per joint token (image and text) and block: the block input (h), q, k, v and output
+    # (4h), the 4x MLP's two activations (8h); with softmax joint attention, XLA's float32 scores
+    # (heads x T) per token (a flash kernel keeps none).
+    n, h, depth = n + text, m.num_attention_heads * m.attention_head_dim, m.num_layers
+    scores = m.num_attention_heads * n * 4 if m.get("joint_attention", "softmax") == "softmax" else 0
+    per_token_block = (h + (4 * h + 8 * h) / t) * item + scores / t
+  else:
+    h, f, depth = m.hidden_size, int(m.hidden_size * m.mlp_ratio), m.depth
+    c = m.cross_num_heads * m.cross_head_dim
+    per_token_block = (h + (4 * h + 6 * f + f + 2 * c) / t) * item + m.cross_num_heads / t * text * 4
+  n_local = math.ceil(n / mesh.shape["sequence"])
   per_token_input = h * item
   if m.get("remat", "none") == "none":
-    per_token = m.depth * per_token_block
+    per_token = depth * per_token_block
   else:
-    per_token = m.depth * per_token_input + per_token_block
+    per_token = depth * per_token_input + per_token_block
   return int(b_local * n_local * per_token)
 
 
@@ -109,9 +118,9 @@ def plan_memory(config: Any, num_devices: int | None = None) -> dict[str, Any]:
   res = int(config.data.resolution)
   down = resolution.ae_downsample(config)
   latent_hw = (res // down, res // down)
-  model = sana_dit.build_dit(m)
+  model = build_backbone(m)
   params = jax.eval_shape(model.init, jax.random.key(0),
-                          *sana_dit.dummy_inputs(m, latent_hw, int(config.text.max_length)))["params"]
+                          *backbone_inputs(m, latent_hw, int(config.text.max_length)))["params"]
   tx, _ = build_optimizer(config.train, int(config.train.num_steps))
   opt = jax.eval_shape(tx.init, params)
   p = tree_bytes_per_device(params, mesh, rules)

@@ -44,8 +44,9 @@ from sanajax.data.sources import make_source_from_config
 from sanajax.diffusion import scm, trigflow
 from sanajax.diffusion.samplers import as_cfg_interval, guided_velocity
 from sanajax.dtypes import dtype_from_name
+from sanajax.models.backbones import build_backbone
 from sanajax.models.discriminator import LaddHeads
-from sanajax.models.sana_dit import LogVarHead, build_dit, student_params_from_teacher
+from sanajax.models.sana_dit import LogVarHead, student_params_from_teacher
 from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import loop as loop_lib
@@ -160,11 +161,11 @@ class SprintDistiller:
     depth = teacher_config.model.depth
     if not blocks or min(blocks) < 0 or max(blocks) >= depth:
       raise ValueError(f"distill.head_block_ids={list(blocks)} must be non-empty block indices < depth {depth}.")
-    self.teacher = build_dit(teacher_config.model, dtype=teacher_dtype)
-    self.teacher_features = build_dit(teacher_config.model, dtype=teacher_dtype, features_at=blocks)
-    self.student = build_dit(config.model)
+    self.teacher = build_backbone(teacher_config.model, dtype=teacher_dtype)
+    self.teacher_features = build_backbone(teacher_config.model, dtype=teacher_dtype, features_at=blocks)
+    self.student = build_backbone(config.model)
     # The JVP runs in float32 whatever the compute dtype: the tangent is a small difference of large terms.
-    self.student_f32 = build_dit(config.model, dtype=jnp.float32)
+    self.student_f32 = build_backbone(config.model, dtype=jnp.float32)
     self.logvar_head = LogVarHead()
     self.heads = LaddHeads(len(blocks))
     self.ae_model, self.ae_scaling, self.text = ae_model, ae_scaling, text_encoder

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from sanajax.data.shapes import VOCAB
-from sanajax.models import dcae
+from sanajax.models import backbones, dcae
+from sanajax.models.backbones import build_backbone, context_channels
 from sanajax.models.gemma2_transformers import (
   gemma2_config_from_dict,
   gemma2_init_args,
@@ -23,8 +24,8 @@ from sanajax.models.gemma2_transformers import (
   load_gemma2,
   load_tokenizer,
 )
-from sanajax.models.sana_dit import build_dit, student_params_from_teacher
-from sanajax.models.sana_dit_diffusers import dit_init_args, load_sana_transformer
+from sanajax.models.sana_dit import student_params_from_teacher
+from sanajax.models.sana_dit_diffusers import load_sana_transformer
 from sanajax.models.text_encoder import TextEncoder, build_gemma2
 from sanajax.models.weights_util import abstract_params, boxed_abstract_params, flat_names, put_like
 from sanajax.resolution import ae_downsample
@@ -69,10 +70,10 @@ def latent_shape(config: ml_collections.ConfigDict, downsample: int) -> tuple[in
 
 def init_dit_params(config: ml_collections.ConfigDict, key: jax.Array):
   """DiT parameters (float32) for the config's latent and text shapes."""
-  dit = build_dit(config.model)
+  dit = build_backbone(config.model)
   h, w, c = latent_shape(config, ae_downsample(config))
   x = jnp.zeros((1, h, w, c), jnp.float32)
-  ctx = jnp.zeros((1, config.text.max_length, config.model.caption_channels), jnp.float32)
+  ctx = jnp.zeros((1, config.text.max_length, context_channels(config.model)), jnp.float32)
   mask = jnp.ones((1, config.text.max_length), jnp.int32)
   return dit.init(key, x, jnp.zeros((1,), jnp.float32), ctx, mask)["params"]
 
@@ -156,7 +157,7 @@ def init_params_from(path: str, like: Any) -> Any:
   if _is_workdir(path):
     ckpt = Checkpointer(checkpoint_dir(path), read_only=True)
     saved_model = load_workdir_config(path).model
-    saved = boxed_abstract_params(build_dit(saved_model), *dit_init_args(saved_model))
+    saved = boxed_abstract_params(build_backbone(saved_model), *backbones.init_args(saved_model))
     saved_shapes, like_shapes = tensor_shapes(flat_names(saved)), tensor_shapes(flat_names(like))
     if saved_shapes == like_shapes:
       return ckpt.restore_params(like, ema=True)
