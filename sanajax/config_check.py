@@ -239,7 +239,8 @@ def _check_mmdit(c: _Checker, kind: str) -> None:
   if _is_int(heads) and _is_int(dim) and _is_int(proj) and proj != heads * dim:
     c.bad("model.caption_projection_dim", proj, f"must equal num_attention_heads x attention_head_dim = {heads * dim}")
   joint, pooled = c.get("model.joint_attention_dim"), c.get("model.pooled_projection_dim")
-  if _is_int(joint) and _is_int(pooled) and pooled != joint:
+  masked_mean = c.get("model.pooled_text") in (_MISSING, "masked_mean")  # "clip": SD3's pooled CLIP pair
+  if masked_mean and _is_int(joint) and _is_int(pooled) and pooled != joint:
     c.bad("model.pooled_projection_dim", pooled, f"must equal model.joint_attention_dim={joint} (the pooled text is "
           "the masked mean of the encoder states)")
   text = c.get("text.hidden_size")

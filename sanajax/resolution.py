@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from sanajax.models import dcae
+from sanajax.models import autoencoder_kl, dcae
 
 # Where each preset key is written: preset field -> (section, field).
 _TARGETS = {
@@ -24,7 +24,10 @@ _TARGETS = {
 
 
 def ae_downsample(config: ml_collections.ConfigDict) -> int:
-  """Spatial compression of the config's DC-AE (32 for f32c32, 8 for the tiny one)."""
+  """Spatial compression of the config's autoencoder: the DC-AE (32 for f32c32, 8 for the tiny one), or SD3's
+  KL VAE when ae.name == "autoencoder_kl" (8: one halving per block_out_channels entry after the first)."""
+  if config.ae.get("name") == "autoencoder_kl":
+    return autoencoder_kl.build_autoencoder_kl(config.ae).downsample_factor  # a module description, no params
   return dcae.downsample_factor(config.ae)
 
 

@@ -24,7 +24,9 @@ from sanajax.dtypes import dtype_from_name
 from sanajax.models import mmdit, sana_dit
 
 BACKBONES = ("sana_dit", "mmdit")
-POOLED_TEXT = ("masked_mean",)
+# masked_mean: the mean of the encoder states (one encoder, pooled width = joint_attention_dim); clip: SD3's
+# pooled CLIP-L + bigG projections (sd3_text.SD3TextEncoder), passed as `pooled=` (released width 2048).
+POOLED_TEXT = ("masked_mean", "clip")
 
 
 def backbone_name(model_config: Mapping[str, Any]) -> str:
@@ -56,12 +58,21 @@ class MMDiTBackbone:
   MMDiT's own parameter tree, so converted SD3 weights load unchanged."""
   model: mmdit.MMDiT
   guidance_embeds: bool = False  # no CFG embedding (a Sprint student) for MM-DiT yet
+  pooled_text: str = "masked_mean"  # model.pooled_text (POOLED_TEXT)
 
-  def _pooled(self, context, context_mask, pooled):
-    return masked_mean(context, context_mask) if pooled is None else pooled
+  def _pooled(self, context, context_mask, pooled, init=False):
+    if pooled is not None:
+      return pooled
+    if self.pooled_text == "masked_mean":
+      return masked_mean(context, context_mask)
+    if init:  # parameter shapes only: zeros of the pooled width
+      return jnp.zeros((context.shape[0], self.model.pooled_projection_dim), jnp.float32)
+    raise ValueError("model.pooled_text='clip': pass pooled= (SD3's CLIP-L + bigG pooled embeddings, "
+                     "sanajax.models.sd3_text).")
 
   def init(self, rngs, x, t, context, context_mask=None, *, pooled=None, **kwargs):
-    return self.model.init(rngs, x, t, context, self._pooled(context, context_mask, pooled), context_mask, **kwargs)
+    return self.model.init(rngs, x, t, context, self._pooled(context, context_mask, pooled, init=True), context_mask,
+                           **kwargs)
 
   def apply(self, variables, x, t, context, context_mask=None, *, pooled=None, **kwargs):
     if kwargs.pop("guidance", None) is not None:
@@ -81,11 +92,11 @@ def build_backbone(model_config: Mapping[str, Any], dtype: Any = None, **overrid
   pooled_text = c.get("pooled_text", "masked_mean")
   if pooled_text not in POOLED_TEXT:
     raise ValueError(f"model.pooled_text={pooled_text!r}: use one of {POOLED_TEXT}.")
-  if int(c["pooled_projection_dim"]) != int(c["joint_attention_dim"]):
+  if pooled_text == "masked_mean" and int(c["pooled_projection_dim"]) != int(c["joint_attention_dim"]):
     raise ValueError(f"model.pooled_projection_dim={c['pooled_projection_dim']} must equal model.joint_attention_dim="
                      f"{c['joint_attention_dim']}: the pooled text is the masked mean of the encoder states.")
   name = None if dtype is None else (dtype if isinstance(dtype, str) else jnp.dtype(dtype).name)
-  return MMDiTBackbone(mmdit.build_mmdit(c, dtype=name, **overrides))
+  return MMDiTBackbone(mmdit.build_mmdit(c, dtype=name, **overrides), pooled_text=pooled_text)
 
 
 def dummy_inputs(model_config: Mapping[str, Any], latent_hw: tuple[int, int], text_length: int, batch: int = 1):
