@@ -56,6 +56,7 @@ from sanajax import cli, config_utils
 from sanajax.models import (
   autoencoder_kl,
   autoencoder_kl_diffusers,
+  backbones,
   dcae,
   dcae_diffusers,
   mmdit,
@@ -64,6 +65,7 @@ from sanajax.models import (
   sana_dit_diffusers,
 )
 from sanajax.models.autoencoder_kl_diffusers import load_sd3_vae
+from sanajax.models.backbones import build_backbone
 from sanajax.models.clip_transformers import load_clip_text_encoder
 from sanajax.models.dcae_diffusers import load_dcae
 from sanajax.models.gemma2_transformers import gemma2_config_from_dict, has_tokenizer, load_gemma2, load_tokenizer
@@ -75,11 +77,11 @@ from sanajax.models.weights_util import abstract_params, boxed_abstract_params, 
 from sanajax.safetensors_io import read_json
 from sanajax.workdir.checkpoint import Checkpointer
 from sanajax.workdir.files import AE_INFO_FILE, ae_workdir, checkpoint_dir, load_workdir_config, prepare_workdir
-from sanajax.workdir.loaders import has_checkpoint, load_ae
+from sanajax.workdir.loaders import AUTOENCODER_KL, has_checkpoint, load_ae
 
 # The Python API users call as sanajax.convert.X (README "Pretrained weights"); the rest is the CLI.
-__all__ = ["convert_ae", "convert_diffusers", "convert_text_encoder", "export_diffusers", "load_clip_text_encoder",
-           "load_dcae", "load_gemma2", "load_sana_transformer", "load_sd3_text_encoder", "load_sd3_transformer",
+__all__ = ["convert_ae", "convert_diffusers", "convert_kl_ae", "convert_sd3", "convert_text_encoder", "export_diffusers",
+           "load_clip_text_encoder", "load_dcae", "load_gemma2", "load_sana_transformer", "load_sd3_text_encoder", "load_sd3_transformer",
            "load_sd3_vae", "load_t5_encoder", "save_diffusers"]
 
 
@@ -160,10 +162,81 @@ def convert_ae(src: str, dst: str, *, dtype: str = "float32") -> ml_collections.
   return ae
 
 
+def is_sd3_pipeline(src: str) -> bool:
+  """Whether `src` is a diffusers SD3 / SD3.5 pipeline: model_index.json names StableDiffusion3Pipeline, or
+  transformer/config.json an SD3Transformer2DModel."""
+  index, transformer = os.path.join(src, "model_index.json"), os.path.join(src, "transformer", "config.json")
+  if os.path.exists(index) and read_json(index).get("_class_name") == "StableDiffusion3Pipeline":
+    return True
+  return os.path.exists(transformer) and read_json(transformer).get("_class_name") == mmdit_diffusers.CLASS_NAME
+
+
+def convert_kl_ae(src: str, dst: str, *, dtype: str = "float32") -> ml_collections.ConfigDict:
+  """diffusers AutoencoderKL directory (SD3's vae/) -> AE workdir (ae.name "autoencoder_kl"; load_ae reads it).
+  ae_info.json holds its scaling_factor and shift_factor (the DiT's latents: (raw - shift) * scaling)."""
+  model, params, ae = load_sd3_vae(src, dtype=dtype, return_config=True)
+  ae.name = AUTOENCODER_KL
+  f = model.downsample_factor
+  c = ml_collections.ConfigDict({"ae": ae, "data": {"resolution": f}})
+  prepare_workdir(dst, c)
+  _save_params(dst, put_like(boxed_abstract_params(model, jax.ShapeDtypeStruct((1, f, f, 3), jnp.float32)), params))
+  with open(os.path.join(dst, AE_INFO_FILE), "w") as fh:
+    json.dump({"scaling_factor": float(model.scaling_factor), "shift_factor": float(model.shift_factor),
+               "source": os.path.abspath(src)}, fh, indent=2)
+  return ae
+
+
+def convert_sd3(src: str, dst: str, *, dtype: str = "float32") -> ml_collections.ConfigDict:
+  """A diffusers SD3 / SD3.5 pipeline directory -> a sanajax workdir that sanajax.sample samples.
+
+  config.json: model = the MM-DiT (name "mmdit", pooled_text "clip": SD3's pooled CLIP pair), ae = the KL
+  VAE (name "autoencoder_kl", scaling_factor, shift_factor; converted to WORKDIR/ae), text.kind = "sd3"
+  with text.pretrained = the pipeline directory (absolute; the CLIP-L, bigG and T5 encoders and their
+  tokenizers are read there in place, so the workdir needs it; T5 is used when text_encoder_3/ exists),
+  diffusion.flow_shift = scheduler_config.json's `shift` (SD3: 3.0), sampling as StableDiffusion3Pipeline's
+  defaults (flow_euler, 28 steps, CFG 7.0). checkpoints/0 holds the MM-DiT weights as `ema_params`.
+  """
+  _, params, model = load_sd3_transformer(os.path.join(src, "transformer"), dtype=dtype, return_config=True)
+  model.pooled_text = "clip"
+  os.makedirs(dst, exist_ok=True)
+  ae = convert_kl_ae(os.path.join(src, "vae"), os.path.join(dst, "ae"), dtype=dtype)
+  f = 2 ** (len(ae.block_out_channels) - 1)
+  c = _base_config(int(model.sample_size) * f)
+  c.model = model
+  c.ae = ae
+  c.ae.workdir = ""  # WORKDIR/ae, the trainer's default.
+  if "ae_train" in c:
+    del c["ae_train"]
+  use_t5 = os.path.isdir(os.path.join(src, "text_encoder_3"))
+  tok = os.path.join(src, "tokenizer", "tokenizer_config.json")
+  clip_length = int(read_json(tok).get("model_max_length", 77)) if os.path.exists(tok) else 77
+  t5_length = 256  # StableDiffusion3Pipeline's max_sequence_length.
+  c.text = ml_collections.ConfigDict({"kind": "sd3", "pretrained": os.path.abspath(src), "use_t5": use_t5,
+                                      "t5_max_length": t5_length, "max_length": clip_length + t5_length,
+                                      "dtype": dtype, "seed": 0})
+  if c.model.in_channels != c.ae.latent_channels:
+    raise ValueError(f"The transformer takes {c.model.in_channels} latent channels but the VAE gives "
+                     f"{c.ae.latent_channels}.")
+  scheduler = os.path.join(src, "scheduler", "scheduler_config.json")
+  if os.path.exists(scheduler):
+    sched = read_json(scheduler)
+    if sched.get("use_dynamic_shifting"):
+      raise NotImplementedError(f"{scheduler}: use_dynamic_shifting (a resolution-dependent shift) is not supported.")
+    c.diffusion.flow_shift = float(sched.get("shift", 1.0))
+  c.sample.sampler, c.sample.steps, c.sample.cfg = "flow_euler", 28, 7.0
+  prepare_workdir(dst, c)
+  bb = build_backbone(model)
+  _save_params(dst, put_like(boxed_abstract_params(bb, *backbones.init_args(model)), params))
+  return c
+
+
 def convert_diffusers(src: str, dst: str, *, dtype: str = "float32", ae_workdir: str = "",
                       text_workdir: str = "") -> ml_collections.ConfigDict:
   """A diffusers SANA pipeline (model_index.json; transformer/ vae/ text_encoder/ tokenizer/) or a bare
-  transformer directory -> a sanajax workdir that sanajax.sample loads and sanajax.train fine-tunes."""
+  transformer directory -> a sanajax workdir that sanajax.sample loads and sanajax.train fine-tunes.
+  An SD3 / SD3.5 pipeline (is_sd3_pipeline) goes to convert_sd3."""
+  if is_sd3_pipeline(src):
+    return convert_sd3(src, dst, dtype=dtype)
   pipeline = os.path.exists(os.path.join(src, "model_index.json")) or os.path.isdir(os.path.join(src, "transformer"))
   transformer_dir = os.path.join(src, "transformer") if pipeline else src
   dit, params, model = load_sana_transformer(transformer_dir, dtype=dtype, return_config=True)
@@ -260,7 +333,7 @@ def _convert(argv):
   if source == "diffusers":
     c = convert_diffusers(f.src, f.dst, dtype=f.dtype, ae_workdir=f.ae or "", text_workdir=f.text_encoder or "")
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
-        abstract_params(sana_dit.build_dit(c.model), *dit_init_args(c.model))))
+        abstract_params(build_backbone(c.model), *backbones.init_args(c.model))))
     print(f"Converted {f.src} -> {f.dst}: DiT {n / 1e6:.1f}M parameters, {c.data.resolution} px. Sample with "
           f"`python -m sanajax.sample --workdir={f.dst} --prompt=...`.", flush=True)
   elif source == "transformers":

@@ -17,13 +17,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from sanajax.diffusion import samplers
-from sanajax.models.backbones import build_backbone
+from sanajax.models.backbones import apply_conditioned, build_backbone
 from sanajax.models.dcae_tiling import decode_latents
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample
 from sanajax.workdir.files import ae_workdir, load_workdir_config
 from sanajax.workdir.loaders import (
+  ae_shift_factor,
   build_text_encoder,
   latent_shape,
   load_ae,
@@ -87,7 +88,11 @@ class Generator:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, dit_params, ae_model, ae_params, ae_scaling: float,
-               text_encoder: TextEncoder, ae_downsample: int, *, plan: Plan | None = None):
+               text_encoder: TextEncoder, ae_downsample: int, *, plan: Plan | None = None, ae_shift: float = 0.0):
+    """ae_scaling, ae_shift: the DiT's latents are (raw - ae_shift) * ae_scaling (SD3's VAE: its
+    scaling_factor and shift_factor; the DC-AE: shift 0), so decoding takes latents / ae_scaling + ae_shift.
+    text_encoder: a TextEncoder, or anything with its tokenize / embed / params / abstract_params
+    (sd3_text.SD3PromptEncoder, whose embed gives {"context", "pooled"})."""
     self.config = config
     self.plan = plan = plan or Plan.single_device()
     # Optional guidance interval of the flow samplers (config.sample.cfg_interval; absent or None:
@@ -97,7 +102,7 @@ class Generator:
     self.text = text_encoder
     placed = place_frozen(plan, {"ae": ae_params, "text": text_encoder.params}, text_encoder)
     self.dit_params, self.text_params = plan.place(dit_params), placed["text"]
-    self.ae_model, self.ae_params, self.ae_scaling = ae_model, placed["ae"], ae_scaling
+    self.ae_model, self.ae_params, self.ae_scaling, self.ae_shift = ae_model, placed["ae"], ae_scaling, ae_shift
     self.latent_shape = latent_shape(config, ae_downsample)
     null_ids, null_mask = self.text.tokenize([""])
     self._null = (jnp.asarray(null_ids), jnp.asarray(null_mask))
@@ -112,12 +117,12 @@ class Generator:
     self._cfg_interval = samplers.as_cfg_interval(interval)
 
   @classmethod
-  def from_workdir(cls, workdir: str, *, ema: bool = True, plan: Plan | None = None) -> "Generator":
+  def from_workdir(cls, workdir: str, *, ema: bool = True, plan: Plan | None = None) -> Generator:
     config = load_workdir_config(workdir)
     params = load_dit_params(workdir, config, ema=ema)
-    ae_model, ae_params, scaling, _ = load_ae(ae_workdir(config, workdir))
+    ae_model, ae_params, scaling, ae_config = load_ae(ae_workdir(config, workdir))
     return cls(config, params, ae_model, ae_params, scaling, build_text_encoder(config, workdir),
-               ae_downsample(config), plan=plan)
+               ae_downsample(config), plan=plan, ae_shift=ae_shift_factor(ae_config))
 
   def latents_fn(self, dit_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
                  cfg_interval: tuple[float, float] | None) -> tuple[jax.Array, jax.Array]:
@@ -129,7 +134,7 @@ class Generator:
     null_context = self.text.embed(text_params, null_ids, null_mask)
     noise = jax.random.normal(key, (ids.shape[0], *self.latent_shape), jnp.float32)
     noise = jax.lax.with_sharding_constraint(noise, self.plan.batch_sharding(noise.ndim))
-    apply_fn = functools.partial(self.dit.apply, {"params": dit_params})
+    apply_fn = functools.partial(apply_conditioned, self.dit, {"params": dit_params})
     with self.plan.activate():
       latents = sample_latents(apply_fn, self.dit.guidance_embeds, noise, context, mask, null_context, null_mask,
                                sampler=sampler, steps=steps, cfg=cfg, shift=self.config.diffusion.flow_shift,
@@ -140,8 +145,13 @@ class Generator:
                  cfg_interval: tuple[float, float] | None):
     """Images (B, R, R, 3) in [-1, 1] float32 for a batch of token ids (pure; jitted by the callers)."""
     _, latents = self.latents_fn(dit_params, text_params, key, ids, mask, sampler, steps, cfg, cfg_interval)
+    return self.decode_fn(ae_params, latents)
+
+  def decode_fn(self, ae_params, latents: jax.Array) -> jax.Array:
+    """The DiT's latents (B, h, w, C) -> images (B, h f, w f, 3) in [-1, 1] float32 (pure): the AE decodes
+    raw = latents / ae_scaling + ae_shift, the inverse of the trainer's (raw - ae_shift) * ae_scaling."""
     # Tiled (overlapping tiles, one at a time) above config.ae.tile_size_px, e.g. 2K/4K with f32c32.
-    images = decode_latents(self.ae_model, ae_params, latents / self.ae_scaling, self.config.ae)
+    images = decode_latents(self.ae_model, ae_params, latents / self.ae_scaling + self.ae_shift, self.config.ae)
     return jnp.clip(images, -1.0, 1.0)
 
   def sample_batch(self, ids, mask, key: jax.Array, *, sampler: str, steps: int, cfg: float) -> jax.Array:

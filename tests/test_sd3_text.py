@@ -7,31 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sd3_helpers import randomize, rel_err, sd3_text_stack, t5_config  # tests/sd3_helpers.py (tests/ on sys.path)
 
 from sanajax.models import clip_transformers, sd3_text, t5_encoder, t5_transformers
 from sanajax.safetensors_io import WeightsError, read_state_dict, write_safetensors
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-
-WORDS = ["a", "red", "blue", "cat", "dog", "square", "circle", "on", "the", "left", "of", "big"]
-LETTERS = "abcdefghijklmnopqrstuvwxyz"
-
-
-def rel_err(got, want) -> float:
-  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-  return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))
-
-
-def randomize(module, scale: float, norm_scale: float = 0.3, norm_mean: float = 0.0):
-  """Weights big enough that every part matters (default inits leave layers near identity)."""
-  torch.manual_seed(0)
-  with torch.no_grad():
-    for name, prm in module.named_parameters():
-      is_norm = "norm" in name
-      prm.copy_(torch.randn_like(prm) * (norm_scale if is_norm else scale) + (norm_mean if is_norm else 0.0))
-  return module
-
 
 def clip_config(hidden_act: str, eos_token_id: int, hidden: int = 30, proj: int = 11, vocab: int = 41):
   return transformers.CLIPTextConfig(
@@ -100,12 +82,6 @@ def test_clip_loader_names_every_mismatched_tensor(tmp_path):
   assert "unexpected tensor text_model.extra.weight" in msg
 
 
-def t5_config(d_model: int = 22, vocab: int = 41):
-  return transformers.T5Config(vocab_size=vocab, d_model=d_model, d_kv=7, d_ff=33, num_layers=3, num_heads=3,
-                               feed_forward_proj="gated-gelu", relative_attention_num_buckets=8,
-                               relative_attention_max_distance=20, pad_token_id=0, eos_token_id=1)
-
-
 def test_t5_matches_transformers(tmp_path):
   """29 tokens span exact and logarithmic buckets and the clipped last one (max_distance 20)."""
   tm = randomize(transformers.T5EncoderModel(t5_config()).eval(), 0.2, norm_mean=1.0)
@@ -162,54 +138,13 @@ def test_t5_loader_reads_a_tied_only_export_and_refuses_mismatches(tmp_path):
 # --- the pipeline ------------------------------------------------------------------------------------------
 
 
-def clip_tokenizer(path, pad_token: str):
-  """A byte-level BPE CLIPTokenizer over WORDS, saved to `path`: letters, then each word merged letter by
-  letter; <|startoftext|> and <|endoftext|> take the two largest ids, as in CLIP's vocabulary."""
-  vocab, merges = {}, []
-  for token in ["!"] + list(LETTERS) + [c + "</w>" for c in LETTERS]:
-    vocab.setdefault(token, len(vocab))
-  for word in WORDS:
-    parts = list(word[:-1]) + [word[-1] + "</w>"]
-    while len(parts) > 1:
-      merges.append((parts[0], parts[1]))
-      parts = [parts[0] + parts[1]] + parts[2:]
-      vocab.setdefault(parts[0], len(vocab))
-  merges = list(dict.fromkeys(merges))
-  vocab["<|startoftext|>"] = len(vocab)
-  vocab["<|endoftext|>"] = len(vocab)
-  tok = transformers.CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=13, pad_token=pad_token)
-  tok.save_pretrained(path)
-  return tok, len(vocab)
-
-
-def t5_tokenizer(path):
-  """A Unigram T5 tokenizer (pad 0, </s> 1, unk 2) over WORDS and letters, saved to `path`."""
-  pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
-  pieces += [("\u2581" + w, -3.0) for w in WORDS] + [(c, -6.0) for c in LETTERS]
-  tok = transformers.T5Tokenizer(vocab=pieces, extra_ids=0)
-  tok.save_pretrained(path)
-  return tok, len(pieces)
-
-
 @pytest.fixture(scope="module")
 def sd3_dir(tmp_path_factory):
   """A tiny diffusers SD3 pipeline directory: CLIP-L-like (quick_gelu, legacy EOS, EOS padding), bigG-like
   (gelu, first-EOS pooling, '!' padding), T5 v1.1 and a 1-layer transformer; no VAE."""
   diffusers = pytest.importorskip("diffusers")
   root = tmp_path_factory.mktemp("sd3")
-  tok_l, n_clip = clip_tokenizer(root / "tokenizer", "<|endoftext|>")
-  tok_g, _ = clip_tokenizer(root / "tokenizer_2", "!")
-  tok_t5, n_t5 = t5_tokenizer(root / "tokenizer_3")
-  eos = n_clip - 1
-  clip_l = randomize(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-      vocab_size=n_clip, hidden_size=12, intermediate_size=19, num_hidden_layers=2, num_attention_heads=3,
-      max_position_embeddings=13, projection_dim=12, hidden_act="quick_gelu", eos_token_id=2, bos_token_id=eos - 1,
-      pad_token_id=eos)).eval(), 0.4)
-  clip_g = randomize(transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
-      vocab_size=n_clip, hidden_size=20, intermediate_size=27, num_hidden_layers=3, num_attention_heads=4,
-      max_position_embeddings=13, projection_dim=18, hidden_act="gelu", eos_token_id=eos, bos_token_id=eos - 1,
-      pad_token_id=0)).eval(), 0.4)
-  t5 = randomize(transformers.T5EncoderModel(t5_config(d_model=40, vocab=n_t5)).eval(), 0.15, norm_mean=1.0)
+  (tok_l, tok_g, tok_t5), (clip_l, clip_g, t5) = sd3_text_stack(root)
   transformer = diffusers.SD3Transformer2DModel(
       sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
       joint_attention_dim=40, caption_projection_dim=16, pooled_projection_dim=30, out_channels=4,

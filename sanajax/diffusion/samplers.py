@@ -13,7 +13,8 @@ Both reproduce the diffusers schedulers that SANA's released pipelines use, step
 The two time grids differ (see `timestep_grid`), so each sampler uses its own.
 
 Model function: `model_fn(x, t, context, context_mask) -> v` with x (B, H, W, C), t (B,) flow time
-in [0, 1] (1 = noise), context (B, L, D), context_mask (B, L); v has x's shape. The model gets the
+in [0, 1] (1 = noise), context (B, L, D) (or a pytree of (B, ...) arrays: SD3's {"context", "pooled"},
+batched leaf by leaf for CFG), context_mask (B, L); v has x's shape. The model gets the
 exact float time. (diffusers' SanaPipeline feeds the DPM model `int64(sigma * 1000)`, a truncated
 time; the solver itself uses the exact sigma, as here.)
 
@@ -93,9 +94,11 @@ def _cfg_is_off(cfg_scale) -> bool:
 
 
 def _concat_cond_uncond(context, mask, null_context, null_mask):
-  """Stacks [cond; uncond] along batch; the null context may have batch 1 (SANA's null embedding)."""
-  null_context = jnp.broadcast_to(null_context, context.shape).astype(context.dtype)
-  both_context = jnp.concatenate([context, null_context], axis=0)
+  """Stacks [cond; uncond] along batch; the null context may have batch 1 (SANA's null embedding).
+
+  context may be a pytree of (B, ...) arrays (SD3's {"context", "pooled"}); each leaf is stacked."""
+  both_context = jax.tree.map(lambda c, n: jnp.concatenate([c, jnp.broadcast_to(n, c.shape).astype(c.dtype)], axis=0),
+                              context, null_context)
   if mask is None:
     return both_context, None
   null_mask = jnp.ones_like(mask) if null_mask is None else jnp.broadcast_to(null_mask, mask.shape)

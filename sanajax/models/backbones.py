@@ -113,3 +113,12 @@ def init_args(model_config: Mapping[str, Any]) -> tuple:
   (parameter shapes do not depend on the input's size)."""
   p = int(dict(model_config)["patch_size"])
   return dummy_inputs(model_config, (p, p), 1)
+
+
+def apply_conditioned(model, variables, x, t, context, context_mask=None, **kwargs):
+  """model.apply with the text conditioning as the text encoder's `embed` gives it: the states (B, L, D),
+  or SD3's {"context": (B, L, D), "pooled": (B, P)} (sd3_text.SD3PromptEncoder), whose pooled CLIP
+  vector goes to the MM-DiT as `pooled=`. The one place the Generator and the DiT trainer call the model."""
+  if isinstance(context, Mapping):
+    return model.apply(variables, x, t, context["context"], context_mask, pooled=context["pooled"], **kwargs)
+  return model.apply(variables, x, t, context, context_mask, **kwargs)

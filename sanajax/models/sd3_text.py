@@ -174,3 +174,45 @@ def load_sd3_text_encoder(path: str, dtype: str = "float32", use_t5: bool = True
   clip_max_length = int(getattr(tok_l.tokenizer, "model_max_length", 77))  # diffusers' tokenizer_max_length.
   return SD3TextEncoder(clip_l, clip_g, t5, (tok_l, tok_g, tok_t5), clip_max_length=clip_max_length,
                         t5_max_length=t5_max_length, joint_attention_dim=joint)
+
+
+class SD3PromptEncoder:
+  """An SD3TextEncoder behind the text-encoder interface of the Generator and the DiT trainer
+  (sanajax.models.text_encoder.TextEncoder: tokenize, embed, params, abstract_params).
+
+    ids, mask = enc.tokenize(prompts)      # ids (B, 2 clip_length [+ t5_length]) int32: CLIP-L | bigG | T5
+                                           # mask (B, clip_length + t5_length) int32 ones: the DiT's text mask
+    cond = enc.embed(enc.params, ids, mask)  # {"context": (B, clip_length + t5_length, joint), "pooled": (B, P)}
+
+SD3 has three tokenizers; their ids travel as one array, cut apart again by `embed` (the lengths are
+static). SD3's joint attention sees every text token (diffusers passes no mask to the transformer), so
+the mask is all ones. The conditioning is a dict, not one array: the MM-DiT also reads the pooled CLIP
+vector (backbones.apply_conditioned passes it as `pooled=`; the samplers' CFG batching takes any pytree).
+"""
+
+  def __init__(self, encoder: SD3TextEncoder):
+    self.encoder = encoder
+    self.params = encoder.params
+    self.layout = encoder.layout
+    self.tokenizer = encoder.tokenizers[0]
+    self.max_length = self.layout.clip_length + self.layout.t5_length  # the context length the DiT reads
+
+  def tokenize(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    ids = [i for i in self.encoder.tokenize(prompts) if i is not None]
+    ids = np.concatenate([np.asarray(i, np.int32) for i in ids], axis=1)
+    return ids, np.ones((ids.shape[0], self.max_length), np.int32)
+
+  def embed(self, params, ids: jax.Array, mask: jax.Array | None = None) -> dict:
+    """Pure: tokenize's ids -> {"context": (B, L, joint_width), "pooled": (B, Pl + Pg)} float32 (mask unused)."""
+    del mask  # SD3 attends to every token, padding included.
+    lc = self.layout.clip_length
+    ids_t5 = ids[:, 2 * lc:] if self.encoder.use_t5 else None
+    context, pooled = self.encoder.embed(params, ids[:, :lc], ids[:, lc:2 * lc], ids_t5)
+    return {"context": context, "pooled": pooled}
+
+  def abstract_params(self) -> Any:
+    """ShapeDtypeStructs of `params` in their logical-axis boxes (what sanajax.parallel.Plan.place splits by)."""
+    lengths = {"clip_l": self.layout.clip_length, "clip_g": self.layout.clip_length, "t5": self.layout.t5_length}
+    return {name: jax.eval_shape(model.init, jax.random.key(0),
+                                 jax.ShapeDtypeStruct((1, lengths[name]), jnp.int32))["params"]
+            for name, model in self.encoder.models.items()}

@@ -15,7 +15,7 @@ from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source_from_config
 from sanajax.diffusion import flow
-from sanajax.models.backbones import build_backbone
+from sanajax.models.backbones import apply_conditioned, build_backbone
 from sanajax.models.dit_facts import describe
 from sanajax.parallel import Plan
 from sanajax.resolution import apply_resolution
@@ -26,6 +26,7 @@ from sanajax.training.optim import build_optimizer
 from sanajax.training.state import TrainState, apply_gradients, init_run_state, jit_step
 from sanajax.workdir.files import ae_workdir, prepare_workdir
 from sanajax.workdir.loaders import (
+  ae_shift_factor,
   build_text_encoder,
   has_checkpoint,
   init_dit_params,
@@ -47,8 +48,10 @@ def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return c
 
 
-def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: Plan):
+def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: Plan, ae_shift: float = 0.0):
   """loss_fn(params, frozen, batch, key) -> scalar flow-matching loss of one global batch.
+
+  The DiT's latents are (raw - ae_shift) * ae_scaling (SD3's VAE: shift_factor, scaling_factor; DC-AE: 0, s).
 
   AE-encode (unless the batch holds cached "latent"s instead of "image"s), text-encode (with
   caption dropout), noise, DiT; the DiT is traced under `plan` (block-boundary constraints,
@@ -64,7 +67,7 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
     else:
       raw = ae_model.apply({"params": frozen["ae"]}, batch["image"], method=ae_model.encode)
     b = raw.shape[0]
-    latents = jax.lax.stop_gradient(raw * ae_scaling)
+    latents = jax.lax.stop_gradient((raw - ae_shift) * ae_scaling)
     # Caption dropout for classifier-free guidance: a dropped caption becomes the empty prompt,
     # which is also what the unconditional branch sees at sampling time.
     drop = jax.random.bernoulli(k_drop, dropout, (b, 1))
@@ -75,7 +78,7 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
     eps = jax.random.normal(k_eps, latents.shape, latents.dtype)
     x_t = flow.interpolate(latents, eps, t)
     with plan.activate():
-      pred = dit.apply({"params": params}, x_t, t, context, mask)
+      pred = apply_conditioned(dit, {"params": params}, x_t, t, context, mask)
     return flow.flow_matching_loss(pred, flow.velocity_target(latents, eps))
 
   return loss_fn
@@ -83,7 +86,7 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
 
 def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling: float, *,
                     plan: Plan, state_shardings, frozen_shardings=None,
-                    with_grads: bool = False, batch_field: str = "image"):
+                    with_grads: bool = False, batch_field: str = "image", ae_shift: float = 0.0):
   """The jitted DiT step: make_loss_fn's loss, its gradient, the guarded update.
 
   Frozen AE and text-encoder parameters are arguments (not closed-over constants) so they are
@@ -95,7 +98,7 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
   gradients (laid out as the parameters), for inspecting or comparing plans. batch_field:
   "image" (batches of images, AE-encoded in the step) or "latent" (from the latent cache).
   """
-  loss_fn = make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling, plan)
+  loss_fn = make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling, plan, ae_shift)
 
   batch_sh = {k: plan.batch_sharding(n) for k, n in ((batch_field, 4), ("input_ids", 2), ("attention_mask", 2))}
   metrics_sh = plan.replicated
@@ -161,7 +164,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   start_time = time.perf_counter()
   config = apply_resolution(config)
   prepare_workdir(workdir, config)
-  ae_model, ae_params, ae_scaling, _ = load_ae(ensure_ae(config, workdir))
+  ae_model, ae_params, ae_scaling, ae_config = load_ae(ensure_ae(config, workdir))
   text_encoder = build_text_encoder(config)
   dit = build_backbone(config.model)
   key = jax.random.PRNGKey(config.seed)
@@ -194,7 +197,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   frozen = place_frozen(plan, {"ae": ae_params, "text": text_encoder.params}, text_encoder)
   step = make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling, plan=plan,
                          state_shardings=state_sh, batch_field=getattr(source, "field", "image"),
-                         frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen))
+                         frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen),
+                         ae_shift=ae_shift_factor(ae_config))
   step_fn = lambda s, b: step(s, frozen, plan.shard_batch(b))
   sample_fn = None
   if make_sample_fn is not None:

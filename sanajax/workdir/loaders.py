@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from sanajax.data.shapes import VOCAB
-from sanajax.models import backbones, dcae
+from sanajax.models import autoencoder_kl, backbones, dcae
 from sanajax.models.backbones import build_backbone, context_channels
 from sanajax.models.gemma2_transformers import (
   gemma2_config_from_dict,
@@ -26,6 +26,7 @@ from sanajax.models.gemma2_transformers import (
 )
 from sanajax.models.sana_dit import student_params_from_teacher
 from sanajax.models.sana_dit_diffusers import load_sana_transformer
+from sanajax.models.sd3_text import SD3PromptEncoder, load_sd3_text_encoder
 from sanajax.models.text_encoder import TextEncoder, build_gemma2
 from sanajax.models.weights_util import abstract_params, boxed_abstract_params, flat_names, put_like
 from sanajax.resolution import ae_downsample
@@ -33,11 +34,24 @@ from sanajax.safetensors_io import check_tensors, tensor_shapes
 from sanajax.workdir.checkpoint import Checkpointer, latest_workdir_step
 from sanajax.workdir.files import AE_INFO_FILE, CONFIG_FILE, checkpoint_dir, load_workdir_config
 
+AUTOENCODER_KL = "autoencoder_kl"  # config.ae.name of SD3's VAE (models/autoencoder_kl.py)
+
 
 def build_text_encoder(config: ml_collections.ConfigDict, workdir: str | None = None) -> TextEncoder:
-  """The frozen text encoder a config names: 'tiny_gemma2' (random, over the shapes vocabulary) or
+  """The frozen text encoder a config names: 'tiny_gemma2' (random, over the shapes vocabulary),
   'gemma2' with text.pretrained = a converted text workdir or a transformers Gemma-2 directory
-  (a relative path is relative to `workdir`; see sanajax.convert)."""
+  (a relative path is relative to `workdir`; see sanajax.convert), or 'sd3' with text.pretrained = a
+  diffusers SD3 / SD3.5 pipeline directory (its three encoders read in place; text.use_t5,
+  text.t5_max_length): an sd3_text.SD3PromptEncoder, whose embed gives {"context", "pooled"}."""
+  if config.text.kind == "sd3":
+    path = config.text.get("pretrained", "")
+    if not path:
+      raise ValueError("config.text.kind='sd3' needs config.text.pretrained: a diffusers SD3 pipeline directory.")
+    if not os.path.isabs(path) and workdir:
+      path = os.path.join(workdir, path)
+    return SD3PromptEncoder(load_sd3_text_encoder(path, config.text.get("dtype", "float32"),
+                                                  use_t5=bool(config.text.get("use_t5", True)),
+                                                  t5_max_length=int(config.text.get("t5_max_length", 256))))
   if config.text.kind == "gemma2":
     path = config.text.get("pretrained", "")
     if not path:
@@ -47,7 +61,7 @@ def build_text_encoder(config: ml_collections.ConfigDict, workdir: str | None = 
       path = os.path.join(workdir, path)
     return load_text_encoder(path, config.text)
   if config.text.kind != "tiny_gemma2":
-    raise ValueError(f"config.text.kind={config.text.kind!r} is unknown: use 'tiny_gemma2' or 'gemma2'.")
+    raise ValueError(f"config.text.kind={config.text.kind!r} is unknown: use 'tiny_gemma2', 'gemma2' or 'sd3'.")
   return TextEncoder(config.text, VOCAB)
 
 
@@ -92,13 +106,26 @@ def has_checkpoint(workdir: str) -> bool:
   return latest_workdir_step(workdir) is not None
 
 
+def is_autoencoder_kl(ae_config: ml_collections.ConfigDict) -> bool:
+  """Whether an `ae` section is SD3's KL VAE (ae.name "autoencoder_kl"); without a name it is a DC-AE."""
+  return ae_config.get("name", "dcae") == AUTOENCODER_KL
+
+
+def ae_shift_factor(config: ml_collections.ConfigDict) -> float:
+  """The latent shift of the AE a config's `ae` section describes: the DiT's latents are
+  (raw - shift) * scaling (SD3's VAE: ae.shift_factor, 0.0609; the DC-AE: 0.0)."""
+  return float(config.ae.get("shift_factor", 0.0) or 0.0) if is_autoencoder_kl(config.ae) else 0.0
+
+
 def load_ae(workdir: str):
-  """(model, params, scaling_factor, config) of a trained AE workdir (EMA weights of the latest step)."""
+  """(model, params, scaling_factor, config) of a trained or converted AE workdir (EMA weights of the latest
+  step): a DC-AE, or SD3's AutoencoderKL when config.ae.name == "autoencoder_kl" (its latent shift:
+  ae_shift_factor(config))."""
   config = load_workdir_config(workdir)
   if not has_checkpoint(workdir):
     raise FileNotFoundError(f"No AE checkpoint under {workdir}/checkpoints; train one with "
                             f"`python -m sanajax.train_ae --config=configs/dcae_tiny.py --workdir={workdir}`.")
-  model = dcae.build_dcae(config.ae)
+  model = autoencoder_kl.build_autoencoder_kl(config.ae) if is_autoencoder_kl(config.ae) else dcae.build_dcae(config.ae)
   res = config.data.resolution
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, res, res, 3), jnp.float32))["params"]
   params = Checkpointer(checkpoint_dir(workdir), read_only=True).restore_params(abstract)
