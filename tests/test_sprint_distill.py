@@ -16,6 +16,7 @@ from sanajax import config_utils
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source
 from sanajax.diffusion import scm, trigflow
+from sanajax.models.backbones import build_backbone
 from sanajax.models.discriminator import LaddHeads, spectral_normalize
 from sanajax.training import dit as train_lib
 from sanajax.training import sprint
@@ -51,7 +52,7 @@ def random_student():
   # Dense time embedding (Sprint's timestep_scale 0.001): with the teacher's 1000 t, F oscillates
   # in t on a 1e-3 scale and no float32 difference quotient resolves it.
   config = config_utils.load_config("configs/sprint_tiny.py", overrides={**SMALL, "model.timestep_scale": 0.001})
-  dit = sprint.build_dit(config.model)
+  dit = build_backbone(config.model)
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, config.model.in_channels))
   ctx = jax.random.normal(jax.random.PRNGKey(1), (2, 5, config.model.caption_channels))
   mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], jnp.int32)
