@@ -18,11 +18,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax.traverse_util import flatten_dict
 
 from sanajax.models import mmdit
-from sanajax.models.weights_util import abstract_params, diffusers_version, write_diffusers_dir
+from sanajax.models.weights_util import (
+  abstract_params,
+  diffusers_version,
+  set_nested,
+  torch_to_numpy,
+  write_diffusers_dir,
+)
 from sanajax.safetensors_io import read_checked_state_dict, read_model_config
 
 CLASS_NAME = "SD3Transformer2DModel"
@@ -77,7 +82,7 @@ def params_from_diffusers_state_dict(state_dict: Mapping[str, Any]) -> dict:
   """Flax params of MMDiT from a diffusers SD3Transformer2DModel state dict (torch tensors or arrays)."""
   params: dict = {}
   for key, value in state_dict.items():
-    arr = np.asarray(value.detach().cpu().float().numpy() if hasattr(value, "detach") else value, np.float32)
+    arr = torch_to_numpy(value)
     flat = _BLOCK.sub(r"transformer_blocks_\1.", key).replace(".to_out.0.", ".to_out.").replace(
         ".net.0.", ".net_0.").replace(".net.2.", ".net_2.")
     parts = flat.split(".")
@@ -92,10 +97,7 @@ def params_from_diffusers_state_dict(state_dict: Mapping[str, Any]) -> dict:
       path, out = parts[:-1] + ["scale"], arr
     else:
       raise KeyError(f"Do not know how to map diffusers key {key!r} of shape {arr.shape}.")
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = jnp.asarray(out)
+    set_nested(params, path, jnp.asarray(out))
   return params
 
 

@@ -62,6 +62,7 @@ from sanajax.models.layers import (
   timestep_sinusoid,
   unpatchify,
 )
+from sanajax.models.weights_util import set_nested, torch_to_numpy
 
 Dtype = Any
 ACT_AXES = ("batch", "length", "embed")
@@ -330,7 +331,7 @@ def params_from_diffusers_state_dict(state_dict: Mapping[str, Any]) -> dict:
   """
   params: dict = {}
   for key, value in state_dict.items():
-    arr = np.asarray(value.detach().cpu().float().numpy() if hasattr(value, "detach") else value, np.float32)
+    arr = torch_to_numpy(value)
     parts = key.split(".")
     if parts[0] == "transformer_blocks":
       parts = [f"transformer_blocks_{parts[1]}"] + parts[2:]
@@ -352,10 +353,7 @@ def params_from_diffusers_state_dict(state_dict: Mapping[str, Any]) -> dict:
       path, out = parts[:-1] + ["scale"], arr
     else:
       raise KeyError(f"Do not know how to map diffusers key {key!r} of shape {arr.shape}.")
-    node = params
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = jnp.asarray(out)
+    set_nested(params, path, jnp.asarray(out))
   return params
 
 

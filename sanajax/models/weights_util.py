@@ -65,3 +65,15 @@ def write_diffusers_dir(directory: str, config: Mapping[str, Any], state: Mappin
                     {k: np.asarray(v, np.float32).astype(np_dtype) for k, v in state.items()})
   with open(os.path.join(directory, "config.json"), "w") as f:
     json.dump(config, f, indent=2, sort_keys=True)
+
+
+def torch_to_numpy(value: Any) -> np.ndarray:
+  """A state-dict entry (torch tensor or array-like) as a float32 numpy array."""
+  return np.asarray(value.detach().cpu().float().numpy() if hasattr(value, "detach") else value, np.float32)
+
+
+def set_nested(tree: dict, path: list[str], value: Any) -> None:
+  """tree[path[0]][path[1]]...[path[-1]] = value, creating the dicts on the way."""
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
