@@ -23,24 +23,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+# T5's layer norm is an RMSNorm: no mean subtraction, no bias, float32 statistics.
+from sanajax.models.layers import RMSNorm
+
 Dtype = Any
 _init = nn.initializers.normal(stddev=0.05)
 
 # transformers' ACT2FN names T5 configs use (feed_forward_proj "gated-gelu" means gelu_new) -> the functions.
 ACTIVATIONS = {"gelu_new": lambda x: nn.gelu(x, approximate=True), "gelu_pytorch_tanh": lambda x: nn.gelu(x, True),
                "gelu": lambda x: nn.gelu(x, approximate=False), "relu": nn.relu, "silu": nn.silu}
-
-
-class T5LayerNorm(nn.Module):
-  """x / sqrt(mean(x^2) + eps) * weight in float32 (no mean subtraction, no bias), cast to x.dtype."""
-  eps: float = 1e-6
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],),
-                       jnp.float32)
-    xf = x.astype(jnp.float32)
-    return (xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + self.eps) * scale).astype(x.dtype)
 
 
 def _dense(features: int, axes: tuple, dtype, name: str) -> nn.Dense:
@@ -139,8 +130,8 @@ class T5Encoder(nn.Module):
                                        self.relative_attention_max_distance)  # (L query, L key)
     bias = jnp.transpose(table[buckets], (2, 0, 1))[None]  # (1, H, L, L), float32, shared by every block.
     for i in range(self.num_layers):
-      y = T5LayerNorm(self.layer_norm_epsilon, name=f"block_{i}_attn_norm")(x)
+      y = RMSNorm(self.layer_norm_epsilon, dtype=self.dtype, name=f"block_{i}_attn_norm")(x)
       x = x + T5Attention(self.num_heads, self.d_kv, self.dtype, name=f"block_{i}_attn")(y, bias, allowed)
-      y = T5LayerNorm(self.layer_norm_epsilon, name=f"block_{i}_ff_norm")(x)
+      y = RMSNorm(self.layer_norm_epsilon, dtype=self.dtype, name=f"block_{i}_ff_norm")(x)
       x = x + T5FeedForward(self.d_ff, self.is_gated_act, self.dense_act_fn, self.dtype, name=f"block_{i}_ff")(y)
-    return T5LayerNorm(self.layer_norm_epsilon, name="final_layer_norm")(x)
+    return RMSNorm(self.layer_norm_epsilon, dtype=self.dtype, name="final_layer_norm")(x)
