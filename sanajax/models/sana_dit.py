@@ -187,11 +187,15 @@ class SanaDiT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, context_mask: jax.Array | None = None, *,
-               guidance: jax.Array | None = None, deterministic: bool = True):
+               guidance: jax.Array | None = None, controlnet_residuals: Sequence[jax.Array] | None = None,
+               deterministic: bool = True):
     """Flow velocity (B, H, W, C) (and block features if features_at; see the class docstring).
 
     guidance: (B,) raw CFG scale (e.g. 4.5; the model multiplies it by guidance_embeds_scale),
       required at apply time when guidance_embeds, refused otherwise. `init` without it uses zeros.
+    controlnet_residuals: a ControlNet's per-block outputs (sanajax.models.controlnet), N arrays
+      (B, H/p * W/p, h); residual k is added to the tokens after block k + 1 (k < N < depth), as
+      diffusers' SanaTransformer2DModel adds `controlnet_block_samples`.
     """
     del deterministic  # No dropout in SANA (DropPath 0, attention dropout 0); kept for the trainer API.
     if guidance is not None and not self.guidance_embeds:
@@ -233,6 +237,8 @@ class SanaDiT(nn.Module):
       tokens = block_cls(h, self.linear_head_dim, self.cross_num_heads, self.cross_head_dim, self.mlp_ratio,
                          self.attn_eps, self.norm_eps, self.qk_norm, self.attn_impl, self.dtype,
                          name=f"transformer_blocks_{i}")(tokens, ctx, context_mask, t6, gh, gw)
+      if controlnet_residuals is not None and 0 < i <= len(controlnet_residuals):
+        tokens = tokens + controlnet_residuals[i - 1].astype(tokens.dtype)
       if i in self.features_at:
         features.append(tokens)
 
