@@ -6,6 +6,7 @@ Python API (no torch needed: safetensors files are read with a small numpy reade
     v = model.apply({"params": params}, latents, t, context, context_mask)
         # latents (B, H, W, C) float32, t (B,) = diffusers' timestep / 1000, context (B, L, caption_channels),
         # context_mask (B, L) 0/1 -> prediction (B, H, W, C) (flow velocity for SANA)
+    model, params = load_sana_controlnet("Sana_600M_1024px_ControlNetPlus_diffusers/controlnet")  # docs/controlnet.md
     model, params = load_dcae("Sana_1600M_1024px_diffusers/vae")
     z = model.apply({"params": params}, images, method=model.encode)   # images (B, H, W, 3) in [-1, 1]
     x = model.apply({"params": params}, z, method=model.decode)        # raw latent, no scaling applied;
@@ -67,6 +68,7 @@ from sanajax.models import (
 from sanajax.models.autoencoder_kl_diffusers import load_sd3_vae
 from sanajax.models.backbones import build_backbone
 from sanajax.models.clip_transformers import load_clip_text_encoder
+from sanajax.models.controlnet_diffusers import load_sana_controlnet
 from sanajax.models.dcae_diffusers import load_dcae
 from sanajax.models.gemma2_transformers import gemma2_config_from_dict, has_tokenizer, load_gemma2, load_tokenizer
 from sanajax.models.mmdit_diffusers import load_sd3_transformer
@@ -81,7 +83,7 @@ from sanajax.workdir.loaders import AUTOENCODER_KL, has_checkpoint, load_ae
 
 # The Python API users call as sanajax.convert.X (README "Pretrained weights"); the rest is the CLI.
 __all__ = ["convert_ae", "convert_diffusers", "convert_kl_ae", "convert_sd3", "convert_text_encoder", "export_diffusers",
-           "load_clip_text_encoder", "load_dcae", "load_gemma2", "load_sana_transformer", "load_sd3_text_encoder", "load_sd3_transformer",
+           "load_clip_text_encoder", "load_dcae", "load_gemma2", "load_sana_controlnet", "load_sana_transformer", "load_sd3_text_encoder", "load_sd3_transformer",
            "load_sd3_vae", "load_t5_encoder", "save_diffusers"]
 
 
