@@ -69,6 +69,7 @@ from sanajax.models.autoencoder_kl_diffusers import load_sd3_vae
 from sanajax.models.backbones import build_backbone
 from sanajax.models.clip_transformers import load_clip_text_encoder
 from sanajax.models.controlnet_diffusers import load_sana_controlnet
+from sanajax.models.lora_diffusers import load_lora, save_lora
 from sanajax.models.dcae_diffusers import load_dcae
 from sanajax.models.gemma2_transformers import gemma2_config_from_dict, has_tokenizer, load_gemma2, load_tokenizer
 from sanajax.models.mmdit_diffusers import load_sd3_transformer
@@ -79,11 +80,11 @@ from sanajax.models.weights_util import abstract_params, boxed_abstract_params, 
 from sanajax.safetensors_io import read_json
 from sanajax.workdir.checkpoint import Checkpointer
 from sanajax.workdir.files import AE_INFO_FILE, ae_workdir, checkpoint_dir, load_workdir_config, prepare_workdir
-from sanajax.workdir.loaders import AUTOENCODER_KL, has_checkpoint, load_ae
+from sanajax.workdir.loaders import AUTOENCODER_KL, has_checkpoint, load_ae, load_lora_workdir
 
 # The Python API users call as sanajax.convert.X (README "Pretrained weights"); the rest is the CLI.
-__all__ = ["convert_ae", "convert_diffusers", "convert_kl_ae", "convert_sd3", "convert_text_encoder", "export_diffusers",
-           "load_clip_text_encoder", "load_dcae", "load_gemma2", "load_sana_controlnet", "load_sana_transformer", "load_sd3_text_encoder", "load_sd3_transformer",
+__all__ = ["convert_ae", "convert_diffusers", "convert_kl_ae", "convert_sd3", "convert_text_encoder", "export_diffusers", "export_lora",
+           "load_clip_text_encoder", "load_dcae", "load_gemma2", "load_lora", "load_sana_controlnet", "load_sana_transformer", "load_sd3_text_encoder", "load_sd3_transformer",
            "load_sd3_vae", "load_t5_encoder", "save_diffusers"]
 
 
@@ -307,6 +308,17 @@ def export_diffusers(workdir: str, dst: str, *, dtype: str = "float32", ema: boo
     save_diffusers(os.path.join(dst, "vae"), ae_model, ae_params, dtype=dtype)
 
 
+def export_lora(workdir: str, dst: str, *, dtype: str = "float32", ema: bool = True) -> str:
+  """A LoRA workdir's latest adapters -> DST/pytorch_lora_weights.safetensors, the PEFT / diffusers layout
+  (models/lora_diffusers.py) that SanaPipeline.load_lora_weights(DST) loads; returns the file's path."""
+  config = load_workdir_config(workdir)
+  if "lora" not in config:
+    raise ValueError(f"--src {workdir!r} is not a LoRA workdir (its config has no `lora` section); export a full "
+                     f"model with --to=diffusers.")
+  return save_lora(dst, load_lora_workdir(workdir, config, ema=ema), dropout=float(config.lora.lora_dropout),
+                   dtype=dtype)
+
+
 def main(argv):
   """The CLI: user errors (cli.USER_ERRORS, plus what the converters raise about their inputs: a
   ValueError / OSError naming the file or field, an unsupported variant) are one line, exit code 2."""
@@ -325,6 +337,10 @@ def _convert(argv):
     raise app.UsageError("--src and --dst are required.")
   if not os.path.isdir(f.src):
     raise app.UsageError(f"--src {f.src!r} is not a directory.")
+  if f.to == "diffusers-lora":
+    path = export_lora(f.src, f.dst, dtype=f.dtype)
+    print(f"Exported the LoRA of {f.src} to {path} (SanaPipeline.load_lora_weights({f.dst!r})).", flush=True)
+    return
   if f.to:
     if f["from"].value:
       raise app.UsageError("Give --from (import) or --to (export), not both.")
@@ -347,7 +363,7 @@ def _convert(argv):
 
 def _define_flags():
   flags.DEFINE_enum("from", None, ["diffusers", "transformers"], "Import: the layout of --src.")
-  flags.DEFINE_enum("to", None, ["diffusers"], "Export: write the sanajax workdir --src as diffusers to --dst.")
+  flags.DEFINE_enum("to", None, ["diffusers", "diffusers-lora"], "Export: write the sanajax workdir --src as diffusers to --dst (diffusers-lora: a LoRA workdir's adapters as pytorch_lora_weights.safetensors).")
   flags.DEFINE_string("src", None, "Source directory.")
   flags.DEFINE_string("dst", None, "Destination directory.")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],

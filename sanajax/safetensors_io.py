@@ -88,6 +88,22 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
           for name, dtype, shape, start, end in entries}
 
 
+def read_safetensors_metadata(path: str) -> dict[str, str]:
+  """The header's `__metadata__` string map of one .safetensors file ({} when it has none), e.g. the
+  PEFT LoraConfig that diffusers stores under "lora_adapter_metadata"."""
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > _MAX_HEADER_BYTES:
+      raise WeightsError(f"{path}: header length {n} bytes is not plausible (not a safetensors file?).")
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise WeightsError(f"{path}: the header is not valid JSON ({e}); the file is corrupt or not safetensors.") \
+          from None
+  meta = header.get("__metadata__") if isinstance(header, dict) else None
+  return dict(meta) if isinstance(meta, dict) else {}
+
+
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> None:
   """Writes numpy arrays (float32/16, bfloat16, ints) as one .safetensors file (keys sorted, as torch's)."""
   header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -16,6 +16,7 @@ import ml_collections
 
 from sanajax.data.shapes import VOCAB
 from sanajax.models import autoencoder_kl, backbones, dcae
+from sanajax.models import lora as lora_lib
 from sanajax.models.backbones import build_backbone, context_channels
 from sanajax.models.gemma2_transformers import (
   gemma2_config_from_dict,
@@ -24,6 +25,7 @@ from sanajax.models.gemma2_transformers import (
   load_gemma2,
   load_tokenizer,
 )
+from sanajax.models.lora_diffusers import LORA_WEIGHT_NAME, load_lora
 from sanajax.models.sana_dit import student_params_from_teacher
 from sanajax.models.sana_dit_diffusers import load_sana_transformer
 from sanajax.models.sd3_text import SD3PromptEncoder, load_sd3_text_encoder
@@ -98,6 +100,8 @@ def load_dit_params(workdir: str, config: ml_collections.ConfigDict | None = Non
   if latest_workdir_step(workdir) is None:
     raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)}: train first with "
                             f"`python -m sanajax.train --config=... --workdir={workdir}`.")
+  if "lora" in config:  # a LoRA run's checkpoints hold only the adapters (configs/lora.py)
+    return load_lora_dit_params(workdir, config, ema=ema)
   abstract = jax.eval_shape(lambda: init_dit_params(config, jax.random.PRNGKey(0)))
   return Checkpointer(checkpoint_dir(workdir), read_only=True).restore_params(abstract, ema=ema)
 
@@ -203,3 +207,62 @@ def init_params_from(path: str, like: Any) -> Any:
   _, params = load_sana_transformer(path)
   check_tensors(tensor_shapes(flat_names(params)), tensor_shapes(flat_names(like)), path)
   return put_like(like, params)
+
+
+# --- LoRA workdirs (configs/lora.py): a frozen base named by config.lora.base, adapters in the checkpoints ---
+
+def lora_base_path(config: ml_collections.ConfigDict, workdir: str | None = None) -> str:
+  """The base model a LoRA config adapts (config.lora.base: a sanajax workdir or a diffusers directory)."""
+  base = config.lora.get("base", "")
+  if not base:
+    raise ValueError("config.lora.base is empty: name the model the adapters go on (configs/lora.py:WORKDIR).")
+  return base if os.path.isabs(base) or not workdir else os.path.join(workdir, base)
+
+
+def lora_abstract(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """(boxed abstract DiT params, boxed abstract adapter tree) of a LoRA config (nothing allocated)."""
+  spec = lora_lib.LoraSpec.from_config(config.lora)
+  like = jax.eval_shape(lambda: init_dit_params(config, jax.random.PRNGKey(0)))
+  paths = lora_lib.target_paths(like, spec.target_modules)
+  return like, jax.eval_shape(lambda: lora_lib.init(jax.random.PRNGKey(0), like, paths, spec.r, boxed=True))
+
+
+def load_lora_workdir(workdir: str, config: ml_collections.ConfigDict | None = None, *, ema: bool = True) -> dict:
+  """The adapters of a LoRA training workdir's latest checkpoint as sanajax.models.lora's flat dict
+  {path: {"a", "b", "alpha"}} (alpha = config.lora.lora_alpha)."""
+  config = config or load_workdir_config(workdir)
+  if latest_workdir_step(workdir) is None:
+    raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)}: train the LoRA first with "
+                            f"`python -m sanajax.train --config=configs/lora.py:BASE --workdir={workdir}`.")
+  _, abstract = lora_abstract(config)
+  tree = Checkpointer(checkpoint_dir(workdir), read_only=True).restore_params(abstract, ema=ema)
+  return lora_lib.flat(tree, alpha=float(config.lora.lora_alpha))
+
+
+def is_lora_workdir(path: str) -> bool:
+  return _is_workdir(path) and "lora" in load_workdir_config(path)
+
+
+def load_adapter(path: str) -> dict:
+  """LoRA adapters from a LoRA training workdir, or a PEFT / diffusers LoRA (a directory holding
+  pytorch_lora_weights.safetensors, or the file; sanajax.models.lora_diffusers.load_lora)."""
+  if os.path.isdir(path) and is_lora_workdir(path):
+    return load_lora_workdir(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"LoRA {path!r} does not exist (a LoRA workdir, or a directory holding "
+                            f"{LORA_WEIGHT_NAME}).")
+  return load_lora(path)
+
+
+def apply_adapters(params: Any, adapters: Sequence[tuple[str, float]]) -> Any:
+  """DiT params with each (LoRA path, scale) merged in, in order (sanajax.models.lora.merge): stacked adapters."""
+  for path, scale in adapters:
+    params = lora_lib.merge(params, load_adapter(path), scale)
+  return params
+
+
+def load_lora_dit_params(workdir: str, config: ml_collections.ConfigDict, *, ema: bool = True) -> Any:
+  """A LoRA workdir's DiT: its base's parameters (float32) with the adapters merged at scale 1."""
+  like, _ = lora_abstract(config)
+  base = nn.unbox(init_params_from(lora_base_path(config, workdir), like))
+  return lora_lib.merge(base, load_lora_workdir(workdir, config, ema=ema))
