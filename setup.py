@@ -34,6 +34,7 @@ setup(
             "transformers>=4.50",
             "safetensors>=0.4",
             "came-pytorch==0.1.3",  # the authors' CAME, to test sanajax.training.optim.came against.
+            "peft>=0.17",  # PEFT LoRA, to test sanajax.models.lora against (tests/test_lora.py).
         ],
         "gpu": ["jax[cuda12]>=0.10,<0.12", "jax-triton"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],

@@ -27,9 +27,11 @@ import jax
 
 from sanajax.diffusion import flow, samplers
 from sanajax.dtypes import DTYPES
-from sanajax.models.backbones import BACKBONES, POOLED_TEXT
+from sanajax.models.backbones import BACKBONES, POOLED_TEXT, build_backbone, init_args
 from sanajax.models.layers import remat_policy
+from sanajax.models.lora import target_paths as lora_target_paths
 from sanajax.models.mmdit import JOINT_ATTENTION_KINDS
+from sanajax.models.weights_util import abstract_params
 from sanajax.parallel import MESH_AXES, Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 
@@ -322,6 +324,31 @@ def _check_batches(c: _Checker, resolved: Any, kind: str) -> None:
       c.problems.append(f"{section}.batch_size={batch}: {why}")
 
 
+def _check_lora(c: _Checker) -> None:
+  """config.lora (configs/lora.py, docs/lora.md): PEFT LoraConfig's fields, the base model, and the target
+  modules against the model's Dense layers (abstract shapes only: nothing is allocated)."""
+  if c.get("lora") is _MISSING:
+    return
+  c.int_at_least("lora.r", 1)
+  c.real_in("lora.lora_alpha", 0.0, math.inf, lo_open=True, text="must be a finite number > 0")
+  c.real_in("lora.lora_dropout", 0.0, 1.0, hi_open=True)
+  c.one_of("lora.base_dtype", ("float32", "bfloat16", "float16"), required=False)
+  base = c.get("lora.base")
+  if not isinstance(base, str) or not os.path.isdir(base):
+    c.bad("lora.base", base, "must be the base model's directory (--config=configs/lora.py:WORKDIR)")
+  if c.get("init_from") not in (_MISSING, "", None):
+    c.bad("init_from", c.get("init_from"), "must be empty in a LoRA run (the base is lora.base)")
+  if c.get("model.scan_layers") is True:
+    c.bad("model.scan_layers", True, "LoRA adapts each block's own layers: set it to False")
+  if any(p.startswith(("model.", "lora.")) for p in c.problems):
+    return  # the model cannot be built, or the targets are already reported
+  try:
+    like = abstract_params(build_backbone(c.config.model), *init_args(c.config.model))
+    lora_target_paths(like, c.get("lora.target_modules"))
+  except ValueError as e:
+    c.problems.append(str(e).rstrip("."))
+
+
 def validate_config(config: Any, kind: str) -> None:
   """Raises one ConfigError listing every bad field of `config` for a run of `kind`.
 
@@ -353,6 +380,8 @@ def validate_config(config: Any, kind: str) -> None:
     _check_train(c, "ae_train", with_captions=False)
   if kind == "sprint":
     _check_distill(c)
+  if kind == "dit":
+    _check_lora(c)
   _check_resolution(c, resolved, kind)
   if not any(p.startswith("mesh") for p in c.problems):
     _check_batches(c, resolved, kind)

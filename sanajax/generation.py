@@ -25,6 +25,7 @@ from sanajax.resolution import ae_downsample
 from sanajax.workdir.files import ae_workdir, load_workdir_config
 from sanajax.workdir.loaders import (
   ae_shift_factor,
+  apply_adapters,
   build_text_encoder,
   latent_shape,
   load_ae,
@@ -117,9 +118,11 @@ class Generator:
     self._cfg_interval = samplers.as_cfg_interval(interval)
 
   @classmethod
-  def from_workdir(cls, workdir: str, *, ema: bool = True, plan: Plan | None = None) -> Generator:
+  def from_workdir(cls, workdir: str, *, ema: bool = True, plan: Plan | None = None,
+                   loras: tuple[tuple[str, float], ...] = ()) -> Generator:
     config = load_workdir_config(workdir)
     params = load_dit_params(workdir, config, ema=ema)
+    params = apply_adapters(params, loras)  # LoRAs (path, scale) merged in order: sanajax.models.lora
     ae_model, ae_params, scaling, ae_config = load_ae(ae_workdir(config, workdir))
     return cls(config, params, ae_model, ae_params, scaling, build_text_encoder(config, workdir),
                ae_downsample(config), plan=plan, ae_shift=ae_shift_factor(ae_config))

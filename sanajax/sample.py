@@ -3,6 +3,7 @@
     python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT \
         [--sampler=flow_dpm|flow_euler] [--steps=20] [--cfg=4.5] [--cfg_interval=0.5,1|none] [--seed=0]
     python -m sanajax.sample --workdir=DIR --prompt="a red circle" --out=OUT
+    python -m sanajax.sample --workdir=DIR --lora=LORA_DIR[:0.8] [--lora=...] --prompt=... --out=OUT  # docs/lora.md
     python -m sanajax.sample --workdir=SPRINT_DIR --prompt="a red circle" --out=OUT --sampler=scm --steps=2
     python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT --config.mesh.fsdp=8   # sharded (README "Scaling")
 
@@ -57,6 +58,9 @@ _CFG_INTERVAL = flags.DEFINE_string("cfg_interval", None, "Flow times 'LO,HI' at
                                     "samplers; 'none': every step). Default: the config's sample.cfg_interval.")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per sampling call.")
+_LORA = flags.DEFINE_multi_string("lora", [], "LoRA to apply, DIR[:SCALE] (default scale 1): a LoRA workdir or a "
+                                  "directory holding pytorch_lora_weights.safetensors (diffusers / PEFT). "
+                                  "Repeat to stack adapters; they are merged into the weights (docs/lora.md).")
 # Only the sharding plan is set from the command line (--config.mesh.fsdp=8, as for training); it is
 # laid over the workdir's config, whose mesh was the training run's (sampling defaults to one device).
 _CONFIG = cli.define_config_dict(ml_collections.ConfigDict({"mesh": mesh_config()}),
@@ -171,6 +175,26 @@ def truncation_warnings(text_encoder: TextEncoder, prompts: list[str]) -> list[s
   return lines
 
 
+def parse_loras(values: list[str]) -> tuple[tuple[str, float], ...]:
+  """--lora=DIR[:SCALE] values -> ((path, scale), ...) (scale 1 by default), each path checked to exist."""
+  out = []
+  for text in values:
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep:
+      try:
+        path, scale = head, float(tail)
+      except ValueError:
+        path, scale = text, 1.0  # a ':' inside the path itself
+    if not math.isfinite(scale):
+      raise cli.UserError(f"--lora={text!r}: the scale must be a finite number (DIR[:SCALE], e.g. {path}:0.8).")
+    if not os.path.exists(path):
+      raise cli.UserError(f"--lora={text!r}: {path!r} does not exist (a LoRA workdir, or a directory holding "
+                          f"pytorch_lora_weights.safetensors; DIR[:SCALE]).")
+    out.append((path, scale))
+  return tuple(out)
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments.
   if not flags.FLAGS.workdir or not _OUT.value:
@@ -184,9 +208,10 @@ def main(argv):
   steps = sample.steps if _STEPS.value is None else _STEPS.value
   cfg = float(sample.cfg if _CFG.value is None else _CFG.value)
   check_options(config, sampler, steps, cfg, _BATCH.value)
+  loras = parse_loras(_LORA.value)
   check_out_dir(_OUT.value)
   plan = sampling_plan(config)
-  generator = Generator.from_workdir(workdir, plan=plan)
+  generator = Generator.from_workdir(workdir, plan=plan, loras=loras)
   # SANA's Gemma-2 encoder (one tokenizer, a BOS and a CHI prompt); SD3's three tokenizers are not checked yet.
   long_prompts = truncation_warnings(generator.text, prompts) if isinstance(generator.text, TextEncoder) else []
   for line in long_prompts:

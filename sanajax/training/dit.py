@@ -15,10 +15,11 @@ from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source_from_config
 from sanajax.diffusion import flow
-from sanajax.models.backbones import apply_conditioned, build_backbone
+from sanajax.models.backbones import build_backbone
 from sanajax.models.dit_facts import describe
 from sanajax.parallel import Plan
 from sanajax.resolution import apply_resolution
+from sanajax.training import frozen_base
 from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import train_ae
 from sanajax.training.guard import guarded
@@ -78,7 +79,8 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
     eps = jax.random.normal(k_eps, latents.shape, latents.dtype)
     x_t = flow.interpolate(latents, eps, t)
     with plan.activate():
-      pred = apply_conditioned(dit, {"params": params}, x_t, t, context, mask)
+      # The DiT's own params, or a frozen base with a trained part (LoRA): training/frozen_base.py.
+      pred = frozen_base.apply_model(config, dit, params, frozen, jax.random.fold_in(key, 3), x_t, t, context, mask)
     return flow.flow_matching_loss(pred, flow.velocity_target(latents, eps))
 
   return loss_fn
@@ -126,7 +128,8 @@ def init_train_state(config, tx, key: jax.Array, plan: Plan):
   """(state, state shardings, per-host batch size) for a fresh run of `config` (state.init_run_state:
   laid out by the plan; checks that config.train.batch_size, the global batch, splits over the
   processes and data x fsdp)."""
-  return init_run_state(lambda k: init_dit_params(config, k), tx, jax.random.fold_in(key, 0),
+  init = frozen_base.trainable_init(config) or (lambda k: init_dit_params(config, k))  # LoRA: only the adapters
+  return init_run_state(init, tx, jax.random.fold_in(key, 0),
                         jax.random.fold_in(key, 1), plan, config.train.batch_size)
 
 
@@ -195,6 +198,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
       process_index=process_index, process_count=process_count,
       num_workers=config.data.get("num_workers", 0))
   frozen = place_frozen(plan, {"ae": ae_params, "text": text_encoder.params}, text_encoder)
+  frozen.update(frozen_base.frozen_parts(config, plan))  # a frozen base DiT (LoRA), else nothing
   step = make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling, plan=plan,
                          state_shardings=state_sh, batch_field=getattr(source, "field", "image"),
                          frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen),
