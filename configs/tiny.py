@@ -31,6 +31,8 @@ def get_config(arg=None):
   # in every step). Takes the AE encode out of the step; 20,000 images are ~11 epochs of 7,000 x 32
   # and encode in well under a minute (docs/results.md#latent-cache).
   c.data.latent_cache = 20000
+  # Aspect-ratio buckets (docs/data.md#buckets): "" square crops (the shapes set is square), "sana" SANA's ratios.
+  c.data.buckets = ""
   c.data.caption_clip_threshold = 25.0  # SANA `clip_thr`.
   c.data.caption_temperature = 0.1  # SANA `clip_thr_temperature`.
 
@@ -102,6 +104,8 @@ def get_config(arg=None):
   # helps restoration, not generation (docs/results.md#flow-shift).
   c.diffusion.alt_shift = 1.0
   c.diffusion.alt_shift_fraction = 0.0
+  # SD3's resolution-dependent shift on top of flow_shift per bucket / sampled size (docs/data.md#buckets); off as SANA.
+  c.diffusion.resolution_shift = False
 
   c.train = ml_collections.ConfigDict()
   # The run is compute-bound, so the step count is what a ~10-15-minute first command allows: 7,000

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from sanajax.data.buckets import BucketSchedule
 from sanajax.data.captions import pick_caption
 from sanajax.data.sources import UNDECODABLE
 
@@ -32,6 +33,7 @@ TokenizeFn = Callable[[Sequence[str]], tuple[Any, Any]]
 _CAPTION_RNG_SALT = 7
 _SHUFFLE_RNG_SALT = 11
 _MAX_WARNINGS = 5
+_MAX_STAND_INS = 100  # unusable images replaced in a row within one bucket before giving up
 
 
 # grain's index_shuffle cycle-walks a >= 2^16 domain, so on small shards one lookup costs
@@ -135,8 +137,44 @@ class _LoadExample:
       rng = np.random.default_rng([self.seed, idx, epoch, _CAPTION_RNG_SALT])
       caption = pick_caption(captions, ex.get("scores"), rng, self.threshold,
                              self.temperature)
-    return {"image": image, "caption": caption, "where": ex.get("path", f"index {idx}"),
-            "skip_reason": "" if image is not None else ex.get("skip_reason") or UNDECODABLE}
+    out = {"image": image, "caption": caption, "where": ex.get("path", f"index {idx}"),
+           "skip_reason": "" if image is not None else ex.get("skip_reason") or UNDECODABLE}
+    if "features" in ex and image is not None:
+      # A text-feature cache (sanajax.data.feature_cache): the chosen caption's encoder output travels
+      # with it, (context (L, D), mask (L,)), instead of being tokenized and encoded in the step.
+      out["context"], out["context_mask"] = ex["features"](captions.index(caption))
+    return out
+
+
+def _kept(ex: dict[str, Any]) -> dict[str, Any]:
+  """What of an example goes into a batch: the array, the caption, cached text features if any."""
+  return {k: ex[k] for k in ("image", "caption", "context", "context_mask") if k in ex}
+
+
+class _LoadBucketed:
+  """Stream position k -> an example of aspect-ratio bucket scheduling (sanajax.data.buckets.BucketSchedule).
+
+  An unusable example (undecodable, too large) is not dropped, which would shift a batch into the next
+  bucket: another example of the same bucket stands in for it (SANA does the same), named (SkipWarnings)
+  and counted in `skipped`. Picklable for workers.
+  """
+
+  def __init__(self, load: _LoadExample, schedule):
+    self.load, self.schedule = load, schedule
+    self._warn = SkipWarnings()
+
+  def __call__(self, k: int, _) -> dict[str, Any]:
+    idx, bucket = self.schedule.lookup(k)
+    skipped = 0
+    while True:
+      ex = self.load(k, idx)
+      if ex["image"] is not None:
+        return {**_kept(ex), "skipped": np.int32(skipped)}
+      skipped += 1
+      self._warn(ex["where"], ex["skip_reason"])
+      if skipped > _MAX_STAND_INS:
+        raise RuntimeError(f"{skipped} unusable images in a row in the bucket of {ex['where']}; check the data source.")
+      idx = self.schedule.alternate(k, skipped, bucket)
 
 
 class _DropUndecodable(grain.IterDataset):
@@ -171,8 +209,7 @@ class _DropUndecodableIterator(grain.DatasetIterator):
     while True:
       ex = next(self._parent)
       if ex["image"] is not None:
-        return {"image": ex["image"], "caption": ex["caption"],
-                "skipped": np.int32(skipped)}
+        return {**_kept(ex), "skipped": np.int32(skipped)}
       skipped += 1
       self._warn(ex["where"], ex["skip_reason"])
       # Generous on purpose: a legitimately bad-heavy folder must never stop a run, but
@@ -219,12 +256,15 @@ class TrainIterator:
     b = next(self._it)
     self.skipped += int(np.sum(b["skipped"]))
     captions = [str(c) for c in b["caption"]]
-    ids, mask = self._tokenize(captions)
     self.last_captions = captions
     if self._field == "image":
       array = uint8_to_unit(b["image"])
     else:
       array = np.asarray(b["image"], np.float32)
+    if "context" in b:  # cached text-encoder output: nothing to tokenize or encode.
+      return {self._field: array, "context": np.asarray(b["context"], np.float32),
+              "attention_mask": np.asarray(b["context_mask"], dtype=np.int32)}
+    ids, mask = self._tokenize(captions)
     return {self._field: array,
             "input_ids": np.asarray(ids, dtype=np.int32),
             "attention_mask": np.asarray(mask, dtype=np.int32)}
@@ -265,7 +305,8 @@ def _ensure_absl_flags_parsed() -> None:
 def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: TokenizeFn,
                         caption_threshold: float = 25.0, caption_temperature: float = 0.1,
                         process_index: int = 0, process_count: int = 1,
-                        num_workers: int = 0, read_threads: int = 4) -> TrainIterator:
+                        num_workers: int = 0, read_threads: int = 4,
+                        bucket_ids: np.ndarray | None = None) -> TrainIterator:
   """Builds the infinite, shuffled, sharded, resumable training iterator.
 
   Args:
@@ -282,6 +323,10 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
       deterministic for a given num_workers but changes when it changes.
     read_threads: threads that read/decode examples ahead of use in each process
       (decoding in PIL and numpy releases the GIL for the heavy parts).
+    bucket_ids: (N,) aspect-ratio bucket of each source example (sanajax.data.buckets.bucket_ids_of; -1:
+      unusable) or None (one shape). With them every global batch (B x process_count) is one bucket
+      on every host (buckets.BucketSchedule), and an unusable example is replaced by another of its
+      bucket instead of dropped, so batches keep their shape.
 
   Returns:
     A `TrainIterator`.
@@ -292,21 +337,29 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
     raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
                      f"{process_count}.")
   n = len(source)
-  ds = stream_indices(n, seed, process_index, process_count)
-  shard_len = len(range(process_index, n, process_count))
   field = getattr(source, "field", "image")
-  load = _LoadExample(source, seed, shard_len, caption_threshold, caption_temperature, field)
-  ds = ds.map_with_index(load)
   # A modest prefetch buffer: at 1024 px an example is 3 MB, and grain's default (500)
   # would hold 1.5 GB per process.
   read = grain.ReadOptions(num_threads=read_threads,
                            prefetch_buffer_size=max(2 * batch_size, 16))
-  it_ds = _DropUndecodable(ds.to_iter_dataset(read), shard_len)
+  if bucket_ids is not None:
+    schedule = BucketSchedule(bucket_ids, batch_size, seed, process_index, process_count)
+    load = _LoadExample(source, seed, schedule.examples_per_epoch, caption_threshold, caption_temperature, field)
+    ds = grain.MapDataset.range(schedule.examples_per_epoch).repeat().map_with_index(_LoadBucketed(load, schedule))
+    it_ds = ds.to_iter_dataset(read)
+  else:
+    ds = stream_indices(n, seed, process_index, process_count)
+    shard_len = len(range(process_index, n, process_count))
+    load = _LoadExample(source, seed, shard_len, caption_threshold, caption_temperature, field)
+    ds = ds.map_with_index(load)
+    it_ds = _DropUndecodable(ds.to_iter_dataset(read), shard_len)
   it_ds = it_ds.batch(batch_size, drop_remainder=True)
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   meta = {"seed": int(seed), "batch_size": int(batch_size), "num_source": n,
           "process_index": int(process_index), "process_count": int(process_count),
-          "num_workers": int(num_workers)}
-  return TrainIterator(iter(it_ds), tokenize_fn, meta, field, getattr(source, "skipped", 0))
+          "num_workers": int(num_workers), "buckets": None if bucket_ids is None else len(schedule.counts)}
+  # Images whose header could not be read have no bucket (-1): never scheduled, counted as skipped from the start.
+  unbucketed = 0 if bucket_ids is None else int(np.sum(np.asarray(bucket_ids) < 0))
+  return TrainIterator(iter(it_ds), tokenize_fn, meta, field, getattr(source, "skipped", 0) + unbucketed)

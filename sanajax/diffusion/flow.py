@@ -126,16 +126,29 @@ def sample_time(key: jax.Array, batch: int, *, weighting: str = "logit_normal", 
   return jnp.clip(shifted, T_EPS, 1 - T_EPS).astype(jnp.float32)
 
 
-def sample_time_from_config(key: jax.Array, batch: int, diffusion_config: Any) -> jax.Array:
+def shift_for_size(diffusion_config: Any, height: int, width: int, resolution: int) -> float:
+  """The flow shift of a (height, width) px image (an aspect-ratio bucket, a sampled size): diffusion.flow_shift,
+  times SD3's resolution_shift(height x width, resolution^2) when diffusion.resolution_shift is on (the
+  shift was set for resolution^2 pixels; SANA's buckets keep about that area, so they move it by a few %,
+  a sample at twice the side doubles it)."""
+  shift = float(diffusion_config.get("flow_shift", 1.0))
+  if diffusion_config.get("resolution_shift", False):
+    shift *= resolution_shift(float(height) * float(width), float(resolution) ** 2)
+  return shift
+
+
+def sample_time_from_config(key: jax.Array, batch: int, diffusion_config: Any, shift: float | None = None) -> jax.Array:
   """`sample_time` with the fields of a config's `diffusion` section (see configs/tiny.py).
 
   Reads weighting, logit_mean, logit_std, mode_scale, flow_shift, alt_shift and alt_shift_fraction;
-  missing fields fall back to the defaults of `sample_time` (flow_shift: 1.0).
+  missing fields fall back to the defaults of `sample_time` (flow_shift: 1.0). shift: replaces flow_shift
+  (shift_for_size's per-bucket value).
   """
   c = diffusion_config
   return sample_time(key, batch, weighting=c.get("weighting", "logit_normal"),
                      logit_mean=float(c.get("logit_mean", 0.0)), logit_std=float(c.get("logit_std", 1.0)),
-                     mode_scale=float(c.get("mode_scale", 1.29)), shift=float(c.get("flow_shift", 1.0)),
+                     mode_scale=float(c.get("mode_scale", 1.29)),
+                     shift=float(c.get("flow_shift", 1.0) if shift is None else shift),
                      alt_shift=float(c.get("alt_shift", 1.0)),
                      alt_shift_fraction=float(c.get("alt_shift_fraction", 0.0)))
 

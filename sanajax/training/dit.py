@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sanajax.data.buckets import bucket_ids_of, describe_buckets, table_from_config
+from sanajax.data.feature_cache import CacheSource, cache_path, cache_signature
 from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source_from_config
@@ -18,7 +20,7 @@ from sanajax.diffusion import flow
 from sanajax.models.backbones import build_backbone
 from sanajax.models.dit_facts import describe
 from sanajax.parallel import Plan
-from sanajax.resolution import apply_resolution
+from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import frozen_base
 from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import train_ae
@@ -49,17 +51,22 @@ def ae_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
   return c
 
 
-def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: Plan, ae_shift: float = 0.0):
+def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: Plan, ae_shift: float = 0.0,
+                 null_text: tuple[Any, Any] | None = None):
   """loss_fn(params, frozen, batch, key) -> scalar flow-matching loss of one global batch.
 
   The DiT's latents are (raw - ae_shift) * ae_scaling (SD3's VAE: shift_factor, scaling_factor; DC-AE: 0, s).
 
   AE-encode (unless the batch holds cached "latent"s instead of "image"s), text-encode (with
-  caption dropout), noise, DiT; the DiT is traced under `plan` (block-boundary constraints,
-  sequence-parallel layers).
+  caption dropout; unless the batch holds cached "context"s: then `null_text`, the empty caption's
+  (context (L, D), mask (L,)), is what a dropped caption becomes and `text_encoder` may be None), noise,
+  DiT; the DiT is traced under `plan` (block-boundary constraints, sequence-parallel layers). The batch's
+  image size (an aspect-ratio bucket) sets the flow shift (flow.shift_for_size; config.diffusion.resolution_shift).
   """
-  null_ids, null_mask = (jnp.asarray(a) for a in text_encoder.tokenize([""]))
+  if text_encoder is not None:
+    null_ids, null_mask = (jnp.asarray(a) for a in text_encoder.tokenize([""]))
   dropout = config.train.caption_dropout
+  down, resolution = ae_downsample(config), int(config.data.resolution)
 
   def loss_fn(params, frozen, batch, key):
     k_drop, k_t, k_eps = jax.random.split(key, 3)
@@ -72,10 +79,16 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
     # Caption dropout for classifier-free guidance: a dropped caption becomes the empty prompt,
     # which is also what the unconditional branch sees at sampling time.
     drop = jax.random.bernoulli(k_drop, dropout, (b, 1))
-    ids = jnp.where(drop, null_ids, batch["input_ids"])
-    mask = jnp.where(drop, null_mask, batch["attention_mask"])
-    context = jax.lax.stop_gradient(text_encoder.embed(frozen["text"], ids, mask))
-    t = flow.sample_time_from_config(k_t, b, config.diffusion)
+    if "context" in batch:  # from the text-feature cache (sanajax.data.feature_cache): already encoded.
+      context = jnp.where(drop[:, :, None], jnp.asarray(null_text[0], jnp.float32), batch["context"])
+      mask = jnp.where(drop, jnp.asarray(null_text[1], jnp.int32), batch["attention_mask"])
+    else:
+      ids = jnp.where(drop, null_ids, batch["input_ids"])
+      mask = jnp.where(drop, null_mask, batch["attention_mask"])
+      context = jax.lax.stop_gradient(text_encoder.embed(frozen["text"], ids, mask))
+    # Static per compiled shape: each aspect-ratio bucket gets its own shift when resolution_shift is on.
+    shift = flow.shift_for_size(config.diffusion, raw.shape[1] * down, raw.shape[2] * down, resolution)
+    t = flow.sample_time_from_config(k_t, b, config.diffusion, shift=shift)
     eps = jax.random.normal(k_eps, latents.shape, latents.dtype)
     x_t = flow.interpolate(latents, eps, t)
     with plan.activate():
@@ -88,7 +101,8 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
 
 def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling: float, *,
                     plan: Plan, state_shardings, frozen_shardings=None,
-                    with_grads: bool = False, batch_field: str = "image", ae_shift: float = 0.0):
+                    with_grads: bool = False, batch_field: str = "image", ae_shift: float = 0.0,
+                    null_text: tuple[Any, Any] | None = None):
   """The jitted DiT step: make_loss_fn's loss, its gradient, the guarded update.
 
   Frozen AE and text-encoder parameters are arguments (not closed-over constants) so they are
@@ -98,11 +112,14 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
   train() splits them with workdir.loaders.place_frozen), the batch over data x fsdp
   (plan.batch_spec), metrics replicated. with_grads: metrics also hold the step's
   gradients (laid out as the parameters), for inspecting or comparing plans. batch_field:
-  "image" (batches of images, AE-encoded in the step) or "latent" (from the latent cache).
+  "image" (batches of images, AE-encoded in the step) or "latent" (from the latent cache). null_text:
+  given, the batches hold cached text features ("context" (B, L, D)) instead of "input_ids" (see
+  make_loss_fn). Each batch shape (aspect-ratio bucket) compiles once.
   """
-  loss_fn = make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling, plan, ae_shift)
+  loss_fn = make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling, plan, ae_shift, null_text)
 
-  batch_sh = {k: plan.batch_sharding(n) for k, n in ((batch_field, 4), ("input_ids", 2), ("attention_mask", 2))}
+  text_field = ("input_ids", 2) if null_text is None else ("context", 3)
+  batch_sh = {k: plan.batch_sharding(n) for k, n in ((batch_field, 4), text_field, ("attention_mask", 2))}
   metrics_sh = plan.replicated
   frozen_sh = plan.replicated if frozen_shardings is None else frozen_shardings
   if with_grads:
@@ -168,7 +185,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   config = apply_resolution(config)
   prepare_workdir(workdir, config)
   ae_model, ae_params, ae_scaling, ae_config = load_ae(ensure_ae(config, workdir))
-  text_encoder = build_text_encoder(config)
+  cache_dir = cache_path(config.data.source)
+  table = table_from_config(config)  # aspect-ratio buckets (config.data.buckets; None: square crops)
+  # From the on-disk cache the step runs no text encoder; it loads only if a sample grid is drawn.
+  text_encoder = None if cache_dir else build_text_encoder(config)
   dit = build_backbone(config.model)
   key = jax.random.PRNGKey(config.seed)
   tx, schedule = build_optimizer(config.train, config.train.num_steps)
@@ -178,31 +198,43 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   print(f"DiT: {num_params / 1e6:.2f}M parameters; AE scaling factor {ae_scaling:.4f}."
         + (f" Sharding plan: {plan}." if plan.num_devices > 1 else ""), flush=True)
 
-  if config.get("init_from"):
+  # config.init_from, or config.train.init_from (a stage of the resolution cascade, docs/data.md#cascade).
+  init_from = config.get("init_from") or config.train.get("init_from")
+  if init_from:
     # Fine-tuning: start from converted or previously trained weights (sanajax.workdir.loaders.init_params_from);
     # a checkpoint of this run, restored below, still wins, so a resumed fine-tune continues.
-    loaded = init_params_from(config.init_from, state.params)
+    loaded = init_params_from(init_from, state.params)
     state = state.replace(params=loaded, ema_params=jax.tree.map(jnp.copy, loaded))
-    print(f"DiT initialised from {config.init_from}.", flush=True)
-  source = make_source_from_config(config.data, config.seed)
+    print(f"DiT initialised from {init_from}.", flush=True)
+  if cache_dir:  # refused, naming the fields, when made with another AE, text encoder, resolution or buckets.
+    source = CacheSource(cache_dir, cache_signature(config, ae_scaling, table))
+  else:
+    source = make_source_from_config(config.data, config.seed, buckets=table)
   process_index, process_count = jax.process_index(), jax.process_count()
-  if config.data.get("latent_cache", 0):
+  bucket_ids = None if table is None else bucket_ids_of(source, table)
+  if bucket_ids is not None:
+    print(describe_buckets(table, bucket_ids, int(config.train.batch_size)), flush=True)
+  if config.data.get("latent_cache", 0) and table is not None and not cache_dir:
+    print("data.latent_cache is not used with data.buckets (it holds one image size): the AE encodes in the step. "
+          "Cache latents per bucket on disk instead: python -m sanajax.data.cache (docs/data.md#cache).", flush=True)
+  if config.data.get("latent_cache", 0) and not cache_dir and table is None:
     # No more images than the run will read (a short run, or a test, encodes only those).
     num_cached = min(int(config.data.latent_cache), int(config.train.num_steps) * int(config.train.batch_size))
     source = build_latent_cache(source, make_encode_fn(ae_model, ae_params), num_cached,
                                 process_index=process_index, process_count=process_count)
     process_index, process_count = 0, 1  # the cache already holds only this host's share.
   data_iter = make_train_iterator(
-      source, batch_size=host_batch, seed=config.seed, tokenize_fn=text_encoder.tokenize,
+      source, batch_size=host_batch, seed=config.seed, tokenize_fn=None if cache_dir else text_encoder.tokenize,
       caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
       process_index=process_index, process_count=process_count,
-      num_workers=config.data.get("num_workers", 0))
-  frozen = place_frozen(plan, {"ae": ae_params, "text": text_encoder.params}, text_encoder)
+      num_workers=config.data.get("num_workers", 0), bucket_ids=bucket_ids)
+  frozen = {"ae": ae_params} if text_encoder is None else {"ae": ae_params, "text": text_encoder.params}
+  frozen = place_frozen(plan, frozen, text_encoder)
   frozen.update(frozen_base.frozen_parts(config, plan))  # a frozen base DiT (LoRA), else nothing
   step = make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scaling, plan=plan,
                          state_shardings=state_sh, batch_field=getattr(source, "field", "image"),
                          frozen_shardings=jax.tree.map(lambda x: x.sharding, frozen),
-                         ae_shift=ae_shift_factor(ae_config))
+                         ae_shift=ae_shift_factor(ae_config), null_text=source.null_text if cache_dir else None)
   step_fn = lambda s, b: step(s, frozen, plan.shard_batch(b))
   sample_fn = None
   if make_sample_fn is not None:
