@@ -1,13 +1,18 @@
-"""Linear-attention kernels vs the jnp reference, on CPU in the Pallas interpreter.
+"""Linear-attention kernels vs the jnp reference, on CPU in the Pallas interpreter, and lowered
+for "cuda" / "tpu" at SANA's real shapes without a device.
 
 Every kernel config is checked by one jitted function returning forward, the three
 gradients and a JVP, so each shape costs one compile (interpret mode compiles slowly).
+The lowering tests use ShapeDtypeStructs, so no large array is ever made.
 """
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sanajax.kernels import _common
 from sanajax.kernels import linear_attention_pallas_triton as triton_mod
 from sanajax.kernels import linear_attention_tpu as tpu_mod
 from sanajax.kernels.linear_attention import (
@@ -62,10 +67,10 @@ def _check_against_reference(impl, shape, dtype=jnp.float32, rel=2e-5):
 
 
 @pytest.mark.parametrize("impl,shape,small_tiles", [
-    ("pallas", (2, 37, 2, 32), False),     # N not a multiple of the tile; Sana's D.
+    ("pallas", (2, 37, 2, 32), False),     # N not a multiple of the tile; Sana's D; 2 heads packed per block.
     ("pallas", (1, 100, 1, 72), True),     # D not a power of two: padded to 128.
     ("pallas", (1, 20, 1, 112), False),
-    ("pallas_tpu", (1, 37, 2, 72), True),  # TPU kernel: (B, H, N, D) layout, 128 lanes.
+    ("pallas_tpu", (1, 37, 2, 72), True),  # TPU kernel: one head per 128 lanes.
 ])
 def test_pallas_matches_reference_f32(impl, shape, small_tiles, monkeypatch):
   if small_tiles:
@@ -82,7 +87,9 @@ def test_pallas_matches_reference_f32(impl, shape, small_tiles, monkeypatch):
 @pytest.mark.parametrize("impl", ["pallas", "pallas_tpu"])
 def test_pallas_matches_reference_bf16(impl):
   # The state is fp32 in both; only summation order differs, so ~1 bf16 ulp.
-  _check_against_reference(impl, (1, 37, 2, 32), jnp.bfloat16, rel=2e-2)
+  # N = 100: small and not a power of two (Triton: one 128-token tile). H = 6: Triton packs 2 heads
+  # per block, TPU 4 per 128 lanes with H padded to 8.
+  _check_against_reference(impl, (1, 100, 6, 32), jnp.bfloat16, rel=2e-2)
 
 
 def test_grad_uses_backward_kernels_and_vjp_only_path():
@@ -127,8 +134,85 @@ def test_impl_errors():
   (q, k, v), _, _ = _inputs((1, 8, 1, 4), dead_rows=False)
   with pytest.raises(ValueError, match="interpret=True"):
     linear_attention(q, k, v, impl="pallas")
-  with pytest.raises(ValueError, match="interpret=True"):
-    linear_attention(q, k, v, impl="pallas_tpu")
   with pytest.raises(ValueError, match="Unknown linear attention impl"):
     linear_attention(q, k, v, impl="cuda")
+  for impl in ("pallas_triton", "pallas_tpu", "pallas_mosaic_gpu"):
+    # An explicit kernel traces on a CPU machine (so it can be lowered for its device), and
+    # compiling it for the CPU is one clear error.
+    fn = jax.jit(lambda q, k, v: linear_attention(q, k, v, impl=impl))
+    fn.trace(q, k, v)
+    with pytest.raises(ValueError, match=f"the '{impl}' kernel is being compiled for the CPU"):
+      fn(q, k, v)
 
+
+def test_head_packing_round_trip():
+  """Per-head states <-> block-diagonal block states, and the (B, N, H * D) view, with D and H padding."""
+  p = _common.head_packing(3, 5, 6, d_pad=8, group=2)  # 3 heads -> 4, width 16
+  rng = np.random.default_rng(0)
+  kv, ksum, x = rng.normal(size=(2, 3, 5, 6)), rng.normal(size=(2, 3, 5)), rng.normal(size=(2, 7, 3, 5))
+
+  @jax.jit
+  def round_trip(kv, ksum, x):
+    kvb, ksumb = _common.states_to_blocks(kv, ksum, p)
+    packed = _common.pack_heads(x, p)
+    return kvb, ksumb, _common.states_from_blocks(kvb, ksumb, p), packed, _common.unpack_heads(packed, p, 5)
+
+  kvb, ksumb, (kv2, ksum2), packed, x2 = round_trip(kv, ksum, x)
+  assert kvb.shape == (2, 2, 16, 16) and ksumb.shape == (2, 2, 16) and packed.shape == (2, 7, 32)
+  np.testing.assert_array_equal(kvb * (1 - _common.block_ones(p)), 0.0)  # nothing across heads
+  np.testing.assert_array_equal(kvb[:, 0, 8:13, 8:14], kv[:, 1].astype(np.float32))  # head 1: block 0, 2nd
+  np.testing.assert_array_equal(packed[:, :, 8:13], x[:, :, 1].astype(np.float32))
+  for a, b in ((kv2, kv), (ksum2, ksum), (x2, x)):
+    np.testing.assert_array_equal(a, b.astype(np.float32))
+
+
+# ------------------------------------------------------------------ lowering for cuda / tpu
+
+# SANA's linear-attention calls, (B, N, H, D): the DiT's heads are hidden / 32 (configs/sana_1600m.py:
+# 2240 -> 70, configs/sana_600m.py: 1152 -> 36); N = (px / 32)^2 tokens (1024 px -> 1024, 4096 px ->
+# 16384). The DC-AE (configs/dcae_f32c32.py, head dim 32, one multiscale branch doubling the heads)
+# at 1024 px: 1024 channels -> 64 heads at 32x32 and 64x64 tokens, 512 -> 32 heads at 128x128.
+_REAL_SHAPES = {
+    "1600M 1024px": (1, 1024, 70, 32),
+    "1600M 4096px": (1, 16384, 70, 32),
+    "600M 2048px B=2": (2, 4096, 36, 32),
+    "DC-AE 512ch 128x128": (1, 16384, 32, 32),
+    "small N": (1, 100, 70, 32),  # N < 128 and not a power of two.
+}
+_TARGETS = {"triton": "__gpu$xla.gpu.triton", "mosaic_gpu": "mosaic_gpu_v2", "tpu": "tpu_custom_call"}
+
+
+def _kernel_calls(impl, platform, shape, dtype):
+  """Lowers forward + VJP + JVP of the public function for `platform` from abstract shapes;
+  returns the custom-call targets in order."""
+  attend = lambda q, k, v: linear_attention(q, k, v, impl=impl)
+
+  def fwd_vjp_jvp(q, k, v, g):
+    out, vjp = jax.vjp(attend, q, k, v)
+    return out, vjp(g), jax.jvp(attend, (q, k, v), (q, k, v))[1]
+
+  s = jax.ShapeDtypeStruct(shape, dtype)
+  text = jax.jit(fwd_vjp_jvp).trace(s, s, s, s).lower(lowering_platforms=(platform,)).as_text()
+  return re.findall(r"custom_call @([\w$.]+)\(", text)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("impl,platform", [("pallas_triton", "cuda"), ("pallas_tpu", "tpu"),
+                                           ("pallas_mosaic_gpu", "cuda")])
+def test_kernels_lower_for_their_device_at_sana_shapes(impl, platform, dtype):
+  """Each backend lowers for its platform on this CPU machine: forward (2 kernels: state, output),
+  reverse (2 backward kernels) and forward-mode (the forward kernels again; the tangent is jnp)."""
+  backend = impl.removeprefix("pallas_")
+  shapes = _REAL_SHAPES
+  if backend == "mosaic_gpu" and dtype == jnp.float32:
+    shapes = {k: shapes[k] for k in ("1600M 1024px",)}  # fp32 runs the Triton kernels, tested above.
+  for name, shape in shapes.items():
+    calls = _kernel_calls(impl, platform, shape, dtype)
+    if backend == "mosaic_gpu" and dtype == jnp.bfloat16:
+      # The Mosaic GPU state pass (2 of the 6 kernels), Triton for the output pass and backward.
+      expected = sorted([_TARGETS["mosaic_gpu"]] * 2 + [_TARGETS["triton"]] * 4)
+    elif backend == "mosaic_gpu":
+      expected = [_TARGETS["triton"]] * 6  # fp32: WGMMA has no IEEE fp32, the Triton state pass runs.
+    else:
+      expected = [_TARGETS[backend]] * 6
+    assert sorted(calls) == expected, (name, calls)
