@@ -349,6 +349,27 @@ def _check_lora(c: _Checker) -> None:
     c.problems.append(str(e).rstrip("."))
 
 
+def _check_controlnet(c: _Checker) -> None:
+  """A ControlNet run (configs/controlnet_tiny.py; docs/controlnet.md): its section and what it needs of the base."""
+  depth = c.get("model.depth")
+  num_layers = c.present("controlnet.num_layers", True)
+  if num_layers is not _MISSING and not (_is_int(num_layers) and _is_int(depth) and 1 <= num_layers < depth):
+    c.bad("controlnet.num_layers", num_layers, f"must be an integer in [1, model.depth - 1 = {_show(depth)} - 1] "
+          f"(residual k is added after base block k + 1)")
+  c.one_of("controlnet.condition", ("canny",))
+  c.real_in("controlnet.canny_low", 0.0, 1020.0, required=False)
+  c.real_in("controlnet.canny_high", 0.0, 1020.0, required=False)
+  base = c.present("controlnet.base_workdir", True)
+  if base is not _MISSING and not (isinstance(base, str) and os.path.isdir(base)):
+    c.bad("controlnet.base_workdir", base, "must be the trained base DiT's workdir (configs/controlnet_tiny.py:DIR)")
+  if c.get("model.guidance_embeds") not in (_MISSING, False) or c.get("model.qk_norm") not in (_MISSING, False):
+    c.bad("model.guidance_embeds", c.get("model.guidance_embeds"), "a ControlNet is trained on a plain DiT (the "
+          "Sprint student's teacher), not on a student")
+  cache = c.get("data.latent_cache")
+  if cache not in (_MISSING, 0, None):
+    c.bad("data.latent_cache", cache, "must be 0 for a ControlNet run (the condition is computed from the images)")
+
+
 def validate_config(config: Any, kind: str) -> None:
   """Raises one ConfigError listing every bad field of `config` for a run of `kind`.
 
@@ -382,6 +403,8 @@ def validate_config(config: Any, kind: str) -> None:
     _check_distill(c)
   if kind == "dit":
     _check_lora(c)
+  if kind == "dit" and c.get("controlnet") is not _MISSING:
+    _check_controlnet(c)
   _check_resolution(c, resolved, kind)
   if not any(p.startswith("mesh") for p in c.problems):
     _check_batches(c, resolved, kind)

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from sanajax.diffusion import samplers
 from sanajax.models.backbones import apply_conditioned, build_backbone
+from sanajax.models.controlnet import ControlledDiT, encode_control
 from sanajax.models.dcae_tiling import decode_latents
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan
@@ -202,6 +203,33 @@ class Generator:
       bar.update(len(chunk))
     bar.close()
     return np.concatenate(out)
+
+  def attach_controlnet(self, controlnet, controlnet_params) -> None:
+    """Steers every later sample with a ControlNet (sanajax.models.controlnet; docs/controlnet.md): the
+    DiT becomes a ControlledDiT, so every sampler (a Sprint student's scm included) runs base + ControlNet.
+    Give the condition with set_control before generating."""
+    if isinstance(self.dit, ControlledDiT):
+      raise ValueError("This Generator already has a ControlNet.")
+    self.dit = ControlledDiT(self.dit, controlnet)
+    self.dit_params = {"base": self.dit_params, "controlnet": self.plan.place(controlnet_params),
+                       "control": None, "scale": self.plan.replicate(np.float32(1.0))}
+    self._jitted = {}  # compiled for the plain DiT's parameters
+    self._encode_control = jax.jit(lambda a, x: encode_control(self.ae_model, a, x, self.ae_scaling, self.ae_shift))
+
+  def set_control(self, images: np.ndarray, scale: float = 1.0) -> None:
+    """The condition of the next generate calls: uint8 condition images (1 or B, R, R, 3) at the data
+    resolution (an edge, depth or HED map; one image steers every prompt, B images one prompt each, B =
+    the prompts of each sampling call), AE-encoded here; scale: controlnet_conditioning_scale."""
+    if not isinstance(self.dit, ControlledDiT):
+      raise ValueError("set_control needs a ControlNet: call attach_controlnet first.")
+    images = np.asarray(images)
+    r = int(self.config.data.resolution)
+    if images.ndim != 4 or images.shape[1:] != (r, r, 3):
+      raise ValueError(f"control images must be uint8 (N, {r}, {r}, 3), got {images.shape} "
+                       f"(sanajax.data.conditions.load_control_image resizes a file).")
+    unit = images.astype(np.float32) / np.float32(127.5) - np.float32(1)
+    latents = self._encode_control(self.ae_params, self.plan.replicate(unit))
+    self.dit_params = {**self.dit_params, "control": latents, "scale": self.plan.replicate(np.float32(scale))}
 
   def __hash__(self):  # jit's static self: identity hashing.
     return id(self)

@@ -6,6 +6,16 @@
     python -m sanajax.sample --workdir=DIR --lora=LORA_DIR[:0.8] [--lora=...] --prompt=... --out=OUT  # docs/lora.md
     python -m sanajax.sample --workdir=SPRINT_DIR --prompt="a red circle" --out=OUT --sampler=scm --steps=2
     python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT --config.mesh.fsdp=8   # sharded (README "Scaling")
+    python -m sanajax.sample --workdir=CONTROLNET_DIR --control=edges.png [--control_scale=1] --prompt=... --out=OUT
+    python -m sanajax.sample --workdir=SPRINT_DIR --controlnet=CONTROLNET_DIR --control=edges.png --sampler=scm ...
+
+ControlNet (docs/controlnet.md): --workdir may be a ControlNet workdir (sanajax.train with
+configs/controlnet_tiny.py), which samples its base DiT steered by it, or any DiT / Sprint workdir with
+--controlnet=DIR (a ControlNet workdir or a diffusers SanaControlNetModel directory), e.g. the Sprint
+student of the ControlNet's base (a ControlNet trained on the teacher, applied to the student). --control
+is the condition image (an edge, depth or HED map, used as given); one of another size than the model's
+resolution is resized to it, with a warning.
+
 
 `--sampler=scm` is SANA-Sprint's sCM sampler (1, 2 or 4 steps on the TrigFlow grids [1.5708, 0],
 [1.5708, 1.3, 0], linspace(1.5708, 0, 5)) for a Sprint student (a sanajax.distill_sprint workdir,
@@ -41,7 +51,9 @@ from sanajax.eval.geneval_lite import read_prompts_file
 from sanajax.generation import Generator, write_images
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan, mesh_config
+from sanajax.data.conditions import load_control_image
 from sanajax.workdir.files import load_workdir_config
+from sanajax.workdir.loaders import is_controlnet_workdir, load_controlnet
 
 cli.define_flags("Training workdir (config.json + checkpoints).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line (a \"<TAB>category\" "
@@ -61,6 +73,13 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per sampling call.")
 _LORA = flags.DEFINE_multi_string("lora", [], "LoRA to apply, DIR[:SCALE] (default scale 1): a LoRA workdir or a "
                                   "directory holding pytorch_lora_weights.safetensors (diffusers / PEFT). "
                                   "Repeat to stack adapters; they are merged into the weights (docs/lora.md).")
+_CONTROL = flags.DEFINE_string("control", None, "ControlNet condition image (an edge / depth / HED map, used as given; "
+                               "resized to the model's resolution if needed). Needs a ControlNet.")
+_CONTROL_SCALE = flags.DEFINE_float("control_scale", 1.0, "ControlNet conditioning scale (SanaControlNetPipeline's "
+                                    "controlnet_conditioning_scale; 0: the base alone).")
+_CONTROLNET = flags.DEFINE_string("controlnet", None, "ControlNet to steer --workdir's model with: a ControlNet workdir "
+                                  "or a diffusers SanaControlNetModel directory (default: --workdir itself when it is "
+                                  "a ControlNet workdir).")
 # Only the sharding plan is set from the command line (--config.mesh.fsdp=8, as for training); it is
 # laid over the workdir's config, whose mesh was the training run's (sampling defaults to one device).
 _CONFIG = cli.define_config_dict(ml_collections.ConfigDict({"mesh": mesh_config()}),
@@ -195,11 +214,50 @@ def parse_loras(values: list[str]) -> tuple[tuple[str, float], ...]:
   return tuple(out)
 
 
+def resolve_controlnet(workdir: str) -> tuple[str, str | None]:
+  """(the DiT / Sprint workdir to sample, the ControlNet or None) from --workdir, --controlnet, --control;
+  every inconsistency is a one-line user error before anything loads."""
+  controlnet = _CONTROLNET.value
+  if is_controlnet_workdir(workdir):
+    if controlnet:
+      raise cli.UserError(f"--workdir={workdir!r} is a ControlNet workdir: give the model to steer as --workdir and "
+                          f"the ControlNet as --controlnet, or drop --controlnet.")
+    controlnet, workdir = workdir, load_workdir_config(workdir).controlnet.base_workdir
+  if controlnet and not _CONTROL.value:
+    raise cli.UserError("A ControlNet needs its condition: --control=IMAGE (e.g. an edge map).")
+  if _CONTROL.value and not controlnet:
+    raise cli.UserError(f"--control needs a ControlNet: --controlnet=DIR, or a ControlNet workdir as --workdir "
+                        f"({workdir!r} is a plain model workdir).")
+  if not math.isfinite(_CONTROL_SCALE.value):
+    raise cli.UserError(f"--control_scale={_CONTROL_SCALE.value}: must be a finite number (e.g. 1.0).")
+  return workdir, controlnet
+
+
+def parse_loras(values: list[str]) -> tuple[tuple[str, float], ...]:
+  """--lora=DIR[:SCALE] values -> ((path, scale), ...) (scale 1 by default), each path checked to exist."""
+  out = []
+  for text in values:
+    path, scale = text, 1.0
+    head, sep, tail = text.rpartition(":")
+    if sep:
+      try:
+        path, scale = head, float(tail)
+      except ValueError:
+        path, scale = text, 1.0  # a ':' inside the path itself
+    if not math.isfinite(scale):
+      raise cli.UserError(f"--lora={text!r}: the scale must be a finite number (DIR[:SCALE], e.g. {path}:0.8).")
+    if not os.path.exists(path):
+      raise cli.UserError(f"--lora={text!r}: {path!r} does not exist (a LoRA workdir, or a directory holding "
+                          f"pytorch_lora_weights.safetensors; DIR[:SCALE]).")
+    out.append((path, scale))
+  return tuple(out)
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments.
   if not flags.FLAGS.workdir or not _OUT.value:
     raise cli.UserError("--workdir and --out are required.")
-  workdir = flags.FLAGS.workdir
+  workdir, controlnet_dir = resolve_controlnet(flags.FLAGS.workdir)
   prompts = read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
   interval = None if _CFG_INTERVAL.value is None else parse_cfg_interval(_CFG_INTERVAL.value)
   config = load_workdir_config(workdir)  # config.json only: the options are checked before any model loads.
@@ -208,6 +266,22 @@ def main(argv):
   steps = sample.steps if _STEPS.value is None else _STEPS.value
   cfg = float(sample.cfg if _CFG.value is None else _CFG.value)
   check_options(config, sampler, steps, cfg, _BATCH.value)
+  control = None
+  if controlnet_dir:
+    try:
+      control, note = load_control_image(_CONTROL.value, int(config.data.resolution))
+    except ValueError as e:
+      raise cli.UserError(str(e)) from None
+    if note:
+      print(f"Warning: {note}", file=sys.stderr, flush=True)
+  try:
+    check_quantize(_QUANTIZE.value, "--quantize", check_platform=True)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
+  try:  # before any model loads: a size the model cannot take names the nearest ones it can.
+    check_sample_size(config, _HEIGHT.value or config.data.resolution, _WIDTH.value or config.data.resolution)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
   loras = parse_loras(_LORA.value)
   check_out_dir(_OUT.value)
   plan = sampling_plan(config)
@@ -218,6 +292,13 @@ def main(argv):
     print(line, file=sys.stderr, flush=True)
   if _CFG_INTERVAL.value is not None:
     generator.cfg_interval = interval
+  if controlnet_dir:
+    model, params, base = load_controlnet(controlnet_dir)
+    if base and os.path.abspath(base) != os.path.abspath(workdir):
+      print(f"Note: the ControlNet was trained on {base}; it steers {workdir} here (e.g. that base's Sprint "
+            f"student: docs/controlnet.md#sprint).", file=sys.stderr, flush=True)
+    generator.attach_controlnet(model, params)
+    generator.set_control(control[None], _CONTROL_SCALE.value)
   images = generator.generate(prompts, sampler=sampler, steps=steps, cfg=cfg, seed=_SEED.value,
                               batch_size=_BATCH.value)
   if jax.process_index() == 0:  # every process holds all images (Generator.generate); one writes them.

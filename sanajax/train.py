@@ -2,6 +2,7 @@
 
     python -m sanajax.train --config=configs/tiny.py --workdir=/tmp/sanajax_tiny
     python -m sanajax.train --config=configs/sana_1600m.py --config.data.source=folder:/data/imgs ...
+    python -m sanajax.train --config=configs/controlnet_tiny.py:BASE_WORKDIR --workdir=DIR   # a ControlNet
 
 The tiny default trains its own AE first (WORKDIR/ae) when `config.ae.workdir` holds no
 checkpoint, then the DiT, then writes WORKDIR/samples/ (a grid on held-out prompts) and
@@ -15,7 +16,8 @@ Multi-host (README "Scaling", launch/*.sh): one process per host with --coordina
 from __future__ import annotations
 
 from sanajax import cli
-from sanajax.eval import after_training
+from sanajax.eval import after_training, control_fidelity
+from sanajax.training.controlnet import train_controlnet
 from sanajax.training.dit import train
 
 _CONFIG = cli.define_config_file("configs/tiny.py", "Config file.")
@@ -25,8 +27,11 @@ cli.define_flags("Where checkpoints, metrics and samples go (default: workdirs/<
 def main(argv):
   del argv  # cli.run refuses positional arguments.
   workdir = cli.workdir(default=cli.default_workdir())
-  train(cli.config_from_flags(), workdir, evaluate=after_training.evaluate_dit_run,
-        make_sample_fn=after_training.make_grid_fn)
+  config = cli.config_from_flags()
+  if "controlnet" in config:  # a ControlNet on a frozen base (configs/controlnet_tiny.py, docs/controlnet.md)
+    train_controlnet(config, workdir, evaluate=control_fidelity.evaluate_controlnet_run)
+  else:
+    train(config, workdir, evaluate=after_training.evaluate_dit_run, make_sample_fn=after_training.make_grid_fn)
   cli.print_run_summary(workdir)
 
 

@@ -26,6 +26,7 @@ Parameter tree (diffusers state-dict keys, '.' -> '/'; sanajax.models.controlnet
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -166,6 +167,28 @@ def controlled_apply(dit: SanaDiT, dit_params: Any, controlnet: SanaControlNet, 
   residuals = controlnet.apply({"params": controlnet_params}, x, t, context, context_mask, control,
                                conditioning_scale=conditioning_scale)
   return dit.apply({"params": dit_params}, x, t, context, context_mask, controlnet_residuals=residuals, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class ControlledDiT:
+  """A base DiT steered by a ControlNet, called as every backbone is (backbones.apply_conditioned):
+
+    v = ControlledDiT(dit, controlnet).apply(
+        {"params": {"base": dit_params, "controlnet": cn_params, "control": latents, "scale": s}}, x, t, ctx, mask)
+
+  so the DiT trainer's loss (training.dit.make_loss_fn, with the ControlNet's parameters as the
+  trainable part) and the Generator's samplers run it unchanged. "scale" is optional (1.0)."""
+  dit: SanaDiT
+  controlnet: SanaControlNet
+
+  @property
+  def guidance_embeds(self) -> bool:  # a Sprint student keeps its embedded guidance (Generator.sample_latents)
+    return self.dit.guidance_embeds
+
+  def apply(self, variables, x, t, context, context_mask=None, **kwargs):
+    p = variables["params"]
+    return controlled_apply(self.dit, p["base"], self.controlnet, p["controlnet"], x, t, context, context_mask,
+                            p["control"], p.get("scale", 1.0), **kwargs)
 
 
 def init_args(model_config: Mapping[str, Any]) -> tuple:

@@ -26,6 +26,8 @@ from sanajax.models.gemma2_transformers import (
   load_tokenizer,
 )
 from sanajax.models.lora_diffusers import LORA_WEIGHT_NAME, load_lora
+from sanajax.models.controlnet import build_controlnet, init_args as controlnet_init_args
+from sanajax.models.controlnet_diffusers import load_sana_controlnet
 from sanajax.models.sana_dit import student_params_from_teacher
 from sanajax.models.sana_dit_diffusers import load_sana_transformer
 from sanajax.models.sd3_text import SD3PromptEncoder, load_sd3_text_encoder
@@ -266,3 +268,25 @@ def load_lora_dit_params(workdir: str, config: ml_collections.ConfigDict, *, ema
   like, _ = lora_abstract(config)
   base = nn.unbox(init_params_from(lora_base_path(config, workdir), like))
   return lora_lib.merge(base, load_lora_workdir(workdir, config, ema=ema))
+
+def is_controlnet_workdir(path: str) -> bool:
+  """Whether `path` is a ControlNet training workdir (its config has a `controlnet` section)."""
+  return _is_workdir(path) and "controlnet" in load_workdir_config(path)
+
+
+def load_controlnet(path: str):
+  """(model, params, base_workdir or None) of a ControlNet: a ControlNet training workdir (EMA weights of
+  its latest checkpoint; base_workdir: the DiT it was trained on) or a diffusers SanaControlNetModel /
+  SanaControlNetPipeline directory (base None)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"ControlNet {path!r} is not a directory (a ControlNet workdir or a diffusers one).")
+  if not is_controlnet_workdir(path):
+    model, params = load_sana_controlnet(path)
+    return model, params, None
+  config = load_workdir_config(path)
+  if latest_workdir_step(path) is None:
+    raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(path)}: train the ControlNet first.")
+  model = build_controlnet(config.model, int(config.controlnet.num_layers))
+  abstract = boxed_abstract_params(model, *controlnet_init_args(config.model))
+  params = Checkpointer(checkpoint_dir(path), read_only=True).restore_params(abstract, ema=True)
+  return model, params, config.controlnet.base_workdir
