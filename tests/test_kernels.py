@@ -216,3 +216,15 @@ def test_kernels_lower_for_their_device_at_sana_shapes(impl, platform, dtype):
     else:
       expected = [_TARGETS[backend]] * 6
     assert sorted(calls) == expected, (name, calls)
+
+
+def test_dcae_attention_reaches_the_triton_kernel_in_bf16():
+  """The DC-AE's linear attention passes q, k, v in one dtype, so in bf16 it lowers to the Triton
+  kernels for "cuda" (with an fp32 v it never could: the kernels take no dtype mix)."""
+  from sanajax.models.dcae import MultiscaleLinearAttention  # noqa: PLC0415 (a model, only for this test)
+
+  block = MultiscaleLinearAttention(channels=64, attn_impl="pallas_triton", dtype=jnp.bfloat16)
+  x = jax.ShapeDtypeStruct((1, 16, 16, 64), jnp.bfloat16)
+  params = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)
+  text = jax.jit(block.apply).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
+  assert re.findall(r"custom_call @([\w$.]+)\(", text) == [_TARGETS["triton"]] * 2

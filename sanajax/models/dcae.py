@@ -244,8 +244,9 @@ class MultiscaleLinearAttention(nn.Module):
     h = jnp.concatenate(scales, axis=-1)  # (B, H, W, (1+S)*3*inner)
     h = h.reshape(b, hgt * wid, -1, 3, self.head_dim)  # (B, N, (1+S)*heads, q|k|v, D)
     q, k, v = h[..., 0, :], h[..., 1, :], h[..., 2, :]
-    # The kernel applies the ReLU to q and k and keeps its state in float32.
-    out = linear_attention(q, k, v.astype(jnp.float32), eps=self.eps, impl=self.attn_impl)
+    # One dtype for q, k, v (the Pallas kernels take no mix); the kernel applies the ReLU to q and k and
+    # keeps its state, normaliser and division in float32 whatever the dtype, so the values match an fp32 v.
+    out = linear_attention(q, k, v.astype(q.dtype), eps=self.eps, impl=self.attn_impl)
     out = out.astype(self.dtype).reshape(b, hgt, wid, -1)
     out = _dense(self.channels, dtype=self.dtype, name="to_out")(out)
     out = _norm(self.norm_type, self.dtype, "norm_out")(out)
