@@ -15,6 +15,7 @@ import pytest
 
 from sanajax import config_utils
 from sanajax.convert import load_sana_controlnet
+from sanajax.data import conditions
 from sanajax.diffusion import samplers
 from sanajax.generation import sample_latents
 from sanajax.models import controlnet, controlnet_diffusers, dcae, sana_dit
@@ -107,8 +108,7 @@ def _pipeline_latents(torch_models, inputs, sampler):
   return out.permute(0, 2, 3, 1).numpy(), scheduler.timesteps.numpy().astype(np.float32) / 1000.0
 
 
-@pytest.mark.parametrize("sampler", ["flow_dpm", "flow_euler"])
-def test_controlnet_sample_equals_sana_controlnet_pipeline(models, sampler):
+def test_controlnet_sample_equals_sana_controlnet_pipeline(models, sampler="flow_dpm"):
   """The whole controlled CFG sampling loop, as tests/test_pipeline_parity.py does for the DiT alone (the
   DPM pipeline feeds int64(1000 sigma) / 1000 to the models, so sanajax's models get those times)."""
   torch_models, m, inputs, _ = models
@@ -170,3 +170,37 @@ def test_controlnet_refusals(models):
   with pytest.raises(ValueError, match="control latents"):
     m["cn"].apply({"params": m["cn_params"]}, inputs["noise"], jnp.zeros((B,)), inputs["ctx"], inputs["mask"],
                   inputs["noise"][:, :4])
+
+
+def test_canny_finds_a_square_outline_one_pixel_wide_and_hysteresis_keeps_only_connected_weak_edges():
+  image = np.full((20, 24, 3), 245, np.uint8)
+  image[5:15, 6:16] = (220, 40, 40)  # a red square: a strong step on every side
+  edges = conditions.canny(image)
+  ys, xs = np.nonzero(edges)
+  assert edges.sum() > 0 and ys.min() >= 4 and ys.max() <= 15 and xs.min() >= 5 and xs.max() <= 16
+  assert not edges[7:13, 8:14].any()  # nothing inside, nothing far outside
+  for row in range(6, 14):  # non-maximum suppression: one pixel per side of each row
+    assert edges[row].sum() == 2, (row, np.nonzero(edges[row]))
+  # A faint bar (magnitude between low and high) survives only when it touches a strong edge.
+  faint = np.full((20, 24, 3), 200, np.uint8)
+  faint[:, 12:] = 180  # a grey step of 20: Sobel L1 80 (weak for low=50, high=100)
+  assert not conditions.canny(faint, low=50, high=100).any()
+  faint[8:12, 10:14] = 30  # a dark block on the faint line: strong edges connected to it
+  kept = conditions.canny(faint, low=50, high=100)
+  assert kept[:, 11:13].sum() > kept[8:12, 11:13].sum()  # the faint line grows out of the block
+  assert conditions.edge_image(image).dtype == np.uint8 and set(np.unique(conditions.edge_image(image))) == {0, 255}
+
+
+def test_control_image_is_resized_with_a_note_and_bad_files_are_named(tmp_path):
+  from PIL import Image
+  path = tmp_path / "edges.png"
+  Image.fromarray(np.zeros((40, 30), np.uint8)).save(path)  # greyscale, wrong size and ratio
+  image, note = conditions.load_control_image(str(path), 32)
+  assert image.shape == (32, 32, 3) and "30x40" in note and "resized" in note and "aspect ratio" in note
+  Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(path)
+  assert conditions.load_control_image(str(path), 32)[1] == ""
+  with pytest.raises(ValueError, match="does not exist"):
+    conditions.load_control_image(str(tmp_path / "missing.png"), 32)
+  (tmp_path / "bad.png").write_text("not an image")
+  with pytest.raises(ValueError, match="not a readable image"):
+    conditions.load_control_image(str(tmp_path / "bad.png"), 32)
