@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from sanajax import convert, safetensors_io
+from sanajax.data import shapes
+from sanajax.eval import geneval_lite
 from sanajax.models import lora as lora_lib
 from sanajax.models import lora_diffusers, sana_dit
 
@@ -160,3 +162,20 @@ def test_init_starts_at_the_base_and_boxes_like_the_kernel():
   assert all(float(np.max(np.abs(e["b"]))) == 0.0 and e["alpha"] == 8.0 for e in flat.values())
   bound = 1 / np.sqrt(a.value.shape[0])
   assert 0.5 * bound < float(np.max(np.abs(a.value))) <= bound
+
+
+def test_novel_colour_scenes_are_detected_only_with_the_extended_palette():
+  """The LoRA demo's new colour (docs/lora.md#shapes): drawn by the shapes renderer, absent from the training
+  sampler and the text vocabulary, detected by GenEval-lite only when asked for; palette scenes score the same."""
+  assert "magenta" in shapes.NOVEL_COLORS and "magenta" not in shapes.COLORS and "magenta" not in shapes.VOCAB
+  rng = np.random.default_rng(0)
+  prompts = ["a magenta circle", "two magenta squares", "a magenta triangle above a red circle"]
+  old = [p for p, _ in shapes.eval_prompt_set(12, seed=0)]
+  images = [shapes.scene_for_prompt(p, rng, 64).image for p in prompts + old]
+  cats = ["colors", "counting", "position"] + [shapes.category(p) for p in old]
+  plain = geneval_lite.evaluate(images, prompts + old, cats)["per_image"]
+  extended = geneval_lite.evaluate(images, prompts + old, cats, extra_colors=("magenta",))["per_image"]
+  assert extended == [True] * len(images)  # rendered scenes pass, the new colour included
+  assert plain[:3] == [False] * 3 and plain[3:] == extended[3:]
+  with pytest.raises(ValueError, match="not in shapes.NOVEL_COLORS"):
+    geneval_lite.evaluate(images[:1], prompts[:1], ["colors"], extra_colors=("red-ish",))

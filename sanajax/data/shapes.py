@@ -29,6 +29,14 @@ COLORS: dict[str, tuple[int, int, int]] = {
   "cyan": (40, 190, 200),
   "black": (30, 30, 30),
 }
+# Colours the training data never draws and the tiny text encoder's vocabulary lacks (a prompt's word for
+# one reaches the DiT as the unknown token, like DreamBooth's rare identifier): for teaching a trained model a
+# new colour (docs/lora.md#shapes). Each lies > 60 (geneval_lite.COLOR_TOL) from every palette colour's
+# background blends and vice versa, so detection with the extended palette never confuses them.
+NOVEL_COLORS: dict[str, tuple[int, int, int]] = {
+  "magenta": (220, 40, 200),
+}
+ALL_COLORS = {**COLORS, **NOVEL_COLORS}  # what captions may name and render draws
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("one", "two", "three", "four")
 PREFIXES = ("", "a photo of ", "an image showing ", "a drawing of ")
@@ -175,7 +183,7 @@ def _phrase(color: str, shape: str) -> str:
 
 def _parse_phrase(text: str, caption: str) -> tuple[str, str]:
   words = text.split()
-  if (len(words) != 3 or words[1] not in COLORS or words[2] not in SHAPES
+  if (len(words) != 3 or words[1] not in ALL_COLORS or words[2] not in SHAPES
       or words[0] != article(words[1])):
     raise ValueError(f"cannot parse object phrase {text!r} in caption {caption!r}")
   return words[1], words[2]
@@ -192,7 +200,7 @@ def parse_caption(caption: str) -> Caption:
   words = text.split()
   if len(words) == 3 and words[0] in NUMBERS[1:]:
     count = NUMBERS.index(words[0]) + 1
-    if words[1] in COLORS and words[2].endswith("s") and words[2][:-1] in SHAPES:
+    if words[1] in ALL_COLORS and words[2].endswith("s") and words[2][:-1] in SHAPES:
       return Caption("counting", ((words[1], words[2][:-1]),), count, None, prefix)
     raise ValueError(f"cannot parse counting caption {caption!r}")
   if " and " in text:
@@ -248,7 +256,7 @@ def render(objects: list[Obj], resolution: int) -> np.ndarray:
     py = np.arange(i0, i1, dtype=np.float64)[:, None] + 0.5
     px = np.arange(j0, j1, dtype=np.float64)[None, :] + 0.5
     mask = _shape_mask(obj.shape, obj.box, px, py)
-    image[i0:i1, j0:j1][mask] = COLORS[obj.color]
+    image[i0:i1, j0:j1][mask] = ALL_COLORS[obj.color]
   return image
 
 

@@ -65,11 +65,24 @@ _COLOR_DIRS = (np.array(list(COLORS.values()), np.float32)
                - np.array(shapes.BACKGROUND, np.float32))  # (8, 3): c - bg
 
 
+def _palette(extra_colors: Sequence[str] = ()) -> tuple[tuple[str, ...], np.ndarray]:
+  """(names, directions c - bg) of the training palette plus `extra_colors` (shapes.NOVEL_COLORS names,
+  e.g. a colour a LoRA taught: docs/lora.md#shapes); the plain palette when there are none."""
+  if not extra_colors:
+    return _COLOR_NAMES, _COLOR_DIRS
+  unknown = [c for c in extra_colors if c not in shapes.NOVEL_COLORS]
+  if unknown:
+    raise ValueError(f"extra_colors {unknown} are not in shapes.NOVEL_COLORS ({', '.join(shapes.NOVEL_COLORS)}).")
+  names = _COLOR_NAMES + tuple(c for c in extra_colors if c not in _COLOR_NAMES)
+  dirs = np.array([shapes.ALL_COLORS[c] for c in names], np.float32) - np.array(shapes.BACKGROUND, np.float32)
+  return names, dirs
+
+
 # ----------------------------------------------------------------------------- detection
 
 
-def _classify_pixels(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """Colour index per pixel and the off-palette mask.
+def _classify_pixels(images: np.ndarray, color_dirs: np.ndarray = _COLOR_DIRS) -> tuple[np.ndarray, np.ndarray]:
+  """Colour index per pixel and the off-palette mask (color_dirs: _palette's, default the training palette).
 
   Returns (cls int8 (N, H, W): 0..7 palette colours, -1 background/none;
   off_palette bool (N, H, W): neither background nor any palette colour or blend).
@@ -80,7 +93,7 @@ def _classify_pixels(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   best = np.full(images.shape[:3], np.inf, np.float32)
   best_alpha = np.zeros(images.shape[:3], np.float32)
   cls = np.full(images.shape[:3], -1, np.int8)
-  for k, d in enumerate(_COLOR_DIRS.tolist()):
+  for k, d in enumerate(color_dirs.tolist()):
     dd = d[0] ** 2 + d[1] ** 2 + d[2] ** 2
     dot = x[0] * d[0] + x[1] * d[1] + x[2] * d[2]
     alpha = np.clip(dot / dd, 0, 1)
@@ -158,8 +171,9 @@ def detect_objects_batch(images: np.ndarray) -> list[list[Obj]]:
   return analyze_batch(images)[0]
 
 
-def analyze_batch(images: np.ndarray) -> tuple[list[list[Obj]], np.ndarray]:
+def analyze_batch(images: np.ndarray, extra_colors: Sequence[str] = ()) -> tuple[list[list[Obj]], np.ndarray]:
   """Objects in each image of a batch uint8 (N, R, R, 3) and each image's clutter fraction.
+  extra_colors: shapes.NOVEL_COLORS names detected beside the palette (see _palette).
 
   Clutter: the fraction of the image's pixels that are foreground but in no accepted object,
   or off-palette (see MAX_CLUTTER_FRAC).
@@ -168,7 +182,8 @@ def analyze_batch(images: np.ndarray) -> tuple[list[list[Obj]], np.ndarray]:
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"expected images (N, H, W, 3), got {images.shape}")
   n, h, w, _ = images.shape
-  cls, off_palette = _classify_pixels(images)
+  names, dirs = _palette(extra_colors)
+  cls, off_palette = _classify_pixels(images, dirs)
   unexplained = (cls >= 0).reshape(n, -1).sum(1) + off_palette.reshape(n, -1).sum(1)
   pix, starts, area = _components(cls)
   out: list[list[Obj]] = [[] for _ in range(n)]
@@ -196,7 +211,7 @@ def analyze_batch(images: np.ndarray) -> tuple[list[list[Obj]], np.ndarray]:
     first = pix[starts[k]]
     shape = _classify_shape(fill[k], bottom[k], left[k], bw, bh)
     box = (float(x0[k]), float(y0[k]), float(x1[k]), float(y1[k]))
-    out[first // (h * w)].append(Obj(_COLOR_NAMES[cls.ravel()[first]], shape, box))
+    out[first // (h * w)].append(Obj(names[cls.ravel()[first]], shape, box))
     unexplained[first // (h * w)] -= area[k]
   return out, unexplained / (h * w)
 
@@ -282,12 +297,13 @@ def check(objects: list[Obj], prompt: str, cat: str | None = None,
 
 
 def evaluate(images, prompts: Sequence[str], categories: Sequence[str] | None = None,
-             batch_pixels: int = 1 << 22) -> dict:
+             batch_pixels: int = 1 << 22, extra_colors: Sequence[str] = ()) -> dict:
   """Scores images against their prompts.
 
   images: uint8 (N, R, R, 3) array or a sequence of (R_i, R_i, 3) arrays.
   categories: per-prompt category; default `shapes.category(prompt)`.
   batch_pixels: detection runs on chunks of about this many pixels (bounds memory).
+  extra_colors: shapes.NOVEL_COLORS names to detect beside the training palette (a taught colour).
   Returns {"overall": mean of the per-category rates (categories present only),
   "num_images": N, "categories": {cat: {"rate", "passed", "total"}} in CATEGORIES order,
   "per_image": list[bool]}; each category also has "failures": {reason: count} for the
@@ -305,19 +321,19 @@ def evaluate(images, prompts: Sequence[str], categories: Sequence[str] | None = 
   batch_size = max(1, batch_pixels // (side * side))
   for lo in range(0, len(prompts), batch_size):
     chunk = [np.asarray(im) for im in images[lo:lo + batch_size]]
-    for im, (objs, clutter), p, c in zip(chunk, _detect_all(chunk), prompts[lo:], categories[lo:]):
+    for im, (objs, clutter), p, c in zip(chunk, _detect_all(chunk, extra_colors), prompts[lo:], categories[lo:]):
       reasons.append(failure(objs, p, c, resolution=im.shape[0], clutter=clutter))
   return _summarize(reasons, categories)
 
 
-def _detect_all(images: list[np.ndarray]) -> list[tuple[list[Obj], float]]:
+def _detect_all(images: list[np.ndarray], extra_colors: Sequence[str] = ()) -> list[tuple[list[Obj], float]]:
   """(objects, clutter) for each image of a list, batching images of equal shape together."""
   out: list = [None] * len(images)
   by_shape = collections.defaultdict(list)
   for i, im in enumerate(images):
     by_shape[im.shape].append(i)
   for idx in by_shape.values():
-    objects, clutter = analyze_batch(np.stack([images[i] for i in idx]))
+    objects, clutter = analyze_batch(np.stack([images[i] for i in idx]), extra_colors)
     for i, objs, junk in zip(idx, objects, clutter):
       out[i] = (objs, float(junk))
   return out
