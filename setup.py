@@ -34,8 +34,12 @@ setup(
             "transformers>=4.50",
             "safetensors>=0.4",
             "came-pytorch==0.1.3",  # the authors' CAME, to test sanajax.training.optim.came against.
+            "qwix>=0.1.8,<0.2",  # as the "quantize" extra: tests/test_quantize.py
             "peft>=0.17",  # PEFT LoRA, to test sanajax.models.lora against (tests/test_lora.py).
         ],
+        # --quantize=int8|int8_dynamic|fp8 (sanajax.models.quantize): qwix's post-training quantization;
+        # 0.1.8 is the release tested with jax 0.10.2 / flax 0.12.8 (docs/quantization.md).
+        "quantize": ["qwix>=0.1.8,<0.2"],
         "gpu": ["jax[cuda12]>=0.10,<0.12", "jax-triton"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],
     },

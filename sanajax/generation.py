@@ -20,6 +20,7 @@ from sanajax.diffusion import samplers
 from sanajax.models.backbones import apply_conditioned, build_backbone
 from sanajax.models.controlnet import ControlledDiT, encode_control
 from sanajax.models.dcae_tiling import decode_latents
+from sanajax.models.quantize import check_mode, quantize_backbone
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample
@@ -90,11 +91,14 @@ class Generator:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, dit_params, ae_model, ae_params, ae_scaling: float,
-               text_encoder: TextEncoder, ae_downsample: int, *, plan: Plan | None = None, ae_shift: float = 0.0):
+               text_encoder: TextEncoder, ae_downsample: int, *, plan: Plan | None = None, ae_shift: float = 0.0,
+               quantize: str = "none"):
     """ae_scaling, ae_shift: the DiT's latents are (raw - ae_shift) * ae_scaling (SD3's VAE: its
     scaling_factor and shift_factor; the DC-AE: shift 0), so decoding takes latents / ae_scaling + ae_shift.
     text_encoder: a TextEncoder, or anything with its tokenize / embed / params / abstract_params
-    (sd3_text.SD3PromptEncoder, whose embed gives {"context", "pooled"})."""
+    (sd3_text.SD3PromptEncoder, whose embed gives {"context", "pooled"}).
+    quantize: the DiT's post-training quantization, a sanajax.models.quantize mode (none, int8,
+    int8_dynamic, fp8; docs/quantization.md); the text encoder and the AE stay as they are."""
     self.config = config
     self.plan = plan = plan or Plan.single_device()
     # Optional guidance interval of the flow samplers (config.sample.cfg_interval; absent or None:
@@ -104,6 +108,8 @@ class Generator:
     self.text = text_encoder
     placed = place_frozen(plan, {"ae": ae_params, "text": text_encoder.params}, text_encoder)
     self.dit_params, self.text_params = plan.place(dit_params), placed["text"]
+    self.quantize = quantize
+    self.dit, self.dit_params = quantize_backbone(self.dit, self.dit_params, quantize, config.model)
     self.ae_model, self.ae_params, self.ae_scaling, self.ae_shift = ae_model, placed["ae"], ae_scaling, ae_shift
     self.latent_shape = latent_shape(config, ae_downsample)
     null_ids, null_mask = self.text.tokenize([""])
@@ -120,13 +126,14 @@ class Generator:
 
   @classmethod
   def from_workdir(cls, workdir: str, *, ema: bool = True, plan: Plan | None = None,
-                   loras: tuple[tuple[str, float], ...] = ()) -> Generator:
+                   quantize: str = "none", loras: tuple[tuple[str, float], ...] = ()) -> Generator:
+    check_mode(quantize, check_platform=True)  # before anything loads
     config = load_workdir_config(workdir)
     params = load_dit_params(workdir, config, ema=ema)
     params = apply_adapters(params, loras)  # LoRAs (path, scale) merged in order: sanajax.models.lora
     ae_model, ae_params, scaling, ae_config = load_ae(ae_workdir(config, workdir))
     return cls(config, params, ae_model, ae_params, scaling, build_text_encoder(config, workdir),
-               ae_downsample(config), plan=plan, ae_shift=ae_shift_factor(ae_config))
+               ae_downsample(config), plan=plan, ae_shift=ae_shift_factor(ae_config), quantize=quantize)
 
   def latents_fn(self, dit_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
                  cfg_interval: tuple[float, float] | None) -> tuple[jax.Array, jax.Array]:

@@ -5,6 +5,7 @@
     python -m sanajax.sample --workdir=DIR --prompt="a red circle" --out=OUT
     python -m sanajax.sample --workdir=DIR --lora=LORA_DIR[:0.8] [--lora=...] --prompt=... --out=OUT  # docs/lora.md
     python -m sanajax.sample --workdir=SPRINT_DIR --prompt="a red circle" --out=OUT --sampler=scm --steps=2
+    python -m sanajax.sample --workdir=DIR --prompt="a red circle" --out=OUT --quantize=int8   # docs/quantization.md
     python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT --config.mesh.fsdp=8   # sharded (README "Scaling")
     python -m sanajax.sample --workdir=CONTROLNET_DIR --control=edges.png [--control_scale=1] --prompt=... --out=OUT
     python -m sanajax.sample --workdir=SPRINT_DIR --controlnet=CONTROLNET_DIR --control=edges.png --sampler=scm ...
@@ -49,6 +50,8 @@ from sanajax import cli
 from sanajax.diffusion import samplers
 from sanajax.eval.geneval_lite import read_prompts_file
 from sanajax.generation import Generator, write_images
+from sanajax.models.quantize import MODES as QUANTIZE_MODES
+from sanajax.models.quantize import check_mode as check_quantize
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan, mesh_config
 from sanajax.data.conditions import load_control_image
@@ -73,6 +76,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per sampling call.")
 _LORA = flags.DEFINE_multi_string("lora", [], "LoRA to apply, DIR[:SCALE] (default scale 1): a LoRA workdir or a "
                                   "directory holding pytorch_lora_weights.safetensors (diffusers / PEFT). "
                                   "Repeat to stack adapters; they are merged into the weights (docs/lora.md).")
+_QUANTIZE = flags.DEFINE_string("quantize", "none", f"Post-training quantization of the DiT with qwix: one of "
+                                 f"{', '.join(QUANTIZE_MODES)} (int8: weights; int8_dynamic: weights and "
+                                 f"activations; fp8: GPUs of compute capability >= 8.9). docs/quantization.md.")
 _CONTROL = flags.DEFINE_string("control", None, "ControlNet condition image (an edge / depth / HED map, used as given; "
                                "resized to the model's resolution if needed). Needs a ControlNet.")
 _CONTROL_SCALE = flags.DEFINE_float("control_scale", 1.0, "ControlNet conditioning scale (SanaControlNetPipeline's "
@@ -266,6 +272,10 @@ def main(argv):
   steps = sample.steps if _STEPS.value is None else _STEPS.value
   cfg = float(sample.cfg if _CFG.value is None else _CFG.value)
   check_options(config, sampler, steps, cfg, _BATCH.value)
+  try:
+    check_quantize(_QUANTIZE.value, "--quantize", check_platform=True)
+  except ValueError as e:
+    raise cli.UserError(str(e)) from None
   control = None
   if controlnet_dir:
     try:
@@ -285,7 +295,7 @@ def main(argv):
   loras = parse_loras(_LORA.value)
   check_out_dir(_OUT.value)
   plan = sampling_plan(config)
-  generator = Generator.from_workdir(workdir, plan=plan, loras=loras)
+  generator = Generator.from_workdir(workdir, plan=plan, quantize=_QUANTIZE.value, loras=loras)
   # SANA's Gemma-2 encoder (one tokenizer, a BOS and a CHI prompt); SD3's three tokenizers are not checked yet.
   long_prompts = truncation_warnings(generator.text, prompts) if isinstance(generator.text, TextEncoder) else []
   for line in long_prompts:
