@@ -62,6 +62,9 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   c.data.num_workers = 10  # SANA yamls: num_workers 10.
   c.data.max_image_megapixels = 89.0  # larger images are skipped and named; PIL's own limit, rounded down.
   c.data.latent_cache = 0  # images AE-encoded once before training (sanajax.data.latent_cache); 0: off.
+  # SANA's multi-scale training (the *ms yamls: SanaWebDatasetMS, aspect_ratio_type ASPECT_RATIO_<res>): "sana"
+  # buckets; "" square crops (docs/data.md#buckets).
+  c.data.buckets = "sana"
   c.data.caption_clip_threshold = 25.0  # SANA `clip_thr`.
   c.data.caption_temperature = 0.1  # SANA `clip_thr_temperature`.
 
@@ -130,6 +133,7 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   tr.learning_rate = 1e-4
   tr.warmup_steps = 2000
   tr.schedule = "constant"
+  d.resolution_shift = False  # SANA keeps flow_shift per resolution; True scales it per bucket (docs/data.md#buckets).
   tr.weight_decay = 0.0
   tr.grad_clip = 0.1
   tr.ema_decay = 0.9999  # SANA ema_rate (its train.py loop does not apply it).
@@ -141,6 +145,7 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
 
   s = c.sample = ml_collections.ConfigDict()
   s.sampler = "flow_dpm"  # SANA vis_sampler flow_dpm-solver: 20 steps, cfg 4.5.
+  tr.init_from = ""  # the previous resolution stage's workdir, as SANA's load_from (docs/data.md#cascade).
   s.steps = 20
   s.cfg = 4.5
 

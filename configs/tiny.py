@@ -132,6 +132,7 @@ def get_config(arg=None):
   c.train.keep_checkpoints = 2
   c.train.sample_every = 0  # 0: only at the end.
 
+  c.train.init_from = ""  # a previous stage's workdir: start from its EMA weights (docs/data.md#cascade).
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "flow_dpm"  # SANA vis_sampler flow_dpm-solver: 20 steps, cfg 4.5.
   c.sample.steps = 20

@@ -262,7 +262,7 @@ class TrainIterator:
     else:
       array = np.asarray(b["image"], np.float32)
     if "context" in b:  # cached text-encoder output: nothing to tokenize or encode.
-      return {self._field: array, "context": np.asarray(b["context"], np.float32),
+      return {self._field: array, "context": np.asarray(b["context"]),  # bfloat16 (L, D) rows, as cached
               "attention_mask": np.asarray(b["context_mask"], dtype=np.int32)}
     ids, mask = self._tokenize(captions)
     return {self._field: array,

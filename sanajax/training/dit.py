@@ -80,7 +80,8 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
     # which is also what the unconditional branch sees at sampling time.
     drop = jax.random.bernoulli(k_drop, dropout, (b, 1))
     if "context" in batch:  # from the text-feature cache (sanajax.data.feature_cache): already encoded.
-      context = jnp.where(drop[:, :, None], jnp.asarray(null_text[0], jnp.float32), batch["context"])
+      cached = batch["context"].astype(jnp.float32)  # stored bfloat16
+      context = jnp.where(drop[:, :, None], jnp.asarray(null_text[0], jnp.float32), cached)
       mask = jnp.where(drop, jnp.asarray(null_text[1], jnp.int32), batch["attention_mask"])
     else:
       ids = jnp.where(drop, null_ids, batch["input_ids"])
@@ -238,7 +239,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   step_fn = lambda s, b: step(s, frozen, plan.shard_batch(b))
   sample_fn = None
   if make_sample_fn is not None:
-    sample_fn = make_sample_fn(config, ae_model, frozen["ae"], ae_scaling, text_encoder, plan)
+    if text_encoder is None:  # cache: the text encoder loads when the first grid is drawn, not before.
+      made = {}
+
+      def sample_fn(s):
+        if "fn" not in made:
+          made["fn"] = make_sample_fn(config, ae_model, frozen["ae"], ae_scaling, build_text_encoder(config), plan)
+        return made["fn"](s)
+    else:
+      sample_fn = make_sample_fn(config, ae_model, frozen["ae"], ae_scaling, text_encoder, plan)
   loop_lib.run_from_config(config.train, workdir, state, step_fn, data_iter, description="dit",
                            flops_per_step=describe(config)["train_step_flops"], sample_fn=sample_fn)
   print(f"Training done in {time.perf_counter() - start_time:.0f} s.", flush=True)
