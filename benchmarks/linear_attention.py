@@ -2,6 +2,7 @@
 
     python benchmarks/linear_attention.py            # on the GPU (appends to benchmarks/RESULTS.md)
     python benchmarks/linear_attention.py --smoke    # tiny shapes on CPU, seconds
+    python benchmarks/linear_attention.py --cpu      # CPU: impl="xla" vs a plain torch einsum, N = 4096
 
 H = 70 heads of D = 32, bf16; N = 1024, 4096, 16384 tokens; B = 1, 4. For each shape:
 forward and forward+backward of `sanajax.kernels.linear_attention` with impl "xla" (the jnp
@@ -13,10 +14,20 @@ matmuls, division), torch eager and torch.compile.
 backward) at the device's datasheet HBM bandwidth, over the measured time: 1.0 is a perfectly
 memory-bound kernel. Targets (issue 6): Pallas >= 1.5x the XLA reference and >= 70% of the
 HBM roofline. Smoke: H = 2, D = 32, N = 64, B = 1; the Pallas kernel runs interpreted.
+
+--cpu: the CPU comparison of the README. B = 1, N = 4096, H = 70, D = 32, float32 (the CPU has no
+fast bf16): the forward of impl="xla" against the same arithmetic in torch eager (the einsum form
+above), both with every core (torch.set_num_threads(os.cpu_count()); XLA's CPU client uses them
+all), in one process; each figure is the MIN over --repeats calls (the machine may be shared, and
+the min is the least disturbed), and the row gives sanajax / torch (target <= 1.0x).
 """
 from __future__ import annotations
 
 import _harness as hx  # first: sets the JAX allocator environment before jax is imported
+
+import os
+import platform
+import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +36,8 @@ from sanajax.kernels import linear_attention
 
 SPEEDUP_TARGET, ROOFLINE_TARGET = 1.5, 0.70
 TARGET_TEXT = f">= {SPEEDUP_TARGET}x xla and >= {ROOFLINE_TARGET:.0%} HBM roofline"
+CPU_SHAPE = (1, 4096, 70, 32)  # (B, N, H, D): Sana-1600M's heads at 2048 px.
+CPU_TARGET = "<= 1.0x torch eager"
 
 
 def shapes(smoke: bool):
@@ -58,9 +71,70 @@ def torch_linear_attention(q, k, v):
   return out.permute(0, 3, 1, 2).to(dtype)             # (B, N, H, D)
 
 
+def min_ms(call, *, warmup: int, repeats: int) -> float:
+  """The fastest of `repeats` calls (host clock; `call` must block until its result is ready)."""
+  for _ in range(warmup):
+    call()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    call()
+    best = min(best, time.perf_counter() - start)
+  return best * 1e3
+
+
+def cpu_device() -> str:
+  """'cpu: <model name> x <cores>' (the CPU of this run)."""
+  model = platform.processor() or "cpu"
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return f"cpu: {model} x {os.cpu_count()} cores"
+
+
+def cpu_comparison(args) -> list[hx.Row]:
+  """impl="xla" vs diffusers' arithmetic in torch eager, forward, float32, same inputs, one process."""
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  shape = (1, 64, 2, 32) if args.smoke else CPU_SHAPE
+  b, n, h, d = shape
+  case = f"B={b} N={n} H={h} D={d} f32 fwd (CPU)"
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  q, k, v = [jax.random.normal(key, shape, jnp.float32) for key in keys]
+  fwd = jax.jit(lambda q, k, v: linear_attention(q, k, v, impl="xla"))
+  tq, tk, tv = (hx.to_torch(x, "cpu") for x in (q, k, v))
+  timing = dict(warmup=args.warmup, repeats=args.repeats)
+  jax_ms = min_ms(lambda: fwd(q, k, v).block_until_ready(), **timing)
+  with torch.inference_mode():
+    torch_ms = min_ms(lambda: torch_linear_attention(tq, tk, tv), **timing)
+    err = hx.rel_l2(torch_linear_attention(tq, tk, tv).numpy(), jax.device_get(fwd(q, k, v)))
+  ratio = jax_ms / torch_ms
+  print(f"linear attention {case}: sanajax xla {jax_ms:.1f} ms, torch eager {torch_ms:.1f} ms, "
+        f"ratio {ratio:.2f}x (min of {args.repeats})", flush=True)
+  return [hx.Row("linear_attention", case, "sanajax xla f32", jax_ms,
+                 f"{ratio:.2f}x torch eager, min of {args.repeats}", CPU_TARGET, hx.met(ratio <= 1.0)),
+          hx.Row("linear_attention", case, "diffusers arithmetic, torch eager f32", torch_ms,
+                 f"rel err vs sanajax xla {err:.1e}, min of {args.repeats}")]
+
+
 def main(argv=None) -> list[hx.Row]:
   p = hx.parser(__doc__.splitlines()[0])
-  args = hx.finish_args(p.parse_args(argv))
+  p.add_argument("--cpu", action="store_true", help="CPU: impl='xla' vs torch eager at N = 4096, float32, min of repeats")
+  args = p.parse_args(argv)
+  if args.cpu:
+    jax.config.update("jax_platforms", "cpu")
+    args.skip_torch = False
+  args = hx.finish_args(args, repeats=7 if args.cpu else 20)
+  if args.cpu:
+    rows = cpu_comparison(args)
+    hx.print_rows(rows)
+    device = cpu_device() + (" (smoke)" if args.smoke else "")
+    hx.append_rows(args.results, rows, device=device, versions_text=hx.versions())
+    return rows
   heads, dim, seq_lens, batches = shapes(args.smoke)
   interpret = jax.default_backend() == "cpu"  # Pallas on CPU only runs in the interpreter.
   bandwidth = hx.hbm_bytes_per_s()

@@ -78,6 +78,19 @@ def test_linear_attention_smoke(tmp_path):
     assert _number(r"rel err vs sanajax xla ([\d.e+-]+)", r.figure) <= 1e-2
 
 
+def test_linear_attention_cpu_comparison_smoke(tmp_path):
+  """--cpu (the README's CPU figure): impl="xla" and torch eager on the same inputs, the ratio printed
+  is sanajax / torch of the two rows, and the rows name the CPU."""
+  out = tmp_path / "RESULTS.md"
+  rows = _script("linear_attention").main(["--cpu", "--smoke", "--repeats", "2", "--results", str(out)])
+  assert [r.impl for r in rows] == ["sanajax xla f32", "diffusers arithmetic, torch eager f32"]
+  ratio = _number(r"^([\d.]+)x torch eager", rows[0].figure)
+  assert abs(ratio - rows[0].ms / rows[1].ms) < 0.01 and rows[0].met == ("yes" if ratio <= 1.0 else "no")
+  assert _number(r"rel err vs sanajax xla ([\d.e+-]+)", rows[1].figure) < 1e-5
+  table = _table(out)
+  assert [r["impl"] for r in table] == [r.impl for r in rows] and table[0]["device"].startswith("cpu: ")
+
+
 def test_dit_forward_smoke_flops_match_info_and_profile(tmp_path):
   out = tmp_path / "RESULTS.md"
   module = _script("dit_forward")
