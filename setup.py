@@ -18,6 +18,7 @@ setup(
         "ml_collections>=1.0",
         "absl-py>=2.0",
         "grain>=0.2.12",
+        "array_record>=0.8.1",  # arrayrecord: sources and python -m sanajax.data.build (grain needs it too)
         "numpy>=1.26",
         "pillow>=10",
         "tensorboardX>=2.6",
@@ -35,8 +36,14 @@ setup(
             "safetensors>=0.4",
             "came-pytorch==0.1.3",  # the authors' CAME, to test sanajax.training.optim.came against.
             "qwix>=0.1.8,<0.2",  # as the "quantize" extra: tests/test_quantize.py
+            # The 'data' extra (tests/test_data_sources.py): ~12 s to install, measured (docs/data.md#install).
+            "tensorflow-datasets>=4.9.9",
+            "webdataset>=1.0",
             "peft>=0.17",  # PEFT LoRA, to test sanajax.models.lora against (tests/test_lora.py).
         ],
+        # tfds: sources (TFDS's TensorFlow-free data_source: TensorFlow itself is not needed) and the
+        # webdataset package's tools (sanajax reads the tar shards itself; docs/data.md).
+        "data": ["tensorflow-datasets>=4.9.9", "webdataset>=1.0"],
         # --quantize=int8|int8_dynamic|fp8 (sanajax.models.quantize): qwix's post-training quantization;
         # 0.1.8 is the release tested with jax 0.10.2 / flax 0.12.8 (docs/quantization.md).
         "quantize": ["qwix>=0.1.8,<0.2"],

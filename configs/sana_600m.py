@@ -67,6 +67,12 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   c.data.buckets = "sana"
   c.data.caption_clip_threshold = 25.0  # SANA `clip_thr`.
   c.data.caption_temperature = 0.1  # SANA `clip_thr_temperature`.
+  # tfds:NAME[:SPLIT] sources: feature names (nest with '/', e.g. "captions/text") and where the prepared set
+  # lies ("": TFDS's default); TFDS's own image-text convention (docs/data.md#tfds).
+  c.data.tfds_image_key = "image"
+  c.data.tfds_caption_key = "caption"
+  c.data.tfds_score_key = ""  # a feature of per-caption CLIP scores; "": none (uniform caption choice).
+  c.data.tfds_data_dir = ""
 
   c.ae = dcae.get_config().ae  # DC-AE f32c32: 32x downsampling, 32 latent channels.
   if "train" in dcae.get_config():

@@ -35,6 +35,12 @@ def get_config(arg=None):
   c.data.buckets = ""
   c.data.caption_clip_threshold = 25.0  # SANA `clip_thr`.
   c.data.caption_temperature = 0.1  # SANA `clip_thr_temperature`.
+  # tfds:NAME[:SPLIT] sources: feature names (nest with '/', e.g. "captions/text") and where the prepared set
+  # lies ("": TFDS's default); TFDS's own image-text convention (docs/data.md#tfds).
+  c.data.tfds_image_key = "image"
+  c.data.tfds_caption_key = "caption"
+  c.data.tfds_score_key = ""  # a feature of per-caption CLIP scores; "": none (uniform caption choice).
+  c.data.tfds_data_dir = ""
 
   # Autoencoder: a config of sanajax.models.dcae plus where its checkpoint lives.
   c.ae = dcae_tiny.get_config().ae

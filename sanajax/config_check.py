@@ -17,6 +17,7 @@ every layer above may use it; training.optim takes its optimizer and schedule na
 from __future__ import annotations
 
 import copy
+import glob
 import math
 import numbers
 import os
@@ -25,6 +26,8 @@ from typing import Any
 
 import jax
 
+from sanajax.data.buckets import BUCKET_KINDS
+from sanajax.data.sources import expand_braces
 from sanajax.diffusion import flow, samplers
 from sanajax.dtypes import DTYPES
 from sanajax.models.backbones import BACKBONES, POOLED_TEXT, build_backbone, init_args
@@ -38,7 +41,8 @@ from sanajax.resolution import ae_downsample, apply_resolution
 KINDS = ("dit", "ae", "sprint")
 OPTIMIZERS = ("adamw", "came", "muon")  # train.optimizer (sanajax.training.optim.build_optimizer)
 SCHEDULES = ("constant", "cosine")  # train.schedule
-DATA_SOURCES = "'shapes' or 'folder:DIR' with DIR an existing folder"
+DATA_SOURCES = ("'shapes', 'folder:DIR', 'arrayrecord:DIR' or 'cache:DIR' with DIR an existing folder, "
+                "'webdataset:GLOB' matching .tar shards, or 'tfds:NAME[:SPLIT]'")
 
 
 class ConfigError(ValueError):
@@ -159,14 +163,24 @@ def _check_train(c: _Checker, section: str, *, with_captions: bool) -> None:
 def _check_data(c: _Checker) -> None:
   source = c.present("data.source", True)
   if source is not _MISSING:
-    if not isinstance(source, str) or not (source == "shapes" or source.startswith("folder:")):
+    if not isinstance(source, str) or not (source == "shapes" or source.startswith(
+        ("folder:", "arrayrecord:", "webdataset:", "tfds:", "cache:"))):
       c.bad("data.source", source, f"must be {DATA_SOURCES}")
-    elif source.startswith("folder:"):
-      path = source[len("folder:"):]
+    elif source.startswith(("folder:", "arrayrecord:")):
+      kind, _, path = source.partition(":")
       if not path:
-        c.bad("data.source", source, "names no folder: write folder:/path/to/images")
-      elif not os.path.isdir(path):
+        c.bad("data.source", source, f"names no folder: write {kind}:/path/to/dir")
+      elif not os.path.isdir(os.path.expanduser(path)):
         c.bad("data.source", source, f"folder {path!r} does not exist (must be {DATA_SOURCES})")
+    elif source.startswith("webdataset:"):
+      pattern = source[len("webdataset:"):]
+      if not pattern or not any(glob.glob(p) for p in expand_braces(os.path.expanduser(pattern))):
+        c.bad("data.source", source, "matches no file: write webdataset:/path/to/shards/*.tar or {00000..00099}.tar")
+    elif source == "tfds:" or source.startswith("tfds::"):
+      c.bad("data.source", source, "names no data set: write tfds:NAME or tfds:NAME:SPLIT")
+    elif source.startswith("cache:") and not os.path.isdir(os.path.expanduser(source[len("cache:"):])):
+      c.bad("data.source", source, "names no cache folder: write one with python -m sanajax.data.cache --dst=DIR")
+  c.one_of("data.buckets", BUCKET_KINDS, required=False)
   c.int_at_least("data.resolution", 1)
   c.int_at_least("data.num_workers", 0, required=False)
   c.int_at_least("data.latent_cache", 0, required=False)
