@@ -23,9 +23,15 @@ def get_config(arg=None):
     raise ValueError("configs/lora.py needs the base model: --config=configs/lora.py:WORKDIR (a converted or "
                      "trained sanajax workdir).")
   c = pretrained.get_config(arg)
+  base, c.init_from = c.init_from, ""  # the DiT state is the adapters (lora.init: b = 0, the run starts at the base)
+  return with_lora(c, base)
+
+
+def with_lora(c, base=""):
+  """`c` (a full DiT config) with configs/lora.py's `lora` section (base: the absolute base path) and recipe;
+  also what docs/lora.md#memory sizes for the released configs."""
   c.lora = ml_collections.ConfigDict()
-  c.lora.base = c.init_from  # the absolute base workdir (pretrained.py resolved it)
-  c.init_from = ""  # the DiT state is the adapters, initialised by lora.init (b = 0: the run starts at the base)
+  c.lora.base = base
   # PEFT LoraConfig fields. Rank 4 and alpha = rank: the reference's LoRA script (NVlabs/Sana
   # train_scripts/train_dreambooth_lora_sana.py, --rank 4, lora_alpha=args.rank); dropout 0 as there.
   c.lora.r = 4

@@ -20,7 +20,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image

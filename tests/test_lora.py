@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
-from test_convert import DIT_KW, _assert_close, _dit_inputs, _randomise, _torch_dit  # noqa: E402
+from test_convert import DIT_KW, _assert_close, _dit_inputs, _randomise, _torch_dit
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv_inverted", "conv_point"]
 
@@ -149,7 +149,7 @@ def test_names_metadata_bf16_and_dropout(peft_lora, tmp_path):
 
 
 def test_init_starts_at_the_base_and_boxes_like_the_kernel():
-  from test_sana_dit import _tiny_model_config  # noqa: PLC0415  (a test helper, not sanajax)
+  from test_sana_dit import _tiny_model_config
   c = _tiny_model_config()
   model = sana_dit.build_dit(c)
   boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *[jnp.zeros(s.shape, s.dtype) for s in

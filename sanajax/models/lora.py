@@ -31,7 +31,8 @@ import dataclasses
 import math
 import re
 import zlib
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
