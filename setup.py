@@ -40,6 +40,8 @@ setup(
             "tensorflow-datasets>=4.9.9",
             "webdataset>=1.0",
             "peft>=0.17",  # PEFT LoRA, to test sanajax.models.lora against (tests/test_lora.py).
+            "gradio>=6.0,<7",  # as the "serve" extra: tests/test_serve.py
+            "playwright>=1.40",  # drives the system's Chromium in tests/test_serve.py (.ci/run installs it)
         ],
         # tfds: sources (TFDS's TensorFlow-free data_source: TensorFlow itself is not needed) and the
         # webdataset package's tools (sanajax reads the tar shards itself; docs/data.md).
@@ -47,6 +49,8 @@ setup(
         # --quantize=int8|int8_dynamic|fp8 (sanajax.models.quantize): qwix's post-training quantization;
         # 0.1.8 is the release tested with jax 0.10.2 / flax 0.12.8 (docs/quantization.md).
         "quantize": ["qwix>=0.1.8,<0.2"],
+        # python -m sanajax.serve (docs/serve.md): written for Gradio 6's API (theme and css at launch, buttons=).
+        "serve": ["gradio>=6.0,<7"],
         "gpu": ["jax[cuda12]>=0.10,<0.12", "jax-triton"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],
     },

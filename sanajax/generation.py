@@ -136,12 +136,14 @@ class Generator:
                ae_downsample(config), plan=plan, ae_shift=ae_shift_factor(ae_config), quantize=quantize)
 
   def latents_fn(self, dit_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
-                 cfg_interval: tuple[float, float] | None) -> tuple[jax.Array, jax.Array]:
+                 cfg_interval: tuple[float, float] | None, negative=None) -> tuple[jax.Array, jax.Array]:
     """(noise, latents), both (B, h, w, C) float32, for a batch of token ids: the sampler's start and
-    result before the AE decoder (pure; jit it with sampler, steps and cfg_interval static)."""
+    result before the AE decoder (pure; jit it with sampler, steps and cfg_interval static).
+    negative: (ids, mask) (1, L) of the negative prompt CFG guides away from (None: the empty prompt)."""
     context = self.text.embed(text_params, ids, mask)
-    null_ids = jnp.broadcast_to(self._null[0], ids.shape)
-    null_mask = jnp.broadcast_to(self._null[1], mask.shape)
+    negative_ids, negative_mask = self._null if negative is None else negative
+    null_ids = jnp.broadcast_to(negative_ids, ids.shape)
+    null_mask = jnp.broadcast_to(negative_mask, mask.shape)
     null_context = self.text.embed(text_params, null_ids, null_mask)
     noise = jax.random.normal(key, (ids.shape[0], *self.latent_shape), jnp.float32)
     noise = jax.lax.with_sharding_constraint(noise, self.plan.batch_sharding(noise.ndim))
@@ -153,9 +155,9 @@ class Generator:
     return noise, latents
 
   def _sample_fn(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
-                 cfg_interval: tuple[float, float] | None):
+                 cfg_interval: tuple[float, float] | None, negative=None):
     """Images (B, R, R, 3) in [-1, 1] float32 for a batch of token ids (pure; jitted by the callers)."""
-    _, latents = self.latents_fn(dit_params, text_params, key, ids, mask, sampler, steps, cfg, cfg_interval)
+    _, latents = self.latents_fn(dit_params, text_params, key, ids, mask, sampler, steps, cfg, cfg_interval, negative)
     return self.decode_fn(ae_params, latents)
 
   def decode_fn(self, ae_params, latents: jax.Array) -> jax.Array:
@@ -165,35 +167,43 @@ class Generator:
     images = decode_latents(self.ae_model, ae_params, latents / self.ae_scaling + self.ae_shift, self.config.ae)
     return jnp.clip(images, -1.0, 1.0)
 
-  def sample_batch(self, ids, mask, key: jax.Array, *, sampler: str, steps: int, cfg: float) -> jax.Array:
+  def sample_batch(self, ids, mask, key: jax.Array, *, sampler: str, steps: int, cfg: float,
+                   negative=None) -> jax.Array:
     """Float images (B, R, R, 3) in [-1, 1] for tokenized prompts (B, L); B must be a multiple of the
     plan's batch shards and the images come back split over data x fsdp. One compiled program per
-    (sampler, steps, cfg interval), jitted with the plan's shardings."""
+    (sampler, steps, cfg interval), jitted with the plan's shardings. negative: the tokenized negative
+    prompt (ids, mask) (1, L), an argument of that program (None: the empty prompt, plain CFG)."""
     interval = self.cfg_interval
     fn = self._jitted.get((sampler, int(steps), interval))
     if fn is None:
       layout = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
       rep, batch2 = self.plan.replicated, self.plan.batch_sharding(2)
-      fn = jax.jit(lambda d, a, t, k, i, m, c: self._sample_fn(d, a, t, k, i, m, sampler, int(steps), c, interval),
+      fn = jax.jit(lambda d, a, t, k, i, m, c, n: self._sample_fn(d, a, t, k, i, m, sampler, int(steps), c, interval,
+                                                                  n),
                    in_shardings=(layout(self.dit_params), layout(self.ae_params), layout(self.text_params), rep,
-                                 batch2, batch2, rep),
+                                 batch2, batch2, rep, rep),
                    out_shardings=self.plan.batch_sharding(4))
       self._jitted[(sampler, int(steps), interval)] = fn
     batch = self.plan.shard_global_batch({"ids": ids, "mask": mask})
     key = self.plan.replicate(key)
+    negative = self._null if negative is None else negative
     return fn(self.dit_params, self.ae_params, self.text_params, key, batch["ids"], batch["mask"],
-              self.plan.replicate(np.float32(cfg)))
+              self.plan.replicate(np.float32(cfg)), self.plan.replicate(tuple(negative)))
 
   def generate(self, prompts: list[str], *, sampler: str = "flow_dpm", steps: int = 20, cfg: float = 4.5,
-               seed: int = 0, batch_size: int = 64, progress: str | None = None) -> np.ndarray:
+               seed: int = 0, batch_size: int = 64, progress: str | None = None,
+               negative_prompt: str = "") -> np.ndarray:
     """uint8 images (N, R, R, 3), one per prompt; the noise of prompt i depends only on (seed, i).
 
     sampler: "flow_dpm" | "flow_euler" | "scm" (SANA-Sprint, steps 1-4). cfg: the CFG scale; for a
     model with guidance_embeds (a Sprint student) it is the model's guidance input (Sprint: 4.5)
     and no unconditional batch is run. progress: a progress-bar label (None: no bar).
+    negative_prompt: what CFG's unconditional half is conditioned on ("": the null prompt the model
+    was trained with; unused by a Sprint student, which runs no unconditional half).
     """
     if sampler not in samplers.SAMPLERS:
       raise ValueError(f"Unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}.")
+    negative = self.text.tokenize([negative_prompt]) if negative_prompt else None
     out = []
     bar = tqdm(total=len(prompts), desc=progress, unit="image", disable=progress is None or jax.process_index() != 0,
                dynamic_ncols=True, mininterval=2.0)
@@ -203,7 +213,7 @@ class Generator:
       pad += -(len(chunk) + pad) % self.plan.batch_shards()  # splits over data x fsdp; row i's noise is kept
       ids, mask = self.text.tokenize(chunk + [""] * pad)
       key = jax.random.fold_in(jax.random.PRNGKey(seed), start)
-      images = self.sample_batch(ids, mask, key, sampler=sampler, steps=steps, cfg=cfg)
+      images = self.sample_batch(ids, mask, key, sampler=sampler, steps=steps, cfg=cfg, negative=negative)
       if not images.is_fully_addressable:  # Multi-host: every process gets all images.
         images = multihost_utils.process_allgather(images, tiled=True)
       out.append(to_uint8(images)[:len(chunk)])
@@ -248,6 +258,37 @@ class Generator:
 def _guided(model_fn, x, t, context, mask, *, null_context, null_mask, cfg):
   """CFG-guided flow velocity of a plain flow model (for sampling it with the sCM sampler)."""
   return samplers.guided_velocity(model_fn, x, t, context, mask, null_context, null_mask, cfg)
+
+
+MAX_PROMPT_WARNINGS = 5
+
+
+def truncation_warnings(text_encoder: TextEncoder, prompts: list[str]) -> list[str]:
+  """One line per prompt longer than the text encoder reads (text.max_length tokens, BOS included).
+
+  The tokenizer keeps the START of a long prompt (WordTokenizer and transformers' truncation=True
+  both cut the end; with a CHI prompt, chi_tokenize keeps the same first prompt tokens). The line
+  says which end it found kept by comparing the kept ids with the prompt's own.
+  """
+  tok = text_encoder.tokenizer
+  bos = len(tok.encode(""))
+  _, empty_mask = text_encoder.tokenize([""])
+  fixed = int(np.asarray(empty_mask).sum())  # kept positions that are not the prompt's (BOS, CHI tail)
+  ids, mask = (np.asarray(a) for a in text_encoder.tokenize(prompts))
+  lines = []
+  for i, prompt in enumerate(prompts):
+    own = list(tok.encode(prompt))[bos:]
+    kept = int(mask[i].sum()) - fixed
+    if len(own) <= kept:
+      continue
+    kept_ids = list(ids[i][mask[i] == 1][len(ids[i][mask[i] == 1]) - kept:]) if kept > 0 else []
+    end = "first" if kept_ids == own[:kept] else ("last" if kept_ids == own[-kept:] else "")
+    which = f"its {end} {kept}" if end else f"{kept}"
+    lines.append(f"Warning: prompt {i} has {len(own)} tokens; the text encoder reads only {which} "
+                 f"(text.max_length={text_encoder.max_length} with BOS): the rest is ignored.")
+  if len(lines) > MAX_PROMPT_WARNINGS:
+    lines = lines[:MAX_PROMPT_WARNINGS] + [f"Warning: ... and {len(lines) - MAX_PROMPT_WARNINGS} more long prompts."]
+  return lines
 
 
 def write_images(images: np.ndarray, out_dir: str) -> None:

@@ -42,14 +42,13 @@ import tempfile
 
 import jax
 import ml_collections
-import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
 from sanajax import cli
 from sanajax.diffusion import samplers
 from sanajax.eval.geneval_lite import read_prompts_file
-from sanajax.generation import Generator, write_images
+from sanajax.generation import Generator, truncation_warnings, write_images
 from sanajax.models.quantize import MODES as QUANTIZE_MODES
 from sanajax.models.quantize import check_mode as check_quantize
 from sanajax.models.text_encoder import TextEncoder
@@ -90,9 +89,6 @@ _CONTROLNET = flags.DEFINE_string("controlnet", None, "ControlNet to steer --wor
 # laid over the workdir's config, whose mesh was the training run's (sampling defaults to one device).
 _CONFIG = cli.define_config_dict(ml_collections.ConfigDict({"mesh": mesh_config()}),
                                 "Sampling overrides: --config.mesh.AXIS=SIZE.")
-
-MAX_PROMPT_WARNINGS = 5
-
 
 def parse_cfg_interval(text: str) -> tuple[float, float] | None:
   """'0.5,1' -> (0.5, 1.0); 'none' -> None (guidance at every step)."""
@@ -170,34 +166,6 @@ def sampling_plan(workdir_config: ml_collections.ConfigDict) -> Plan:
     return Plan.from_config({"mesh": mesh})
   except (ValueError, TypeError) as e:
     raise cli.UserError(f"--config.mesh: {e}") from e
-
-
-def truncation_warnings(text_encoder: TextEncoder, prompts: list[str]) -> list[str]:
-  """One line per prompt longer than the text encoder reads (text.max_length tokens, BOS included).
-
-  The tokenizer keeps the START of a long prompt (WordTokenizer and transformers' truncation=True
-  both cut the end; with a CHI prompt, chi_tokenize keeps the same first prompt tokens). The line
-  says which end it found kept by comparing the kept ids with the prompt's own.
-  """
-  tok = text_encoder.tokenizer
-  bos = len(tok.encode(""))
-  _, empty_mask = text_encoder.tokenize([""])
-  fixed = int(np.asarray(empty_mask).sum())  # kept positions that are not the prompt's (BOS, CHI tail)
-  ids, mask = (np.asarray(a) for a in text_encoder.tokenize(prompts))
-  lines = []
-  for i, prompt in enumerate(prompts):
-    own = list(tok.encode(prompt))[bos:]
-    kept = int(mask[i].sum()) - fixed
-    if len(own) <= kept:
-      continue
-    kept_ids = list(ids[i][mask[i] == 1][len(ids[i][mask[i] == 1]) - kept:]) if kept > 0 else []
-    end = "first" if kept_ids == own[:kept] else ("last" if kept_ids == own[-kept:] else "")
-    which = f"its {end} {kept}" if end else f"{kept}"
-    lines.append(f"Warning: prompt {i} has {len(own)} tokens; the text encoder reads only {which} "
-                 f"(text.max_length={text_encoder.max_length} with BOS): the rest is ignored.")
-  if len(lines) > MAX_PROMPT_WARNINGS:
-    lines = lines[:MAX_PROMPT_WARNINGS] + [f"Warning: ... and {len(lines) - MAX_PROMPT_WARNINGS} more long prompts."]
-  return lines
 
 
 def parse_loras(values: list[str]) -> tuple[tuple[str, float], ...]:
