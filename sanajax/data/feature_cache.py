@@ -28,11 +28,10 @@ import json
 import os
 from typing import Any
 
-import grain
 import ml_dtypes
 import numpy as np
+from array_record.python import array_record_data_source
 
-from sanajax.config_check import ConfigError
 from sanajax.data import records
 from sanajax.data.buckets import BucketTable
 
@@ -45,6 +44,10 @@ BF16 = np.dtype(ml_dtypes.bfloat16)
 # config.ae fields that do not change the latents (where the AE lives; the config's scaling factor, which
 # the AE workdir's ae_info.json overrides and the signature records as `ae_scaling` instead).
 _AE_IGNORED = ("workdir", "scaling_factor")
+
+
+class CacheMismatchError(ValueError):
+  """A cache made with another AE, text encoder, CHI prompt, resolution or bucket table than the config's."""
 
 
 def _plain(value: Any) -> Any:
@@ -177,16 +180,18 @@ class CacheSource:
                        f"shards); rerun python -m sanajax.data.cache with the same --dst to finish it (it resumes).")
     if signature is not None:
       diff = signature_mismatch(info["signature"], _plain(signature))
-      if diff:  # a ConfigError: the CLIs print it as one line and exit 2.
-        raise ConfigError([f"data.source='cache:{directory}': made for another config ({'; '.join(diff)}); rebuild "
-                           f"it for this config with python -m sanajax.data.cache, or train the config it was made for"])
+      if diff:  # the trainer raises it as a ConfigError: one line, exit 2.
+        raise CacheMismatchError(f"data.source='cache:{directory}': made for another config ({'; '.join(diff)}); "
+                                 f"rebuild it for this config with python -m sanajax.data.cache, or train the config "
+                                 f"it was made for")
     self.info = info
     self.shards = records.list_shards(self.directory, PREFIX)
     indexes = [records.read_index(s) for s in self.shards]
     self._buckets = np.concatenate([np.asarray(ix["buckets"], np.int32) for ix in indexes])
     self.skipped_images = [tuple(x) for ix in indexes for x in ix.get("skipped", [])]
     self.skipped = len(self.skipped_images)
-    self._data = grain.sources.ArrayRecordDataSource(self.shards)
+    # array_record's random-access source (what grain's ArrayRecordDataSource wraps; grain would pull in JAX).
+    self._data = array_record_data_source.ArrayRecordDataSource(self.shards)
     if len(self._data) != len(self._buckets):
       raise ValueError(f"cache:{directory}: the shards hold {len(self._data)} records, their indexes "
                        f"{len(self._buckets)}; rebuild the cache.")

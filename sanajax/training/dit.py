@@ -11,8 +11,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from sanajax.config_check import ConfigError
 from sanajax.data.buckets import bucket_ids_of, describe_buckets, table_from_config
-from sanajax.data.feature_cache import CacheSource, cache_path, cache_signature
+from sanajax.data.feature_cache import CacheMismatchError, CacheSource, cache_path, cache_signature
 from sanajax.data.latent_cache import build_latent_cache
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source_from_config
@@ -208,7 +209,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     state = state.replace(params=loaded, ema_params=jax.tree.map(jnp.copy, loaded))
     print(f"DiT initialised from {init_from}.", flush=True)
   if cache_dir:  # refused, naming the fields, when made with another AE, text encoder, resolution or buckets.
-    source = CacheSource(cache_dir, cache_signature(config, ae_scaling, table))
+    try:
+      source = CacheSource(cache_dir, cache_signature(config, ae_scaling, table))
+    except CacheMismatchError as e:
+      raise ConfigError([str(e)]) from None
   else:
     source = make_source_from_config(config.data, config.seed, buckets=table)
   process_index, process_count = jax.process_index(), jax.process_count()
