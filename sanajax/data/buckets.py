@@ -163,7 +163,8 @@ def fit_to_bucket(img: Image.Image, height: int, width: int) -> Image.Image:
   if (w, h) == (width, height):
     return img
   scale = max(height / h, width / w)  # cover: both sides at least the bucket's
-  crop_w, crop_h = width / scale, height / scale
+  # min(): width / (width / w) can round to w + 1 ulp, and PIL refuses a box past the image.
+  crop_w, crop_h = min(width / scale, w), min(height / scale, h)
   left, top = (w - crop_w) / 2.0, (h - crop_h) / 2.0
   return img.resize((width, height), Image.Resampling.BICUBIC, box=(left, top, left + crop_w, top + crop_h))
 
