@@ -23,12 +23,11 @@ the min is the least disturbed), and the row gives sanajax / torch (target <= 1.
 """
 from __future__ import annotations
 
-import _harness as hx  # first: sets the JAX allocator environment before jax is imported
-
 import os
 import platform
 import time
 
+import _harness as hx  # first: sets the JAX allocator environment before jax is imported
 import jax
 import jax.numpy as jnp
 
@@ -87,10 +86,8 @@ def cpu_device() -> str:
   """'cpu: <model name> x <cores>' (the CPU of this run)."""
   model = platform.processor() or "cpu"
   try:
-    for line in open("/proc/cpuinfo"):
-      if line.startswith("model name"):
-        model = line.split(":", 1)[1].strip()
-        break
+    with open("/proc/cpuinfo") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
   except OSError:
     pass
   return f"cpu: {model} x {os.cpu_count()} cores"
@@ -107,7 +104,7 @@ def cpu_comparison(args) -> list[hx.Row]:
   q, k, v = [jax.random.normal(key, shape, jnp.float32) for key in keys]
   fwd = jax.jit(lambda q, k, v: linear_attention(q, k, v, impl="xla"))
   tq, tk, tv = (hx.to_torch(x, "cpu") for x in (q, k, v))
-  timing = dict(warmup=args.warmup, repeats=args.repeats)
+  timing = {"warmup": args.warmup, "repeats": args.repeats}
   jax_ms = min_ms(lambda: fwd(q, k, v).block_until_ready(), **timing)
   with torch.inference_mode():
     torch_ms = min_ms(lambda: torch_linear_attention(tq, tk, tv), **timing)
@@ -166,7 +163,7 @@ def main(argv=None) -> list[hx.Row]:
         try:
           ms[impl, "fwd"] = hx.median_ms(lambda: fwd(q, k, v), **timing)
           ms[impl, "fwd+bwd"] = hx.median_ms(lambda: fwd_bwd(q, k, v, g), **timing)
-        except Exception as e:  # noqa: BLE001 (an explicit kernel that does not compile here is a result)
+        except Exception as e:  # An explicit kernel that does not compile here is a result.
           if impl == "xla":
             raise
           failed[impl] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}"

@@ -139,7 +139,7 @@ def test_impl_errors():
   for impl in ("pallas_triton", "pallas_tpu", "pallas_mosaic_gpu"):
     # An explicit kernel traces on a CPU machine (so it can be lowered for its device), and
     # compiling it for the CPU is one clear error.
-    fn = jax.jit(lambda q, k, v: linear_attention(q, k, v, impl=impl))
+    fn = jax.jit(lambda q, k, v, impl=impl: linear_attention(q, k, v, impl=impl))
     fn.trace(q, k, v)
     with pytest.raises(ValueError, match=f"the '{impl}' kernel is being compiled for the CPU"):
       fn(q, k, v)
@@ -221,7 +221,7 @@ def test_kernels_lower_for_their_device_at_sana_shapes(impl, platform, dtype):
 def test_dcae_attention_reaches_the_triton_kernel_in_bf16():
   """The DC-AE's linear attention passes q, k, v in one dtype, so in bf16 it lowers to the Triton
   kernels for "cuda" (with an fp32 v it never could: the kernels take no dtype mix)."""
-  from sanajax.models.dcae import MultiscaleLinearAttention  # noqa: PLC0415 (a model, only for this test)
+  from sanajax.models.dcae import MultiscaleLinearAttention  # a model, needed only by this test
 
   block = MultiscaleLinearAttention(channels=64, attn_impl="pallas_triton", dtype=jnp.bfloat16)
   x = jax.ShapeDtypeStruct((1, 16, 16, 64), jnp.bfloat16)

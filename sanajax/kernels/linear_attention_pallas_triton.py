@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from sanajax.kernels import _common
-from sanajax.kernels._common import pad_axis, round_up
+from sanajax.kernels._common import pad_axis
 
 _F32 = jnp.float32
 
