@@ -7,6 +7,7 @@ latents, padded text masks).
 """
 import json
 import os
+import pathlib
 import shutil
 import struct
 import subprocess
@@ -65,11 +66,14 @@ def _gemma_config():
       attn_implementation="eager")
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-  """A diffusers pipeline directory (transformer/ vae/ text_encoder/ tokenizer/ scheduler/) and the torch models."""
-  root = tmp_path_factory.mktemp("sana_pipeline")
-  dit = _randomise(diffusers.SanaTransformer2DModel(**DIT_KW))
+SPRINT_KW = dict(DIT_KW, guidance_embeds=True, guidance_embeds_scale=0.1, patch_size=1, interpolation_scale=None)
+
+
+def save_sana_pipeline(root, *, sprint: bool = False) -> types.SimpleNamespace:
+  """A diffusers SANA (sprint: SANA-Sprint) pipeline directory under `root` (transformer/ vae/ text_encoder/
+  tokenizer/ scheduler/ model_index.json) and its torch models; tests/test_notebooks.py samples these too."""
+  root = pathlib.Path(root)
+  dit = _randomise(diffusers.SanaTransformer2DModel(**(SPRINT_KW if sprint else DIT_KW)), seed=3 if sprint else 0)
   dit.save_pretrained(root / "transformer")
   ae_cfg = _odd_config("conv", "interpolate")
   ae = diffusers.AutoencoderDC(**dcae.diffusers_kwargs(ae_cfg))
@@ -88,10 +92,17 @@ def models(tmp_path_factory):
   tok.save_pretrained(root / "tokenizer")
   os.makedirs(root / "scheduler")
   with open(root / "scheduler" / "scheduler_config.json", "w") as f:
-    json.dump({"_class_name": "DPMSolverMultistepScheduler", "flow_shift": 3.0}, f)
+    json.dump({"_class_name": "SCMScheduler"} if sprint else
+              {"_class_name": "DPMSolverMultistepScheduler", "flow_shift": 3.0}, f)
   with open(root / "model_index.json", "w") as f:
-    json.dump({"_class_name": "SanaPipeline"}, f)
+    json.dump({"_class_name": "SanaSprintPipeline" if sprint else "SanaPipeline"}, f)
   return types.SimpleNamespace(root=str(root), dit=dit, ae=ae, gemma=gemma, tok=tok)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+  """A diffusers pipeline directory (transformer/ vae/ text_encoder/ tokenizer/ scheduler/) and the torch models."""
+  return save_sana_pipeline(tmp_path_factory.mktemp("sana_pipeline"))
 
 
 def _dit_inputs(hw=(6, 10), batch=2, length=7):
@@ -138,8 +149,7 @@ def test_sana_transformer_loads_matches_and_round_trips(models, tmp_path):
 
 def test_sprint_transformer_guidance_and_time_convention(tmp_path):
   """A SANA-Sprint directory (guidance embedding, QK-norm): t is SanaSprintPipeline's `timestep`, guidance raw."""
-  kw = dict(DIT_KW, guidance_embeds=True, guidance_embeds_scale=0.1, patch_size=1, interpolation_scale=None)
-  tm = _randomise(diffusers.SanaTransformer2DModel(**kw), seed=3)
+  tm = _randomise(diffusers.SanaTransformer2DModel(**SPRINT_KW), seed=3)
   tm.save_pretrained(tmp_path / "sprint")
   model, params = convert.load_sana_transformer(str(tmp_path / "sprint"))
   assert model.guidance_embeds and model.timestep_scale == 0.001

@@ -8,6 +8,7 @@ fails too.
 """
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -41,7 +42,7 @@ def code_cells(nb: dict) -> list[tuple[str, list[str]]]:
 
 
 def test_there_are_notebooks():
-  assert "tpu_quickstart.ipynb" in NOTEBOOKS, NOTEBOOKS
+  assert {"tpu_quickstart.ipynb", "pretrained_sampling.ipynb"} <= set(NOTEBOOKS), NOTEBOOKS
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -99,3 +100,37 @@ def test_tpu_quickstart_runs_on_cpu(tmp_path):
   assert sorted(sprint) == ["scm_1", "scm_2", "scm_4"]
   for name, r in sprint.items():
     assert f"{name}: GenEval-lite {r['overall']:.3f}" in out
+
+
+def test_pretrained_sampling_runs_on_cpu(tmp_path):
+  """Tiny random SANA and SANA-Sprint pipelines (diffusers' save_pretrained, as tests/test_convert.py
+  writes them) stand in for the released ones: converted, sampled at 20 and at 1 and 2 steps, timed."""
+  from test_convert import save_sana_pipeline  # needs torch + diffusers (the test extra)
+  sana = save_sana_pipeline(tmp_path / "sana_pipeline").root
+  sprint = save_sana_pipeline(tmp_path / "sprint_pipeline", sprint=True).root
+  work = tmp_path / "work"
+  prompts = ["a red circle", "a blue square to the left of a red circle"]
+  test_cell = (f"WORKDIRS = {str(work)!r}\nSANA_SRC = {sana!r}\nSPRINT_SRC = {sprint!r}\nDTYPE = 'float32'\n"
+               f"PROMPTS = {prompts!r}\n")
+  script = tmp_path / "notebook.py"
+  script.write_text(notebook_script("pretrained_sampling.ipynb", test_cell))
+  proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  out = proc.stdout
+
+  # Both pipelines converted (the Sprint one samples with scm by default), then sampled and timed.
+  assert f"converted {sana} -> {work / 'sana'}" in out and f"converted {sprint} -> {work / 'sprint'}" in out
+  configs = {name: json.loads((work / name / "config.json").read_text()) for name in ("sana", "sprint")}
+  assert configs["sprint"]["sample"]["sampler"] == "scm" and configs["sprint"]["model"]["guidance_embeds"]
+  res = configs["sana"]["data"]["resolution"]
+  for name, folder in (("SANA flow_dpm 20 steps", work / "sana" / "samples_notebook"),
+                       ("Sprint scm 1 step(s)", work / "sprint" / "samples_notebook_scm1"),
+                       ("Sprint scm 2 step(s)", work / "sprint" / "samples_notebook_scm2")):
+    images = [np.asarray(Image.open(folder / f"{i:05d}.png")) for i in range(len(prompts))]
+    assert not (folder / f"{len(prompts):05d}.png").exists() and (folder / "grid.png").exists()
+    assert all(im.shape == (res, res, 3) and im.std() > 0 for im in images), folder
+    assert not np.array_equal(images[0], images[1]), folder  # two prompts, two images
+    line = next(line for line in out.splitlines() if line.startswith(f"{name}: first call (compile + sample) "))
+    assert line.endswith(f"s per image ({res}x{res} px)"), line
+    assert re.search(rf"^{re.escape(name)} +\d+\.\d +\d+\.\d{{3}}$", out, re.MULTILINE), out  # the timings table
