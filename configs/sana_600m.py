@@ -121,6 +121,8 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   m.dtype = "bfloat16"  # compute dtype; parameters stay float32 (SANA: fp16 / bf16 mixed precision).
   m.attn_impl = "auto"
   m.remat = "full"  # SANA: grad_checkpointing true (every block).
+  # The blocks run as one nn.scan: AOT compile time flat in depth (docs/scaling.md#compile-time).
+  m.scan_layers = True
 
   # Sharding plan (docs/scaling.md): all 1 is one device; e.g. --config.mesh.fsdp=8 on 8 GPUs.
   c.mesh = parallel.mesh_config()

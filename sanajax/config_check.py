@@ -240,6 +240,11 @@ def _check_model(c: _Checker, kind: str) -> None:
   c.int_at_least("text.max_length", 2, required=False)
   c.dtype("text.dtype")
   if kind == "sprint" and c.get("model.guidance_embeds") is not True:
+  scan = c.get("model.scan_layers")
+  if scan is not _MISSING and not isinstance(scan, bool):
+    c.bad("model.scan_layers", scan, "must be True or False")
+  if scan is True and name == "mmdit":
+    c.bad("model.scan_layers", scan, "is supported by the SANA DiT only; set it False for model.name='mmdit'")
     c.bad("model.guidance_embeds", c.get("model.guidance_embeds"), "must be True for a Sprint student")
 
 

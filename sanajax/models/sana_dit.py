@@ -28,6 +28,8 @@ Parameter tree (names mirror diffusers' state-dict keys, '.' -> '/'; see
    as diffusers' SanaCombinedTimestepGuidanceEmbeddings)
   caption_projection/linear_{1,2}, caption_norm/scale
   transformer_blocks_{i}/{attn1, attn2, ff, scale_shift_table}
+    (scan_layers=True: ONE subtree transformer_blocks/{...} whose leaves have a leading (depth,) axis
+     with logical name "layers"; stack_layers / unstack_layers convert any tree between the two layouts)
   scale_shift_table (2, h), proj_out     final layer (norm_out has no parameters)
 Logical axis names of parameters are listed in sanajax.models.layers; image-token activations
 are constrained to ("batch", "length", "embed") at block boundaries, the projected caption to
@@ -35,6 +37,7 @@ are constrained to ("batch", "length", "embed") at block boundaries, the project
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
@@ -66,6 +69,9 @@ from sanajax.models.weights_util import set_nested, torch_to_numpy
 
 Dtype = Any
 ACT_AXES = ("batch", "length", "embed")
+LAYERS_AXIS = "layers"  # logical name of the stacked (depth,) axis under scan_layers (parallel.mesh rules).
+STACKED_BLOCKS = "transformer_blocks"  # the scanned blocks' subtree; unrolled: transformer_blocks_{i}.
+_BLOCK_KEY = re.compile(r"^transformer_blocks_(\d+)$")
 
 
 class TimestepGuidanceEmbedding(nn.Module):
@@ -154,11 +160,34 @@ class SanaBlock(nn.Module):
     return logical_constraint(x, ACT_AXES)
 
 
+class _ScanStep(SanaBlock):
+  """SanaBlock as an nn.scan body: (x carry; residual scanned; context, mask, t6 broadcast) ->
+  (x, x if emit else None).
+
+  residual: this block's ControlNet residual (B, N, h) added to its output (zeros where none), or
+  None. The latent grid (height, width) is a module field because scan carries arrays only; `emit`
+  makes the step also output its block output, stacked by scan to (depth, B, N, h) for features_at.
+  """
+  height: int = 1
+  width: int = 1
+  emit: bool = False
+
+  def __call__(self, x, residual, context, context_mask, t6):  # pylint: disable=arguments-differ
+    x = SanaBlock.__call__(self, x, context, context_mask, t6, self.height, self.width)
+    if residual is not None:
+      x = x + residual.astype(x.dtype)
+    return x, (x if self.emit else None)
+
+
 class SanaDiT(nn.Module):
   """The SANA linear DiT. See the module docstring for inputs and the parameter tree.
 
   features_at: block indices whose outputs (B, N, h) are also returned (Sprint's LADD
   discriminator taps teacher blocks); when non-empty, __call__ returns (prediction, [features]).
+  scan_layers: the blocks run as one nn.scan over stacked parameters (compile time flat in depth;
+  docs/scaling.md#compile-time); with features_at the scan also outputs every block's tokens
+  ((depth, B, N, h), then indexed), the activations remat keeps as scan carries anyway; ControlNet
+  residuals enter as a scanned (depth, B, N, h) input, zeros for the blocks without one.
   """
   depth: int
   hidden_size: int
@@ -183,6 +212,7 @@ class SanaDiT(nn.Module):
   dtype: Dtype = jnp.float32
   attn_impl: str = "xla"
   remat: str = "none"
+  scan_layers: bool = False
   features_at: Sequence[int] = ()
 
   @nn.compact
@@ -228,19 +258,35 @@ class SanaDiT(nn.Module):
     ctx = RMSNorm(1e-5, scale_init=self.y_norm_scale, dtype=self.dtype, name="caption_norm")(ctx)
     ctx = logical_constraint(ctx, ("batch", "text_length", "embed"))
 
-    block_cls = SanaBlock
-    if self.remat != "none":
-      # static_argnums counts `self` as 0: (x, context, mask, t6, height, width) -> height=5, width=6.
-      block_cls = nn.remat(SanaBlock, policy=remat_policy(self.remat), static_argnums=(5, 6))
+    block_fields = (h, self.linear_head_dim, self.cross_num_heads, self.cross_head_dim, self.mlp_ratio,
+                    self.attn_eps, self.norm_eps, self.qk_norm, self.attn_impl, self.dtype)
     features = []
-    for i in range(self.depth):
-      tokens = block_cls(h, self.linear_head_dim, self.cross_num_heads, self.cross_head_dim, self.mlp_ratio,
-                         self.attn_eps, self.norm_eps, self.qk_norm, self.attn_impl, self.dtype,
-                         name=f"transformer_blocks_{i}")(tokens, ctx, context_mask, t6, gh, gw)
-      if controlnet_residuals is not None and 0 < i <= len(controlnet_residuals):
-        tokens = tokens + controlnet_residuals[i - 1].astype(tokens.dtype)
-      if i in self.features_at:
-        features.append(tokens)
+    if self.scan_layers:
+      residuals = None
+      if controlnet_residuals is not None:  # residual k follows block k + 1: zeros before and after them.
+        r = jnp.stack([c.astype(tokens.dtype) for c in controlnet_residuals])
+        residuals = jnp.pad(r, ((1, self.depth - 1 - len(controlnet_residuals)),) + ((0, 0),) * (r.ndim - 1))
+      step_cls = _ScanStep
+      if self.remat != "none":
+        # prevent_cse=False: scan already keeps XLA from CSE-ing the recomputation (MaxText does the same).
+        step_cls = nn.remat(_ScanStep, policy=remat_policy(self.remat), prevent_cse=False)
+      scan_cls = nn.scan(step_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=self.depth,
+                         metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+      tokens, stacked = scan_cls(*block_fields, height=gh, width=gw, emit=bool(self.features_at),
+                                 name=STACKED_BLOCKS)(tokens, residuals, ctx, context_mask, t6)
+      features = [stacked[i] for i in self.features_at]
+    else:
+      block_cls = SanaBlock
+      if self.remat != "none":
+        # static_argnums counts `self` as 0: (x, context, mask, t6, height, width) -> height=5, width=6.
+        block_cls = nn.remat(SanaBlock, policy=remat_policy(self.remat), static_argnums=(5, 6))
+      for i in range(self.depth):
+        tokens = block_cls(*block_fields, name=f"transformer_blocks_{i}")(tokens, ctx, context_mask, t6, gh, gw)
+        if controlnet_residuals is not None and 0 < i <= len(controlnet_residuals):
+          tokens = tokens + controlnet_residuals[i - 1].astype(tokens.dtype)
+        if i in self.features_at:
+          features.append(tokens)
 
     # Final layer (T2IFinalLayer / SanaModulatedNorm): shift, scale from table (2, h) + embedded t.
     table = self.param("scale_shift_table", nn.with_logical_partitioning(scale_shift_table_init, (None, "embed")),
@@ -258,7 +304,7 @@ class SanaDiT(nn.Module):
 def build_dit(model_config: Mapping[str, Any], **overrides) -> SanaDiT:
   """SanaDiT from a config's `model` ConfigDict (fields as configs/tiny.py; optional
   pe_interpolation, sample_size (the latent side the PE grid is based on, diffusers'
-  `sample_size`; default: the input's), out_channels, and the Sprint fields timestep_scale (1.0),
+  `sample_size`; default: the input's), out_channels, scan_layers (False), and the Sprint fields timestep_scale (1.0),
   guidance_embeds (False), guidance_embeds_scale (0.1)). `overrides` replace fields, e.g. features_at."""
   c = dict(model_config)
   if c.get("name", "sana_dit") != "sana_dit":
@@ -274,7 +320,8 @@ def build_dit(model_config: Mapping[str, Any], **overrides) -> SanaDiT:
       attn_eps=c["attn_eps"], norm_eps=c["norm_eps"], y_norm_scale=c["y_norm_scale"], qk_norm=c.get("qk_norm", False),
       timestep_scale=float(c.get("timestep_scale", 1.0)), guidance_embeds=bool(c.get("guidance_embeds", False)),
       guidance_embeds_scale=float(c.get("guidance_embeds_scale", 0.1)),
-      dtype=dtype, attn_impl=c.get("attn_impl", "xla"), remat=c.get("remat", "none"))
+      dtype=dtype, attn_impl=c.get("attn_impl", "xla"), remat=c.get("remat", "none"),
+      scan_layers=bool(c.get("scan_layers", False)))
   kwargs.update(overrides)
   if kwargs["hidden_size"] % kwargs["linear_head_dim"]:
     raise ValueError(f"hidden_size {kwargs['hidden_size']} is not a multiple of linear_head_dim "
@@ -304,6 +351,7 @@ def student_params_from_teacher(teacher_params: Mapping[str, Any], student_param
     A new params dict with the student's structure. Raises ValueError when a teacher leaf has no
     place in the student or the shapes differ (different depth / width).
   """
+  teacher_params = to_layout(teacher_params, is_stacked(student_params))  # either block layout.
   flat_student = flatten_dict(student_params, sep="/")
   out = dict(flat_student)
   for name, value in flatten_dict(teacher_params, sep="/").items():
@@ -317,6 +365,91 @@ def student_params_from_teacher(teacher_params: Mapping[str, Any], student_param
                        f"{key} {np.shape(flat_student[key])}.")
     out[key] = value
   return unflatten_dict(out, sep="/")
+
+
+# --- the two block layouts (unrolled transformer_blocks_{i} <-> stacked transformer_blocks) ---------------
+
+
+def _is_box(x: Any) -> bool:
+  return isinstance(x, nn.Partitioned)  # nn.LogicallyPartitioned is a subclass.
+
+
+def _has_unrolled(node: Any) -> bool:
+  return isinstance(node, Mapping) and any(_BLOCK_KEY.match(str(k)) for k in node)
+
+
+def _has_stacked(node: Any) -> bool:
+  return isinstance(node, Mapping) and isinstance(node.get(STACKED_BLOCKS), Mapping)
+
+
+def _stack_leaf(*xs: Any) -> Any:
+  x0 = xs[0]
+  if _is_box(x0):  # the stacked axis gets the logical name "layers", as nn.scan's metadata_params gives it.
+    return x0.replace(value=_stack_leaf(*[x.value for x in xs]), names=(LAYERS_AXIS,) + tuple(x0.names))
+  if isinstance(x0, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct((len(xs),) + tuple(x0.shape), x0.dtype, sharding=_layer_sharding(x0.sharding, 1))
+  return jnp.stack([jnp.asarray(x) for x in xs])
+
+
+def _unstack_leaf(x: Any, i: int) -> Any:
+  if _is_box(x):
+    return x.replace(value=_unstack_leaf(x.value, i), names=tuple(x.names[1:]))
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype, sharding=_layer_sharding(x.sharding, -1))
+  return x[i]
+
+
+def _layer_sharding(sharding: Any, change: int) -> Any:
+  """An abstract leaf's NamedSharding with the (unsharded) layer axis added (change 1) or removed (-1)."""
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  spec = tuple(sharding.spec)
+  spec = (None,) + spec if change > 0 else spec[1:]
+  return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
+def stack_layers(tree: Any) -> Any:
+  """Any pytree (params, boxed params, ShapeDtypeStructs, a train state's optimizer moments) with every
+  dict of transformer_blocks_{0..depth-1} subtrees turned into the scan_layers layout: one
+  `transformer_blocks` subtree whose leaves are stacked on a new leading (depth,) axis (logical name
+  "layers" on boxed leaves). Trees already stacked pass through unchanged."""
+  def one(node):
+    if not _has_unrolled(node):
+      return node
+    index = {int(_BLOCK_KEY.match(str(k)).group(1)): k for k in node if _BLOCK_KEY.match(str(k))}
+    if sorted(index) != list(range(len(index))):
+      raise ValueError(f"Block subtrees {sorted(index)} are not transformer_blocks_0..{len(index) - 1}.")
+    out = {k: v for k, v in node.items() if not _BLOCK_KEY.match(str(k))}
+    out[STACKED_BLOCKS] = jax.tree.map(_stack_leaf, *[node[index[i]] for i in range(len(index))], is_leaf=_is_box)
+    return out
+  return jax.tree.map(one, tree, is_leaf=_has_unrolled)
+
+
+def unstack_layers(tree: Any) -> Any:
+  """The inverse of stack_layers: every stacked `transformer_blocks` subtree back to
+  transformer_blocks_{i} (depth from the leading axis). Unrolled trees pass through unchanged."""
+  def one(node):
+    if not _has_stacked(node):
+      return node
+    blocks = node[STACKED_BLOCKS]
+    first = jax.tree.leaves(blocks, is_leaf=_is_box)[0]
+    depth = (first.value if _is_box(first) else first).shape[0]
+    out = {k: v for k, v in node.items() if k != STACKED_BLOCKS}
+    for i in range(depth):
+      out[f"transformer_blocks_{i}"] = jax.tree.map(lambda x, i=i: _unstack_leaf(x, i), blocks, is_leaf=_is_box)
+    return out
+  return jax.tree.map(one, tree, is_leaf=_has_stacked)
+
+
+def to_layout(tree: Any, scan_layers: bool) -> Any:
+  """`tree` in the stacked (scan_layers) or unrolled block layout, whichever it was saved in: how a
+  checkpoint or converted weights of one layout load into a model of the other."""
+  return stack_layers(tree) if scan_layers else unstack_layers(tree)
+
+
+def is_stacked(params: Mapping[str, Any]) -> bool:
+  """Whether a DiT params tree is in the scan_layers layout."""
+  return _has_stacked(params)
 
 
 # --- diffusers weights --------------------------------------------------------------------------

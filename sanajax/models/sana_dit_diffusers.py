@@ -3,6 +3,10 @@
     model, params = load_sana_transformer("Sana_1600M_1024px_diffusers/transformer")
     v = model.apply({"params": params}, latents, t, context, context_mask)
     save_diffusers("out/transformer", model, params)   # bit-identical float32 round trip
+    model, params = load_sana_transformer(path, scan_layers=True)   # stacked blocks (model.scan_layers)
+
+Both directions take either block layout (sana_dit.stack_layers / unstack_layers): diffusers' state
+dict is per block, so a stacked tree is unstacked on export and stacked after import.
 
 The state-dict direction diffusers -> Flax is sana_dit.params_from_diffusers_state_dict (beside
 the model, which tests and benchmarks call); this module holds its inverse and the config mapping.
@@ -29,8 +33,10 @@ SPRINT_FIELDS = ("timestep_scale", "guidance_embeds", "guidance_embeds_scale")
 _SPRINT_TIME = 1e-3
 
 
-def sana_config_from_diffusers(cfg: Mapping[str, Any], *, dtype: str = "float32") -> ml_collections.ConfigDict:
-  """A sanajax `model` ConfigDict (fields of configs/sana_600m.py) from SanaTransformer2DModel's config.json."""
+def sana_config_from_diffusers(cfg: Mapping[str, Any], *, dtype: str = "float32",
+                               scan_layers: bool = False) -> ml_collections.ConfigDict:
+  """A sanajax `model` ConfigDict (fields of configs/sana_600m.py) from SanaTransformer2DModel's config.json;
+  scan_layers picks the block layout (not a diffusers field)."""
   for field, value in _FIXED.items():
     if cfg.get(field, value) != value:
       raise NotImplementedError(f"SanaTransformer2DModel with {field}={cfg[field]!r} is not supported "
@@ -69,6 +75,7 @@ def sana_config_from_diffusers(cfg: Mapping[str, Any], *, dtype: str = "float32"
   m.dtype = dtype
   m.attn_impl = "xla"
   m.remat = "none"
+  m.scan_layers = bool(scan_layers)
   timestep_scale = float(cfg.get("timestep_scale", 1.0))
   if cfg.get("guidance_embeds", False):
     m.guidance_embeds = True
@@ -95,10 +102,11 @@ def dit_state_dict_from_params(params: Mapping) -> dict[str, jax.Array]:
 
   transformer_blocks_3/attn1/to_out/kernel -> transformer_blocks.3.attn1.to_out.0.weight; kernels
   transposed back ((I, O) -> (O, I); conv (kh, kw, I, O) -> (O, I, kh, kw); the 1x1 convs that are
-  Dense here -> (O, I, 1, 1)); scale -> weight. Works on arrays or ShapeDtypeStructs (via eval_shape).
+  Dense here -> (O, I, 1, 1)); scale -> weight. Works on arrays or ShapeDtypeStructs (via eval_shape),
+  in either block layout (stacked blocks are unstacked first).
   """
   out = {}
-  for path, value in flatten_dict(nn.unbox(params)).items():
+  for path, value in flatten_dict(sana_dit.unstack_layers(nn.unbox(params))).items():
     parts = list(path)
     if parts[0].startswith("transformer_blocks_"):
       parts = ["transformer_blocks", parts[0][len("transformer_blocks_"):]] + parts[1:]
@@ -128,7 +136,8 @@ def dit_init_args(model_config: Mapping[str, Any]) -> tuple:
   return sana_dit.dummy_inputs(model_config, (p, p), 1)
 
 
-def load_sana_transformer(path: str, *, dtype: str = "float32", return_config: bool = False):
+def load_sana_transformer(path: str, *, dtype: str = "float32", return_config: bool = False,
+                          scan_layers: bool = False):
   """(model, params) of a diffusers SanaTransformer2DModel directory (config.json + weights).
 
   The returned model is a `SanaDiT` with float32 parameters and compute dtype `dtype`:
@@ -139,14 +148,15 @@ def load_sana_transformer(path: str, *, dtype: str = "float32", return_config: b
   t is the time SanaSprintPipeline passes as `timestep` (the sCM time in [0, 1]; the model's
   timestep_scale is 0.001 x diffusers'), and the keyword `guidance=(B,)` is the raw CFG scale
   (e.g. 4.5; the model multiplies it by guidance_embeds_scale, as that pipeline does).
-  With return_config, returns (model, params, model_config ConfigDict).
+  With return_config, returns (model, params, model_config ConfigDict). scan_layers: the model runs
+  its blocks with nn.scan and params are in the stacked layout (sana_dit.stack_layers).
   """
   cfg = read_model_config(path, "SanaTransformer2DModel")
-  model_config = sana_config_from_diffusers(cfg, dtype=dtype)
+  model_config = sana_config_from_diffusers(cfg, dtype=dtype, scan_layers=scan_layers)
   model = sana_dit.build_dit(model_config)
   want = jax.eval_shape(dit_state_dict_from_params, abstract_params(model, *dit_init_args(model_config)))
   state = read_checked_state_dict(path, want)
-  params = sana_dit.params_from_diffusers_state_dict(state)
+  params = sana_dit.to_layout(sana_dit.params_from_diffusers_state_dict(state), scan_layers)
   return (model, params, model_config) if return_config else (model, params)
 
 
@@ -167,7 +177,7 @@ def save_diffusers(directory: str, model: sana_dit.SanaDiT, params: Mapping, *, 
   """Writes a SanaDiT as a diffusers directory (config.json + diffusion_pytorch_model.safetensors)
   that SanaTransformer2DModel.from_pretrained loads. dtype: float32 (bit-identical round trip),
   bfloat16 or float16. sample_size: diffusers' `sample_size` (latent side); default the model's PE
-  base grid, else 32.
+  base grid, else 32. params: either block layout.
   """
   config = dit_diffusers_config(model_config_from_module(model, sample_size))
   write_diffusers_dir(directory, config, dit_state_dict_from_params(params), dtype)

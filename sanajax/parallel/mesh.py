@@ -38,6 +38,9 @@ DEFAULT_RULES = (
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),
     ("conv_out", "fsdp"),
+    # The stacked block axis of model.scan_layers (nn.scan's params axis, MaxText's name): never
+    # sharded, so each scan step reads one whole layer, split only by the rules above.
+    ("layers", None),
 )
 
 

@@ -112,9 +112,13 @@ class Plan:
     return int(np.prod([self.mesh.shape[a] for a in axes]))
 
   def shard_batch(self, batch: Mapping[str, Any]) -> dict:
-    """Host-local numpy batch (global batch / process_count rows) -> global jax arrays."""
+    """Host-local numpy batch (global batch / process_count rows) -> global jax arrays. Arrays already
+    laid out so (a batch the training loop prefetched to the devices) pass through unchanged."""
     out = {}
     for k, v in batch.items():
+      if isinstance(v, jax.Array) and v.sharding == NamedSharding(self.mesh, self.batch_spec(v.ndim)):
+        out[k] = v
+        continue
       v = np.asarray(v)
       out[k] = jax.make_array_from_process_local_data(NamedSharding(self.mesh, self.batch_spec(v.ndim)), v)
     return out

@@ -111,7 +111,7 @@ def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                   process_index=jax.process_index(), process_count=jax.process_count(),
                                   num_workers=config.data.get("num_workers", 0))
   step = make_ae_step(model, tx, schedule, config.train.ema_decay, plan=plan, state_shardings=state_sh)
-  step_fn = lambda s, b: step(s, plan.shard_batch({"image": b["image"]}))
+  step_fn = lambda s, b: step(s, plan.shard_batch(b))
   info = {}
 
   def evaluate(state, writer):
@@ -120,7 +120,8 @@ def train_ae(config: ml_collections.ConfigDict, workdir: str) -> dict:
     info.update(evaluate_ae(model, ema, config))
     writer.scalars(config.train.num_steps, {"eval_psnr": info["psnr"]})
 
-  loop_lib.run_from_config(config.train, workdir, state, step_fn, data_iter, description="dcae", on_done=evaluate)
+  loop_lib.run_from_config(config.train, workdir, state, step_fn, data_iter, description="dcae", on_done=evaluate,
+                           shard_fn=lambda b: plan.shard_batch({"image": b["image"]}))  # two batches ahead
   if jax.process_index() == 0:
     with open(os.path.join(workdir, AE_INFO_FILE), "w") as f:
       json.dump(info, f, indent=2)

@@ -253,7 +253,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     else:
       sample_fn = make_sample_fn(config, ae_model, frozen["ae"], ae_scaling, text_encoder, plan)
   loop_lib.run_from_config(config.train, workdir, state, step_fn, data_iter, description="dit",
-                           flops_per_step=describe(config)["train_step_flops"], sample_fn=sample_fn)
+                           flops_per_step=describe(config)["train_step_flops"], sample_fn=sample_fn,
+                           shard_fn=plan.shard_batch)  # batches on the devices two ahead
   print(f"Training done in {time.perf_counter() - start_time:.0f} s.", flush=True)
   if evaluate is None:
     return {}

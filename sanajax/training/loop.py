@@ -12,6 +12,7 @@ bar's clock starts after the first step, whose call includes compiling it.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 import time
@@ -23,6 +24,7 @@ import numpy as np
 from absl import logging
 from tqdm import tqdm
 
+from sanajax.models.sana_dit import STACKED_BLOCKS, stack_layers, to_layout, unstack_layers
 from sanajax.training.loss_plot import LOSS_PLOT_FILE, write_loss_plot
 from sanajax.training.metrics import MetricWriter, read_metrics
 from sanajax.training.state import NAN_QUANTITIES
@@ -55,15 +57,90 @@ def check_finite(state: Any) -> None:
         f"The last checkpoint holds finite parameters; lower the learning rate or check the data.")
 
 
+class DevicePrefetch:
+  """An iterator of batches already on the devices: `size` batches are sharded (shard_fn, e.g.
+  Plan.shard_batch: host numpy -> global arrays split by the plan) ahead of the one the step uses,
+  so their host-to-device copies overlap the running step instead of preceding the next.
+
+  get_state() / set_state() keep the data position exact: the state saved with a checkpoint is the
+  source's state right after the batch last handed out (not after the ones in flight), and
+  set_state drops the batches in flight. Other attributes (e.g. `skipped`) are the source's.
+  """
+
+  def __init__(self, source: Iterator, shard_fn: Callable[[Any], Any], size: int = 2):
+    self.source, self.shard_fn, self.size = source, shard_fn, size
+    self._queue: collections.deque = collections.deque()  # (device batch, source state after it)
+    self._state = source.get_state() if hasattr(source, "get_state") else None
+
+  def _fill(self) -> None:
+    while len(self._queue) < self.size:
+      try:
+        batch = next(self.source)
+      except StopIteration:
+        return
+      state = self.source.get_state() if hasattr(self.source, "get_state") else None
+      self._queue.append((self.shard_fn(batch), state))
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    self._fill()
+    if not self._queue:
+      raise StopIteration
+    batch, self._state = self._queue.popleft()
+    self._fill()  # the next batches' copies start now, while the caller's step runs
+    return batch
+
+  def get_state(self):
+    return self._state
+
+  def set_state(self, state) -> None:
+    self._queue.clear()
+    self.source.set_state(state)
+    self._state = state
+
+  def __getattr__(self, name):
+    return getattr(self.source, name)
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                      if isinstance(x, jax.Array) else x, tree)
+
+
+def _restore_any_layout(ckpt: Checkpointer, init_state: Any) -> tuple[Any, dict]:
+  """ckpt.restore(init_state), or, when the checkpoint holds the DiT blocks in the other layout
+  (model.scan_layers changed between runs), a restore in that layout converted back to init_state's
+  (sana_dit.stack_layers / unstack_layers, optimizer moments included) and placed as init_state is."""
+  try:
+    return ckpt.restore(init_state)
+  except Exception as error:  # pylint: disable=broad-except  # re-raised below unless the other layout restores
+    abstract = _abstract(init_state)
+    stacked = any(any(isinstance(k, jax.tree_util.DictKey) and k.key == STACKED_BLOCKS for k in path)
+                  for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0])
+    other = unstack_layers(abstract) if stacked else stack_layers(abstract)
+    if jax.tree.structure(other) == jax.tree.structure(abstract):
+      raise  # no SANA blocks in this state: the error is not about their layout
+    try:
+      state, data_state = ckpt.restore(other)
+    except Exception:  # pylint: disable=broad-except
+      raise error from None
+    print(f"Checkpoint in the {'unrolled' if stacked else 'stacked'} block layout: converted to this run's "
+          f"model.scan_layers={stacked}.", flush=True)
+    state = to_layout(state, stacked)
+    return jax.device_put(state, jax.tree.map(lambda x: x.sharding, abstract)), data_state
+
+
 def restore_or_init(ckpt: Checkpointer, init_state: Any, data_iter: Any) -> Any:
   """Returns the newest checkpointed state that restores (and positions data_iter) or init_state.
 
   A damaged latest checkpoint is reported and set aside by Checkpointer.restore, which falls back
-  to the newest intact one.
+  to the newest intact one. A checkpoint saved with the other model.scan_layers restores converted.
   """
   if ckpt.latest_step() is None:
     return init_state
-  state, data_state = ckpt.restore(init_state)
+  state, data_state = _restore_any_layout(ckpt, init_state)
   step = ckpt.restored_step
   if data_state and hasattr(data_iter, "set_state"):
     data_iter.set_state(data_state)
@@ -138,7 +215,8 @@ def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, d
 def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]],
                     data_iter: Iterator, *, description: str, flops_per_step: float | None = None,
                     sample_fn: Callable[[Any], np.ndarray] | None = None,
-                    on_done: Callable[[Any, MetricWriter], None] | None = None) -> Any:
+                    on_done: Callable[[Any, MetricWriter], None] | None = None,
+                    shard_fn: Callable[[Any], Any] | None = None) -> Any:
   """The run every trainer (DiT, AE, Sprint) makes of a config's `train` section; returns the final state.
 
   Checkpoints go to WORKDIR/checkpoints (keeping train_config.keep_checkpoints) and a run resumes
@@ -147,7 +225,8 @@ def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callab
   train_config.num_steps, logging every log_every and checkpointing every checkpoint_every
   steps. step_fn: `run`'s (may be built from the fresh state: restoring keeps its layout).
   on_done(state, writer): called after the last step, before the writer is closed (e.g. to log
-  an evaluation at the final step).
+  an evaluation at the final step). shard_fn (e.g. Plan.shard_batch, which passes such batches
+  through when step_fn applies it again): batches go to the devices two ahead (DevicePrefetch).
 
   The workdir's lock (sanajax.workdir.lock) is held throughout: the trainers take it first thing,
   and this takes it again (reentrant) for callers that do not. metrics.jsonl keeps only rows up to
@@ -156,6 +235,8 @@ def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callab
   """
   with hold_workdir(workdir):
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=train_config.keep_checkpoints)
+    if shard_fn is not None:
+      data_iter = DevicePrefetch(data_iter, shard_fn, size=2)
     state = restore_or_init(ckpt, state, data_iter)
     writer = MetricWriter(workdir)
     writer.drop_after(int(jax.device_get(state.step)))

@@ -26,6 +26,7 @@ theta -= lr * weight_decay * theta, using theta before the step.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -33,6 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from sanajax.config_check import OPTIMIZERS, SCHEDULES  # the names a config may give (checked before a run)
+from sanajax.models.sana_dit import STACKED_BLOCKS
 
 # Stand-in for the state a parameter does not use (factored vs unfactored), as optax.adafactor does.
 _UNUSED = (1,)
@@ -52,6 +54,16 @@ class CameState(NamedTuple):
   v: Any
   r_row: Any
   r_col: Any
+
+
+def _stacked(path) -> bool:
+  """Whether a leaf lies under a scan_layers stack (model.scan_layers): its leading axis is the layer,
+  and the optimizer treats each layer as its own parameter, exactly as in the unrolled layout."""
+  return any(isinstance(k, jax.tree_util.DictKey) and k.key == STACKED_BLOCKS for k in path)
+
+
+def _per_layer(fn, path):
+  return jax.vmap(fn) if _stacked(path) else fn
 
 
 def _factored(shape) -> bool:
@@ -124,17 +136,19 @@ def came(learning_rate: float | optax.Schedule, b1: float = 0.9, b2: float = 0.9
   hyper = dict(b1=b1, b2=b2, b3=b3, eps1=eps1, eps2=eps2, clip_threshold=clip_threshold)
 
   def init_fn(params):
-    leaves, treedef = jax.tree_util.tree_flatten(params)
-    per_field = list(zip(*[_init_leaf(p) for p in leaves])) or [()] * 6
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+    per_field = list(zip(*[_per_layer(_init_leaf, path)(p) for path, p in with_path])) or [()] * 6
     fields = [jax.tree_util.tree_unflatten(treedef, list(f)) for f in per_field]
     return CameState(jnp.zeros([], jnp.int32), *fields)
 
   def update_fn(updates, state, params=None):
     if weight_decay and params is None:
       raise ValueError("came(weight_decay > 0) needs params: call update(grads, state, params).")
-    leaves, treedef = jax.tree_util.tree_flatten(updates)
+    with_path, treedef = jax.tree_util.tree_flatten_with_path(updates)
+    leaves = [g for _, g in with_path]
     flat_state = [treedef.flatten_up_to(f) for f in state[1:]]
-    results = [_update_leaf(g, *s, **hyper) for g, *s in zip(leaves, *flat_state)]
+    step = functools.partial(_update_leaf, **hyper)
+    results = [_per_layer(step, path)(g, *s) for (path, g), *s in zip(with_path, *flat_state)]
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     directions = [d for d, _ in results]
     if weight_decay:
@@ -158,15 +172,17 @@ MUON_MATCHED_RMS = 0.2
 def muon_dimension_numbers(params):
   """Which parameters Muon orthogonalises: dense kernels (in, out) and convolution kernels
   (kh, kw, in, out) with in > 1, flattened to (kh kw in, out); None (AdamW) for everything else
-  (biases, norm scales, modulation tables, depthwise kernels)."""
+  (biases, norm scales, modulation tables, depthwise kernels). Under a scan_layers stack the leading
+  layer axis is a batch axis: each layer's matrix is orthogonalised on its own, as when unrolled."""
   def rule(path, p):
     keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]  # boxed params end in .value
     if not keys or keys[-1] != "kernel":
       return None
-    if p.ndim == 2:
-      return optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
-    if p.ndim == 4 and p.shape[2] > 1:
-      return optax.contrib.MuonDimensionNumbers(reduction_axis=(0, 1, 2), output_axis=3)
+    o = 1 if STACKED_BLOCKS in keys else 0  # axes after the layer axis
+    if p.ndim == 2 + o:
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=o, output_axis=1 + o)
+    if p.ndim == 4 + o and p.shape[2 + o] > 1:
+      return optax.contrib.MuonDimensionNumbers(reduction_axis=(o, 1 + o, 2 + o), output_axis=3 + o)
     return None
   return jax.tree_util.tree_map_with_path(rule, params)
 

@@ -482,6 +482,6 @@ def distill(config: ml_collections.ConfigDict, workdir: str, *,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.get("num_workers", 0))
   loop_lib.run_from_config(config.train, workdir, state, distiller.make_step(frozen, state), data_iter,
-                           description="sprint")
+                           description="sprint", shard_fn=distiller.plan.shard_batch)  # two batches ahead
   print(f"Distillation done in {time.perf_counter() - start_time:.0f} s.", flush=True)
   return evaluate(config, workdir) if evaluate is not None else {}

@@ -28,7 +28,7 @@ from sanajax.models.gemma2_transformers import (
 from sanajax.models.lora_diffusers import LORA_WEIGHT_NAME, load_lora
 from sanajax.models.controlnet import build_controlnet, init_args as controlnet_init_args
 from sanajax.models.controlnet_diffusers import load_sana_controlnet
-from sanajax.models.sana_dit import student_params_from_teacher
+from sanajax.models.sana_dit import is_stacked, student_params_from_teacher, to_layout
 from sanajax.models.sana_dit_diffusers import load_sana_transformer
 from sanajax.models.sd3_text import SD3PromptEncoder, load_sd3_text_encoder
 from sanajax.models.text_encoder import TextEncoder, build_gemma2
@@ -104,8 +104,15 @@ def load_dit_params(workdir: str, config: ml_collections.ConfigDict | None = Non
                             f"`python -m sanajax.train --config=... --workdir={workdir}`.")
   if "lora" in config:  # a LoRA run's checkpoints hold only the adapters (configs/lora.py)
     return load_lora_dit_params(workdir, config, ema=ema)
+  # Restored in the layout the workdir was trained in, returned in `config`'s (model.scan_layers).
+  saved = load_workdir_config(workdir)
+  want_scan = bool(config.model.get("scan_layers", False))
+  if bool(saved.model.get("scan_layers", False)) != want_scan:
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.model.scan_layers = bool(saved.model.get("scan_layers", False))
   abstract = jax.eval_shape(lambda: init_dit_params(config, jax.random.PRNGKey(0)))
-  return Checkpointer(checkpoint_dir(workdir), read_only=True).restore_params(abstract, ema=ema)
+  params = Checkpointer(checkpoint_dir(workdir), read_only=True).restore_params(abstract, ema=ema)
+  return to_layout(params, want_scan) if is_stacked(nn.unbox(params)) != want_scan else params
 
 
 def has_checkpoint(workdir: str) -> bool:
@@ -191,6 +198,11 @@ def init_params_from(path: str, like: Any) -> Any:
     ckpt = Checkpointer(checkpoint_dir(path), read_only=True)
     saved_model = load_workdir_config(path).model
     saved = boxed_abstract_params(build_backbone(saved_model), *backbones.init_args(saved_model))
+    stacked = is_stacked(nn.unbox(like))
+    if is_stacked(nn.unbox(saved)) != stacked:  # saved in the other block layout (model.scan_layers)
+      saved_shapes = tensor_shapes(flat_names(to_layout(saved, stacked)))
+      if saved_shapes == tensor_shapes(flat_names(like)):
+        return put_like(like, to_layout(nn.unbox(ckpt.restore_params(saved, ema=True)), stacked))
     saved_shapes, like_shapes = tensor_shapes(flat_names(saved)), tensor_shapes(flat_names(like))
     if saved_shapes == like_shapes:
       return ckpt.restore_params(like, ema=True)
@@ -206,7 +218,7 @@ def init_params_from(path: str, like: Any) -> Any:
     return put_like(like, values)
   if os.path.exists(os.path.join(path, "transformer", "config.json")):
     path = os.path.join(path, "transformer")
-  _, params = load_sana_transformer(path)
+  _, params = load_sana_transformer(path, scan_layers=is_stacked(nn.unbox(like)))
   check_tensors(tensor_shapes(flat_names(params)), tensor_shapes(flat_names(like)), path)
   return put_like(like, params)
 
