@@ -27,7 +27,7 @@ from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on
 from sanajax import config_utils, serve
 from sanajax.models import dcae
 from sanajax.workdir.checkpoint import Checkpointer
-from sanajax.workdir.files import checkpoint_dir, prepare_workdir
+from sanajax.workdir.files import checkpoint_dir, load_workdir_config, prepare_workdir
 from sanajax.workdir.loaders import init_dit_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -287,15 +287,20 @@ def test_the_page_in_chromium_serves_the_clis_image_and_survives_a_bad_request(w
     pytest.skip(why)
   sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
   pytest.importorskip("gradio", reason="pip install gradio (the serve / test extras)")
+  # docs/images/serve.png: SANAJAX_SERVE_WORKDIR=<a trained workdir> SANAJAX_SERVE_SCREENSHOT=docs/images/serve.png
+  # (the same steps on a trained model, sampled with its own step count).
+  workdir = os.environ.get("SANAJAX_SERVE_WORKDIR") or workdirs["flow"]
+  config = load_workdir_config(workdir)
+  res, steps = config.data.resolution, 2 if workdir == workdirs["flow"] else config.sample.steps
   port = _free_port()
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "GRADIO_ANALYTICS_ENABLED": "False"}
-  server = subprocess.Popen([sys.executable, "-m", "sanajax.serve", f"--workdir={workdirs['flow']}",
+  server = subprocess.Popen([sys.executable, "-m", "sanajax.serve", f"--workdir={workdir}",
                              f"--workdir={workdirs['sprint']}", f"--port={port}"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   # The sample CLI's image for the same settings, made meanwhile (the second core).
   cli_out = tmp_path / "cli"
-  cli = subprocess.Popen([sys.executable, "-m", "sanajax.sample", f"--workdir={workdirs['flow']}",
-                          "--prompt=a red circle", "--steps=2", "--seed=3", f"--out={cli_out}"], cwd=REPO, env=env,
+  cli = subprocess.Popen([sys.executable, "-m", "sanajax.sample", f"--workdir={workdir}",
+                          "--prompt=a red circle", f"--steps={steps}", "--seed=3", f"--out={cli_out}"], cwd=REPO, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   try:
     url = f"http://127.0.0.1:{port}/"
@@ -305,9 +310,9 @@ def test_the_page_in_chromium_serves_the_clis_image_and_survives_a_bad_request(w
       page = browser.new_page(viewport={"width": 1280, "height": 1000})
       page.goto(url)
       options = page.locator("#model input")
-      assert options.input_value() == "flow"
+      assert options.input_value() == os.path.basename(workdir)
       page.locator("#prompt textarea").fill("a red circle")
-      page.locator("#steps input").fill("2")
+      page.locator("#steps input").fill(str(steps))
       page.locator("#seed input").fill("3")
       page.locator("#generate").click()
       src = _next_image(page, "")
@@ -316,10 +321,10 @@ def test_the_page_in_chromium_serves_the_clis_image_and_survives_a_bad_request(w
       png = page.request.get(src).body()
       assert png[:8] == b"\x89PNG\r\n\x1a\n"
       image = Image.open(io.BytesIO(png))
-      assert image.size == (RES, RES) and image.mode == "RGB"
+      assert image.size == (res, res) and image.mode == "RGB"
       settings = json.loads(image.text[serve.PNG_KEY])
       assert {k: settings[k] for k in ("prompt", "sampler", "steps", "cfg", "seed", "index")} == {
-          "prompt": "a red circle", "sampler": "flow_dpm", "steps": 2, "cfg": 4.5, "seed": 3, "index": 0}
+          "prompt": "a red circle", "sampler": "flow_dpm", "steps": steps, "cfg": 4.5, "seed": 3, "index": 0}
 
       # A bad value: one line in the page, nothing drawn; the next request is served (compiled once).
       page.locator("#steps input").fill("0")
@@ -327,7 +332,7 @@ def test_the_page_in_chromium_serves_the_clis_image_and_survives_a_bad_request(w
       page.wait_for_function("document.querySelector('#status').innerText.includes('Error')")
       assert page.locator("#status").inner_text().strip() == "Error: steps=0: must be a whole number from 1 to 100."
       assert page.locator("#latest img").get_attribute("src") == src
-      page.locator("#steps input").fill("2")
+      page.locator("#steps input").fill(str(steps))
       page.locator("#seed input").fill("4")
       page.locator("#generate").click()
       second = _next_image(page, src)
