@@ -5,8 +5,9 @@
 
 1. Writes OUT/data: `images` shapes scenes (the base's resolution) in which the first object is drawn in
    the new colour (shapes.NOVEL_COLORS), with the data set's scored captions as sidecar .txt files, so
-   `--config.data.source=folder:OUT/data` trains on them. The tiny text encoder has no word for the
-   colour: prompts reach the DiT with the unknown token there, like DreamBooth's rare identifier.
+   `--config.data.source=folder:OUT/data` trains on them, plus `replay` ordinary training scenes (the
+   base's own data, mixed in against forgetting). The tiny text encoder has no word for the colour:
+   prompts reach the DiT with the unknown token there, like DreamBooth's rare identifier.
 2. Scores the base: GenEval-lite on the held-out prompts with the first colour replaced by the new one
    ("new"), and on the unchanged held-out prompts ("old"), detecting the new colour beside the palette.
 3. Trains the LoRA (configs/lora.py:BASE on OUT/data, `--set` overrides) in OUT/lora, timed.
@@ -42,15 +43,18 @@ def recolour(prompt: str, colour: str) -> str:
   return dataclasses.replace(cap, items=items).text
 
 
-def write_data(directory: str, num: int, colour: str, resolution: int, seed: int = 0) -> list[str]:
-  """`num` training scenes whose first object is `colour`: DIR/00000.png + 00000.txt (caption<TAB>score)."""
+def write_data(directory: str, num: int, colour: str, resolution: int, seed: int = 0, replay: int = 0) -> list[str]:
+  """`num` training scenes whose first object is `colour`, then `replay` ordinary training scenes (the base's
+  own data, against forgetting): DIR/00000.png + 00000.txt (caption<TAB>score lines)."""
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(seed)
   prompts = []
-  for i in range(num):
+  for i in range(num + replay):
     scene = shapes.sample_scene(rng, resolution)
-    prompt = recolour(scene.captions[int(np.argmax(scene.scores))], colour)
-    new = shapes.scene_for_prompt(prompt, rng, resolution)
+    prompt = scene.captions[int(np.argmax(scene.scores))]
+    if i < num:
+      prompt = recolour(prompt, colour)
+    new = shapes.scene_for_prompt(prompt, rng, resolution) if i < num else scene
     Image.fromarray(new.image).save(os.path.join(directory, f"{i:05d}.png"))
     with open(os.path.join(directory, f"{i:05d}.txt"), "w") as f:
       f.write("\n".join(f"{c}\t{s:.2f}" for c, s in zip(new.captions, new.scores)) + "\n")
@@ -64,7 +68,8 @@ def score(generator: Generator, prompt_set: Sequence[tuple[str, str]], config, c
                               cfg=config.sample.cfg, seed=config.seed)
   Image.fromarray(make_grid(images[:36], columns=6)).save(grid_path)
   result = geneval_lite.evaluate(images, prompts, cats, extra_colors=(colour,))
-  return {"overall": result["overall"], "categories": {k: v["rate"] for k, v in result["categories"].items()}}
+  return {"overall": result["overall"], "categories": {k: v["rate"] for k, v in result["categories"].items()},
+          "failures": {k: v.get("failures", {}) for k, v in result["categories"].items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -73,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
   p.add_argument("--out", required=True)
   p.add_argument("--colour", default="magenta", choices=sorted(shapes.NOVEL_COLORS))
   p.add_argument("--images", type=int, default=100)
+  p.add_argument("--replay", type=int, default=0, help="ordinary training scenes mixed in (against forgetting)")
   p.add_argument("--set", action="append", default=[], help="config override FIELD=VALUE (JSON value)")
   args = p.parse_args(argv)
   quiet_library_logs()
@@ -86,10 +92,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
       overrides[field] = value  # a bare string
   base_config = config_utils.load_config("configs/lora.py", args.base)
   data_dir = os.path.join(args.out, "data")
-  write_data(data_dir, args.images, args.colour, int(base_config.data.resolution), seed=base_config.seed)
+  write_data(data_dir, args.images, args.colour, int(base_config.data.resolution), seed=base_config.seed,
+             replay=args.replay)
   old = shapes.eval_prompt_set(base_config.eval.num_prompts, seed=base_config.seed)
   new = [(recolour(prompt, args.colour), cat) for prompt, cat in old]
-  out = {"colour": args.colour, "images": args.images, "base": os.path.abspath(args.base), "overrides": overrides}
+  out = {"colour": args.colour, "images": args.images, "replay": args.replay, "base": os.path.abspath(args.base), "overrides": overrides}
 
   generator = Generator.from_workdir(args.base)
   out["before"] = {"new": score(generator, new, base_config, args.colour, os.path.join(args.out, "before_new.png")),
