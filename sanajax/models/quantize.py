@@ -18,7 +18,7 @@ Modes (MODES):
 
 What is quantized: the Linear layers inside the transformer blocks (SANA: self-attention q/k/v/out,
 cross-attention q/k/v/out, the Mix-FFN's two 1x1 convs; MM-DiT: both streams' q/k/v/out projections and
-MLPs). They hold 97.0% of Sana-1600M's parameters (docs/quantization.md#what-is-quantized). The
+MLPs). They hold 96.9% of Sana-1600M's parameters (docs/quantization.md#what-is-quantized). The
 patch embedding, the timestep / guidance / caption embedders, the adaLN tables and modulation, the
 norms, the depthwise 3x3 conv and the output projection stay float: they are small, and each either
 reads raw inputs (latents, timesteps, text states) or writes the velocity. The attention products
