@@ -27,6 +27,7 @@ import math
 import os
 import random
 import shlex
+import socket
 import sys
 import tempfile
 import threading
@@ -47,13 +48,6 @@ from sanajax.generation import Generator, truncation_warnings
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.workdir.files import checkpoint_dir, load_workdir_config
 from sanajax.workdir.loaders import has_checkpoint
-
-cli.define_flags(multihost=False)
-_WORKDIRS = flags.DEFINE_multi_string("workdir", None, "A workdir to serve (config.json + checkpoints: a training, "
-                                      "Sprint or converted one); repeat it to serve several, with a model picker.")
-_PORT = flags.DEFINE_integer("port", 7860, "TCP port of the page.")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on; 127.0.0.1 keeps the page on this machine "
-                            "(0.0.0.0: anyone who can reach it can use the accelerator).")
 
 FLOW_SAMPLERS = ("flow_dpm", "flow_euler")
 SPRINT_SAMPLER = "scm"
@@ -587,26 +581,49 @@ def launch(engine: Engine, host: str, port: int) -> None:
   demo.launch(server_name=host, server_port=port, ssr_mode=False, share=False, theme=theme, css=CSS)
 
 
+def check_port(host: str, port: int) -> None:
+  """A UserError (one line, exit 2) when nothing can listen on host:port, e.g. a port already taken."""
+  try:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+      s.bind((host, port))
+  except OSError as e:
+    raise cli.UserError(f"--host={host} --port={port}: cannot listen there ({e.strerror or e}); "
+                        f"pick another --port.") from e
+
+
 def main(argv):
   del argv  # cli.run refuses positional arguments.
-  if not _WORKDIRS.value:
+  workdirs, host, port = flags.FLAGS.workdir, flags.FLAGS.host, flags.FLAGS.port
+  if not workdirs:
     raise cli.UserError("--workdir is required (repeat it to serve several models).")
-  models = [ServedModel.open(w) for w in _WORKDIRS.value]
+  models = [ServedModel.open(w) for w in workdirs]
   if len({m.workdir for m in models}) != len(models):
     raise cli.UserError("--workdir: the same workdir is given twice.")
-  if _HOST.value not in ("127.0.0.1", "localhost", "::1"):
-    print(f"Warning: --host={_HOST.value}: the page is open to anyone who can reach this machine.", file=sys.stderr,
+  if host not in ("127.0.0.1", "localhost", "::1"):
+    print(f"Warning: --host={host}: the page is open to anyone who can reach this machine.", file=sys.stderr,
           flush=True)
+  check_port(host, port)  # before minutes of loading
   engine = Engine(models, tempfile.mkdtemp(prefix="sanajax-serve-"))
   print(f"Loading {models[0].name} ({models[0].workdir}) ...", flush=True)
   engine.load(models[0].workdir)  # ready when the URL is printed; the others load on their first request
   print(f"Serving {len(models)} model(s); images are written to {engine.out_dir}", flush=True)
   try:
-    launch(engine, _HOST.value, _PORT.value)
+    launch(engine, host, port)
   except OSError as e:
-    raise cli.UserError(f"--host={_HOST.value} --port={_PORT.value}: cannot listen there ({e}); "
-                        f"pick another --port.") from e
+    raise cli.UserError(f"--host={host} --port={port}: cannot listen there ({e}); pick another --port.") from e
+
+
+def _define_flags() -> None:
+  """The CLI's flags, defined only when run as a program: absl flags are global, and the tests import
+  this module beside sanajax.sample (which defines its own --workdir)."""
+  cli.define_flags(multihost=False)
+  flags.DEFINE_multi_string("workdir", None, "A workdir to serve (config.json + checkpoints: a training, Sprint or "
+                            "converted one); repeat it to serve several, with a model picker.")
+  flags.DEFINE_integer("port", 7860, "TCP port of the page.")
+  flags.DEFINE_string("host", "127.0.0.1", "Address to listen on; 127.0.0.1 keeps the page on this machine "
+                      "(0.0.0.0: anyone who can reach it can use the accelerator).")
 
 
 if __name__ == "__main__":
+  _define_flags()
   cli.run(main)

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
 
-from sanajax import config_utils, serve
+from sanajax import cli, config_utils, serve
 from sanajax.models import dcae
 from sanajax.workdir.checkpoint import Checkpointer
 from sanajax.workdir.files import checkpoint_dir, load_workdir_config, prepare_workdir
@@ -241,6 +241,12 @@ def test_serve_cli_user_errors_are_one_line(tmp_path):
   lines = [line for line in r.stderr.splitlines() if line.strip()]
   assert r.returncode == 2 and len(lines) == 1, r.stderr
   assert lines[0].startswith("sanajax.serve: error: Workdir") and "does not exist" in lines[0]
+  with socket.socket() as taken:  # a port in use is refused before any model loads
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(cli.UserError, match=rf"--host=127.0.0.1 --port={port}: cannot listen there"):
+      serve.check_port("127.0.0.1", port)
 
 
 # ------------------------------------------------------------------------------ the page, in a browser
