@@ -257,6 +257,34 @@ def test_sampler_guidance_interval(sampler):
   assert not np.allclose(partial, unguided, atol=1e-3) and not np.allclose(partial, guided, atol=1e-3)
 
 
+@pytest.mark.parametrize("sampler", ["flow_euler", "flow_dpm"])
+def test_guidance_interval_runs_the_conditional_batch_alone_outside_it(sampler, monkeypatch):
+  """Outside the interval a step evaluates B rows, not 2B (counted as the model runs), and the images
+  equal those of the doubled batch with s = 1 there (the former path: one run, guidance per row)."""
+  coef = _coefficients()
+  noise, context, mask, null_context, null_mask = map(jnp.asarray, _inputs())
+  linear = _linear_model(jnp, coef)
+  rows = []
+
+  def model(x, t, c, m):
+    jax.debug.callback(lambda n: rows.append(int(n)), jnp.int32(x.shape[0]))
+    return linear(x, t, c, m)
+
+  kw = dict(sampler=sampler, num_steps=6, shift=3.0, cfg_scale=4.5, cfg_interval=(0.5, 1.0))
+  run = lambda: jax.block_until_ready(jax.jit(lambda n: samplers.sample(
+      model, n, context, mask, null_context, null_mask, **kw))(noise))
+  out = run()
+  b = noise.shape[0]
+  sigmas = samplers.timestep_grid(6, 3.0, sampler)
+  inside = [0.5 <= s <= 1.0 for s in sigmas[:6]]
+  assert 0 < sum(inside) < 6
+  assert rows == [2 * b if g else b for g in inside]
+  rows.clear()
+  monkeypatch.setattr(samplers, "guidance_segments", lambda *a: [(0, 6, True)])  # every step doubled
+  np.testing.assert_allclose(run(), out, rtol=1e-5, atol=1e-5)
+  assert rows == [2 * b] * 6
+
+
 def test_sample_errors():
   noise, context, mask, null_context, null_mask = map(jnp.asarray, _inputs())
   model = _linear_model(jnp, _coefficients())

@@ -148,6 +148,27 @@ def guided_velocity(model_fn: ModelFn, x: jax.Array, t: jax.Array, context: jax.
   return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
+def guidance_segments(sigmas: np.ndarray, num_steps: int, cfg_scale,
+                      cfg_interval: tuple[float, float] | None) -> list[tuple[int, int, bool]]:
+  """The sampler's steps as (start, stop, guided) runs: a step runs the doubled CFG batch only when it
+  is guided, i.e. cfg is on and its model time sigma_i lies in [lo, hi] (the test of guided_velocity,
+  decided here statically from the grid). The grid is monotone, so the guided steps are one run;
+  the others evaluate the conditional batch alone (B rows instead of 2B, same velocity since s = 1)."""
+  if _cfg_is_off(cfg_scale):
+    return [(0, num_steps, False)]
+  if guidance_interval_is_full(cfg_interval):
+    return [(0, num_steps, True)]
+  lo, hi = np.float32(cfg_interval[0]), np.float32(cfg_interval[1])  # float32, as guided_velocity compares
+  inside = [bool(lo <= np.float32(sigmas[i]) <= hi) for i in range(num_steps)]
+  runs: list[tuple[int, int, bool]] = []
+  for i, g in enumerate(inside):
+    if runs and runs[-1][2] == g:
+      runs[-1] = (runs[-1][0], i + 1, g)
+    else:
+      runs.append((i, i + 1, g))
+  return runs
+
+
 def _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale, cfg_interval=None):
   """Closes over the text inputs: (x (B,H,W,C) float32, sigma scalar) -> guided v float32."""
 
@@ -171,14 +192,19 @@ def flow_euler(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: ja
   Returns:
     x0 latents, (B, H, W, C) float32.
   """
-  sigmas = jnp.asarray(timestep_grid(num_steps, shift, "flow_euler"))
-  velocity = _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale, cfg_interval)
+  sigmas_np = timestep_grid(num_steps, shift, "flow_euler")
+  sigmas = jnp.asarray(sigmas_np)
+  x = noise.astype(jnp.float32)
+  for start, stop, guided in guidance_segments(sigmas_np, num_steps, cfg_scale, cfg_interval):
+    velocity = _velocity_fn(model_fn, context, mask, null_context, null_mask, *((cfg_scale, cfg_interval) if guided
+                                                                                else (1.0, None)))
 
-  def step(i, x):
-    dt = sigmas[i + 1] - sigmas[i]  # negative: time runs from noise to data.
-    return x + dt * velocity(x, sigmas[i])
+    def step(i, x, velocity=velocity):
+      dt = sigmas[i + 1] - sigmas[i]  # negative: time runs from noise to data.
+      return x + dt * velocity(x, sigmas[i])
 
-  return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32))
+    x = jax.lax.fori_loop(start, stop, step, x)
+  return x
 
 
 def _dpm_coefficients(sigmas: np.ndarray) -> np.ndarray:
@@ -225,17 +251,19 @@ def flow_dpm_solver(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mas
   sigmas_np = timestep_grid(num_steps, shift, "flow_dpm")
   sigmas = jnp.asarray(sigmas_np)
   coef = jnp.asarray(_dpm_coefficients(sigmas_np))
-  velocity = _velocity_fn(model_fn, context, mask, null_context, null_mask, cfg_scale, cfg_interval)
+  carry = (noise.astype(jnp.float32), jnp.zeros(noise.shape, jnp.float32))
+  for start, stop, guided in guidance_segments(sigmas_np, num_steps, cfg_scale, cfg_interval):
+    velocity = _velocity_fn(model_fn, context, mask, null_context, null_mask, *((cfg_scale, cfg_interval) if guided
+                                                                                else (1.0, None)))
 
-  def step(i, carry):
-    x, d_prev = carry
-    d = x - sigmas[i] * velocity(x, sigmas[i])  # data (x0) prediction.
-    x_next = coef[i, 0] * x + coef[i, 1] * d + coef[i, 2] * d_prev
-    return x_next, d
+    def step(i, carry, velocity=velocity):
+      x, d_prev = carry
+      d = x - sigmas[i] * velocity(x, sigmas[i])  # data (x0) prediction.
+      x_next = coef[i, 0] * x + coef[i, 1] * d + coef[i, 2] * d_prev
+      return x_next, d
 
-  x = noise.astype(jnp.float32)
-  x, _ = jax.lax.fori_loop(0, num_steps, step, (x, jnp.zeros_like(x)))
-  return x
+    carry = jax.lax.fori_loop(start, stop, step, carry)
+  return carry[0]
 
 
 def scm(model_fn: ModelFn, noise: jax.Array, context: jax.Array, mask: jax.Array | None, *, num_steps: int,
