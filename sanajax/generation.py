@@ -16,7 +16,8 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm import tqdm
 
-from sanajax.diffusion import samplers
+from sanajax.data.buckets import check_sample_size
+from sanajax.diffusion import flow, samplers
 from sanajax.models.backbones import apply_conditioned, build_backbone
 from sanajax.models.controlnet import ControlledDiT, encode_control
 from sanajax.models.dcae_tiling import decode_latents
@@ -111,7 +112,8 @@ class Generator:
     self.quantize = quantize
     self.dit, self.dit_params = quantize_backbone(self.dit, self.dit_params, quantize, config.model)
     self.ae_model, self.ae_params, self.ae_scaling, self.ae_shift = ae_model, placed["ae"], ae_scaling, ae_shift
-    self.latent_shape = latent_shape(config, ae_downsample)
+    self.latent_shape = latent_shape(config, ae_downsample)  # (h, w, C); generate(height=, width=) changes it
+    self.ae_downsample = ae_downsample
     null_ids, null_mask = self.text.tokenize([""])
     self._null = (jnp.asarray(null_ids), jnp.asarray(null_mask))
     self._jitted = {}
@@ -150,9 +152,14 @@ class Generator:
     apply_fn = functools.partial(apply_conditioned, self.dit, {"params": dit_params})
     with self.plan.activate():
       latents = sample_latents(apply_fn, self.dit.guidance_embeds, noise, context, mask, null_context, null_mask,
-                               sampler=sampler, steps=steps, cfg=cfg, shift=self.config.diffusion.flow_shift,
+                               sampler=sampler, steps=steps, cfg=cfg, shift=self._flow_shift(),
                                key=jax.random.fold_in(key, 1), cfg_interval=cfg_interval)
     return noise, latents
+
+  def _flow_shift(self) -> float:
+    """The sampling grid's shift at the current image size (flow.shift_for_size)."""
+    h, w = (n * self.ae_downsample for n in self.latent_shape[:2])
+    return flow.shift_for_size(self.config.diffusion, h, w, int(self.config.data.resolution))
 
   def _sample_fn(self, dit_params, ae_params, text_params, key, ids, mask, sampler: str, steps: int, cfg: jax.Array,
                  cfg_interval: tuple[float, float] | None, negative=None):
@@ -174,7 +181,7 @@ class Generator:
     (sampler, steps, cfg interval), jitted with the plan's shardings. negative: the tokenized negative
     prompt (ids, mask) (1, L), an argument of that program (None: the empty prompt, plain CFG)."""
     interval = self.cfg_interval
-    fn = self._jitted.get((sampler, int(steps), interval))
+    fn = self._jitted.get((sampler, int(steps), interval, self.latent_shape))
     if fn is None:
       layout = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
       rep, batch2 = self.plan.replicated, self.plan.batch_sharding(2)
@@ -183,7 +190,7 @@ class Generator:
                    in_shardings=(layout(self.dit_params), layout(self.ae_params), layout(self.text_params), rep,
                                  batch2, batch2, rep, rep),
                    out_shardings=self.plan.batch_sharding(4))
-      self._jitted[(sampler, int(steps), interval)] = fn
+      self._jitted[(sampler, int(steps), interval, self.latent_shape)] = fn  # one program per image size too
     batch = self.plan.shard_global_batch({"ids": ids, "mask": mask})
     key = self.plan.replicate(key)
     negative = self._null if negative is None else negative
@@ -192,7 +199,7 @@ class Generator:
 
   def generate(self, prompts: list[str], *, sampler: str = "flow_dpm", steps: int = 20, cfg: float = 4.5,
                seed: int = 0, batch_size: int = 64, progress: str | None = None,
-               negative_prompt: str = "") -> np.ndarray:
+               negative_prompt: str = "", height: int | None = None, width: int | None = None) -> np.ndarray:
     """uint8 images (N, R, R, 3), one per prompt; the noise of prompt i depends only on (seed, i).
 
     sampler: "flow_dpm" | "flow_euler" | "scm" (SANA-Sprint, steps 1-4). cfg: the CFG scale; for a
@@ -200,9 +207,15 @@ class Generator:
     and no unconditional batch is run. progress: a progress-bar label (None: no bar).
     negative_prompt: what CFG's unconditional half is conditioned on ("": the null prompt the model
     was trained with; unused by a Sprint student, which runs no unconditional half).
+    height, width: image size in pixels (None: data.resolution); any multiple of the AE downsampling x
+    patch size, e.g. an aspect-ratio bucket (buckets.check_sample_size: a ValueError naming the nearest
+    sizes otherwise). The flow shift follows the size when diffusion.resolution_shift is on.
     """
     if sampler not in samplers.SAMPLERS:
       raise ValueError(f"Unknown sampler {sampler!r}; choose one of {samplers.SAMPLERS}.")
+    res = int(self.config.data.resolution)
+    h, w = check_sample_size(self.config, height or res, width or res)
+    self.latent_shape = (h // self.ae_downsample, w // self.ae_downsample, self.latent_shape[2])
     negative = self.text.tokenize([negative_prompt]) if negative_prompt else None
     out = []
     bar = tqdm(total=len(prompts), desc=progress, unit="image", disable=progress is None or jax.process_index() != 0,

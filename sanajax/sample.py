@@ -3,6 +3,7 @@
     python -m sanajax.sample --workdir=DIR --prompts_file=F --out=OUT \
         [--sampler=flow_dpm|flow_euler] [--steps=20] [--cfg=4.5] [--cfg_interval=0.5,1|none] [--seed=0]
     python -m sanajax.sample --workdir=DIR --prompt="a red circle" --out=OUT
+    python -m sanajax.sample --workdir=DIR --prompt=... --out=OUT --height=768 --width=1344   # any bucket (docs/data.md)
     python -m sanajax.sample --workdir=DIR --lora=LORA_DIR[:0.8] [--lora=...] --prompt=... --out=OUT  # docs/lora.md
     python -m sanajax.sample --workdir=SPRINT_DIR --prompt="a red circle" --out=OUT --sampler=scm --steps=2
     python -m sanajax.sample --workdir=DIR --prompt="a red circle" --out=OUT --quantize=int8   # docs/quantization.md
@@ -45,6 +46,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from sanajax.data.buckets import check_sample_size
 from sanajax import cli
 from sanajax.diffusion import samplers
 from sanajax.eval.geneval_lite import read_prompts_file
@@ -70,6 +72,9 @@ _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale, finite (
                           "guidance value). Default: the config's sample.cfg.")
 _CFG_INTERVAL = flags.DEFINE_string("cfg_interval", None, "Flow times 'LO,HI' at which CFG applies (flow "
                                     "samplers; 'none': every step). Default: the config's sample.cfg_interval.")
+_HEIGHT = flags.DEFINE_integer("height", None, "Image height in pixels (default: the config's data.resolution); "
+                               "with --width any aspect-ratio bucket (docs/data.md#buckets).")
+_WIDTH = flags.DEFINE_integer("width", None, "Image width in pixels (default: the config's data.resolution).")
 _SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per sampling call.")
 _LORA = flags.DEFINE_multi_string("lora", [], "LoRA to apply, DIR[:SCALE] (default scale 1): a LoRA workdir or a "
@@ -278,7 +283,7 @@ def main(argv):
     generator.attach_controlnet(model, params)
     generator.set_control(control[None], _CONTROL_SCALE.value)
   images = generator.generate(prompts, sampler=sampler, steps=steps, cfg=cfg, seed=_SEED.value,
-                              batch_size=_BATCH.value)
+                              height=_HEIGHT.value, width=_WIDTH.value, batch_size=_BATCH.value)
   if jax.process_index() == 0:  # every process holds all images (Generator.generate); one writes them.
     write_images(images, _OUT.value)
     print(f"Wrote {len(images)} images and grid.png to {_OUT.value}", flush=True)
