@@ -5,6 +5,7 @@ another model). The trainer and CLIs: tests/test_lora_training.py.
 The diffusers model is test_convert's odd-sized SanaTransformer2DModel (head dims 12 and 18, 3 heads,
 patch 2, QK norm, non-square latents, a padded text mask), float32, every weight random.
 """
+import functools
 import json
 import os
 
@@ -26,6 +27,18 @@ peft = pytest.importorskip("peft")
 from test_convert import DIT_KW, _assert_close, _dit_inputs, _randomise, _torch_dit
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv_inverted", "conv_point"]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _run(model, params, loras, scales, dropout, rng, x, t, ctx, mask):
+  """model.apply with `loras` (a tuple of adapter dicts, at `scales`) injected; one compile per layout."""
+  with lora_lib.injected(list(zip(loras, scales)), dropout=dropout, rng=rng):
+    return model.apply({"params": params}, x, t, ctx, mask)
+
+
+def _out(model, params, *inputs, loras=(), scales=(), dropout=0.0, rng=None):
+  return np.asarray(_run(model, params, tuple(loras), tuple(scales), dropout,
+                         jax.random.PRNGKey(0) if rng is None else rng, *inputs))
 
 
 def _pipeline(tm):
@@ -61,13 +74,10 @@ def test_peft_lora_matches_diffusers_on_the_fly_and_merged(peft_lora):
   assert {float(e["alpha"]) for e in lora.values()} == {5.0}
   x, t, ctx, mask = _dit_inputs()
   want = _torch_dit(tm, x, t, ctx, mask)
-  with lora_lib.injected([(lora, 1.0)]):
-    got = np.asarray(model.apply({"params": params}, x, t, ctx, mask))
-  _assert_close(got, want)
-  merged = np.asarray(model.apply({"params": lora_lib.merge(params, lora)}, x, t, ctx, mask))
-  _assert_close(merged, want)
+  _assert_close(_out(model, params, x, t, ctx, mask, loras=[lora], scales=[1.0]), want)
+  _assert_close(_out(model, lora_lib.merge(params, lora), x, t, ctx, mask), want)
   # The adapter changes the output (so the parity above is not the base's), and unmerge restores the base.
-  base_out = np.asarray(model.apply({"params": params}, x, t, ctx, mask))
+  base_out = _out(model, params, x, t, ctx, mask)
   assert float(np.max(np.abs(base_out - want))) > 0.1 * float(np.max(np.abs(want)))
   back = lora_lib.unmerge(lora_lib.merge(params, lora), lora)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), back, params)
@@ -95,8 +105,7 @@ def test_round_trip_and_diffusers_loads_sanajax_file(peft_lora, tmp_path):
   x, t, ctx, mask = _dit_inputs()
   np.testing.assert_array_equal(_torch_dit(pipe.transformer, x, t, ctx, mask), _torch_dit(tm, x, t, ctx, mask))
   # Two stacked adapters at scales 0.7 and 0.3 equal one at scale 1.
-  with lora_lib.injected([(lora, 0.7), (again, 0.3)]):
-    stacked = np.asarray(model.apply({"params": params}, x, t, ctx, mask))
+  stacked = _out(model, params, x, t, ctx, mask, loras=[lora, again], scales=[0.7, 0.3])
   _assert_close(stacked, _torch_dit(tm, x, t, ctx, mask))
 
 
@@ -137,15 +146,12 @@ def test_names_metadata_bf16_and_dropout(peft_lora, tmp_path):
   assert float(convert.load_lora(out)["transformer_blocks_1/ff/conv_point"]["alpha"]) == 2.0
   # bf16 base kernels (the frozen base of a LoRA run): the same output to bf16 precision.
   x, t, ctx, mask = _dit_inputs()
-  with lora_lib.injected([(lora, 1.0)]):
-    f32 = np.asarray(model.apply({"params": params}, x, t, ctx, mask))
-    bf16 = np.asarray(model.apply({"params": lora_lib.cast_kernels(params, "bfloat16")}, x, t, ctx, mask))
+  f32 = _out(model, params, x, t, ctx, mask, loras=[lora], scales=[1.0])
+  bf16 = _out(model, lora_lib.cast_kernels(params, "bfloat16"), x, t, ctx, mask, loras=[lora], scales=[1.0])
   assert float(np.max(np.abs(bf16 - f32))) <= 3e-2 * float(np.max(np.abs(f32)))
   # Dropout acts on the adapters' input only: with p -> 1 the output is the base's.
-  base_out = np.asarray(model.apply({"params": params}, x, t, ctx, mask))
-  with lora_lib.injected([(lora, 1.0)], dropout=0.999999, rng=jax.random.PRNGKey(0)):
-    dropped = np.asarray(jax.jit(lambda p: model.apply({"params": p}, x, t, ctx, mask))(params))
-  _assert_close(dropped, base_out)
+  dropped = _out(model, params, x, t, ctx, mask, loras=[lora], scales=[1.0], dropout=0.999999)
+  _assert_close(dropped, _out(model, params, x, t, ctx, mask))
 
 
 def test_init_starts_at_the_base_and_boxes_like_the_kernel():

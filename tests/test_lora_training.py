@@ -43,6 +43,7 @@ def lora_config(base_dir, **overrides):
   return config_utils.load_config("configs/lora.py", base_dir, overrides={**RUN, **overrides})
 
 
+@pytest.mark.slow  # ~45 s of CPU (3 training runs, 2 CLI subprocesses): over the new-tests budget (tests/conftest.py)
 def test_lora_trains_resumes_exports_and_samples(base, tmp_path, monkeypatch):
   base_dir, base_params = base
   config = lora_config(base_dir)
