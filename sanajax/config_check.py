@@ -359,6 +359,9 @@ def _check_lora(c: _Checker) -> None:
     c.bad("init_from", c.get("init_from"), "must be empty in a LoRA run (the base is lora.base)")
   if c.get("model.scan_layers") is True:
     c.bad("model.scan_layers", True, "LoRA adapts each block's own layers: set it to False")
+  if c.get("train.sample_every") not in (_MISSING, 0, None):
+    c.bad("train.sample_every", c.get("train.sample_every"), "must be 0 in a LoRA run (the grid reads full DiT "
+          "weights; the adapters are sampled with `python -m sanajax.sample --workdir=LORA_WORKDIR`)")
   if any(p.startswith(("model.", "lora.")) for p in c.problems):
     return  # the model cannot be built, or the targets are already reported
   try:
