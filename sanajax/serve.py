@@ -43,6 +43,7 @@ from absl import flags
 from PIL import Image, PngImagePlugin
 
 from sanajax import cli
+from sanajax.data import buckets
 from sanajax.diffusion import samplers
 from sanajax.generation import Generator, truncation_warnings
 from sanajax.models.text_encoder import TextEncoder
@@ -55,6 +56,7 @@ SPRINT_SAMPLER = "scm"
 # Sprint 1-4; the README's largest batch is 64 on one chip): raise them here if you need more.
 MAX_STEPS = 100
 MAX_BATCH = 8
+MAX_SIDE_FACTOR = 2  # a typed size's sides: at most this x data.resolution (SANA's buckets reach ~2x a side)
 MAX_PROMPT_CHARS = 2000  # a request-size guard; the text encoder itself reads text.max_length tokens
 MAX_SEED = 2**31 - 1
 LIVE_STEPS = 1  # the Sprint student's one-step mode
@@ -72,8 +74,8 @@ class BadRequest(ValueError):
 class ServedModel:
   """What the page knows of one workdir before its weights load (config.json only).
 
-  resolutions: the (height, width) pairs it samples; today the config's data.resolution. A model
-  with resolution buckets lists them here (resolution_choices) and the dropdown offers them all.
+  resolutions: the (height, width) pairs the page offers (resolution_choices): data.resolution, then
+  the config's aspect-ratio buckets; any other size the model takes can be typed (parse_request).
   """
   workdir: str
   config: ml_collections.ConfigDict
@@ -105,10 +107,11 @@ class ServedModel:
 
 
 def resolution_choices(config: ml_collections.ConfigDict) -> tuple[tuple[int, int], ...]:
-  """(height, width) pairs a workdir samples: its data.resolution (square). The one place that lists
-  them: a model with aspect-ratio buckets adds its sizes here."""
+  """(height, width) pairs the page offers for a workdir: data.resolution (square), then the sizes of
+  its aspect-ratio buckets (config.data.buckets, sanajax.data.buckets) in table order."""
   r = int(config.data.resolution)
-  return ((r, r),)
+  table = buckets.table_from_config(config)
+  return tuple(dict.fromkeys([(r, r), *(table.shapes if table else [])]))
 
 
 def format_resolution(hw: tuple[int, int]) -> str:
@@ -203,9 +206,16 @@ def parse_request(model: ServedModel, *, prompt: Any, negative_prompt: Any = "",
   seed = _integer("seed", seed, 0, MAX_SEED)
   batch_size = _integer("batch size", batch_size, 1, MAX_BATCH)
   hw = parse_resolution(d["resolution"] if resolution in (None, "") else resolution)
-  if hw not in model.resolutions:
-    raise BadRequest(f"resolution {format_resolution(hw)}: {model.name} samples "
-                     f"{', '.join(format_resolution(r) for r in model.resolutions)}.")
+  if hw not in model.resolutions:  # a typed size: one the model takes, at most MAX_SIDE_FACTOR x data.resolution
+    limit = MAX_SIDE_FACTOR * int(model.config.data.resolution)
+    try:
+      buckets.check_sample_size(model.config, *hw)
+    except ValueError as e:
+      raise BadRequest(f"resolution {format_resolution(hw)}: {str(e).split(': ', 1)[-1]}") from None
+    if max(hw) > limit:
+      raise BadRequest(f"resolution {format_resolution(hw)}: at most {limit} px a side here ({MAX_SIDE_FACTOR} x "
+                       f"the model's {model.config.data.resolution}); offered: "
+                       f"{', '.join(format_resolution(r) for r in model.resolutions)}.")
   return Request(model.workdir, prompt, negative_prompt, sampler, steps, cfg, interval, seed, batch_size, hw)
 
 
@@ -219,13 +229,14 @@ def settings_record(request: Request, index: int) -> dict:
             "cfg_interval": list(request.cfg_interval) if request.cfg_interval else None, "seed": request.seed,
             "batch_size": request.batch_size, "index": index, "height": request.resolution[0],
             "width": request.resolution[1]}
+  h, w = request.resolution
   if not request.negative_prompt and "\n" not in request.prompt:
     interval = "none" if request.cfg_interval is None else f"{request.cfg_interval[0]:g},{request.cfg_interval[1]:g}"
     source = (f"--prompt={shlex.quote(request.prompt)}" if index == 0 else
               f"--prompts_file=PROMPTS  # PROMPTS: the prompt on {index + 1} lines; the image is OUT/{index:05d}.png")
     record["cli"] = (f"python -m sanajax.sample --workdir={shlex.quote(request.workdir)} --sampler={request.sampler} "
                      f"--steps={request.steps} --cfg={request.cfg:g} --cfg_interval={interval} --seed={request.seed} "
-                     f"--out=OUT {source}")
+                     f"--height={h} --width={w} --out=OUT {source}")
   return record
 
 
@@ -349,7 +360,8 @@ class Engine:
       compile_before, start = CompileClock.seconds, time.perf_counter()
       images = generator.generate([request.prompt] * request.batch_size, sampler=request.sampler,
                                   steps=request.steps, cfg=request.cfg, seed=request.seed,
-                                  batch_size=request.batch_size, negative_prompt=request.negative_prompt)
+                                  batch_size=request.batch_size, negative_prompt=request.negative_prompt,
+                                  height=request.resolution[0], width=request.resolution[1])
       total = time.perf_counter() - start
       compile_s = CompileClock.seconds - compile_before if self.needs_compile(request) else 0.0
       self.compiled.setdefault(request.compile_key, compile_s)

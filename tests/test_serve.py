@@ -88,6 +88,10 @@ def test_models_take_their_samplers_and_defaults_from_the_workdir(models, tmp_pa
   assert flow.defaults == {"sampler": "flow_dpm", "steps": 20, "cfg": 4.5, "cfg_interval": (0.5, 1.0),
                            "resolution": "32x32"}
   assert sprint.defaults["sampler"] == "scm" and sprint.defaults["steps"] == 2
+  # With aspect-ratio buckets (data.buckets "sana") the page offers data.resolution, then the buckets' sizes.
+  config = config_utils.load_config("configs/tiny.py", overrides={"data.resolution": RES, **SMALLEST_MODEL,
+                                                                  "data.buckets": "sana"})
+  assert serve.resolution_choices(config) == ((32, 32), (16, 64), (16, 48), (32, 48), (48, 32), (48, 16), (64, 16))
   with pytest.raises(FileNotFoundError, match="does not exist"):
     serve.ServedModel.open(str(tmp_path / "nope"))
   bare = tmp_path / "bare"
@@ -107,6 +111,8 @@ def test_a_request_is_checked_before_any_work(models):
   # A Sprint student embeds its guidance: no interval applies.
   assert serve.parse_request(sprint, prompt="p", cfg_interval=(0.5, 1)).cfg_interval is None
   assert serve.parse_request(sprint, prompt="p", sampler="scm", steps=1).sampler == "scm"
+  # A typed size the model takes (sides multiples of 16 here, at most 2 x 32 px): width x height.
+  assert serve.parse_request(flow, prompt="p", resolution="64x48").resolution == (48, 64)
 
 
 @pytest.mark.parametrize("values, message", [
@@ -120,7 +126,8 @@ def test_a_request_is_checked_before_any_work(models):
     ({"seed": -1}, "seed=-1: must be a whole number from 0 to 2147483647."),
     ({"batch_size": 0}, "batch size=0: must be a whole number from 1 to 8."),
     ({"batch_size": 9}, "batch size=9: must be a whole number from 1 to 8."),
-    ({"resolution": "64x64"}, "resolution 64x64: flow samples 32x32."),
+    ({"resolution": "36x36"}, "resolution 36x36: this model samples sizes whose sides are multiples of 16"),
+    ({"resolution": "96x96"}, "resolution 96x96: at most 64 px a side here (2 x the model's 32); offered: 32x32."),
     ({"resolution": "big"}, "resolution 'big': write it as WIDTHxHEIGHT"),
     ({"sampler": "scm"}, "sampler 'scm': flow samples with flow_dpm, flow_euler (scm is SANA-Sprint's sampler"),
     ({"sampler": "ddim"}, "sampler 'ddim': flow samples with flow_dpm, flow_euler."),
@@ -141,7 +148,7 @@ def test_every_png_carries_its_exact_settings_and_the_cli_command(models, tmp_pa
       "workdir": wd, "prompt": "a red circle's edge", "negative_prompt": "", "sampler": "flow_dpm", "steps": 2,
       "cfg": 4.5, "cfg_interval": [0.5, 1.0], "seed": 3, "batch_size": 3, "index": 0, "height": RES, "width": RES,
       "cli": (f"python -m sanajax.sample --workdir={wd} --sampler=flow_dpm --steps=2 --cfg=4.5 --cfg_interval=0.5,1 "
-              "--seed=3 --out=OUT --prompt='a red circle'\"'\"'s edge'")}
+              "--seed=3 --height=32 --width=32 --out=OUT --prompt='a red circle'\"'\"'s edge'")}
   assert serve.settings_record(request, 2)["cli"].endswith(
       "--prompts_file=PROMPTS  # PROMPTS: the prompt on 3 lines; the image is OUT/00002.png")
   negative = serve.parse_request(models["flow"], prompt="p", negative_prompt="blue")
@@ -206,7 +213,8 @@ def test_engine_loads_once_runs_one_at_a_time_and_compiles_once_per_key(models, 
   # The sample CLI's call: the prompt batch, the sampler settings, seed and batch size; the interval set first.
   generator = engine.load(flow.workdir)
   assert generator.calls == [(["a red circle"] * 2, {"sampler": "flow_dpm", "steps": 2, "cfg": 4.5, "seed": 3,
-                                                     "batch_size": 2, "negative_prompt": "blue"}, (0.5, 1.0))]
+                                                     "batch_size": 2, "negative_prompt": "blue", "height": RES,
+                                                     "width": RES}, (0.5, 1.0))]
   assert result.compile_seconds > 0 and len(result.paths) == 2
   assert [serve.read_png_settings(p) for p in result.paths] == result.records == [
       serve.settings_record(first, i) for i in range(2)]
