@@ -381,3 +381,23 @@ def test_corrupt_records_are_skipped_counted_and_named(photos, shards, tmp_path,
   assert "data-00003-of-00003.array_record[0]: unreadable record (RecordError: not a sanajax record" in caplog.text
   assert "data-00003-of-00003.array_record[1]: unreadable record (RecordError: not an image record" in caplog.text
   assert "(trunc.jpg): truncated, empty or not an image" in caplog.text
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+  """benchmarks/data_throughput.py --smoke: every source and mode timed, one row each, written to --results."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # the script imports its sibling _harness
+  spec = importlib.util.spec_from_file_location("bench_data_throughput", os.path.join(ROOT, "benchmarks",
+                                                                                      "data_throughput.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / "R.md"
+  rows = module.main(["--smoke", "--results", str(out), "--images", "7"])
+  assert [(r.case.split()[0], r.impl) for r in rows] == [
+      (s, "in-process, 1 thread") for s in ("folder", "folder", "arrayrecord", "arrayrecord", "webdataset", "webdataset")]
+  assert [("bucketed" in r.case) for r in rows] == [False, True] * 3
+  for r in rows:
+    per_cpu = float(r.figure.split(" img per CPU-s")[0])
+    assert per_cpu > 0 and abs(1e3 / r.ms - per_cpu) < 1e-6 * per_cpu + 0.05, r
+  table = [line for line in out.read_text().splitlines() if "| data_throughput |" in line]
+  assert len(table) == 6 and all("(smoke)" in line for line in table)

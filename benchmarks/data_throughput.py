@@ -1,0 +1,218 @@
+"""Data-pipeline throughput: images/s per CPU core for decode + resize + crop (or + aspect-ratio bucketing)
+of 1024-px JPEGs, from a folder, ArrayRecord shards (`python -m sanajax.data.build`) and WebDataset tars
+(and an on-disk cache, `--cache=DIR`, when one is given), in this process and through grain worker
+processes (`config.data.num_workers`).
+
+    python benchmarks/data_throughput.py                      # 1024 px, workers 1 and 2, rows to RESULTS.md
+    python benchmarks/data_throughput.py --smoke              # 128 px, in-process only, seconds (tests)
+
+Target (issue 27): >= 50 images/s of 1024-px JPEG decode per core, so that a few cores feed a GPU that
+trains SANA-1600M at tens of images/s. The photos are generated (multi-scale smooth texture + fine
+noise, JPEG quality 90, mixed aspect ratios of ~1 megapixel): the mean file size is in each row, as
+decode time follows it. Figures:
+  * in-process, one thread: images per CPU-second of source[i] (read + decode + resize/crop), i.e. per
+    core, measured with the process's CPU clock; and the wall-clock rate beside it;
+  * grain workers W (mp_prefetch, one read thread each): batches of 8 as training gets them (decode in
+    the workers; the [-1, 1] float conversion in this process): images/s wall, and images per CPU-second
+    of the workers (psutil) = per worker core.
+On a shared machine the wall figures move with the other load (each row names the load average); the
+CPU-second figures much less.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image
+
+import _harness as hx
+
+from sanajax.data import build as build_lib
+from sanajax.data.pipeline import make_train_iterator
+from sanajax.data.sources import make_source
+
+try:  # optional: CPU time of grain's worker processes
+  import psutil
+except ImportError:  # pragma: no cover
+  psutil = None
+try:  # aspect-ratio buckets (issue 27's other half); square crops only where they are absent.
+  from sanajax.data.buckets import bucket_table
+except ImportError:  # pragma: no cover
+  bucket_table = None
+
+BENCH = "data_throughput"
+TARGET = ">= 50 img/s/core (1024-px JPEG)"
+TARGET_PER_CORE = 50.0
+# (width, height) at ~1 megapixel: square, 16:9, 4:3, 2:1 and their portraits.
+SHAPES_1024 = [(1024, 1024), (1365, 768), (768, 1365), (1182, 886), (886, 1182), (1448, 724), (724, 1448)]
+
+
+def photo(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
+  """uint8 (h, w, 3): smooth texture at four scales plus fine noise (photo-like JPEG sizes and decode cost)."""
+  out = np.zeros((h, w, 3), np.float32)
+  for cells, amp in ((4, 90.0), (16, 40.0), (64, 20.0), (256, 10.0)):
+    small = rng.normal(0, 1, (max(2, cells * h // max(w, h)), max(2, cells * w // max(w, h)), 3)).astype(np.float32)
+    big = np.stack([np.asarray(Image.fromarray(small[..., c]).resize((w, h), Image.Resampling.BICUBIC))
+                    for c in range(3)], -1)
+    out += amp * big
+  out += rng.normal(0, 4, out.shape).astype(np.float32)
+  return np.clip(out + 128, 0, 255).astype(np.uint8)
+
+
+def write_data(root: str, n: int, resolution: int) -> tuple[str, str, str, float]:
+  """A folder of n JPEGs with captions, its ArrayRecord build and WebDataset tars; returns
+  (folder, arrayrecord dir, tar glob, mean file KB)."""
+  rng = np.random.default_rng(0)
+  folder = os.path.join(root, "folder")
+  os.makedirs(folder)
+  scale = resolution / 1024
+  sizes = []
+  for i in range(n):
+    w, h = SHAPES_1024[i % len(SHAPES_1024)]
+    path = os.path.join(folder, f"{i:05d}.jpg")
+    Image.fromarray(photo(rng, max(8, round(w * scale)), max(8, round(h * scale)))).save(path, quality=90)
+    with open(os.path.join(folder, f"{i:05d}.txt"), "w") as f:
+      f.write(f"a generated photo number {i}\n")
+    sizes.append(os.path.getsize(path))
+  shards = os.path.join(root, "arrayrecord")
+  with open(os.devnull, "w") as quiet:
+    build_lib.build(f"folder:{folder}", shards, num_shards=2, workers=1, out=quiet)
+  tars = os.path.join(root, "wds")
+  os.makedirs(tars)
+  for t in range(2):
+    with tarfile.open(os.path.join(tars, f"{t:05d}.tar"), "w") as tar:
+      for i in range(t, n, 2):
+        for ext in ("jpg", "txt"):
+          tar.add(os.path.join(folder, f"{i:05d}.{ext}"), arcname=f"{i:05d}.{ext}")
+  return folder, shards, os.path.join(tars, "*.tar"), statistics.mean(sizes) / 1024
+
+
+def in_process(source, repeats: int) -> tuple[float, float]:
+  """(images/s wall, images per CPU-second) of source[i] over all i in one thread: the best of `repeats`
+  passes after one warm pass. CPU time (time.process_time) is what one core spends an image, whatever
+  else the machine runs; the wall figure drops when other processes share the core."""
+  n = len(source)
+  walls, cpus = [], []
+  for r in range(repeats + 1):
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(n):
+      ex = source[i]
+      assert ex["image"] is not None, ex.get("path")
+    if r:
+      walls.append(n / (time.perf_counter() - t0))
+      cpus.append(n / max(time.process_time() - c0, 1e-9))
+  return max(walls), max(cpus)
+
+
+def _no_text(captions):
+  return np.zeros((len(captions), 1), np.int32), np.ones((len(captions), 1), np.int32)
+
+
+def _children_cpu_s() -> float | None:
+  """CPU seconds used so far by this process's live child processes (grain's workers); None without psutil."""
+  if psutil is None:
+    return None
+  total = 0.0
+  for child in psutil.Process().children(recursive=True):
+    try:
+      t = child.cpu_times()
+      total += t.user + t.system
+    except psutil.Error:
+      pass
+  return total
+
+
+def with_workers(source, workers: int, batches: int, batch_size: int = 8, bucket_ids=None
+                 ) -> tuple[float, float | None]:
+  """(images/s wall, images per worker CPU-second or None) of the training iterator with `workers` grain
+  worker processes, one read thread each."""
+  kwargs = {"bucket_ids": bucket_ids} if bucket_ids is not None else {}
+  it = make_train_iterator(source, batch_size=batch_size, seed=0, tokenize_fn=_no_text, num_workers=workers,
+                           read_threads=1, **kwargs)
+  try:
+    for _ in range(2):  # worker start-up and the first decodes
+      next(it)
+    t0, c0 = time.perf_counter(), _children_cpu_s()
+    for _ in range(batches):
+      next(it)
+    wall = time.perf_counter() - t0
+    c1 = _children_cpu_s()
+    # Workers keep decoding ahead (prefetch) while timed, so their CPU time covers slightly more images
+    # than were taken: the per-CPU-second figure errs low.
+    per_cpu = batches * batch_size / (c1 - c0) if c0 is not None and c1 > c0 else None
+    return batches * batch_size / wall, per_cpu
+  finally:
+    it.close()
+
+
+def cpu_name() -> str:
+  """'cpu: <model name>' from /proc/cpuinfo (as the other CPU rows of RESULTS.md name the machine)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return "cpu: " + line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return "cpu"
+
+
+def load_text() -> str:
+  return "load avg {:.1f} {:.1f} {:.1f}".format(*os.getloadavg())
+
+
+def main(argv=None) -> list[hx.Row]:
+  p = hx.parser(__doc__.split("\n\n")[0])
+  p.add_argument("--images", type=int, default=None, help="generated photos (default 56; smoke 8)")
+  p.add_argument("--resolution", type=int, default=None, help="training side in px (default 1024; smoke 128)")
+  p.add_argument("--workers", default=None, help="grain worker counts, comma-separated (default 1,2; smoke none)")
+  p.add_argument("--batches", type=int, default=12, help="timed batches of 8 per worker count")
+  p.add_argument("--sources", default="folder,arrayrecord,webdataset", help="which sources to time")
+  p.add_argument("--modes", default="crop,bucket", help="square crop and / or aspect-ratio bucketing")
+  p.add_argument("--cache", default=None, help="an on-disk cache (cache:DIR source) to time as well")
+  args = hx.finish_args(p.parse_args(argv), warmup=1, repeats=2)
+  n = args.images or (8 if args.smoke else 56)
+  res = args.resolution or (128 if args.smoke else 1024)
+  workers = [int(w) for w in (args.workers if args.workers is not None else ("" if args.smoke else "1,2")).split(",")
+             if w.strip()]
+  table = bucket_table("sana", res, 32) if bucket_table is not None else None
+  rows = []
+  with tempfile.TemporaryDirectory(prefix="sanajax-data-bench-") as root:
+    folder, shards, tars, kb = write_data(root, n, res)
+    specs = {"folder": f"folder:{folder}", "arrayrecord": f"arrayrecord:{shards}", "webdataset": f"webdataset:{tars}"}
+    if args.cache:
+      specs["cache"] = f"cache:{args.cache}"
+    for name in [s.strip() for s in args.sources.split(",") if s.strip()] + (["cache"] if args.cache else []):
+      for mode in [m.strip() for m in args.modes.split(",") if m.strip() and (m.strip() == "crop" or table)]:
+        if mode == "bucket" and name == "cache":
+          continue  # a cache holds latents already cut to their bucket
+        source = make_source(specs[name], res, 0, buckets=table if mode == "bucket" else None)
+        case = f"{name} {res}px {'bucketed' if mode == 'bucket' else 'square crop'}, {kb:.0f} KB JPEGs"
+        wall, per_cpu = in_process(source, args.repeats)
+        ok = per_cpu >= TARGET_PER_CORE if res == 1024 else None
+        rows.append(hx.Row(BENCH, case, "in-process, 1 thread", 1e3 / per_cpu,
+                           f"{per_cpu:.1f} img per CPU-s; {wall:.1f} img/s wall ({load_text()})", TARGET, hx.met(ok)))
+        ids = source.bucket_ids(table) if mode == "bucket" else None
+        for w in workers:
+          # A bucketed batch is one bucket: no larger than the fullest bucket (8 of each shape at --images 56).
+          batch = 8 if ids is None else int(min(8, np.bincount(ids[ids >= 0]).max()))
+          wall, per_cpu = with_workers(source, w, args.batches, batch, bucket_ids=ids)
+          ok = per_cpu >= TARGET_PER_CORE if res == 1024 and per_cpu is not None else None
+          cpu_text = f"{per_cpu:.1f} img per worker CPU-s; " if per_cpu is not None else ""
+          rows.append(hx.Row(BENCH, case, f"grain workers={w}", 1e3 * w / wall,
+                             f"{cpu_text}{wall:.1f} img/s wall, {wall / w:.1f} per worker ({load_text()})", TARGET,
+                             hx.met(ok)))
+        hx.print_rows(rows[-1 - len(workers):])
+  device = f"{cpu_name()} x {os.cpu_count()} cores, shared{' (smoke)' if args.smoke else ''}"
+  hx.append_rows(args.results, rows, device=device, versions_text=f"pillow {Image.__version__}, "
+                 f"grain {hx._version('grain')}, array_record {hx._version('array_record')}")  # pylint: disable=protected-access
+  return rows
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
