@@ -219,6 +219,9 @@ def _check_diffusion(c: _Checker) -> None:
     c.real_in(f"diffusion.{field}", 0.0, math.inf, lo_open=True, hi_open=True, required=False,
               text="must be a finite number > 0")
   c.real_in("diffusion.alt_shift_fraction", 0.0, 1.0, required=False)
+  shift = c.get("diffusion.resolution_shift")
+  if shift is not _MISSING and not isinstance(shift, bool):
+    c.bad("diffusion.resolution_shift", shift, "must be True (flow shift per bucket / sampled size) or False")
 
 
 def _check_model(c: _Checker, kind: str) -> None:

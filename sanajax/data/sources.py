@@ -27,6 +27,8 @@ from PIL import Image, ImageOps
 
 from sanajax.data import records
 from sanajax.data.buckets import BucketTable, fit_to_bucket
+from sanajax.data.feature_cache import SOURCE_PREFIX as CACHE_PREFIX
+from sanajax.data.feature_cache import CacheSource
 from sanajax.data.shapes import ShapesSource
 
 log = logging.getLogger(__name__)
@@ -705,7 +707,8 @@ def _check_megapixels(value) -> float:
 
 SOURCE_FORMS = ("'shapes' (procedural shapes set), 'folder:PATH' (images under PATH with sidecar .txt or "
                 "captions.jsonl captions), 'arrayrecord:DIR' (shards of python -m sanajax.data.build), "
-                "'webdataset:GLOB' (tar shards of .jpg/.png + .txt/.json) or 'tfds:NAME[:SPLIT]'")
+                "'webdataset:GLOB' (tar shards of .jpg/.png + .txt/.json), 'tfds:NAME[:SPLIT]' or 'cache:DIR' (latents "
+                "and text features of python -m sanajax.data.cache)")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 
 
@@ -759,6 +762,10 @@ def make_source(source: str, resolution: int, seed: int, split: str = "train", *
     return TfdsSource(name, tfds_split, resolution, max_image_megapixels, image_key=tfds_image_key,
                       caption_key=tfds_caption_key, score_key=tfds_score_key, data_dir=tfds_data_dir,
                       buckets=buckets)
+  if source.startswith(CACHE_PREFIX):
+    # An on-disk latent / text-feature cache (python -m sanajax.data.cache), not checked against a config here
+    # (the trainer does, naming any mismatch); its items hold "latent" and "features", not "image".
+    return CacheSource(source[len(CACHE_PREFIX):])
   raise ValueError(f"unknown data source {source!r}. Accepted forms: {SOURCE_FORMS}.")
 
 
