@@ -256,6 +256,14 @@ def test_build_resumes_after_a_kill(photos, shards, tmp_path):
     assert records.read_index(fresh) == records.read_index(resumed)
 
 
+def test_build_verify_leaves_out_what_does_not_decode(photos, tmp_path):
+  dst = str(tmp_path / "verified")
+  summary = build_lib.build(f"folder:{photos['folder']}", dst, 1, 1, verify=True, out=io.StringIO())
+  assert summary["num_skipped"] == 2 and summary["num_records"] == len(photos["good"])
+  assert [why for _, why in records.read_index(records.shard_path(dst, 0, 1))["skipped"]] == [
+      "not an image (no readable header)", "truncated, empty or not an image"]
+
+
 def test_build_errors_are_one_line(photos, shards, tmp_path, capsys):
   folder = photos["folder"]
   cases = [([f"--src=arrayrecord:{shards}", f"--dst={tmp_path / 'a'}"], "already built"),

@@ -6,7 +6,7 @@ Every record holds the image file's bytes as stored (never re-encoded), its capt
 scores when the source has them, and its original (h, w) read from the header. Examples whose
 bytes are not an image at all (no readable header) are left out and named in the shard's index
 and the summary; with --verify every image is also decoded in full, and those that fail (e.g. a
-truncated JPEG) are left out too. Without --verify a damaged image that still has a header is
+truncated JPEG, or one over the default 89-megapixel limit) are left out too. Without --verify a damaged image that still has a header is
 stored, and training skips, names and counts it when it reads it, as with a folder.
 
 Shard k of N holds the source's examples [k n / N, (k+1) n / N) in source order. A shard is written
@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from array_record.python import array_record_module
 
 from sanajax.data import records
-from sanajax.data.sources import load_image, image_size, make_source
+from sanajax.data.sources import DEFAULT_MAX_IMAGE_MEGAPIXELS, image_size, load_image, make_source
 
 # Source forms a build reads (an arrayrecord: source is already built).
 BUILD_SOURCES = ("folder:", "webdataset:", "tfds:")
@@ -78,7 +78,8 @@ def _check_record(source, i: int, verify: bool) -> tuple[bytes | None, tuple[int
   if size is None:
     return None, None, where, "not an image (no readable header)"
   if verify:
-    image, reason = load_image(rec.image, _VERIFY_RESOLUTION, float("inf"))
+    # The default pixel limit: decoding a larger image here could exhaust memory (PIL's bomb guard).
+    image, reason = load_image(rec.image, _VERIFY_RESOLUTION, DEFAULT_MAX_IMAGE_MEGAPIXELS)
     if image is None:
       return None, None, where, reason
   rec.size = size
@@ -228,7 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       help=f"number of shards (default: one per {RECORDS_PER_SHARD} examples)")
   parser.add_argument("--workers", type=int, default=None, help="worker processes (default: the CPU count)")
   parser.add_argument("--verify", action="store_true",
-                      help="decode every image and leave out those that fail (slower; default: header check only)")
+                      help="decode every image and leave out those that fail or exceed 89 megapixels (slower; default: "
+                           "header check only)")
   parser.add_argument("--tfds_image_key", default="image", help="tfds: the image feature (nest with '/')")
   parser.add_argument("--tfds_caption_key", default="caption", help="tfds: the caption feature (nest with '/')")
   parser.add_argument("--tfds_score_key", default="", help="tfds: the CLIP-score feature ('' for none)")
