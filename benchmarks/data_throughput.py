@@ -27,10 +27,9 @@ import tarfile
 import tempfile
 import time
 
+import _harness as hx
 import numpy as np
 from PIL import Image
-
-import _harness as hx
 
 from sanajax.data import build as build_lib
 from sanajax.data.pipeline import make_train_iterator
@@ -209,8 +208,9 @@ def main(argv=None) -> list[hx.Row]:
                              hx.met(ok)))
         hx.print_rows(rows[-1 - len(workers):])
   device = f"{cpu_name()} x {os.cpu_count()} cores, shared{' (smoke)' if args.smoke else ''}"
+  version = hx._version  # pylint: disable=protected-access
   hx.append_rows(args.results, rows, device=device, versions_text=f"pillow {Image.__version__}, "
-                 f"grain {hx._version('grain')}, array_record {hx._version('array_record')}")  # pylint: disable=protected-access
+                 f"grain {version('grain')}, array_record {version('array_record')}")
   return rows
 
 

@@ -6,8 +6,9 @@ Every record holds the image file's bytes as stored (never re-encoded), its capt
 scores when the source has them, and its original (h, w) read from the header. Examples whose
 bytes are not an image at all (no readable header) are left out and named in the shard's index
 and the summary; with --verify every image is also decoded in full, and those that fail (e.g. a
-truncated JPEG, or one over the default 89-megapixel limit) are left out too. Without --verify a damaged image that still has a header is
-stored, and training skips, names and counts it when it reads it, as with a folder.
+truncated JPEG, or one over the default 89-megapixel limit) are left out too. Without --verify a
+damaged image that still has a header is stored, and training skips, names and counts it when it
+reads it, as with a folder.
 
 Shard k of N holds the source's examples [k n / N, (k+1) n / N) in source order. A shard is written
 to a temporary file, renamed when whole, and then its index JSON is written: a killed build rerun
@@ -28,7 +29,8 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from array_record.python import array_record_module
 

@@ -35,7 +35,8 @@ import glob
 import json
 import os
 import struct
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 MAGIC = b"SJR1"
 _LEN = struct.Struct("<I")
@@ -95,7 +96,7 @@ class ImageRecord:
     return pack(header, [self.image])
 
   @classmethod
-  def from_bytes(cls, record: bytes) -> "ImageRecord":
+  def from_bytes(cls, record: bytes) -> ImageRecord:
     header, blobs = unpack(record)
     try:
       (image,) = blobs

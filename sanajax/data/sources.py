@@ -661,7 +661,8 @@ class TfdsSource(_EncodedSource):
     except Exception as e:  # pylint: disable=broad-except
       # TFDS raises many types here (DatasetNotFoundError, AssertionError, ValueError for a split).
       first = (str(e).strip().splitlines() or [""])[0]  # TFDS appends a list of every data set it knows
-      raise ValueError(f"data source tfds:{name}:{split}: cannot open it ({type(e).__name__}: {first}). The data set must "
+      raise ValueError(f"data source tfds:{name}:{split}: cannot open it ({type(e).__name__}: {first}). "
+                       f"The data set must "
                        f"be prepared on disk in the array_record format (tfds build {name} --file_format=array_record, "
                        f"or builder.download_and_prepare(file_format='array_record')); set config.data.tfds_data_dir "
                        f"to where it lies.") from e
@@ -782,5 +783,6 @@ def make_source_from_config(data, seed: int, split: str = "train", buckets: Buck
 
 def tfds_options(data) -> dict[str, str]:
   """The tfds: source's feature names and data dir from a config's `data` section (defaults when absent)."""
-  return {"tfds_image_key": data.get("tfds_image_key", "image"), "tfds_caption_key": data.get("tfds_caption_key", "caption"),
+  return {"tfds_image_key": data.get("tfds_image_key", "image"),
+          "tfds_caption_key": data.get("tfds_caption_key", "caption"),
           "tfds_score_key": data.get("tfds_score_key", ""), "tfds_data_dir": data.get("tfds_data_dir", "")}
