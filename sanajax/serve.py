@@ -373,10 +373,11 @@ class Engine:
 
 
 class Debouncer:
-  """The live mode's debounce. Every keystroke notes the prompt with the browser's clock (ms), as soon
-  as it reaches the server; the live request of a keystroke goes ahead only when its prompt is still
-  the latest once the session has not typed for `delay` seconds (else a later keystroke's request
-  draws the image). The browser's stamps order keystrokes whose requests arrive out of order."""
+  """The live mode's debounce. Every keystroke notes the prompt (`note`, with the browser's clock in
+  ms, as soon as it reaches the server); a live request samples only if, once the session has not
+  typed for `delay` seconds, its prompt is the latest noted one (`settled`). The browser's stamps
+  order keystrokes whose notes arrive out of order; a live request never notes, so a late request
+  carrying an old prompt cannot pass for the newest."""
 
   def __init__(self, delay: float = LIVE_DEBOUNCE_S, clock: Callable[[], float] = time.monotonic,
                sleep: Callable[[float], None] = time.sleep):
@@ -385,26 +386,24 @@ class Debouncer:
     self._lock = threading.Lock()
 
   def note(self, session: str, text: str, stamp: float) -> None:
-    """A keystroke: `text` typed at browser time `stamp`; an older stamp than the latest is ignored."""
+    """A keystroke: `text` typed at browser time `stamp`; one older than the latest noted is ignored."""
     with self._lock:
-      if session not in self._latest or stamp > self._latest[session][0]:
+      if session not in self._latest or stamp >= self._latest[session][0]:
         self._latest[session] = (stamp, text, self._clock())
-      elif stamp == self._latest[session][0] and text == self._latest[session][1]:
-        self._latest[session] = (stamp, text, self._latest[session][2])
 
-  def settled(self, session: str, text: str, stamp: float) -> bool:
-    """Notes the keystroke, waits until the session has not typed for `delay`, then whether `text` is
-    still its latest prompt."""
-    self.note(session, text, stamp)
+  def settled(self, session: str, text: str) -> bool:
+    """Waits `delay` (so that this keystroke's own note has arrived) and until the session has not
+    typed for `delay`; then whether `text` is its latest prompt. A session with no note: True."""
+    wake = self._clock() + self.delay
     while True:
       with self._lock:
-        _, latest, at = self._latest[session]
-      if latest != text:
-        return False
-      wait = at + self.delay - self._clock()
-      if wait <= 0:
+        latest = self._latest.get(session)
+      if latest is None:
         return True
-      self._sleep(wait)
+      wake = max(wake, latest[2] + self.delay)
+      if self._clock() >= wake:
+        return latest[1] == text
+      self._sleep(wake - self._clock())
 
 
 # --------------------------------------------------------------------------------------------- page
@@ -464,12 +463,11 @@ def build_app(engine: Engine):
     if live:
       debouncer.note(request.session_hash, prompt, float(typed_at or 0))
 
-  def on_live(live, workdir, prompt, negative, sampler, steps, cfg, lo, hi, seed, batch, resolution, typed_at,
+  def on_live(live, workdir, prompt, negative, sampler, steps, cfg, lo, hi, seed, batch, resolution,
               request: gr.Request):
     """Typing in live mode (a Sprint student): one step, one image, once typing pauses; not added to the gallery."""
     del sampler, steps, batch  # live mode is scm, LIVE_STEPS steps, one image
-    if not live or not str(prompt).strip() or not debouncer.settled(request.session_hash, prompt,
-                                                                     float(typed_at or 0)):
+    if not live or not str(prompt).strip() or not debouncer.settled(request.session_hash, prompt):
       return gr.skip(), gr.skip(), gr.skip()
     try:
       result = run(parse(workdir, prompt, negative, SPRINT_SAMPLER, LIVE_STEPS, cfg, lo, hi, seed, 1, resolution))
@@ -538,12 +536,12 @@ def build_app(engine: Engine):
     generate.click(on_generate, inputs=[items, *controls], outputs=outputs, show_progress_on=latest, **device)
     prompt.submit(on_generate, inputs=[items, *controls], outputs=outputs, show_progress_on=latest, **device)
     # Live mode: each keystroke is noted at once, outside the queue, with the browser's clock (typed_at);
-    # a live request waits out the debounce and samples only if no later keystroke came (Debouncer). While
-    # one runs, Gradio keeps just the newest keystroke's request (always_last).
-    stamp = "(...args) => { args[args.length - 1] = Date.now(); return args; }"
+    # a live request waits out the debounce and samples only if its prompt is the latest noted (Debouncer).
+    # While one runs, Gradio keeps just the newest keystroke's request (always_last).
+    stamp = "(live, prompt, typed_at) => [live, prompt, Date.now()]"
     prompt.input(on_keystroke, inputs=[live, prompt, typed_at], queue=False, js=stamp)
-    prompt.input(on_live, inputs=[live, *controls, typed_at], outputs=[latest, status, settings],
-                 show_progress="hidden", trigger_mode="always_last", concurrency_limit=None, js=stamp)
+    prompt.input(on_live, inputs=[live, *controls], outputs=[latest, status, settings], show_progress="hidden",
+                 trigger_mode="always_last", concurrency_limit=None)
     gallery.select(on_select, inputs=items, outputs=settings, queue=False)
   return demo
 

@@ -253,13 +253,27 @@ def test_live_mode_draws_only_the_last_keystroke():
   d.note("s", "a", 1)
   d.note("s", "a bl", 3)
   d.note("s", "a b", 2)  # arrived late: an older keystroke
-  assert not d.settled("s", "a", 1)  # superseded: returns at once
-  assert sleeps == []
-  assert d.settled("s", "a bl", 3) and sleeps == [pytest.approx(0.3)]
-  # A keystroke during the wait supersedes it.
-  d2 = serve.Debouncer(0.3, clock=lambda: now[0], sleep=lambda s: (d2.note("s", "abc", 9), sleep(s)))
-  assert not d2.settled("s", "ab", 8)
-  assert d.settled("t", "other session", 1)  # sessions are separate
+  assert not d.settled("s", "a") and not d.settled("s", "a b")  # superseded
+  assert d.settled("s", "a bl") and sleeps == [pytest.approx(0.3)] * 3  # each waited out the pause once
+  def typed_during_wait(text, stamp):
+    """A Debouncer whose first wait sees `text` typed (its note arrives while a live request waits)."""
+    pending = [(text, stamp)]
+
+    def sleep_typing(seconds):
+      while pending:
+        debouncer.note("s", *pending.pop())
+      sleep(seconds)
+
+    debouncer = serve.Debouncer(0.3, clock=lambda: now[0], sleep=sleep_typing)
+    return debouncer
+
+  d2 = typed_during_wait("abc", 9)  # a keystroke during the wait supersedes it
+  d2.note("s", "ab", 8)
+  assert not d2.settled("s", "ab")
+  d3 = typed_during_wait("abcd", 10)  # a live request that reaches the server before its keystroke's note
+  d3.note("s", "abc", 9)
+  assert d3.settled("s", "abcd")
+  assert d.settled("t", "a session that never noted")
 
 
 def test_serve_cli_user_errors_are_one_line(tmp_path):
