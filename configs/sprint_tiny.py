@@ -11,17 +11,15 @@ configs/sana_sprint_config/1024ms/SanaSprint_1600M_1024px_allqknorm_bf16_scm_lad
 train_scripts/train_scm_ladd.py) except where marked "tiny:" with the reason; the measurements behind
 those are in docs/sprint.md.
 """
-import ml_collections
-
 from sanajax import config_utils
 
 tiny = config_utils.load_sibling(__file__, "tiny")
+sprint_600m = config_utils.load_sibling(__file__, "sprint_600m")
 
 
 def get_config(arg=None):
   del arg
   c = tiny.get_config()
-  c.teacher_workdir = ""  # required: the workdir of a sanajax.train run (config.json + checkpoints).
 
   # Student = teacher architecture + the CFG embedding (its last layer starts at zero).
   c.model.guidance_embeds = True
@@ -32,59 +30,42 @@ def get_config(arg=None):
   # teacher (docs/sprint.md#phase-1-dense-time-embedding) pass --config.model.timestep_scale=0.001.
   c.model.timestep_scale = 1.0
 
-  c.distill = ml_collections.ConfigDict()
-  c.distill.sigma_data = 0.5
-  c.distill.logit_mean = 0.2  # generator times t = atan(exp(N(0.2, 1.6)) / sigma_d).
-  c.distill.logit_std = 1.6
-  c.distill.logit_mean_discriminator = -0.6
-  c.distill.logit_std_discriminator = 1.0
-  # tiny: 4,000 in the reference (of runs of tens of thousands of steps); a CPU run is 1,500 steps,
-  # and 750 measured level with 100 (docs/sprint.md#variants).
-  c.distill.tangent_warmup_steps = 100
-  c.distill.tangent_norm_constant = 0.1
-  c.distill.cfg_scales = (4.0, 4.5, 5.0)  # teacher CFG scale per sample (scm_cfg_scale).
-  # Guide the teacher as it samples: CFG only at the flow times of its config's sample.cfg_interval
-  # (True), so the student learns the ODE the teacher is scored with; False: at every time, as the
-  # reference distils (its teachers sample with guidance at every step). True scores higher at 2 and 4
-  # steps (docs/sprint.md#teacher-guidance).
-  c.distill.teacher_cfg_interval = True
-  c.distill.scm_lambda = 1.0
-  c.distill.adv_lambda = 0.5
   # tiny: the reference taps blocks 2, 8, 14, 19 of 20 (spread over the depth, the last one
   # included); the same spread over the teacher's 4 blocks.
-  c.distill.head_block_ids = (0, 2, 3)
-  c.distill.train_largest_timestep = True
-  c.distill.largest_timestep = 1.5708
-  c.distill.largest_timestep_prob = 0.5
-  c.distill.misaligned_pairs_D = True
+  c = sprint_600m.distill_fields(c, head_block_ids=(0, 2, 3))
+  d = c.distill
+  # tiny: 4,000 in the reference (of runs of tens of thousands of steps); a CPU run is 1,500 steps,
+  # and 750 measured level with 100 (docs/sprint.md#variants).
+  d.tangent_warmup_steps = 100
+  # tiny: the reference guides its teacher at every step. Guiding it only at the flow times of its
+  # config's sample.cfg_interval (True) makes the student learn the ODE the teacher is scored with,
+  # and scores higher at 2 and 4 steps (docs/sprint.md#teacher-guidance).
+  d.teacher_cfg_interval = True
   # tiny: bfloat16 in the reference (1.6B on a GPU); a CPU has no bfloat16 speed-up and the tiny
   # teacher is 0.7M parameters, so it stays float32.
-  c.distill.teacher_dtype = "float32"
-  # The heads' peak learning rate (0: train.learning_rate, as the reference trains both at one rate).
-  # tiny: 10x the student's. At the student's 1e-4 the heads stay near chance (hinge loss 0.92 of
-  # 1.0) and LADD gives little signal; 1e-3 scores higher at 2 steps after 1,500 steps and at every
-  # step count after 3,000 (docs/sprint.md#heads-learning-rate).
-  c.distill.disc_learning_rate = 1e-3
+  d.teacher_dtype = "float32"
+  # tiny: the heads' peak learning rate, 10x the student's (the reference trains both at one rate).
+  # At the student's 1e-4 the heads stay near chance (hinge loss 0.92 of 1.0) and LADD gives little
+  # signal; 1e-3 scores higher at 2 steps after 1,500 steps and at every step count after 3,000
+  # (docs/sprint.md#heads-learning-rate).
+  d.disc_learning_rate = 1e-3
 
-  # Both optimizers (G and D) are built from this section, as the reference builds optimizer_D
-  # from the same settings (the heads' rate is distill.disc_learning_rate).
   # tiny: 1,500 steps of Muon at 1e-4 is the measured CPU recipe (~5 min alone on 2 cores); 300 steps
   # leave the 1-step images washed out, and at 1,500 steps Muon beats AdamW
-  # (docs/sprint.md#optimizer-and-steps).
-  # The reference trains CAME at lr 2e-6 with 5,000 warm-up steps for a 0.6-1.6B model; a 0.7M model
-  # in 1,500 steps needs a larger rate (5e-4 with AdamW collapsed a student).
-  c.train.num_steps = 1500
-  c.train.batch_size = 16  # reference train_batch_size (32 measured level: docs/sprint.md#variants).
-  c.train.optimizer = "muon"
-  c.train.learning_rate = 1e-4
-  c.train.warmup_steps = 20  # tiny: short, as the run (reference 5,000); not tuned.
-  c.train.schedule = "constant"  # cosine to 0 measured worse (docs/sprint.md#variants).
-  c.train.weight_decay = 0.0
-  c.train.grad_clip = 0.1  # reference gradient_clip.
-  c.train.ema_decay = 0.999
-  c.train.caption_dropout = 0.0  # reference class_dropout_prob 0 (the teacher's CFG does the guidance).
-  c.train.log_every = 10
-  c.train.checkpoint_every = 100
+  # (docs/sprint.md#optimizer-and-steps). The reference trains CAME at lr 2e-6 with 5,000 warm-up
+  # steps for a 0.6-1.6B model; a 0.7M model in 1,500 steps needs a larger rate (5e-4 with AdamW
+  # collapsed a student).
+  tr = c.train
+  tr.num_steps = 1500
+  tr.optimizer = "muon"
+  tr.learning_rate = 1e-4
+  tr.warmup_steps = 20  # tiny: short, as the run (reference 5,000); not tuned.
+  # tiny: batch 16 as the reference (32 measured level: docs/sprint.md#variants); the reference's
+  # constant schedule (cosine to 0 measured worse: docs/sprint.md#variants).
+  tr.ema_decay = 0.999  # tiny: a 1,500-step run.
+  tr.log_every = 10
+  tr.checkpoint_every = 100
+  tr.sample_every = 0  # tiny: no sample grids during a 1,500-step run.
 
   c.sample.sampler = "scm"
   c.sample.steps = 2  # reference SanaSprintPipeline default.

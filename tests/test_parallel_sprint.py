@@ -39,6 +39,10 @@ def test_sprint_step_under_data2_fsdp2_tensor2_equals_one_device_and_is_sharded(
   assert "sprint ok" in cases_output, cases_output
 
 
+def test_1600m_distillation_sections_under_a_plan_equal_one_device(cases_output):
+  assert "scale ok" in cases_output, cases_output
+
+
 def test_sampling_under_a_plan_equals_one_device(cases_output):
   assert "sampling ok" in cases_output, cases_output
 
@@ -49,10 +53,22 @@ SMALL = {"data.resolution": 32, "model.depth": 1, "model.hidden_size": 64, "mode
          "train.batch_size": 8, "train.warmup_steps": 1, "train.num_steps": 4}
 
 
-def configs(**mesh):
-  """(student config, teacher config): the tiny ones at 32 px (4x4x8 latents), one block."""
+def configs(base: str = "sprint_tiny", **mesh):
+  """(student config, teacher config): the tiny ones at 32 px (4x4x8 latents), one block.
+
+  base "sprint_1600m": configs/sprint_1600m.py's distill and train sections (CAME for both networks, the
+  reference's loss weights and time distributions) on the same tiny teacher (sprint_config.student_config),
+  with float32 networks (bf16 sums in another order differ at 1e-3, over the tolerances) and a rate of
+  1e-4 without warm-up, so that two steps move the student.
+  """
   from sanajax import config_utils
+  from sanajax.training import sprint_config
   teacher = config_utils.load_config("configs/tiny.py", overrides=SMALL)
+  if base == "sprint_1600m":
+    student = sprint_config.student_config(teacher, os.path.join(REPO, "unused"), 4, {
+        **SMALL, "model.dtype": "float32", "distill.teacher_dtype": "float32", "train.learning_rate": 1e-4,
+        "train.warmup_steps": 0, **{f"mesh.{k}": v for k, v in mesh.items()}}, base=base)
+    return student, teacher
   student = config_utils.load_config("configs/sprint_tiny.py", overrides={
       **SMALL, "distill.head_block_ids": (0,), "distill.tangent_warmup_steps": 2,
       # AdamW with both networks at 1e-4 (configs/sprint_tiny.py before 2026-12-05). Adam's first
@@ -102,12 +118,12 @@ def max_rel(a, b) -> float:
   return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(la, lb)) / scale
 
 
-def distill_run(mesh: dict, data):
+def distill_run(mesh: dict, data, base: str = "sprint_tiny"):
   """(distiller, frozen, state after len(data) steps, metrics of each step) under `mesh` ({}: one device)."""
   import jax
 
   from sanajax.training import sprint
-  config, teacher = configs(**mesh)
+  config, teacher = configs(base, **mesh)
   ae, ae_params, text, teacher_params = parts()
   distiller, frozen, state = sprint.build_distiller(config, teacher, teacher_params, ae, ae_params, 1.0, text)
   step = distiller.make_step(frozen, state)
@@ -181,6 +197,30 @@ def case_sprint() -> None:
   print("sprint ok", flush=True)
 
 
+def case_scale() -> None:
+  """The 1600M config's distillation sections (CAME, reference weights) on the tiny stand-in: two steps
+  under data=2 x fsdp=2 x tensor=2 equal one device."""
+  import jax
+  data = batches(2)
+  _, _, ref_state, ref_metrics = distill_run({}, data, base="sprint_1600m")
+  distiller, _, state, metrics = distill_run(SPRINT_MESH, data, base="sprint_1600m")
+  assert distiller.config.train.optimizer == "came" and distiller.adv_lambda == 0.5
+  errors = {}
+  for name in ("loss", "scm_loss", "adv_loss", "d_loss", "grad_norm", "d_grad_norm"):
+    errors[name] = max(abs(float(m[name]) - float(r[name])) / max(abs(float(r[name])), 1e-6)
+                       for m, r in zip(metrics, ref_metrics))
+  for part in ("params", "ema_params", "disc_params", "opt_state", "disc_opt_state"):
+    errors[part] = max_rel(jax.device_get(getattr(state, part)), jax.device_get(getattr(ref_state, part)))
+  print("1600M sections, relative errors vs one device over 2 steps:", {k: f"{v:.2e}" for k, v in errors.items()},
+        flush=True)
+  bad = {k: v for k, v in errors.items() if v > (METRIC_RTOL if k in metrics[0] else SPRINT_RTOL)}
+  assert not bad, bad
+  q = lambda p: jax.device_get(p["transformer_blocks_0"]["attn1"]["to_q"]["kernel"].value)
+  moved = max_rel(q(state.params), q(parts()[3]))
+  assert moved > 1e-5, moved
+  print("scale ok", flush=True)
+
+
 def case_sampling() -> None:
   import jax
   import numpy as np
@@ -228,6 +268,7 @@ if __name__ == "__main__":
 
   def case_all() -> None:
     case_sprint()
+    case_scale()
     case_sampling()
-  cases = {"all": case_all, "sprint": case_sprint, "sampling": case_sampling}
+  cases = {"all": case_all, "sprint": case_sprint, "scale": case_scale, "sampling": case_sampling}
   cases[sys.argv[1]](*sys.argv[2:])

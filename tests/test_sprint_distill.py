@@ -375,3 +375,42 @@ def test_one_step_probe_regresses_the_teacher_onto_its_own_samples(teacher_dir, 
   with open(tmp_path / "one_step_probe.json") as f:
     assert json.load(f) == summary
   assert summary["pairs"] == 6 and 0.0 <= summary["overall"] <= 1.0 and set(summary["geneval"]) >= {"single"}
+
+
+def test_scale_commands_phase_1_then_distillation_on_a_tiny_stand_in(teacher_dir, tmp_path):
+  """The 600M / 1600M commands' code paths on the tiny teacher: `train --config=configs/sprint_phase1.py:TEACHER`
+  (dense time, q/k norms, from the teacher's EMA weights), then a distillation with configs/sprint_1600m.py's
+  distill and train sections (CAME 2e-6, a bfloat16 teacher, heads spread over the depth) and the teacher's
+  architecture (sprint_config.student_config(base="sprint_1600m"), the shapes the 1600M model would have
+  are the teacher's)."""
+  import flax.linen as nn
+  from flax import traverse_util
+
+  from sanajax.training import sprint_config
+  from sanajax.workdir.files import load_workdir_config
+  phase1_dir = tmp_path / "phase1"
+  phase1 = config_utils.load_config(f"configs/sprint_phase1.py:{teacher_dir}", overrides={
+      "train.num_steps": 2, "train.checkpoint_every": 2, "train.log_every": 1, "eval.num_prompts": 0})
+  assert phase1.init_from == str(teacher_dir) and phase1.model.timestep_scale == 0.001 and phase1.model.qk_norm
+  train_lib.train(phase1, str(phase1_dir))
+  _, teacher = sprint.load_teacher(str(teacher_dir))
+  _, tuned = sprint.load_teacher(str(phase1_dir))
+  teacher = traverse_util.flatten_dict(nn.unbox(teacher), sep="/")
+  tuned = traverse_util.flatten_dict(nn.unbox(tuned), sep="/")
+  assert set(tuned) > set(teacher) and all("norm_q" in k or "norm_k" in k for k in set(tuned) - set(teacher))
+  assert any(not np.array_equal(np.asarray(tuned[k]), np.asarray(teacher[k])) for k in teacher)  # it trained
+
+  reference = config_utils.load_config("configs/sprint_1600m.py")
+  config = sprint_config.student_config(
+      load_workdir_config(str(phase1_dir)), str(phase1_dir), 2,
+      {"train.batch_size": 4, "train.log_every": 1, "train.checkpoint_every": 2, "eval.num_prompts": 0},
+      base="sprint_1600m")
+  for field in ("optimizer", "learning_rate", "warmup_steps", "grad_clip"):
+    assert config.train[field] == reference.train[field], field
+  assert config.distill.to_dict() == {**reference.distill.to_dict(), "head_block_ids": (0,),
+                                      "teacher_dtype": "bfloat16"}
+  assert config.model.timestep_scale == 0.001 and config.model.qk_norm and config.model.depth == 1
+  sprint.distill(config, str(tmp_path / "student"))
+  rows = read_metrics(str(tmp_path / "student"))
+  assert [r["step"] for r in rows] == [1, 2]
+  assert all(np.isfinite(r[k]) for r in rows for k in ("loss", "scm_loss", "adv_loss", "d_loss"))

@@ -22,12 +22,14 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 
 from sanajax import resolution
 from sanajax.dtypes import dtype_from_name
 from sanajax.models.backbones import backbone_name, build_backbone
 from sanajax.models.backbones import dummy_inputs as backbone_inputs
+from sanajax.models.discriminator import LaddHeads
 from sanajax.parallel.mesh import (
   DEFAULT_RULES,
   MESH_AXES,
@@ -137,9 +139,58 @@ def plan_memory(config: Any, num_devices: int | None = None) -> dict[str, Any]:
   return out
 
 
+DISTILL_ROWS = ("teacher", "heads", "heads_gradients", "heads_optimizer_state", "teacher_activations")
+
+
+def distill_plan_memory(config: Any, num_devices: int | None = None) -> dict[str, Any]:
+  """plan_memory of a Sprint student config (one with a `distill` section) plus what distillation adds.
+
+    teacher                 the frozen teacher in distill.teacher_dtype, split like the student
+                            (its architecture is the student's without the CFG embedding);
+    heads                   the LADD heads (one per distill.head_block_ids), their gradients and
+    heads_gradients,        optimizer state (the heads' optimizer is built like the student's,
+    heads_optimizer_state   training.sprint.discriminator_train_config);
+    teacher_activations     the generator's adversarial loss backpropagates through the teacher up to
+                            its last tapped block: activation_bytes of that many blocks in the teacher's
+                            dtype, at the same batch.
+  The student's rows (parameters, gradients, optimizer_state, ema, activations) are plan_memory's;
+  its log-variance head (hidden_size + 1 numbers) and the JVP's transient tangents are not counted.
+  """
+  out = plan_memory(config, num_devices)
+  config = resolution.apply_resolution(config)
+  mesh = _abstract_mesh(tuple(out["mesh"].values()))
+  rules = normalize_rules((config.get("mesh") or {}).get("rules", DEFAULT_RULES))
+  d, m = config.distill, config.model
+  teacher_model = ml_collections.ConfigDict(m.to_dict())
+  teacher_model.guidance_embeds = False
+  teacher_dtype = dtype_from_name(d.teacher_dtype, "distill.teacher_dtype")
+  down = resolution.ae_downsample(config)
+  latent_hw = (int(config.data.resolution) // down,) * 2
+  teacher = jax.eval_shape(build_backbone(teacher_model).init, jax.random.key(0),
+                           *backbone_inputs(teacher_model, latent_hw, int(config.text.max_length)))["params"]
+  teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, teacher_dtype), teacher)
+  blocks = tuple(int(i) for i in d.head_block_ids)
+  tokens = (latent_hw[0] // m.patch_size) * (latent_hw[1] // m.patch_size)
+  heads = jax.eval_shape(LaddHeads(len(blocks)).init, jax.random.key(0),
+                         [jax.ShapeDtypeStruct((1, tokens, m.hidden_size), np.float32)] * len(blocks))["params"]
+  # The heads' optimizer is the student's with the heads' own rate, which does not change its size.
+  tx_d, _ = build_optimizer(config.train, int(config.train.num_steps))
+  tapped = ml_collections.ConfigDict(config.to_dict())
+  tapped.model.depth = max(blocks) + 1
+  tapped.model.dtype = d.teacher_dtype
+  h = tree_bytes_per_device(heads, mesh, rules)
+  out.update(teacher=tree_bytes_per_device(teacher, mesh, rules), heads=h, heads_gradients=h,
+             heads_optimizer_state=tree_bytes_per_device(jax.eval_shape(tx_d.init, heads), mesh, rules),
+             teacher_activations=activation_bytes(tapped, latent_hw, mesh))
+  out["total"] += sum(out[k] for k in DISTILL_ROWS)
+  return out
+
+
 def format_plan_memory(mem: dict[str, Any]) -> str:
   mesh = " x ".join(f"{k}={v}" for k, v in mem["mesh"].items() if v > 1) or "one device"
   lines = [f"per-device memory under mesh {mesh} ({mem['devices']} devices), GiB:"]
-  for k in ("parameters", "gradients", "optimizer_state", "ema", "activations", "total"):
+  rows = ("parameters", "gradients", "optimizer_state", "ema", "activations")
+  rows += tuple(k for k in DISTILL_ROWS if k in mem) + ("total",)
+  for k in rows:
     lines.append(f"  {k:<22s} {mem[k] / 2**30:>15.2f}")
   return "\n".join(lines)

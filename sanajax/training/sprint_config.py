@@ -39,10 +39,15 @@ def spread_blocks(depth: int, n: int) -> tuple[int, ...]:
 
 
 def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: str, num_steps: int | None,
-                   overrides: dict) -> ml_collections.ConfigDict:
-  """configs/sprint_tiny.py with the teacher's architecture / text / data / AE, then `overrides`
-  ({dotted field: value}); num_steps None keeps the config's train.num_steps."""
-  config = config_utils.load_config("sprint_tiny")
+                   overrides: dict, base: str = "sprint_tiny") -> ml_collections.ConfigDict:
+  """The Sprint config `base` (configs/sprint_tiny.py; or sprint_600m / sprint_1600m, whose distill and
+  train sections are the reference's) with the teacher's architecture / text / data / AE, then
+  `overrides` ({dotted field: value}); num_steps None keeps the config's train.num_steps."""
+  config = config_utils.load_config(base)
+  if "resolution_presets" in config and "resolution_presets" not in teacher_config:
+    # A SANA-size config on a teacher without presets (tiny): the teacher's sections carry the values
+    # the presets would derive, and its resolution has no row.
+    del config["resolution_presets"]
   teacher = ml_collections.ConfigDict(teacher_config.to_dict())
   model = teacher.model
   # The Sprint options stay the student config's; q/k norms follow the teacher (a phase-1 teacher
