@@ -114,3 +114,20 @@ def test_sprint_param_counts_match_diffusers(name, base):
   h, depth = m.hidden_size, m.depth
   extra = (256 * h + h + h * h + h) + depth * (2 * h + 2 * m.cross_num_heads * m.cross_head_dim)
   assert got == base + extra  # base: the SANA count tested above (sana_600m / sana_1600m).
+
+
+def test_sprint_1600m_distillation_memory_fits_8_x_80_gb():
+  """distill_plan_memory of configs/sprint_1600m.py at 16 per device on 8 devices (docs/sprint.md#sprint-at-scale):
+  the bf16 teacher is half the float32 student less the CFG embedder; the teacher's activations up to its
+  last tapped block (19 of 20, the last) equal the student's in the same dtype; the total is every row."""
+  from sanajax.training import memory
+  config = config_utils.load_config("sprint_1600m", overrides={"mesh.fsdp": 8, "train.batch_size": 128})
+  mem = memory.distill_plan_memory(config)
+  h = config.model.hidden_size
+  cfg_embedder = 256 * h + h + h * h + h
+  assert mem["teacher"] * 2 == mem["parameters"] - 4 * cfg_embedder // 8
+  assert mem["teacher_activations"] == mem["activations"] and mem["heads_gradients"] == mem["heads"] > 0
+  rows = ("parameters", "gradients", "optimizer_state", "ema", "activations") + memory.DISTILL_ROWS
+  assert mem["total"] == sum(mem[k] for k in rows)
+  assert mem["total"] < 0.2 * 80 * 2 ** 30, mem["total"] / 2 ** 30  # 10.5 GiB of an 80 GB device
+  assert "teacher" not in memory.plan_memory(config)
