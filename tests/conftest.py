@@ -22,13 +22,14 @@ os.environ["XLA_FLAGS"] = xla_env.with_fast_compile(os.environ.get("XLA_FLAGS", 
 # the wall time, so these are collected first and the short files fill in around them.
 LONGEST_FIRST = ("test_learning.py", "test_sprint_distill.py", "test_parallel.py", "test_training.py",
                  "test_sprint_ablation.py", "test_parallel_sprint.py", "test_notebooks.py", "test_cli.py",
-                 "test_mmdit_training.py", "test_sd3_pipeline.py", "test_mmdit.py")
+                 "test_mmdit_training.py", "test_sd3_pipeline.py", "test_mmdit.py", "test_mission_data.py",
+                 "test_cache.py")
 
 
 # Files marked `slow` (each over ~2 minutes on the 2-core machine: they train, distil or run the
 # 8-device and notebook scripts). `pytest -m "not slow"` is the quick suite (README "Tests"); CI runs all.
 SLOW_FILES = ("test_learning.py", "test_sprint_distill.py", "test_parallel.py", "test_sprint_ablation.py",
-              "test_parallel_sprint.py", "test_notebooks.py")
+              "test_parallel_sprint.py", "test_notebooks.py", "test_mission_data.py", "test_cache.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -83,7 +83,7 @@ def test_one_bucket_per_global_batch_on_every_host():
     (bucket,) = buckets
     assert all(ids[i] == bucket for i in indices)
     seen.append(indices)
-  first, second = (sum(seen[e * epoch_steps:(e + 1) * epoch_steps], []) for e in range(2))
+  first, second = ([i for batch in seen[e * epoch_steps:(e + 1) * epoch_steps] for i in batch] for e in range(2))
   assert len(set(first)) == len(first) and sorted(first) != first  # each example at most once an epoch, shuffled
   assert first != second  # reshuffled each epoch
 

@@ -25,7 +25,8 @@ prints the list at start. Buckets with fewer examples than one global batch neve
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -116,7 +117,7 @@ class BucketTable:
 
 
 def _round_to(x: float, multiple: int) -> int:
-  return max(multiple, int(round(x / multiple)) * multiple)
+  return max(multiple, round(x / multiple) * multiple)
 
 
 def bucket_table(name: str, resolution: int, multiple: int) -> BucketTable | None:
