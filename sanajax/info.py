@@ -2,20 +2,26 @@
 
     python -m sanajax.info --config=configs/sana_1600m.py [--config.data.resolution=4096]
     python -m sanajax.info --config=configs/sana_1600m.py --config.mesh.fsdp=8   # per-device memory of a plan
+    python -m sanajax.info --config=configs/sprint_1600m.py --config.mesh.fsdp=8  # + teacher and LADD heads
+    python -m sanajax.info --compile   # AOT train-step compile time, 600M / 1600M / 60 blocks, scan vs unrolled
 
 Counts the DiT only (not the text encoder or the autoencoder): sanajax.models.dit_facts says how.
 """
 from __future__ import annotations
 
 import jax
+from absl import flags
 
 from sanajax import cli
 from sanajax.models.dit_facts import describe, format_description
-from sanajax.training import memory
+from sanajax.training import compile_time, memory
 
 
 def main(argv):
   del argv  # cli.run refuses positional arguments.
+  if _COMPILE.value:  # minutes on CPU: six train steps lowered and compiled (docs/scaling.md#compile-time)
+    print(compile_time.format_compile_table(compile_time.compile_table()))
+    return
   config = cli.config_from_flags()
   lines = format_description(describe(config)).splitlines()
   # Per-device bytes under config.mesh (a -1 axis takes this machine's device count).
@@ -28,3 +34,5 @@ if __name__ == "__main__":
   _CONFIG = cli.define_config_file("configs/tiny.py", "Config file, e.g. configs/sana_1600m.py[:RES].")
   cli.define_flags(multihost=False)
   cli.run(main)
+  _COMPILE = flags.DEFINE_bool("compile", False, "Instead: the AOT compile time of the train step for 600M, "
+                               "1600M and 1600M at 60 blocks, scanned vs unrolled blocks (lowered on this machine).")

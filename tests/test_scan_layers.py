@@ -248,3 +248,15 @@ def test_layers_axis_under_an_8_device_plan():
   lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ", 1)[0] in ("SPEC", "DIFF"))
   assert lines["SPEC"] == "(None, 'fsdp', 'tensor')"
   assert float(lines["DIFF"]) <= 1e-4
+
+
+@pytest.mark.slow  # four XLA compiles of a train step: ~60 s of one core
+def test_compile_time_table_on_a_tiny_stand_in():
+  """sanajax.info --compile's table, on configs/tiny.py at 2 and 5 blocks (the real sizes take minutes)."""
+  from sanajax.training import compile_time
+  rows = compile_time.compile_table((("tiny 2", "tiny", {"depth": 2}), ("tiny 5", "tiny", {"depth": 5})),
+                                    latent_side=4, text_length=5)
+  assert [r["depth"] for r in rows] == [2, 5]
+  assert all(r[k] > 0 for r in rows for k in ("unrolled_lower_s", "unrolled_compile_s", "scan_lower_s", "scan_compile_s"))
+  table = compile_time.format_compile_table(rows)
+  assert "| tiny 5 | 5 |" in table and table.count("\n") == 4

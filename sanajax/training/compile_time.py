@@ -1,0 +1,85 @@
+"""Ahead-of-time compile time of the DiT train step, scanned vs unrolled blocks (`sanajax.info --compile`).
+
+    rows = compile_table()                      # 600M, 1600M, 1600M widths at 4.8B's 60 blocks
+    print(format_compile_table(rows))
+
+The step is what the DiT trainer compiles around the model: the flow-matching loss of one batch,
+its gradient (remat as the config says) and the config's optimizer update, jitted and lowered
+with jax.eval_shape parameters (nothing is allocated), then compiled for this machine's backend
+(CPU here). Compile time is what grows with depth when the blocks are unrolled; nn.scan traces
+and compiles one block. docs/scaling.md#compile-time holds the measured table.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from sanajax import config_utils
+from sanajax.models import sana_dit
+from sanajax.training.optim import build_optimizer
+
+# (label, config name, overrides of config.model): SANA-1.5 4.8B is the 1600M width at 60 blocks.
+SIZES = (("600M (28 blocks)", "sana_600m", {}), ("1600M (20 blocks)", "sana_1600m", {}),
+         ("4.8B depth (60 blocks, 1600M width)", "sana_1600m", {"depth": 60}))
+
+
+def train_step_compile_seconds(config: ml_collections.ConfigDict, *, scan_layers: bool, latent_side: int = 32,
+                               text_length: int = 300, batch: int = 1) -> dict[str, float]:
+  """{'lower_s', 'compile_s'} of one DiT train step of `config` (model, remat, optimizer as configured)
+  at latent_side^2 latents (32: 1024 px with the DC-AE f32) and `text_length` caption tokens."""
+  mc = dict(config.model, scan_layers=scan_layers)
+  model = sana_dit.build_dit(mc)
+  x, t, ctx, mask = sana_dit.dummy_inputs(mc, (latent_side, latent_side), text_length, batch)
+  params = jax.eval_shape(lambda k, *a: model.init(k, *a)["params"], jax.random.key(0), x, t, ctx, mask)
+  tx, _ = build_optimizer(config.train, int(config.train.num_steps))
+  opt_state = jax.eval_shape(tx.init, params)
+
+  def step(params, opt_state, x0, t, ctx, mask, noise):
+    def loss_fn(p):
+      xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+      v = model.apply({"params": p}, xt, t, ctx, mask)
+      return jnp.mean(jnp.square(v.astype(jnp.float32) - (noise - x0)))
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  start = time.perf_counter()
+  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, x, t, ctx, mask, x)
+  lowered_at = time.perf_counter()
+  lowered.compile()
+  done = time.perf_counter()
+  return {"lower_s": lowered_at - start, "compile_s": done - lowered_at}
+
+
+def compile_table(sizes: Any = SIZES, **kwargs) -> list[dict[str, Any]]:
+  """One row per size: label, depth and the lower / compile seconds unrolled and scanned."""
+  rows = []
+  for label, name, overrides in sizes:
+    config = config_utils.load_config(name)
+    config.model.update(overrides)
+    row = {"size": label, "depth": int(config.model.depth)}
+    for scan in (False, True):
+      times = train_step_compile_seconds(config, scan_layers=scan, **kwargs)
+      key = "scan" if scan else "unrolled"
+      row[f"{key}_lower_s"], row[f"{key}_compile_s"] = times["lower_s"], times["compile_s"]
+    rows.append(row)
+  return rows
+
+
+def format_compile_table(rows: list[dict[str, Any]]) -> str:
+  """A Markdown table of compile_table's rows (seconds, lowering + XLA compile)."""
+  lines = [f"AOT train-step compile on {jax.default_backend()} ({jax.device_count()} devices), "
+           "lowering + compile, seconds:",
+           "| config | blocks | unrolled lower | unrolled compile | scan lower | scan compile | unrolled / scan |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    total_u = r["unrolled_lower_s"] + r["unrolled_compile_s"]
+    total_s = r["scan_lower_s"] + r["scan_compile_s"]
+    lines.append(f"| {r['size']} | {r['depth']} | {r['unrolled_lower_s']:.1f} | {r['unrolled_compile_s']:.1f} | "
+                 f"{r['scan_lower_s']:.1f} | {r['scan_compile_s']:.1f} | {total_u / total_s:.1f}x |")
+  return "\n".join(lines)
