@@ -20,7 +20,7 @@ from sanajax.training.metrics import read_metrics
 from sanajax.workdir.checkpoint import Checkpointer
 from sanajax.workdir.loaders import load_dit_params
 
-pytestmark = pytest.mark.slow  # trains a tiny AE and a few DiT steps on three bucket shapes (~2 min on 2 cores)
+pytestmark = pytest.mark.slow  # a tiny AE, cache builds and 5 short DiT runs: 7-13 min on the shared 2-core machine (load ~14)
 
 
 def small_config(ae_dir, **overrides):
