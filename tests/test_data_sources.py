@@ -25,6 +25,7 @@ from PIL import Image
 from sanajax import config_check
 from sanajax.data import build as build_lib
 from sanajax.data import records
+from sanajax.data.buckets import bucket_table
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import (
   ArrayRecordSource,
@@ -352,6 +353,26 @@ def test_every_source_resumes_exactly(photos, shards, tars, tfds_dir):
       for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=f"{kind} {key}")
     assert resumed.skipped == it.skipped >= 1, kind  # trunc.jpg (and junk) seen at least once in 27+ reads
+
+
+def test_bucketed_batches_through_two_grain_workers(photos, shards):
+  """Multi-worker decode is grain worker processes: with aspect-ratio buckets and 2 workers every batch is one
+  bucket, and the batches equal the in-process ones (mp_prefetch deals whole batches to the workers)."""
+  table = bucket_table("sana", 64, 16)
+  src = ArrayRecordSource(shards, 64, buckets=table)
+  ids = src.bucket_ids(table)
+  np.testing.assert_array_equal(ids, table.assign_many(src.original_sizes().astype(np.int64)))
+  batches = {}
+  for workers in (0, 2):
+    it = make_train_iterator(src, batch_size=2, seed=3, tokenize_fn=byte_tokenize, bucket_ids=ids, num_workers=workers)
+    try:
+      batches[workers] = [next(it) for _ in range(4)]
+    finally:
+      it.close()
+  for a, b in zip(batches[0], batches[2]):
+    assert a["image"].shape[1:3] in table.sizes  # one bucket per batch, else the batch could not be stacked
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_every_source_is_sharded_disjointly_and_completely(photos, shards, tars, tfds_dir):

@@ -346,14 +346,18 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
     schedule = BucketSchedule(bucket_ids, batch_size, seed, process_index, process_count)
     load = _LoadExample(source, seed, schedule.examples_per_epoch, caption_threshold, caption_temperature, field)
     ds = grain.MapDataset.range(schedule.examples_per_epoch).repeat().map_with_index(_LoadBucketed(load, schedule))
-    it_ds = ds.to_iter_dataset(read)
+    # Batched before the stream is read: mp_prefetch deals the elements of the stream out to its workers in
+    # turn, so with 2+ workers a batch made after it would mix positions of different buckets (one bucket a
+    # batch only holds for consecutive positions). An element is now a whole batch: a few in flight suffice.
+    ds = ds.batch(batch_size, drop_remainder=True)
+    it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads)))
   else:
     ds = stream_indices(n, seed, process_index, process_count)
     shard_len = len(range(process_index, n, process_count))
     load = _LoadExample(source, seed, shard_len, caption_threshold, caption_temperature, field)
     ds = ds.map_with_index(load)
     it_ds = _DropUndecodable(ds.to_iter_dataset(read), shard_len)
-  it_ds = it_ds.batch(batch_size, drop_remainder=True)
+    it_ds = it_ds.batch(batch_size, drop_remainder=True)
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
