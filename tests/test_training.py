@@ -78,9 +78,10 @@ def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch, latent_cache)
   config = small_config(ae_dir, **{"data.latent_cache": latent_cache})
   train_lib.train(config, str(tmp_path / "straight"))
 
-  # Kill the second run while it fetches the batch of step 5 (after the checkpoint at step 3).
+  # Kill the second run while it fetches batch 6, which the loop's device prefetch (two batches in
+  # flight) reads as step 4 starts: after the checkpoint at step 3.
   def die_at_5(count, batch):
-    if count == 5:
+    if count == 6:
       raise Killed()
     return batch
 
