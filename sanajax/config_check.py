@@ -156,6 +156,12 @@ def _check_train(c: _Checker, section: str, *, with_captions: bool) -> None:
               text="must be a finite number >= 0 (0: off)")
   for field in ("adam_b1", "adam_b2"):
     c.real_in(f"{section}.{field}", 0.0, 1.0, hi_open=True, required=False)
+  c.real_in(f"{section}.adam_eps", 0.0, 1.0, lo_open=True, required=False, text="must be a number in (0, 1]")
+  c.int_at_least(f"{section}.grad_accum_steps", 1, required=False)
+  accum, batch = c.get(f"{section}.grad_accum_steps"), c.get(f"{section}.batch_size")
+  if _is_int(accum) and _is_int(batch) and accum >= 1 and batch >= 1 and batch % accum:
+    c.bad(f"{section}.grad_accum_steps", accum, f"must divide {section}.batch_size={batch} (microbatches of "
+          f"batch_size / grad_accum_steps examples)")
   if with_captions:
     c.real_in(f"{section}.caption_dropout", 0.0, 1.0, required=False)
 
@@ -242,6 +248,10 @@ def _check_model(c: _Checker, kind: str) -> None:
       c.bad("model.remat", remat, "must be 'none', 'full' or a jax.checkpoint_policies name (e.g. 'dots_saveable')")
   c.int_at_least("text.max_length", 2, required=False)
   c.dtype("text.dtype")
+  probs = c.get("text.encoder_dropout")  # SD3's per-encoder caption dropout: one probability or (CLIP-L, bigG, T5)
+  if probs is not _MISSING and not (_is_real(probs) and 0 <= probs <= 1) and not (
+      isinstance(probs, (tuple, list)) and len(probs) == 3 and all(_is_real(p) and 0 <= p <= 1 for p in probs)):
+    c.bad("text.encoder_dropout", probs, "must be a probability in [0, 1] or three of them (CLIP-L, bigG, T5)")
   if kind == "sprint" and c.get("model.guidance_embeds") is not True:
   scan = c.get("model.scan_layers")
   if scan is not _MISSING and not isinstance(scan, bool):
