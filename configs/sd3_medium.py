@@ -6,9 +6,10 @@
 
 Describes the released architecture (`sanajax.info`: parameters, FLOPs, per-device memory plans;
 docs/pretrained.md). The DiT has 2,028,328,000 parameters, equal to diffusers' SD3Transformer2DModel
-with the same settings (tests/test_sd3_configs.py). Training a model of this size from these configs
-is not wired yet: the trainer's text side knows Gemma-2 only (text.kind "sd3" is descriptive), and
-`python -m sanajax.convert --from=diffusers` of an SD3 pipeline is the way to released weights.
+with the same settings (tests/test_sd3_configs.py). The trainer reads SD3's text (text.kind "sd3", with
+text.pretrained = a diffusers SD3 pipeline directory); fine-tuning released weights goes through
+`python -m sanajax.convert --from=diffusers` and configs/pretrained.py, whose workdir carries this
+config's training section (docs/pretrained.md#sd3-fine-tuning-and-export).
 `base_config` is shared with configs/sd35_medium.py and configs/sd35_large.py.
 
 Sources, cited field by field:
@@ -85,7 +86,7 @@ def base_config(arch: dict, arg=None) -> ml_collections.ConfigDict:
   # CLIP-L and bigG penultimate states (77 tokens, 768 + 1280 channels zero-padded to 4096), then T5-XXL's
   # 256 tokens; pooled = the two CLIP projections, 768 + 1280 = 2048 (sanajax.models.sd3_text).
   t = c.text = ml_collections.ConfigDict()
-  t.kind = "sd3"  # descriptive: sanajax.train builds Gemma-2 encoders only (SD3 training is not wired yet).
+  t.kind = "sd3"  # CLIP-L + bigG + T5 (workdir.loaders.build_text_encoder: sd3_text.SD3PromptEncoder).
   t.pretrained = ""  # an SD3 / SD3.5 diffusers pipeline directory (sd3_text.load_sd3_text_encoder).
   t.clip_l = clip_config_from_transformers(CLIP_L_CONFIG, dtype="bfloat16")
   t.clip_g = clip_config_from_transformers(CLIP_G_CONFIG, dtype="bfloat16")
@@ -119,7 +120,11 @@ def base_config(arch: dict, arg=None) -> ml_collections.ConfigDict:
   tr = c.train = ml_collections.ConfigDict()
   tr.num_steps = 500_000  # [paper] Sec. 5.3.3: 500k steps at 256^2; the 1024^2 finetune's length is not given.
   tr.batch_size = 1024  # re-set per resolution by the presets above.
-  tr.optimizer = "adamw"  # [paper] App. B.3 (and eps 1e-15 with QK-norm, Sec. 5.3.2; sanajax's AdamW uses 1e-8).
+  tr.optimizer = "adamw"  # [paper] App. B.3.
+  tr.adam_eps = 1e-15  # [paper] Sec. 5.3.2: AdamW's epsilon with QK-norm for the high-resolution finetune.
+  # Microbatches per step (training.state.accumulated_value_and_grad): the paper's batch 1024 in
+  # pieces that fit (docs/pretrained.md); 1 = none, the released recipe gives no accumulation.
+  tr.grad_accum_steps = 1
   tr.learning_rate = 1e-4  # [paper] App. B.3.
   tr.warmup_steps = 1000  # [paper] App. B.3: 1000 linear warmup steps.
   tr.schedule = "constant"  # no decay is described ([paper] Fig. 8: lr adjusted by hand for depth 38 only).
@@ -128,9 +133,9 @@ def base_config(arch: dict, arg=None) -> ml_collections.ConfigDict:
   # The paper keeps and evaluates EMA weights (Sec. 5.1); its decay is not legible in the copy we could
   # read, so this is sanajax's SANA value (configs/sana_600m.py).
   tr.ema_decay = 0.9999
-  # Whole-caption dropout for CFG: SD3's three independent 46.3% drops leave no text in 0.463^3 = 9.9% of
-  # the steps ("roughly ... an unconditional model in 10% of all steps", [paper] App. B.3).
-  tr.caption_dropout = 0.1
+  # No whole-caption dropout: text.encoder_dropout's three independent 46.3% drops already leave no text in
+  # 0.463^3 = 9.9% of the steps ("roughly ... an unconditional model in 10% of all steps", [paper] App. B.3).
+  tr.caption_dropout = 0.0
   tr.log_every = 20
   tr.checkpoint_every = 1000
   tr.keep_checkpoints = 2

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -83,7 +84,7 @@ from sanajax.workdir.files import AE_INFO_FILE, ae_workdir, checkpoint_dir, load
 from sanajax.workdir.loaders import AUTOENCODER_KL, has_checkpoint, load_ae, load_lora_workdir
 
 # The Python API users call as sanajax.convert.X (README "Pretrained weights"); the rest is the CLI.
-__all__ = ["convert_ae", "convert_diffusers", "convert_kl_ae", "convert_sd3", "convert_text_encoder", "export_diffusers", "export_lora",
+__all__ = ["convert_ae", "convert_diffusers", "convert_kl_ae", "convert_sd3", "convert_text_encoder", "export_diffusers", "export_lora", "export_sd3",
            "load_clip_text_encoder", "load_dcae", "load_gemma2", "load_lora", "load_sana_controlnet", "load_sana_transformer", "load_sd3_text_encoder", "load_sd3_transformer",
            "load_sd3_vae", "load_t5_encoder", "save_diffusers"]
 
@@ -189,6 +190,11 @@ def convert_kl_ae(src: str, dst: str, *, dtype: str = "float32") -> ml_collectio
   return ae
 
 
+# The `train` fields a converted SD3 workdir takes from configs/sd3_medium.py (each cited there).
+SD3_RECIPE = ("optimizer", "learning_rate", "warmup_steps", "schedule", "weight_decay", "grad_clip", "adam_eps",
+              "grad_accum_steps", "ema_decay", "caption_dropout")
+
+
 def convert_sd3(src: str, dst: str, *, dtype: str = "float32") -> ml_collections.ConfigDict:
   """A diffusers SD3 / SD3.5 pipeline directory -> a sanajax workdir that sanajax.sample samples.
 
@@ -198,6 +204,9 @@ def convert_sd3(src: str, dst: str, *, dtype: str = "float32") -> ml_collections
   tokenizers are read there in place, so the workdir needs it; T5 is used when text_encoder_3/ exists),
   diffusion.flow_shift = scheduler_config.json's `shift` (SD3: 3.0), sampling as StableDiffusion3Pipeline's
   defaults (flow_euler, 28 steps, CFG 7.0). checkpoints/0 holds the MM-DiT weights as `ema_params`.
+  Fine-tuning (configs/pretrained.py) uses SD3's recipe (SD3_RECIPE from configs/sd3_medium.py: AdamW, eps
+  1e-15, text.encoder_dropout 0.463 per encoder instead of whole-caption dropout) with the batch size,
+  length and checkpoint cadence of the SANA fine-tuning defaults.
   """
   _, params, model = load_sd3_transformer(os.path.join(src, "transformer"), dtype=dtype, return_config=True)
   model.pooled_text = "clip"
@@ -227,6 +236,11 @@ def convert_sd3(src: str, dst: str, *, dtype: str = "float32") -> ml_collections
       raise NotImplementedError(f"{scheduler}: use_dynamic_shifting (a resolution-dependent shift) is not supported.")
     c.diffusion.flow_shift = float(sched.get("shift", 1.0))
   c.sample.sampler, c.sample.steps, c.sample.cfg = "flow_euler", 28, 7.0
+  sd3 = config_utils.load_sibling(os.path.join(config_utils.REPO_CONFIG_DIR, "x.py"), "sd3_medium")
+  recipe = sd3.base_config(mmdit.SD3_MEDIUM)
+  for field in SD3_RECIPE:
+    c.train[field] = recipe.train[field]
+  c.text.encoder_dropout = recipe.text.encoder_dropout
   prepare_workdir(dst, c)
   bb = build_backbone(model)
   _save_params(dst, put_like(boxed_abstract_params(bb, *backbones.init_args(model)), params))
@@ -292,9 +306,65 @@ def convert_diffusers(src: str, dst: str, *, dtype: str = "float32", ae_workdir:
   return c
 
 
-def export_diffusers(workdir: str, dst: str, *, dtype: str = "float32", ema: bool = True) -> None:
-  """A sanajax workdir's latest DiT (EMA) weights -> DST/transformer, and its AE -> DST/vae."""
+# What an exported SD3 pipeline copies from the pipeline directory its text.pretrained names (frozen in training).
+SD3_TEXT_PARTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def export_sd3(workdir: str, dst: str, *, dtype: str = "float32", ema: bool = True) -> None:
+  """An MM-DiT workdir (a converted SD3 pipeline, or a fine-tune of one) -> a diffusers directory that
+  StableDiffusion3Pipeline.from_pretrained loads: transformer/ (the latest EMA weights; float32 is the
+  converted tensors bit for bit), vae/ (the KL VAE, its scaling and shift factors), scheduler/ (the source
+  pipeline's FlowMatchEulerDiscreteScheduler config with shift = diffusion.flow_shift), the text encoders and
+  tokenizers copied from text.pretrained (text_encoder_3 / tokenizer_3 left out with text.use_t5 False), and
+  model_index.json."""
   config = load_workdir_config(workdir)
+  if config.text.get("kind") != "sd3":
+    raise ValueError(f"{workdir}: text.kind={config.text.get('kind')!r}; a StableDiffusion3Pipeline needs SD3's "
+                     f"text encoders (text.kind 'sd3'). Export the transformer alone with sanajax.convert."
+                     f"save_diffusers.")
+  src = config.text.pretrained if os.path.isabs(config.text.pretrained) else os.path.join(workdir,
+                                                                                          config.text.pretrained)
+  bb = build_backbone(config.model, dtype="float32")
+  abstract = boxed_abstract_params(bb, *backbones.init_args(config.model))
+  params = nn.unbox(Checkpointer(checkpoint_dir(workdir), read_only=True).restore_params(abstract, ema=ema))
+  save_diffusers(os.path.join(dst, "transformer"), bb.model, params, dtype=dtype)
+  ae_model, ae_params, _, _ = load_ae(ae_workdir(config, workdir))
+  save_diffusers(os.path.join(dst, "vae"), ae_model, ae_params, dtype=dtype)
+  use_t5 = bool(config.text.get("use_t5", True))
+  parts = [p for p in SD3_TEXT_PARTS if use_t5 or not p.endswith("_3")]
+  for part in parts:
+    if not os.path.isdir(os.path.join(src, part)):
+      raise FileNotFoundError(f"{os.path.join(src, part)} does not exist: text.pretrained must be the SD3 pipeline "
+                              f"directory the workdir was converted from.")
+    shutil.copytree(os.path.join(src, part), os.path.join(dst, part), dirs_exist_ok=True)
+  sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
+  sched = read_json(sched_path) if os.path.exists(sched_path) else {
+      "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000}
+  sched["shift"] = float(config.diffusion.flow_shift)
+  os.makedirs(os.path.join(dst, "scheduler"), exist_ok=True)
+  with open(os.path.join(dst, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(sched, f, indent=2)
+  index_path = os.path.join(src, "model_index.json")
+  index = read_json(index_path) if os.path.exists(index_path) else {
+      "_class_name": "StableDiffusion3Pipeline", "feature_extractor": [None, None], "image_encoder": [None, None],
+      "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "text_encoder_2": [
+          "transformers", "CLIPTextModelWithProjection"], "text_encoder_3": ["transformers", "T5EncoderModel"],
+      "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+      "tokenizer_3": ["transformers", "T5TokenizerFast"]}
+  index.update({"scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+                "transformer": ["diffusers", mmdit_diffusers.CLASS_NAME]})
+  if not use_t5:
+    index["text_encoder_3"], index["tokenizer_3"] = [None, None], [None, None]
+  with open(os.path.join(dst, "model_index.json"), "w") as f:
+    json.dump(index, f, indent=2)
+
+
+def export_diffusers(workdir: str, dst: str, *, dtype: str = "float32", ema: bool = True) -> None:
+  """A sanajax workdir's latest DiT (EMA) weights -> DST/transformer, and its AE -> DST/vae. An MM-DiT workdir
+  with SD3's text encoders becomes a whole StableDiffusion3Pipeline directory (export_sd3)."""
+  config = load_workdir_config(workdir)
+  if backbones.backbone_name(config.model) == "mmdit":
+    return export_sd3(workdir, dst, dtype=dtype, ema=ema)
   model_cfg = dict(config.model, dtype="float32")
   model = sana_dit.build_dit(model_cfg)
   abstract = boxed_abstract_params(model, *dit_init_args(model_cfg))

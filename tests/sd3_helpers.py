@@ -1,6 +1,6 @@
 """Tiny SD3 text stacks for tests, built offline: random CLIP / T5 weights and byte-level BPE / Unigram
-tokenizers over a few words (tests/ is on sys.path: `from sd3_helpers import ...`). Used by
-tests/test_sd3_text.py and tests/test_sd3_pipeline.py."""
+tokenizers over a few words (tests/ is on sys.path: `from sd3_helpers import ...`), and a whole tiny
+StableDiffusion3Pipeline. Used by tests/test_sd3_text.py, tests/test_sd3_pipeline.py and tests/test_sd3_finetune.py."""
 from __future__ import annotations
 
 import numpy as np
@@ -83,3 +83,28 @@ def sd3_text_stack(root):
       pad_token_id=0)).eval(), 0.4)
   t5 = randomize(transformers.T5EncoderModel(t5_config(d_model=40, vocab=n_t5)).eval(), 0.15, norm_mean=1.0)
   return (tok_l, tok_g, tok_t5), (clip_l, clip_g, t5)
+
+
+def sd3_pipeline(root, shift: float = 3.0):
+  """A tiny random StableDiffusion3Pipeline: a 2-block SD3Transformer2DModel (QK RMSNorm, a dual-attention
+  block, pos_embed_max_size 16, sample_size 8), a 16-channel AutoencoderKL downsampling 2x (scaling 1.5305,
+  shift 0.0609, SD3's), sd3_text_stack's encoders (tokenizers under root/tokenizers) and
+  FlowMatchEulerDiscreteScheduler(shift)."""
+  diffusers = pytest.importorskip("diffusers")
+  (tok_l, tok_g, tok_t5), (clip_l, clip_g, t5) = sd3_text_stack(root / "tokenizers")
+  torch.manual_seed(0)
+  transformer = randomize(diffusers.SD3Transformer2DModel(
+      sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+      joint_attention_dim=40, caption_projection_dim=16, pooled_projection_dim=30, out_channels=16,
+      pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,)).eval(), 0.15, norm_mean=1.0)
+  vae = randomize(diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=16,
+      norm_num_groups=4, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+      use_post_quant_conv=False).eval(), 0.1, norm_mean=1.0)
+  pipe = diffusers.StableDiffusion3Pipeline(
+      transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+      text_encoder=clip_l, tokenizer=tok_l, text_encoder_2=clip_g, tokenizer_2=tok_g, text_encoder_3=t5,
+      tokenizer_3=tok_t5)
+  pipe.set_progress_bar_config(disable=True)
+  return pipe

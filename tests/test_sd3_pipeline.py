@@ -1,7 +1,7 @@
 """A converted SD3 pipeline samples as diffusers' StableDiffusion3Pipeline does.
 
-A tiny random StableDiffusion3Pipeline (2-block SD3Transformer2DModel with QK RMSNorm and a dual-attention
-block, a 16-channel AutoencoderKL, CLIP-L / bigG / T5 with offline tokenizers) is saved with save_pretrained
+A tiny random StableDiffusion3Pipeline (sd3_helpers.sd3_pipeline: 2-block SD3Transformer2DModel with QK RMSNorm and
+a dual-attention block, a 16-channel AutoencoderKL, CLIP-L / bigG / T5 with offline tokenizers) is saved with save_pretrained
 and converted with `python -m sanajax.convert --from=diffusers`; then, through the workdir's loaders
 (build_text_encoder, load_dit_params), the prompt embeddings equal encode_prompt's, a 10-step Flow-Euler
 sample with CFG equals the pipeline's latents (same noise, output_type="latent"), and `python -m
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from sd3_helpers import randomize, rel_err, sd3_text_stack  # tests/sd3_helpers.py (tests/ on sys.path)
+from sd3_helpers import rel_err, sd3_pipeline  # tests/sd3_helpers.py (tests/ on sys.path)
 
 from sanajax.diffusion import samplers
 from sanajax.generation import Generator, sample_latents
@@ -51,22 +51,7 @@ def run_module(*args):
 def converted(tmp_path_factory):
   """(pipeline, its directory, the converted workdir)."""
   root = tmp_path_factory.mktemp("sd3_pipe")
-  (tok_l, tok_g, tok_t5), (clip_l, clip_g, t5) = sd3_text_stack(root / "tokenizers")
-  torch.manual_seed(0)
-  transformer = randomize(diffusers.SD3Transformer2DModel(
-      sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-      joint_attention_dim=40, caption_projection_dim=16, pooled_projection_dim=30, out_channels=16,
-      pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,)).eval(), 0.15, norm_mean=1.0)
-  vae = randomize(diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1, latent_channels=16,
-      norm_num_groups=4, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
-      use_post_quant_conv=False).eval(), 0.1, norm_mean=1.0)
-  pipe = diffusers.StableDiffusion3Pipeline(
-      transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=SHIFT), vae=vae,
-      text_encoder=clip_l, tokenizer=tok_l, text_encoder_2=clip_g, tokenizer_2=tok_g, text_encoder_3=t5,
-      tokenizer_3=tok_t5)
-  pipe.set_progress_bar_config(disable=True)
+  pipe = sd3_pipeline(root, SHIFT)
   src, work = root / "pipeline", root / "workdir"
   pipe.save_pretrained(src)
   run_module("sanajax.convert", "--from=diffusers", f"--src={src}", f"--dst={work}")

@@ -63,9 +63,19 @@ def encoder_dropout(key: jax.Array, context: jax.Array, pooled: jax.Array, layou
   tokens (as the SD3 training code zeroes a dropped embedding; the T5 zeros are also what inference
   without T5 feeds). context (B, Lc + Lt, D), pooled (B, Pl + Pg) -> the same shapes and dtypes.
   """
+  return drop_encoders(context, pooled, layout, encoder_keep(key, context.shape[0], probs))
+
+
+def encoder_keep(key: jax.Array, batch: int, probs: float | Sequence[float] = SD3_ENCODER_DROPOUT) -> jax.Array:
+  """(batch, 3) bool: whether each sample keeps CLIP-L, bigG and T5 (each dropped with its prob in `probs`)."""
   p = np.broadcast_to(np.asarray(probs, np.float32), (3,))
-  b = context.shape[0]
-  keep = jax.random.uniform(key, (3, b)) >= jnp.asarray(p)[:, None]  # (3, B): CLIP-L, bigG, T5.
+  return jax.random.uniform(key, (3, batch)).T >= jnp.asarray(p)[None, :]
+
+
+def drop_encoders(context: jax.Array, pooled: jax.Array, layout: SD3Layout, keep: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """encoder_dropout with the draws given: keep (B, 3) bool from encoder_keep; a dropped encoder's part -> zeros."""
+  keep = keep.T  # (3, B): CLIP-L, bigG, T5.
   wl, wg = layout.clip_widths
   pl, pg = layout.pooled_widths
   ch = jnp.arange(context.shape[-1])

@@ -20,6 +20,7 @@ from sanajax.data.sources import make_source_from_config
 from sanajax.diffusion import flow
 from sanajax.models.backbones import build_backbone
 from sanajax.models.dit_facts import describe
+from sanajax.models.sd3_text import drop_encoders, encoder_keep
 from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample, apply_resolution
 from sanajax.training import frozen_base
@@ -27,7 +28,14 @@ from sanajax.training import loop as loop_lib
 from sanajax.training.autoencoder import train_ae
 from sanajax.training.guard import guarded
 from sanajax.training.optim import build_optimizer
-from sanajax.training.state import TrainState, apply_gradients, init_run_state, jit_step
+from sanajax.training.state import (
+  TrainState,
+  accumulated_value_and_grad,
+  apply_gradients,
+  init_run_state,
+  jit_step,
+  micro_slice,
+)
 from sanajax.workdir.files import ae_workdir, prepare_workdir
 from sanajax.workdir.loaders import (
   ae_shift_factor,
@@ -63,23 +71,30 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
   (context (L, D), mask (L,)), is what a dropped caption becomes and `text_encoder` may be None), noise,
   DiT; the DiT is traced under `plan` (block-boundary constraints, sequence-parallel layers). The batch's
   image size (an aspect-ratio bucket) sets the flow shift (flow.shift_for_size; config.diffusion.resolution_shift).
+  SD3's text (text.kind "sd3": {"context", "pooled"} from CLIP-L, bigG and T5) also drops each encoder on its
+  own with text.encoder_dropout (SD3: 0.463 each; sd3_text.encoder_dropout), after the whole-caption dropout.
+  micro=(i, k): the loss of microbatch i of k (train.grad_accum_steps; state.micro_slice), every random draw
+  made for the whole batch and sliced alike, so k microbatches average to the whole batch's loss.
   """
   if text_encoder is not None:
     null_ids, null_mask = (jnp.asarray(a) for a in text_encoder.tokenize([""]))
   dropout = config.train.caption_dropout
+  encoder_probs = config.text.get("encoder_dropout", 0.0) if config.text.get("kind") == "sd3" else 0.0
   down, resolution = ae_downsample(config), int(config.data.resolution)
 
-  def loss_fn(params, frozen, batch, key):
+  def loss_fn(params, frozen, batch, key, micro=None):
     k_drop, k_t, k_eps = jax.random.split(key, 3)
+    full = jax.tree.leaves(batch)[0].shape[0]  # the whole batch; draws are made for it, then cut to the microbatch
+    cut = lambda x: micro_slice(x, micro)
+    batch = {k: cut(v) for k, v in batch.items()}
     if "latent" in batch:  # from the latent cache (sanajax.data.latent_cache): already encoded.
       raw = batch["latent"]
     else:
       raw = ae_model.apply({"params": frozen["ae"]}, batch["image"], method=ae_model.encode)
-    b = raw.shape[0]
     latents = jax.lax.stop_gradient((raw - ae_shift) * ae_scaling)
     # Caption dropout for classifier-free guidance: a dropped caption becomes the empty prompt,
     # which is also what the unconditional branch sees at sampling time.
-    drop = jax.random.bernoulli(k_drop, dropout, (b, 1))
+    drop = cut(jax.random.bernoulli(k_drop, dropout, (full, 1)))
     if "context" in batch:  # from the text-feature cache (sanajax.data.feature_cache): already encoded.
       cached = batch["context"].astype(jnp.float32)  # stored bfloat16
       context = jnp.where(drop[:, :, None], jnp.asarray(null_text[0], jnp.float32), cached)
@@ -88,10 +103,14 @@ def make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling: float, plan: P
       ids = jnp.where(drop, null_ids, batch["input_ids"])
       mask = jnp.where(drop, null_mask, batch["attention_mask"])
       context = jax.lax.stop_gradient(text_encoder.embed(frozen["text"], ids, mask))
+    if isinstance(context, dict) and np.any(np.asarray(encoder_probs) > 0):  # SD3: CLIP-L, bigG, T5 dropped apart
+      keep = cut(encoder_keep(jax.random.fold_in(key, 4), full, encoder_probs))
+      context = dict(zip(("context", "pooled"), drop_encoders(context["context"], context["pooled"],
+                                                                text_encoder.layout, keep)))
     # Static per compiled shape: each aspect-ratio bucket gets its own shift when resolution_shift is on.
     shift = flow.shift_for_size(config.diffusion, raw.shape[1] * down, raw.shape[2] * down, resolution)
-    t = flow.sample_time_from_config(k_t, b, config.diffusion, shift=shift)
-    eps = jax.random.normal(k_eps, latents.shape, latents.dtype)
+    t = cut(flow.sample_time_from_config(k_t, full, config.diffusion, shift=shift))
+    eps = cut(jax.random.normal(k_eps, (full, *latents.shape[1:]), latents.dtype))
     x_t = flow.interpolate(latents, eps, t)
     with plan.activate():
       # The DiT's own params, or a frozen base with a trained part (LoRA): training/frozen_base.py.
@@ -119,6 +138,7 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
   make_loss_fn). Each batch shape (aspect-ratio bucket) compiles once.
   """
   loss_fn = make_loss_fn(config, dit, ae_model, text_encoder, ae_scaling, plan, ae_shift, null_text)
+  accum = int(config.train.get("grad_accum_steps", 1))
 
   text_field = ("input_ids", 2) if null_text is None else ("context", 3)
   batch_sh = {k: plan.batch_sharding(n) for k, n in ((batch_field, 4), text_field, ("attention_mask", 2))}
@@ -133,7 +153,8 @@ def make_train_step(config, dit, ae_model, text_encoder, tx, schedule, ae_scalin
   def step(state: TrainState, frozen, batch):
     rng, key = jax.random.split(state.rng)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
-    loss, grads = jax.value_and_grad(loss_fn)(state.params, frozen, batch, key)
+    # train.grad_accum_steps microbatches of the batch, one update (state.accumulated_value_and_grad).
+    loss, grads = accumulated_value_and_grad(loss_fn, accum)(state.params, frozen, batch, key)
     state, grad_norm = apply_gradients(state, grads, loss, tx, config.train.ema_decay, rng)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step - 1)}
     if with_grads:

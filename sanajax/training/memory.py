@@ -81,7 +81,9 @@ def activation_bytes(config: Any, latent_hw: tuple[int, int], mesh: Any) -> int:
   """
   m = config.model
   item = np.dtype(dtype_from_name(m.get("dtype", "float32"), "model.dtype")).itemsize
-  b_local = max(1, int(config.train.batch_size) // (mesh.shape["data"] * mesh.shape["fsdp"]))
+  # One microbatch's activations are live at a time (train.grad_accum_steps, training.state.accumulated_value_and_grad).
+  micro = int(config.train.batch_size) // int(config.train.get("grad_accum_steps", 1) or 1)
+  b_local = max(1, micro // (mesh.shape["data"] * mesh.shape["fsdp"]))
   n = (latent_hw[0] // m.patch_size) * (latent_hw[1] // m.patch_size)
   t = mesh.shape["tensor"]
   text = int(config.text.max_length)

@@ -34,8 +34,11 @@ import jax.numpy as jnp
 import optax
 
 from sanajax.config_check import OPTIMIZERS, SCHEDULES  # the names a config may give (checked before a run)
+from sanajax.models.mmdit import FROZEN_PARAMS  # leaves that are buffers: never updated, never decayed
 from sanajax.models.sana_dit import STACKED_BLOCKS
 
+# AdamW's epsilon unless train.adam_eps says otherwise: optax's default (and torch.optim.AdamW's).
+ADAM_EPS = 1e-8
 # Stand-in for the state a parameter does not use (factored vs unfactored), as optax.adafactor does.
 _UNUSED = (1,)
 
@@ -187,12 +190,12 @@ def muon_dimension_numbers(params):
   return jax.tree_util.tree_map_with_path(rule, params)
 
 
-def muon(learning_rate, *, b1: float = 0.9, b2: float = 0.999, beta: float = 0.95,
+def muon(learning_rate, *, b1: float = 0.9, b2: float = 0.999, beta: float = 0.95, eps: float = 1e-8,
          weight_decay: float = 0.0) -> optax.GradientTransformation:
   """Muon (optax.contrib.muon: Nesterov momentum `beta`, 5 Newton-Schulz steps) on the weight
   matrices of `muon_dimension_numbers`, AdamW(b1, b2) on the rest, with one learning rate: the
   orthogonalised updates are rescaled to RMS MUON_MATCHED_RMS, as Moonlight does."""
-  return optax.contrib.muon(learning_rate, beta=beta, weight_decay=weight_decay, adam_b1=b1, adam_b2=b2,
+  return optax.contrib.muon(learning_rate, beta=beta, eps=eps, weight_decay=weight_decay, adam_b1=b1, adam_b2=b2,
                             adam_weight_decay=weight_decay, muon_weight_dimension_numbers=muon_dimension_numbers,
                             consistent_rms=MUON_MATCHED_RMS)
 
@@ -226,13 +229,35 @@ def _lr_schedule(peak: float, warmup_steps: int, schedule: str, num_steps: int) 
   return lambda count: by_step(count + 1)
 
 
+def is_frozen(path) -> bool:
+  """Whether a parameter path (tree_flatten_with_path's keys; boxed trees' attribute keys are skipped) names a
+  FROZEN_PARAMS leaf (the MM-DiT's stored sin-cos table `pos_embed/pos_embed`, a diffusers buffer)."""
+  name = "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+  return any(name == f or name.endswith("/" + f) for f in FROZEN_PARAMS)
+
+
+def freeze(opt: optax.GradientTransformation, frozen: Callable[[Any], bool] = is_frozen
+           ) -> optax.GradientTransformation:
+  """`opt` with the updates of the `frozen(path)` leaves set to zero: they neither train nor decay (decoupled
+  weight decay would otherwise shrink a zero-gradient table every step). The state is `opt`'s own, unchanged in
+  structure, so checkpoints written before this wrapper restore; a frozen leaf's moments stay zero."""
+  def update_fn(updates, state, params=None):
+    updates, state = opt.update(updates, state, params)
+    zero = lambda path, u: jnp.zeros_like(u) if frozen(path) else u
+    return jax.tree_util.tree_map_with_path(zero, updates), state
+
+  return optax.GradientTransformation(opt.init, update_fn)
+
+
 def build_optimizer(train_config: Any, num_steps: int) -> tuple[optax.GradientTransformation, Callable]:
   """Optimizer and learning-rate schedule from a config's `train` section.
 
   Fields: optimizer ("adamw" | "came" | "muon"), learning_rate (peak), warmup_steps (linear warm-up
   from 0), schedule ("constant" | "cosine", the cosine decays to 0 at `num_steps`), weight_decay
   (decoupled), grad_clip (global-norm clipping before the optimizer; 0 disables), adam_b1 / adam_b2
-  (AdamW's moment decays, also those of Muon's AdamW half; default 0.9 / 0.999 as in SANA's AdamW).
+  (AdamW's moment decays, also those of Muon's AdamW half; default 0.9 / 0.999 as in SANA's AdamW), adam_eps
+  (AdamW's epsilon; optax uses one eps for Muon's AdamW half and its orthogonalisation; default optax's 1e-8,
+  SD3's 1e-15 in configs/sd3_medium.py). The MM-DiT's FROZEN_PARAMS never move (`freeze`).
   Returns (transformation, schedule_fn: step -> learning rate).
   """
   c = train_config
@@ -241,15 +266,16 @@ def build_optimizer(train_config: Any, num_steps: int) -> tuple[optax.GradientTr
   schedule_fn = _lr_schedule(peak, int(_field(c, "warmup_steps", 0)), _field(c, "schedule", "constant"), num_steps)
   weight_decay = float(_field(c, "weight_decay", 0.0))
   b1, b2 = float(_field(c, "adam_b1", 0.9)), float(_field(c, "adam_b2", 0.999))
+  eps = float(_field(c, "adam_eps", ADAM_EPS))
   if name == "adamw":
-    opt = optax.adamw(schedule_fn, b1=b1, b2=b2, eps=1e-8, weight_decay=weight_decay)
+    opt = optax.adamw(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   elif name == "came":
     opt = came(schedule_fn, weight_decay=weight_decay)
   elif name == "muon":
-    opt = muon(schedule_fn, b1=b1, b2=b2, weight_decay=weight_decay)
+    opt = muon(schedule_fn, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   else:
     raise ValueError(f"Unknown optimizer {name!r} (train.optimizer); choose one of {OPTIMIZERS}.")
   grad_clip = float(_field(c, "grad_clip", 0.0))
   if grad_clip > 0:
     opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
-  return opt, schedule_fn
+  return freeze(opt), schedule_fn

@@ -79,6 +79,40 @@ def jit_step(plan: Any, in_shardings: Any = None, out_shardings: Any = None) -> 
   return lambda fn: jax.jit(fn, donate_argnums=(0,), in_shardings=in_shardings, out_shardings=out_shardings)
 
 
+def micro_slice(x: jax.Array, micro: tuple[Any, int] | None) -> jax.Array:
+  """Microbatch i of k of a batch-leading array x (B, ...): the examples i, i + k, i + 2k, ... (B / k of them).
+
+  Strided, not contiguous, so that under a data / fsdp split of B every device keeps an equal share of each
+  microbatch (B / k must split over the batch shards as B does). micro None: x itself."""
+  if micro is None:
+    return x
+  i, k = micro
+  return jax.lax.dynamic_index_in_dim(x.reshape(x.shape[0] // k, k, *x.shape[1:]), i, axis=1, keepdims=False)
+
+
+def accumulated_value_and_grad(loss_fn: Callable, steps: int) -> Callable:
+  """jax.value_and_grad(loss_fn) over `steps` microbatches (train.grad_accum_steps): the mean loss and the
+  mean gradient, one microbatch's activations in memory at a time (a lax.scan).
+
+  loss_fn(params, *args, micro=(i, steps)) computes microbatch i's mean loss (micro_slice of its batch;
+  random draws made for the whole batch and sliced alike), so with equal microbatches the result equals
+  the whole batch's value and gradient up to float32 summation order. steps 1: jax.value_and_grad(loss_fn).
+  """
+  if steps == 1:
+    return jax.value_and_grad(loss_fn)
+
+  def value_and_grad(params, *args):
+    def body(total, i):
+      value = jax.value_and_grad(loss_fn)(params, *args, micro=(i, steps))
+      return jax.tree.map(jnp.add, total, value), None
+
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    (loss, grads), _ = jax.lax.scan(body, zero, jnp.arange(steps))
+    return loss / steps, jax.tree.map(lambda g: g / steps, grads)
+
+  return value_and_grad
+
+
 def ema_decay_at(step: jax.Array, decay: float) -> jax.Array:
   """The EMA decay used at `step` (0-based): min(decay, (1 + step) / (10 + step)).
 
