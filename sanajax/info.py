@@ -25,14 +25,16 @@ def main(argv):
   config = cli.config_from_flags()
   lines = format_description(describe(config)).splitlines()
   # Per-device bytes under config.mesh (a -1 axis takes this machine's device count).
-  mem = memory.format_plan_memory(memory.plan_memory(config, jax.device_count()))
+  # A Sprint student config (a `distill` section) adds the teacher and the LADD heads.
+  plan_memory = memory.distill_plan_memory if "distill" in config else memory.plan_memory
+  mem = memory.format_plan_memory(plan_memory(config, jax.device_count()))
   print("\n".join(lines[:-1] + mem.splitlines() + lines[-1:]))
 
 
 if __name__ == "__main__":
   # Defined here, not at import: tests and other modules import this module without claiming --config.
   _CONFIG = cli.define_config_file("configs/tiny.py", "Config file, e.g. configs/sana_1600m.py[:RES].")
-  cli.define_flags(multihost=False)
-  cli.run(main)
   _COMPILE = flags.DEFINE_bool("compile", False, "Instead: the AOT compile time of the train step for 600M, "
                                "1600M and 1600M at 60 blocks, scanned vs unrolled blocks (lowered on this machine).")
+  cli.define_flags(multihost=False)
+  cli.run(main)
