@@ -177,6 +177,7 @@ def test_encoder_dropout_zeroes_each_encoder_in_the_loss(sd3):
   assert dropped == pytest.approx(zeros, rel=1e-6) and abs(kept - dropped) > 1e-3 * dropped
 
 
+@pytest.mark.slow  # ~70 s on the 2 shared cores: two compiles of the whole SD3 train step
 def test_gradient_accumulation_equals_one_big_batch(sd3):
   """Two steps of batch 4 as 2 microbatches of 2 give one batch of 4's parameters (float32 summation order)."""
   config = config_utils.load_config(PRETRAINED, sd3["work"], overrides=overrides(sd3, **{"train.batch_size": 4}))
