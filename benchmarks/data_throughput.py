@@ -1,7 +1,8 @@
 """Data-pipeline throughput: images/s per CPU core for decode + resize + crop (or + aspect-ratio bucketing)
 of 1024-px JPEGs, from a folder, ArrayRecord shards (`python -m sanajax.data.build`) and WebDataset tars
-(and an on-disk cache, `--cache=DIR`, when one is given), in this process and through grain worker
-processes (`config.data.num_workers`).
+and samples/s from the on-disk latent + text-feature cache (`cache:DIR`, a 1024-px-shaped one written here
+with random features: no AE or text encoder needed; or `--cache=DIR`), in this process and through grain
+worker processes (`config.data.num_workers`).
 
     python benchmarks/data_throughput.py                      # 1024 px, workers 1 and 2, rows to RESULTS.md
     python benchmarks/data_throughput.py --smoke              # 128 px, in-process only, seconds (tests)
@@ -15,6 +16,11 @@ decode time follows it. Figures:
   * grain workers W (mp_prefetch, one read thread each): batches of 8 as training gets them (decode in
     the workers; the [-1, 1] float conversion in this process): images/s wall, and images per CPU-second
     of the workers (psutil) = per worker core.
+Cache (issue 27 target: >= 2,000 samples/s): records of SANA-1600M at 1024 px, a float32 (32, 32, 32)
+DC-AE latent and Gemma-2's bf16 (n, 2304) features of one caption (n = 102: a 100-token prompt; n = 300:
+the longest, text.max_length), read as training reads them: batches of 8 through the training iterator
+(record read, no-copy decode, the rows padded to (8, 300, 2304) once per batch). In-process: samples per
+CPU-second (one read thread; all of the process's threads counted).
 On a shared machine the wall figures move with the other load (each row names the load average); the
 CPU-second figures much less.
 """
@@ -29,9 +35,11 @@ import time
 
 import _harness as hx
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from PIL import Image
 
 from sanajax.data import build as build_lib
+from sanajax.data import feature_cache, records
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source
 
@@ -47,6 +55,8 @@ except ImportError:  # pragma: no cover
 BENCH = "data_throughput"
 TARGET = ">= 50 img/s/core (1024-px JPEG)"
 TARGET_PER_CORE = 50.0
+TARGET_CACHE = ">= 2,000 samples/s (cache)"
+CACHE_ROWS = (102, 300)  # Gemma-2 rows kept: a 100-token prompt (docs/data.md#cache), the longest (max_length)
 # (width, height) at ~1 megapixel: square, 16:9, 4:3, 2:1 and their portraits.
 SHAPES_1024 = [(1024, 1024), (1365, 768), (768, 1365), (1182, 886), (886, 1182), (1448, 724), (724, 1448)]
 
@@ -89,6 +99,52 @@ def write_data(root: str, n: int, resolution: int) -> tuple[str, str, str, float
         for ext in ("jpg", "txt"):
           tar.add(os.path.join(folder, f"{i:05d}.{ext}"), arcname=f"{i:05d}.{ext}")
   return folder, shards, os.path.join(tars, "*.tar"), statistics.mean(sizes) / 1024
+
+
+def write_cache(root: str, n: int, resolution: int, rows: int, smoke: bool) -> str:
+  """A finished cache:DIR of n records shaped as SANA-1600M's at `resolution` (latent (R/32, R/32, 32) float32;
+  one caption of `rows` bf16 feature rows of L = 300, D = 2304; smoke: L = 16, D = 64, at most L rows), with
+  random values: reading costs what it costs for real features. Written with the cache's own record
+  encoder; its signature is empty (read unchecked, as make_source does)."""
+  length, dim = (16, 64) if smoke else (300, 2304)
+  rows = min(rows, length)
+  directory = os.path.join(root, f"cache{rows}")
+  os.makedirs(directory)
+  rng = np.random.default_rng(0)
+  side = max(1, resolution // 32)
+  latent = rng.normal(size=(side, side, 32)).astype(np.float32)
+  context = rng.normal(size=(length, dim)).astype(np.float32)
+  mask = (np.arange(length) < rows).astype(np.int32)  # right-padded, as the tokenizer gives
+  path = records.shard_path(directory, 0, 1, feature_cache.PREFIX)
+  writer = ArrayRecordWriter(path, records.WRITER_OPTIONS)
+  for i in range(n):
+    writer.write(feature_cache.encode_record(latent, [context], [mask], [f"photo {i}"], [], f"{i:05d}", 0))
+  writer.close()
+  records.write_json_atomic(records.index_path(path), {"num_records": n, "buckets": [0] * n, "skipped": []})
+  records.write_json_atomic(os.path.join(directory, feature_cache.INFO_FILE),
+                            {"format": feature_cache.FORMAT, "signature": {}, "shards": 1, "complete": True})
+  np.savez(os.path.join(directory, feature_cache.NULL_TEXT_FILE), context=np.zeros((length, dim), np.float32),
+           mask=np.zeros(length, np.int32))
+  return directory
+
+
+def cache_in_process(source, batches: int, batch_size: int = 8) -> tuple[float, float]:
+  """(samples/s wall, samples per CPU-second) of the training iterator over a cache in this process (one
+  read thread): what one core gives. The best of 3 runs of `batches` after 2 untimed batches."""
+  it = make_train_iterator(source, batch_size=batch_size, seed=0, tokenize_fn=_no_text, read_threads=1)
+  try:
+    for _ in range(2):
+      next(it)
+    walls, cpus = [], []
+    for _ in range(3):
+      t0, c0 = time.perf_counter(), time.process_time()
+      for _ in range(batches):
+        next(it)
+      walls.append(batches * batch_size / (time.perf_counter() - t0))
+      cpus.append(batches * batch_size / max(time.process_time() - c0, 1e-9))
+    return max(walls), max(cpus)
+  finally:
+    it.close()
 
 
 def in_process(source, repeats: int) -> tuple[float, float]:
@@ -171,9 +227,9 @@ def main(argv=None) -> list[hx.Row]:
   p.add_argument("--resolution", type=int, default=None, help="training side in px (default 1024; smoke 128)")
   p.add_argument("--workers", default=None, help="grain worker counts, comma-separated (default 1,2; smoke none)")
   p.add_argument("--batches", type=int, default=12, help="timed batches of 8 per worker count")
-  p.add_argument("--sources", default="folder,arrayrecord,webdataset", help="which sources to time")
+  p.add_argument("--sources", default="folder,arrayrecord,webdataset,cache", help="which sources to time")
   p.add_argument("--modes", default="crop,bucket", help="square crop and / or aspect-ratio bucketing")
-  p.add_argument("--cache", default=None, help="an on-disk cache (cache:DIR source) to time as well")
+  p.add_argument("--cache", default=None, help="an on-disk cache:DIR to time instead of the generated ones")
   args = hx.finish_args(p.parse_args(argv), warmup=1, repeats=2)
   n = args.images or (8 if args.smoke else 56)
   res = args.resolution or (128 if args.smoke else 1024)
@@ -184,9 +240,8 @@ def main(argv=None) -> list[hx.Row]:
   with tempfile.TemporaryDirectory(prefix="sanajax-data-bench-") as root:
     folder, shards, tars, kb = write_data(root, n, res)
     specs = {"folder": f"folder:{folder}", "arrayrecord": f"arrayrecord:{shards}", "webdataset": f"webdataset:{tars}"}
-    if args.cache:
-      specs["cache"] = f"cache:{args.cache}"
-    for name in [s.strip() for s in args.sources.split(",") if s.strip()] + (["cache"] if args.cache else []):
+    names = [s.strip() for s in args.sources.split(",") if s.strip()]
+    for name in [x for x in names if x != "cache"]:
       for mode in [m.strip() for m in args.modes.split(",") if m.strip() and (m.strip() == "crop" or table)]:
         if mode == "bucket" and name == "cache":
           continue  # a cache holds latents already cut to their bucket
@@ -206,6 +261,27 @@ def main(argv=None) -> list[hx.Row]:
           rows.append(hx.Row(BENCH, case, f"grain workers={w}", 1e3 * w / wall,
                              f"{cpu_text}{wall:.1f} img/s wall, {wall / w:.1f} per worker ({load_text()})", TARGET,
                              hx.met(ok)))
+        hx.print_rows(rows[-1 - len(workers):])
+    if "cache" in names:
+      caches = [args.cache] if args.cache else [write_cache(root, 8 * (args.batches + 2), res, r, args.smoke)
+                                                for r in (CACHE_ROWS[:1] if args.smoke else CACHE_ROWS)]
+      for directory in caches:
+        source = make_source(f"cache:{directory}", res, 0)
+        ex = source[0]
+        record_kb = sum(os.path.getsize(f) for f in source.shards) / len(source) / 1024
+        case = (f"cache {res}px: latent {tuple(ex['latent'].shape)} f32 + {len(ex['features'].rows(0)[0])} bf16 text "
+                f"rows, {record_kb:.0f} KB records")
+        wall, per_cpu = cache_in_process(source, args.batches)
+        ok = per_cpu >= 2000 if res == 1024 else None
+        rows.append(hx.Row(BENCH, case, "in-process, 1 read thread", 1e3 / per_cpu,
+                           f"{per_cpu:.0f} samples per CPU-s; {wall:.0f} samples/s wall ({load_text()})", TARGET_CACHE,
+                           hx.met(ok)))
+        for w in workers:
+          wall, per_cpu = with_workers(source, w, args.batches)
+          cpu_text = f"{per_cpu:.0f} samples per worker CPU-s; " if per_cpu is not None else ""
+          rows.append(hx.Row(BENCH, case, f"grain workers={w}", 1e3 * w / wall,
+                             f"{cpu_text}{wall:.0f} samples/s wall ({load_text()})", TARGET_CACHE,
+                             hx.met(wall >= 2000 if res == 1024 else None)))
         hx.print_rows(rows[-1 - len(workers):])
   device = f"{cpu_name()} x {os.cpu_count()} cores, shared{' (smoke)' if args.smoke else ''}"
   version = hx._version  # pylint: disable=protected-access

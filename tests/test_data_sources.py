@@ -24,7 +24,7 @@ from PIL import Image
 
 from sanajax import config_check
 from sanajax.data import build as build_lib
-from sanajax.data import records
+from sanajax.data import feature_cache, records
 from sanajax.data.buckets import bucket_table
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import (
@@ -432,10 +432,61 @@ def test_throughput_benchmark_smoke(tmp_path):
   out = tmp_path / "R.md"
   rows = module.main(["--smoke", "--results", str(out), "--images", "7"])
   assert [(r.case.split()[0], r.impl) for r in rows] == [
-      (s, "in-process, 1 thread") for s in ("folder", "arrayrecord", "webdataset") for _ in range(2)]
-  assert [("bucketed" in r.case) for r in rows] == [False, True] * 3
-  for r in rows:
+      (s, "in-process, 1 thread") for s in ("folder", "arrayrecord", "webdataset") for _ in range(2)] + [
+      ("cache", "in-process, 1 read thread")]
+  assert [("bucketed" in r.case) for r in rows] == [False, True] * 3 + [False]
+  for r in rows[:-1]:
     per_cpu = float(r.figure.split(" img per CPU-s")[0])
     assert per_cpu > 0 and abs(1e3 / r.ms - per_cpu) < 1e-6 * per_cpu + 0.05, r
+  per_cpu = float(rows[-1].figure.split(" samples per CPU-s")[0])
+  assert "latent (4, 4, 32) f32 + 16 bf16 text rows" in rows[-1].case and abs(1e3 / rows[-1].ms - per_cpu) < 1, rows[-1]
   table = [line for line in out.read_text().splitlines() if "| data_throughput |" in line]
-  assert len(table) == 6 and all("(smoke)" in line for line in table)
+  assert len(table) == 7 and all("(smoke)" in line for line in table)
+
+
+def _write_cache(directory, contexts, masks, latents):
+  """A finished cache:DIR (one shard, one caption a record) of the given features, with the cache's own encoder."""
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  directory.mkdir()
+  path = records.shard_path(str(directory), 0, 1, feature_cache.PREFIX)
+  writer = ArrayRecordWriter(path, records.WRITER_OPTIONS)
+  for i, (context, mask, latent) in enumerate(zip(contexts, masks, latents)):
+    writer.write(feature_cache.encode_record(latent, [context], [mask], [f"c{i}"], [], f"k{i}", 0))
+  writer.close()
+  n = len(latents)
+  records.write_json_atomic(records.index_path(path), {"num_records": n, "buckets": [0] * n, "skipped": []})
+  records.write_json_atomic(str(directory / feature_cache.INFO_FILE), {"format": feature_cache.FORMAT,
+                                                                       "signature": {}, "complete": True})
+  np.savez(directory / feature_cache.NULL_TEXT_FILE, context=np.zeros(contexts[0].shape, np.float32),
+           mask=np.zeros(len(masks[0]), np.int32))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_cache_features_padded_per_batch(tmp_path, workers):
+  """Cached text features travel as their stored rows and are padded once per batch (through grain workers:
+  in shared memory): every batch's context equals its records' features, zeros where masked, for right-padded
+  masks of every length (0 included) and a mask with holes; latents as stored."""
+  rng = np.random.default_rng(0)
+  n, length, dim = 12, 7, 5
+  masks = [(np.arange(length) < i % (length + 1)).astype(np.int32) for i in range(n - 1)]
+  masks.append(np.array([1, 0, 1, 1, 0, 0, 1], np.int32))  # not right-padded: a gather
+  contexts = [rng.normal(size=(length, dim)).astype(np.float32) for _ in range(n)]
+  latents = [np.full((2, 3, 4), i, np.float32) for i in range(n)]
+  _write_cache(tmp_path / "cache", contexts, masks, latents)
+  source = make_source(f"cache:{tmp_path / 'cache'}", 64, 0)
+  want = {i: np.where(masks[i][:, None] == 1, contexts[i], 0).astype(feature_cache.BF16) for i in range(n)}
+  np.testing.assert_array_equal(source[n - 1]["features"](0)[0], want[n - 1])  # the padded per-example reader
+  it = make_train_iterator(source, batch_size=4, seed=0, tokenize_fn=None, num_workers=workers)
+  seen = set()
+  try:
+    for _ in range(6):  # two epochs
+      b = next(it)
+      assert b["context"].dtype == feature_cache.BF16 and b["context"].shape == (4, length, dim)
+      for latent, context, mask in zip(b["latent"], b["context"], b["attention_mask"]):
+        i = int(latent[0, 0, 0])
+        np.testing.assert_array_equal(context, want[i])
+        np.testing.assert_array_equal(mask, masks[i])
+        seen.add(i)
+  finally:
+    it.close()
+  assert seen == set(range(n))

@@ -125,24 +125,56 @@ def encode_record(latent: np.ndarray, contexts: list[np.ndarray], masks: list[np
 
 
 class _Features:
-  """features(j) -> (context (L, D) bfloat16 as stored, zeros at the masked positions; mask (L,) int32) of
-  caption j. Kept bf16 up to the device (half the host memory and transfer of float32); the step computes
-  in float32."""
+  """The text features of a record's captions, read with no copy from the record's bytes.
 
-  def __init__(self, header: dict[str, Any], blobs: list[bytes]):
+  features(j) -> (context (L, D) bfloat16 as stored, zeros at the masked positions; mask (L,) int32) of
+  caption j. features.rows(j) -> (rows (n_j, D) bfloat16, a read-only view into the record; mask (L,)
+  int32): what the training pipeline takes, padding to (B, L, D) once per batch (`pad_rows`) instead of
+  once per example and again when stacking. Kept bf16 up to the device (half the host memory and transfer
+  of float32); the step computes in float32.
+  """
+
+  def __init__(self, header: dict[str, Any], blobs: list[memoryview]):
     self.header, self.blobs = header, blobs
 
-  def __call__(self, j: int) -> tuple[np.ndarray, np.ndarray]:
-    length, dim = self.header["length"], self.header["dim"]
+  def rows(self, j: int) -> tuple[np.ndarray, np.ndarray]:
     mask = np.frombuffer(self.blobs[1 + 2 * j], np.uint8).astype(np.int32)
-    context = np.zeros((length, dim), BF16)
-    context[mask != 0] = np.frombuffer(self.blobs[2 + 2 * j], BF16).reshape(-1, dim)
-    return context, mask
+    return np.frombuffer(self.blobs[2 + 2 * j], BF16).reshape(-1, self.header["dim"]), mask
+
+  def __call__(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    rows, mask = self.rows(j)
+    return pad_rows([rows], mask[None])[0], mask
+
+
+def pad_rows(rows: list[np.ndarray], masks: np.ndarray, out: np.ndarray | None = None,
+             out_is_zero: bool = False) -> np.ndarray:
+  """Stored feature rows -> (B, L, D) bfloat16 contexts: rows[b] (n_b, D) at the positions where masks[b]
+  (B, L) is non-zero, zeros elsewhere. A right-padded mask (the usual one) is one contiguous copy.
+  out: an (B, L, D) array to fill (e.g. in shared memory), else a new one; out_is_zero: it reads as zeros
+  already (a new shared-memory segment), so the padding is not written."""
+  masks = np.asarray(masks)
+  # np.zeros maps zero pages lazily: the padding costs nothing here (a 300-row context of a 100-token
+  # prompt is two thirds padding); writing zeros into it would touch every page.
+  zeroed = out is None or out_is_zero
+  if out is None:
+    out = np.zeros((*masks.shape, rows[0].shape[-1]), BF16)
+  for b, (r, m) in enumerate(zip(rows, masks)):
+    n = len(r)
+    if n and m[:n].all():  # the kept positions are the first n: a slice, not a gather
+      out[b, :n] = r
+      if not zeroed:
+        out[b, n:] = 0
+    else:
+      if not zeroed:
+        out[b] = 0
+      out[b, np.flatnonzero(m)] = r
+  return out
 
 
 def decode_record(record: bytes) -> dict[str, Any]:
-  """A record as a source item: latent, captions, scores, path, bucket and `features` (_Features)."""
-  header, blobs = records.unpack(record)
+  """A record as a source item: latent, captions, scores, path, bucket and `features` (_Features).
+  The latent and the features are read-only views into `record` (no copy)."""
+  header, blobs = records.unpack(record, views=True)
   latent = np.frombuffer(blobs[0], np.float32).reshape(header["latent"])
   return {"latent": latent, "captions": header["captions"] or [""], "scores": header["scores"],
           "path": header["key"], "bucket": header["bucket"], "features": _Features(header, blobs)}
@@ -166,6 +198,7 @@ class CacheSource:
       field that differs (None: no check, e.g. for inspection).
   """
   field = "latent"
+  text_rows = True  # items' features.rows(j) give the stored rows: the pipeline pads them per batch
 
   def __init__(self, directory: str, signature: dict[str, Any] | None = None):
     self.directory = os.path.abspath(os.path.expanduser(directory))

@@ -15,13 +15,16 @@ along the stream we are", which makes checkpointed resume exact.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
+import grain.multiprocessing
 import numpy as np
 
 from sanajax.data.buckets import BucketSchedule
 from sanajax.data.captions import pick_caption
+from sanajax.data.feature_cache import pad_rows
 from sanajax.data.sources import UNDECODABLE
 
 log = logging.getLogger(__name__)
@@ -141,14 +144,48 @@ class _LoadExample:
            "skip_reason": "" if image is not None else ex.get("skip_reason") or UNDECODABLE}
     if "features" in ex and image is not None:
       # A text-feature cache (sanajax.data.feature_cache): the chosen caption's encoder output travels
-      # with it, (context (L, D), mask (L,)), instead of being tokenized and encoded in the step.
-      out["context"], out["context_mask"] = ex["features"](captions.index(caption))
+      # with it, (rows (n, D) as stored, mask (L,)), instead of being tokenized and encoded in the step;
+      # _StackBatch pads the rows to (B, L, D) once per batch.
+      out["context"], out["context_mask"] = ex["features"].rows(captions.index(caption))
     return out
 
 
 def _kept(ex: dict[str, Any]) -> dict[str, Any]:
   """What of an example goes into a batch: the array, the caption, cached text features if any."""
   return {k: ex[k] for k in ("image", "caption", "context", "context_mask") if k in ex}
+
+
+class _StackBatch:
+  """grain batch_fn for examples with cached text features: np.stack of each field, as grain's own, but
+  "context" (each example's stored rows (n_b, D)) padded into (B, L, D) by its mask here (pad_rows): one
+  zeroed array and one copy of the rows, not a padded (L, D) per example copied again by the stack.
+  Writes into shared memory when mp_prefetch asks (grain's SupportsSharedMemoryOutput), as grain's own
+  batch does, so the batch reaches the training process with no pickling. Picklable."""
+
+  def __init__(self):
+    self._shared = False
+
+  def enable_shared_memory_output(self) -> None:
+    self._shared = True
+
+  def _empty(self, shape: tuple[int, ...], dtype) -> np.ndarray | None:
+    dtype = np.dtype(dtype)
+    return grain.multiprocessing.SharedMemoryArray(shape, dtype) if self._shared and dtype.kind not in "OUS" else None
+
+  def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    out = {}
+    for key in examples[0]:
+      if key == "context":
+        continue
+      first = np.asarray(examples[0][key])
+      out[key] = np.stack([ex[key] for ex in examples], out=self._empty((len(examples), *first.shape), first.dtype))
+    if "context" in examples[0]:
+      rows = [ex["context"] for ex in examples]
+      masks = out["context_mask"]
+      # grain's SharedMemoryArray is a new segment each time, which reads as zeros: the padding is not written.
+      out["context"] = pad_rows(rows, masks, out=self._empty((*masks.shape, rows[0].shape[-1]), rows[0].dtype),
+                                out_is_zero=self._shared)
+    return out
 
 
 class _LoadBucketed:
@@ -249,7 +286,7 @@ class TrainIterator:
     self.skipped = int(skipped)
     self.last_captions: list[str] = []
 
-  def __iter__(self) -> "TrainIterator":
+  def __iter__(self) -> TrainIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -342,6 +379,8 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
   # would hold 1.5 GB per process.
   read = grain.ReadOptions(num_threads=read_threads,
                            prefetch_buffer_size=max(2 * batch_size, 16))
+  # Cached text features come as stored rows, padded once per batch (None: grain's own np.stack).
+  stack = _StackBatch() if getattr(source, "text_rows", False) else None
   if bucket_ids is not None:
     schedule = BucketSchedule(bucket_ids, batch_size, seed, process_index, process_count)
     load = _LoadExample(source, seed, schedule.examples_per_epoch, caption_threshold, caption_temperature, field)
@@ -349,7 +388,7 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
     # Batched before the stream is read: mp_prefetch deals the elements of the stream out to its workers in
     # turn, so with 2+ workers a batch made after it would mix positions of different buckets (one bucket a
     # batch only holds for consecutive positions). An element is now a whole batch: a few in flight suffice.
-    ds = ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True, batch_fn=stack)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(2, read_threads)))
   else:
     ds = stream_indices(n, seed, process_index, process_count)
@@ -357,7 +396,7 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
     load = _LoadExample(source, seed, shard_len, caption_threshold, caption_temperature, field)
     ds = ds.map_with_index(load)
     it_ds = _DropUndecodable(ds.to_iter_dataset(read), shard_len)
-    it_ds = it_ds.batch(batch_size, drop_remainder=True)
+    it_ds = it_ds.batch(batch_size, drop_remainder=True, batch_fn=stack)
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
