@@ -42,7 +42,7 @@ def code_cells(nb: dict) -> list[tuple[str, list[str]]]:
 
 
 def test_there_are_notebooks():
-  assert {"tpu_quickstart.ipynb", "pretrained_sampling.ipynb"} <= set(NOTEBOOKS), NOTEBOOKS
+  assert {"tpu_quickstart.ipynb", "pretrained_sampling.ipynb", "own_data.ipynb"} <= set(NOTEBOOKS), NOTEBOOKS
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -100,6 +100,31 @@ def test_tpu_quickstart_runs_on_cpu(tmp_path):
   assert sorted(sprint) == ["scm_1", "scm_2", "scm_4"]
   for name, r in sprint.items():
     assert f"{name}: GenEval-lite {r['overall']:.3f}" in out
+
+
+def test_own_data_runs_on_cpu(tmp_path):
+  """notebooks/own_data.ipynb: its generated captioned pictures (3 aspect ratios) -> ArrayRecord shards ->
+  the tiny DiT trained from them with buckets (2 steps) -> a sample at the bucket nearest 16:9."""
+  work = tmp_path / "work"
+  overrides = {**TINY, "eval.num_prompts": 0}
+  test_cell = (f"BASE = {str(tmp_path)!r}\nSHARDS = {str(tmp_path / 'shards')!r}\nWORKDIR = {str(work)!r}\n"
+               f"OVERRIDES.update({overrides!r})\n")
+  script = tmp_path / "notebook.py"
+  script.write_text(notebook_script("own_data.ipynb", test_cell))
+  proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
+                        check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+  out = proc.stdout
+  assert "24 images in" in out and "(24 examples)" in out
+  build = json.loads((tmp_path / "shards" / "build.json").read_text())
+  assert build["complete"] and build["shards"] == 2
+  assert (work / "checkpoints" / "2").is_dir()
+  config = json.loads((work / "config.json").read_text())
+  assert config["data"]["buckets"] == "sana" and config["data"]["source"] == f"arrayrecord:{tmp_path / 'shards'}"
+  image = np.asarray(Image.open(work / "own_data_sample" / "00000.png"))
+  h, w = image.shape[:2]
+  assert w > h and w % 8 == 0 and h % 8 == 0 and image.std() > 0, image.shape
+  assert f"sampled {w}x{h} (WxH)" in out
 
 
 def test_pretrained_sampling_runs_on_cpu(tmp_path):
