@@ -152,6 +152,11 @@ def test_weights_round_trip_and_fresh_controlnet_is_the_base(models, tmp_path):
   fresh = nn.unbox(fresh)
   assert np.array_equal(fresh["transformer_blocks_1"]["attn1"]["to_q"]["kernel"],
                         m["dit_params"]["transformer_blocks_1"]["attn1"]["to_q"]["kernel"])
+  # A base in the scan_layers layout (model.scan_layers, on in the SANA configs) gives the same copy.
+  from_stacked = nn.unbox(controlnet.controlnet_params_from_base(
+      sana_dit.to_layout(m["dit_params"], True), controlnet.init_controlnet(cn, base_config, jax.random.PRNGKey(1))))
+  for a, b in zip(jax.tree.leaves(from_stacked), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   x, ctx, mask = inputs["noise"], inputs["ctx"], inputs["mask"]
   t = jnp.full((B,), 0.6)
   control = jnp.ones_like(x)

@@ -36,7 +36,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from sanajax.dtypes import dtype_from_name
 from sanajax.models.layers import AdaLNSingle, CaptionProjection, PatchEmbed, RMSNorm, dense, logical_constraint, zeros
-from sanajax.models.sana_dit import ACT_AXES, SanaBlock, SanaDiT, build_dit
+from sanajax.models.sana_dit import ACT_AXES, SanaBlock, SanaDiT, build_dit, is_stacked, to_layout
 
 Dtype = Any
 # The base DiT's parameters a fresh ControlNet starts from (NVlabs Sana copies the base into the
@@ -125,8 +125,12 @@ def controlnet_params_from_base(base_params: Mapping[str, Any], controlnet_param
   """A fresh ControlNet's parameters: the base DiT's embedders and first N blocks copied over
   `controlnet_params` (its own init), whose zero Linears (input_block, controlnet_blocks_*) stay.
 
-  Works on boxed (nn.Partitioned) or plain trees; a missing or differently shaped base weight raises."""
-  base = flatten_dict(nn.unbox(base_params), sep="/")
+  Works on boxed (nn.Partitioned) or plain trees, and on a base in the scan_layers layout (its stacked
+  blocks are unrolled first); a missing or differently shaped base weight raises."""
+  base = nn.unbox(base_params)
+  if is_stacked(base):
+    base = to_layout(base, False)
+  base = flatten_dict(base, sep="/")
   flat = flatten_dict(controlnet_params, sep="/", is_leaf=lambda _, v: isinstance(v, nn.Partitioned))
   out = {}
   for name, value in flat.items():
