@@ -133,6 +133,7 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   d.logit_std = 1.0
   d.mode_scale = 1.29  # SD3's default for the "mode" scheme (unused with logit_normal).
   d.flow_shift = 3.0
+  d.resolution_shift = False  # SANA keeps flow_shift per resolution; True scales it per bucket (docs/data.md#buckets).
 
   tr = c.train = ml_collections.ConfigDict()
   tr.num_steps = 100_000  # Not in SANA (it counts 100 epochs of its data set); set for your data.
@@ -141,10 +142,10 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   tr.learning_rate = 1e-4
   tr.warmup_steps = 2000
   tr.schedule = "constant"
-  d.resolution_shift = False  # SANA keeps flow_shift per resolution; True scales it per bucket (docs/data.md#buckets).
   tr.weight_decay = 0.0
   tr.grad_clip = 0.1
   tr.ema_decay = 0.9999  # SANA ema_rate (its train.py loop does not apply it).
+  tr.init_from = ""  # the previous resolution stage's workdir, as SANA's load_from (docs/data.md#cascade).
   tr.caption_dropout = 0.1  # class_dropout_prob.
   tr.log_every = 20  # log_interval.
   tr.checkpoint_every = 500  # save_model_steps.
@@ -153,7 +154,6 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
 
   s = c.sample = ml_collections.ConfigDict()
   s.sampler = "flow_dpm"  # SANA vis_sampler flow_dpm-solver: 20 steps, cfg 4.5.
-  tr.init_from = ""  # the previous resolution stage's workdir, as SANA's load_from (docs/data.md#cascade).
   s.steps = 20
   s.cfg = 4.5
 

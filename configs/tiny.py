@@ -132,13 +132,13 @@ def get_config(arg=None):
   c.train.weight_decay = 0.0  # as SANA.
   c.train.grad_clip = 1.0  # not tuned (SANA: 0.1, with CAME at lr 1e-4).
   c.train.ema_decay = 0.999  # 0.995 measured level (docs/results.md#steps-and-ema).
+  c.train.init_from = ""  # a previous stage's workdir: start from its EMA weights (docs/data.md#cascade).
   c.train.caption_dropout = 0.1  # SANA class_dropout_prob: the empty prompt that CFG needs.
   c.train.log_every = 25
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
   c.train.sample_every = 0  # 0: only at the end.
 
-  c.train.init_from = ""  # a previous stage's workdir: start from its EMA weights (docs/data.md#cascade).
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "flow_dpm"  # SANA vis_sampler flow_dpm-solver: 20 steps, cfg 4.5.
   c.sample.steps = 20

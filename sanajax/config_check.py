@@ -246,6 +246,11 @@ def _check_model(c: _Checker, kind: str) -> None:
       remat_policy(remat)
     except (ValueError, TypeError):
       c.bad("model.remat", remat, "must be 'none', 'full' or a jax.checkpoint_policies name (e.g. 'dots_saveable')")
+  scan = c.get("model.scan_layers")
+  if scan is not _MISSING and not isinstance(scan, bool):
+    c.bad("model.scan_layers", scan, "must be True or False")
+  if scan is True and name == "mmdit":
+    c.bad("model.scan_layers", scan, "is supported by the SANA DiT only; set it False for model.name='mmdit'")
   c.int_at_least("text.max_length", 2, required=False)
   c.dtype("text.dtype")
   probs = c.get("text.encoder_dropout")  # SD3's per-encoder caption dropout: one probability or (CLIP-L, bigG, T5)
@@ -253,11 +258,6 @@ def _check_model(c: _Checker, kind: str) -> None:
       isinstance(probs, (tuple, list)) and len(probs) == 3 and all(_is_real(p) and 0 <= p <= 1 for p in probs)):
     c.bad("text.encoder_dropout", probs, "must be a probability in [0, 1] or three of them (CLIP-L, bigG, T5)")
   if kind == "sprint" and c.get("model.guidance_embeds") is not True:
-  scan = c.get("model.scan_layers")
-  if scan is not _MISSING and not isinstance(scan, bool):
-    c.bad("model.scan_layers", scan, "must be True or False")
-  if scan is True and name == "mmdit":
-    c.bad("model.scan_layers", scan, "is supported by the SANA DiT only; set it False for model.name='mmdit'")
     c.bad("model.guidance_embeds", c.get("model.guidance_embeds"), "must be True for a Sprint student")
 
 
@@ -356,6 +356,27 @@ def _check_batches(c: _Checker, resolved: Any, kind: str) -> None:
       c.problems.append(f"{section}.batch_size={batch}: {why}")
 
 
+def _check_controlnet(c: _Checker) -> None:
+  """A ControlNet run (configs/controlnet_tiny.py; docs/controlnet.md): its section and what it needs of the base."""
+  depth = c.get("model.depth")
+  num_layers = c.present("controlnet.num_layers", True)
+  if num_layers is not _MISSING and not (_is_int(num_layers) and _is_int(depth) and 1 <= num_layers < depth):
+    c.bad("controlnet.num_layers", num_layers, f"must be an integer in [1, model.depth - 1 = {_show(depth)} - 1] "
+          f"(residual k is added after base block k + 1)")
+  c.one_of("controlnet.condition", ("canny",))
+  c.real_in("controlnet.canny_low", 0.0, 1020.0, required=False)
+  c.real_in("controlnet.canny_high", 0.0, 1020.0, required=False)
+  base = c.present("controlnet.base_workdir", True)
+  if base is not _MISSING and not (isinstance(base, str) and os.path.isdir(base)):
+    c.bad("controlnet.base_workdir", base, "must be the trained base DiT's workdir (configs/controlnet_tiny.py:DIR)")
+  if c.get("model.guidance_embeds") not in (_MISSING, False) or c.get("model.qk_norm") not in (_MISSING, False):
+    c.bad("model.guidance_embeds", c.get("model.guidance_embeds"), "a ControlNet is trained on a plain DiT (the "
+          "Sprint student's teacher), not on a student")
+  cache = c.get("data.latent_cache")
+  if cache not in (_MISSING, 0, None):
+    c.bad("data.latent_cache", cache, "must be 0 for a ControlNet run (the condition is computed from the images)")
+
+
 def _check_lora(c: _Checker) -> None:
   """config.lora (configs/lora.py, docs/lora.md): PEFT LoraConfig's fields, the base model, and the target
   modules against the model's Dense layers (abstract shapes only: nothing is allocated)."""
@@ -382,27 +403,6 @@ def _check_lora(c: _Checker) -> None:
     lora_target_paths(like, c.get("lora.target_modules"))
   except ValueError as e:
     c.problems.append(str(e).rstrip("."))
-
-
-def _check_controlnet(c: _Checker) -> None:
-  """A ControlNet run (configs/controlnet_tiny.py; docs/controlnet.md): its section and what it needs of the base."""
-  depth = c.get("model.depth")
-  num_layers = c.present("controlnet.num_layers", True)
-  if num_layers is not _MISSING and not (_is_int(num_layers) and _is_int(depth) and 1 <= num_layers < depth):
-    c.bad("controlnet.num_layers", num_layers, f"must be an integer in [1, model.depth - 1 = {_show(depth)} - 1] "
-          f"(residual k is added after base block k + 1)")
-  c.one_of("controlnet.condition", ("canny",))
-  c.real_in("controlnet.canny_low", 0.0, 1020.0, required=False)
-  c.real_in("controlnet.canny_high", 0.0, 1020.0, required=False)
-  base = c.present("controlnet.base_workdir", True)
-  if base is not _MISSING and not (isinstance(base, str) and os.path.isdir(base)):
-    c.bad("controlnet.base_workdir", base, "must be the trained base DiT's workdir (configs/controlnet_tiny.py:DIR)")
-  if c.get("model.guidance_embeds") not in (_MISSING, False) or c.get("model.qk_norm") not in (_MISSING, False):
-    c.bad("model.guidance_embeds", c.get("model.guidance_embeds"), "a ControlNet is trained on a plain DiT (the "
-          "Sprint student's teacher), not on a student")
-  cache = c.get("data.latent_cache")
-  if cache not in (_MISSING, 0, None):
-    c.bad("data.latent_cache", cache, "must be 0 for a ControlNet run (the condition is computed from the images)")
 
 
 def validate_config(config: Any, kind: str) -> None:

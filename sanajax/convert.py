@@ -70,9 +70,9 @@ from sanajax.models.autoencoder_kl_diffusers import load_sd3_vae
 from sanajax.models.backbones import build_backbone
 from sanajax.models.clip_transformers import load_clip_text_encoder
 from sanajax.models.controlnet_diffusers import load_sana_controlnet
-from sanajax.models.lora_diffusers import load_lora, save_lora
 from sanajax.models.dcae_diffusers import load_dcae
 from sanajax.models.gemma2_transformers import gemma2_config_from_dict, has_tokenizer, load_gemma2, load_tokenizer
+from sanajax.models.lora_diffusers import load_lora, save_lora
 from sanajax.models.mmdit_diffusers import load_sd3_transformer
 from sanajax.models.sana_dit_diffusers import dit_init_args, load_sana_transformer
 from sanajax.models.sd3_text import load_sd3_text_encoder

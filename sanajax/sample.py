@@ -18,7 +18,6 @@ student of the ControlNet's base (a ControlNet trained on the teacher, applied t
 is the condition image (an edge, depth or HED map, used as given); one of another size than the model's
 resolution is resized to it, with a warning.
 
-
 `--sampler=scm` is SANA-Sprint's sCM sampler (1, 2 or 4 steps on the TrigFlow grids [1.5708, 0],
 [1.5708, 1.3, 0], linspace(1.5708, 0, 5)) for a Sprint student (a sanajax.distill_sprint workdir,
 model.guidance_embeds); there `--cfg` is the guidance value the student embeds (Sprint: 4.5), not
@@ -46,8 +45,9 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from sanajax.data.buckets import check_sample_size
 from sanajax import cli
+from sanajax.data.buckets import check_sample_size
+from sanajax.data.conditions import load_control_image
 from sanajax.diffusion import samplers
 from sanajax.eval.geneval_lite import read_prompts_file
 from sanajax.generation import Generator, truncation_warnings, write_images
@@ -55,7 +55,6 @@ from sanajax.models.quantize import MODES as QUANTIZE_MODES
 from sanajax.models.quantize import check_mode as check_quantize
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan, mesh_config
-from sanajax.data.conditions import load_control_image
 from sanajax.workdir.files import load_workdir_config
 from sanajax.workdir.loaders import is_controlnet_workdir, load_controlnet
 
@@ -72,10 +71,10 @@ _CFG = flags.DEFINE_float("cfg", None, "Classifier-free guidance scale, finite (
                           "guidance value). Default: the config's sample.cfg.")
 _CFG_INTERVAL = flags.DEFINE_string("cfg_interval", None, "Flow times 'LO,HI' at which CFG applies (flow "
                                     "samplers; 'none': every step). Default: the config's sample.cfg_interval.")
+_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _HEIGHT = flags.DEFINE_integer("height", None, "Image height in pixels (default: the config's data.resolution); "
                                "with --width any aspect-ratio bucket (docs/data.md#buckets).")
 _WIDTH = flags.DEFINE_integer("width", None, "Image width in pixels (default: the config's data.resolution).")
-_SEED = flags.DEFINE_integer("seed", 0, "Noise seed.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Prompts per sampling call.")
 _LORA = flags.DEFINE_multi_string("lora", [], "LoRA to apply, DIR[:SCALE] (default scale 1): a LoRA workdir or a "
                                   "directory holding pytorch_lora_weights.safetensors (diffusers / PEFT). "
@@ -94,6 +93,7 @@ _CONTROLNET = flags.DEFINE_string("controlnet", None, "ControlNet to steer --wor
 # laid over the workdir's config, whose mesh was the training run's (sampling defaults to one device).
 _CONFIG = cli.define_config_dict(ml_collections.ConfigDict({"mesh": mesh_config()}),
                                 "Sampling overrides: --config.mesh.AXIS=SIZE.")
+
 
 def parse_cfg_interval(text: str) -> tuple[float, float] | None:
   """'0.5,1' -> (0.5, 1.0); 'none' -> None (guidance at every step)."""
@@ -173,26 +173,6 @@ def sampling_plan(workdir_config: ml_collections.ConfigDict) -> Plan:
     raise cli.UserError(f"--config.mesh: {e}") from e
 
 
-def parse_loras(values: list[str]) -> tuple[tuple[str, float], ...]:
-  """--lora=DIR[:SCALE] values -> ((path, scale), ...) (scale 1 by default), each path checked to exist."""
-  out = []
-  for text in values:
-    path, scale = text, 1.0
-    head, sep, tail = text.rpartition(":")
-    if sep:
-      try:
-        path, scale = head, float(tail)
-      except ValueError:
-        path, scale = text, 1.0  # a ':' inside the path itself
-    if not math.isfinite(scale):
-      raise cli.UserError(f"--lora={text!r}: the scale must be a finite number (DIR[:SCALE], e.g. {path}:0.8).")
-    if not os.path.exists(path):
-      raise cli.UserError(f"--lora={text!r}: {path!r} does not exist (a LoRA workdir, or a directory holding "
-                          f"pytorch_lora_weights.safetensors; DIR[:SCALE]).")
-    out.append((path, scale))
-  return tuple(out)
-
-
 def resolve_controlnet(workdir: str) -> tuple[str, str | None]:
   """(the DiT / Sprint workdir to sample, the ControlNet or None) from --workdir, --controlnet, --control;
   every inconsistency is a one-line user error before anything loads."""
@@ -245,10 +225,7 @@ def main(argv):
   steps = sample.steps if _STEPS.value is None else _STEPS.value
   cfg = float(sample.cfg if _CFG.value is None else _CFG.value)
   check_options(config, sampler, steps, cfg, _BATCH.value)
-  try:
-    check_quantize(_QUANTIZE.value, "--quantize", check_platform=True)
-  except ValueError as e:
-    raise cli.UserError(str(e)) from None
+  loras = parse_loras(_LORA.value)
   control = None
   if controlnet_dir:
     try:
@@ -265,7 +242,6 @@ def main(argv):
     check_sample_size(config, _HEIGHT.value or config.data.resolution, _WIDTH.value or config.data.resolution)
   except ValueError as e:
     raise cli.UserError(str(e)) from None
-  loras = parse_loras(_LORA.value)
   check_out_dir(_OUT.value)
   plan = sampling_plan(config)
   generator = Generator.from_workdir(workdir, plan=plan, quantize=_QUANTIZE.value, loras=loras)

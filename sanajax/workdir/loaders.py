@@ -18,6 +18,9 @@ from sanajax.data.shapes import VOCAB
 from sanajax.models import autoencoder_kl, backbones, dcae
 from sanajax.models import lora as lora_lib
 from sanajax.models.backbones import build_backbone, context_channels
+from sanajax.models.controlnet import build_controlnet
+from sanajax.models.controlnet import init_args as controlnet_init_args
+from sanajax.models.controlnet_diffusers import load_sana_controlnet
 from sanajax.models.gemma2_transformers import (
   gemma2_config_from_dict,
   gemma2_init_args,
@@ -26,8 +29,6 @@ from sanajax.models.gemma2_transformers import (
   load_tokenizer,
 )
 from sanajax.models.lora_diffusers import LORA_WEIGHT_NAME, load_lora
-from sanajax.models.controlnet import build_controlnet, init_args as controlnet_init_args
-from sanajax.models.controlnet_diffusers import load_sana_controlnet
 from sanajax.models.sana_dit import is_stacked, student_params_from_teacher, to_layout
 from sanajax.models.sana_dit_diffusers import load_sana_transformer
 from sanajax.models.sd3_text import SD3PromptEncoder, load_sd3_text_encoder
@@ -280,6 +281,7 @@ def load_lora_dit_params(workdir: str, config: ml_collections.ConfigDict, *, ema
   like, _ = lora_abstract(config)
   base = nn.unbox(init_params_from(lora_base_path(config, workdir), like))
   return lora_lib.merge(base, load_lora_workdir(workdir, config, ema=ema))
+
 
 def is_controlnet_workdir(path: str) -> bool:
   """Whether `path` is a ControlNet training workdir (its config has a `controlnet` section)."""
