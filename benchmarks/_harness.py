@@ -141,10 +141,20 @@ def torch_median_ms(call: Callable[[], Any], *, warmup: int, repeats: int, devic
   return statistics.median(times)
 
 
-def torch_compile(fn: Callable, backend: str) -> Callable:
-  """torch.compile in its default mode (mode=None) with the given backend."""
+def torch_compile(fn: Callable, backend: str) -> Callable | None:
+  """torch.compile in its default mode (mode=None) with the given backend; None for backend 'none'
+  (no compiled diffusers rows: inductor takes minutes per shape on the 1600M model, more than
+  run_all.sh --budget's time slices hold)."""
+  if backend == "none":
+    return None
   import torch
   return torch.compile(fn, backend=backend)
+
+
+def compiled_median_ms(compiled: Callable | None, call: Callable[[], Any], *, device: str, warmup: int,
+                       repeats: int) -> float | None:
+  """torch_median_ms of `call` (which runs the compiled model), or None when `compiled` is None."""
+  return None if compiled is None else torch_median_ms(call, device=device, warmup=warmup, repeats=repeats)
 
 
 def release_torch_memory() -> None:
@@ -222,6 +232,15 @@ def matmul_flops_per_s(n: int, *, warmup: int, repeats: int) -> tuple[float, flo
   return ms, 2.0 * n ** 3 / (ms * 1e-3)
 
 
+def copy_bytes_per_s(nbytes: int, *, warmup: int, repeats: int) -> tuple[float, float]:
+  """Measures device-memory bandwidth with a jitted `x + 1` over a float32 array of `nbytes` bytes
+  (one read and one write of every byte, the pattern of a copy): (median ms, bytes/s = 2 nbytes / time)."""
+  x = jnp.zeros((nbytes // 4,), jnp.float32)
+  add = jax.jit(lambda a: a + 1.0)
+  ms = median_ms(lambda: add(x), warmup=warmup, repeats=repeats)
+  return ms, 2.0 * (nbytes // 4) * 4 / (ms * 1e-3)
+
+
 def _version(package: str) -> str | None:
   try:
     return importlib.metadata.version(package)
@@ -256,16 +275,18 @@ def met(ok: bool | None) -> str:
   return "" if ok is None else ("yes" if ok else "no")
 
 
-def vs_torch(ms: float, eager_ms: float, compiled_ms: float) -> str:
-  """The figure comparing sanajax's `ms` with diffusers eager and torch.compile."""
-  return f"{ms / eager_ms:.2f}x diffusers eager, {ms / compiled_ms:.2f}x compiled"
+def vs_torch(ms: float, eager_ms: float, compiled_ms: float | None) -> str:
+  """The figure comparing sanajax's `ms` with diffusers eager and torch.compile (None: not run)."""
+  compiled = "" if compiled_ms is None else f", {ms / compiled_ms:.2f}x compiled"
+  return f"{ms / eager_ms:.2f}x diffusers eager{compiled}"
 
 
-def torch_rows(bench: str, case: str, dtype: str, backend: str, eager_ms: float, compiled_ms: float,
+def torch_rows(bench: str, case: str, dtype: str, backend: str, eager_ms: float, compiled_ms: float | None,
                figure: Callable[[float], str] = lambda ms: "") -> list[Row]:
-  """diffusers' rows of one case: eager, then torch.compile with `backend`; figure(ms) -> text."""
+  """diffusers' rows of one case: eager, then torch.compile with `backend` (none when compiled_ms is
+  None); figure(ms) -> text."""
   return [Row(bench, case, f"diffusers {label} {dtype}", t_ms, figure(t_ms))
-          for label, t_ms in (("eager", eager_ms), (f"torch.compile {backend}", compiled_ms))]
+          for label, t_ms in (("eager", eager_ms), (f"torch.compile {backend}", compiled_ms)) if t_ms is not None]
 
 
 def case_rows(bench: str, case: str, attn_impl: str, ms: float, figure: Sequence[str], target: str,

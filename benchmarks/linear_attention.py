@@ -121,6 +121,8 @@ def cpu_comparison(args) -> list[hx.Row]:
 def main(argv=None) -> list[hx.Row]:
   p = hx.parser(__doc__.splitlines()[0])
   p.add_argument("--cpu", action="store_true", help="CPU: impl='xla' vs torch eager at N = 4096, float32, min of repeats")
+  p.add_argument("--seq_lens", default=None, help="comma-separated N (default 1024,4096,16384; smoke 64)")
+  p.add_argument("--batches", default=None, help="comma-separated B (default 1,4; smoke 1)")
   p.add_argument("--impls", default="xla,pallas",
                  help="comma-separated linear_attention impls (xla first); on an H100 also pallas_mosaic_gpu, the "
                       "state kernel that the Triton default is to be compared with (docs/kernels.md); an impl that "
@@ -137,6 +139,8 @@ def main(argv=None) -> list[hx.Row]:
     hx.append_rows(args.results, rows, device=device, versions_text=hx.versions())
     return rows
   heads, dim, seq_lens, batches = shapes(args.smoke)
+  seq_lens = [int(n) for n in args.seq_lens.split(",")] if args.seq_lens else seq_lens
+  batches = [int(b) for b in args.batches.split(",")] if args.batches else batches
   interpret = jax.default_backend() == "cpu"  # Pallas on CPU only runs in the interpreter.
   bandwidth = hx.hbm_bytes_per_s()
   dtype = jnp.bfloat16
@@ -195,6 +199,8 @@ def main(argv=None) -> list[hx.Row]:
         with torch.inference_mode():
           got = torch_linear_attention(tq, tk, tv).float().cpu().numpy()
           for label, fn in (("eager", torch_linear_attention), (f"torch.compile {args.torch_compile_backend}", compiled)):
+            if fn is None:  # --torch_compile_backend=none
+              continue
             t = hx.torch_median_ms(lambda: fn(tq, tk, tv), device=device, **timing)
             rows.append(hx.Row("linear_attention", f"{case} fwd", f"diffusers {label}", t,
                                f"rel err vs sanajax xla {hx.rel_l2(got, ref):.1e}"))

@@ -10,10 +10,39 @@
 # lacks (ml_collections, importlib_metadata); benchmarks/fetch_wheels.sh fills it on a machine
 # with a package index. Rows go to benchmarks/RESULTS.md; a copy of it and the logs go to $OUT
 # when the device tool sets it.
+#
+# The one prepared call for a short device session (benchmarks/run_plan.py: the plan in order of
+# value, each step in a time slice, a step that does not fit skipped and reported, compile included;
+# the setup below counts against the budget):
+#   bash benchmarks/run_all.sh --budget=420                        # rows into benchmarks/RESULTS.md
+#   bash benchmarks/run_all.sh --budget=420 --smoke --out=/tmp/R.md   # the same plan on CPU (tests)
 set -euo pipefail
+START=$(date +%s.%N)
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+
+if [[ " $* " == *" --budget"* ]]; then
+  if [[ " $* " == *" --smoke "* ]]; then  # CPU, tests: no wheels, no GPU facts; run_plan.py finds sanajax itself
+    # XLA:CPU compiles are most of a smoke run (the tiny train step's alone took ~20 s); without LLVM's
+    # optimisation they take about half as long, and smoke figures are not measurements.
+    export XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+    exec $PY benchmarks/run_plan.py --t0="$START" "$@"
+  fi
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  fi
+  nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv || true
+  status=0
+  if [[ -n "${OUT:-}" ]]; then
+    $PY benchmarks/run_plan.py --t0="$START" "$@" 2>&1 | tee "$OUT/run_all.log" || status=1
+    cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+  else
+    $PY benchmarks/run_plan.py --t0="$START" "$@" || status=1
+  fi
+  exit $status
+fi
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl

@@ -76,7 +76,9 @@ def build(config, device: str, torch_dtype: str, skip_torch: bool):
   torch.manual_seed(0)
   transformer = diffusers.SanaTransformer2DModel(**sana_dit.diffusers_kwargs(config.model)).eval()
   vae = diffusers.AutoencoderDC(**dcae.diffusers_kwargs(ae_config)).eval()
-  dit_params = sana_dit.params_from_diffusers_state_dict(transformer.state_dict())
+  # diffusers' per-block keys, stacked when the config scans over layers (model.scan_layers).
+  dit_params = sana_dit.to_layout(sana_dit.params_from_diffusers_state_dict(transformer.state_dict()),
+                                  config.model.scan_layers)
   ae_params = dcae.params_from_diffusers_state_dict(vae.state_dict(), ae_config)
   bf16 = lambda tree: jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), tree)
   dtype = getattr(torch, torch_dtype)
@@ -149,9 +151,11 @@ def main(argv=None) -> list[hx.Row]:
           ref = call().float().permute(0, 2, 3, 1).cpu().numpy() * 2.0 - 1.0
           err = hx.rel_l2(np.asarray(jax.device_get(run(dit_params, ae_params, noise, ctx, mask, key))), ref)
         transformer, decoder = pipe.transformer, pipe.vae.decoder
-        pipe.transformer = hx.torch_compile(transformer, args.torch_compile_backend)
-        pipe.vae.decoder = hx.torch_compile(decoder, args.torch_compile_backend)
-        compiled_ms = hx.torch_median_ms(call, device=device, **timing)
+        compiled_ms = None
+        if args.torch_compile_backend != "none":
+          pipe.transformer = hx.torch_compile(transformer, args.torch_compile_backend)
+          pipe.vae.decoder = hx.torch_compile(decoder, args.torch_compile_backend)
+          compiled_ms = hx.torch_median_ms(call, device=device, **timing)
         pipe.transformer, pipe.vae.decoder = transformer, decoder
       figure = [hx.vs_torch(ms, eager_ms, compiled_ms)] + ([f"rel err vs diffusers {err:.1e}"] if steps == 1 else [])
       torch_rows = hx.torch_rows("sprint_sample", case, torch_dtype, args.torch_compile_backend, eager_ms, compiled_ms)

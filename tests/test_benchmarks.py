@@ -6,7 +6,9 @@ import datetime
 import importlib.util
 import pathlib
 import re
+import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -37,7 +39,8 @@ def _table(path):
   lines = [l for l in pathlib.Path(path).read_text().splitlines() if l.startswith("| ")]
   rows = [[c.strip() for c in l.strip()[1:-1].split(" | ")] for l in lines]
   header = rows.index(COLUMNS)
-  out = [dict(zip(COLUMNS, r)) for r in rows[header + 1:] if r[0] != "---"]
+  # run_all.sh --budget appends a section with its own table of the same columns: skip its header.
+  out = [dict(zip(COLUMNS, r)) for r in rows[header + 1:] if r[0] != "---" and r != COLUMNS]
   assert all(len(d) == len(COLUMNS) for d in out)
   return out
 
@@ -193,12 +196,92 @@ def test_append_rows_extends_the_last_table(tmp_path):
 def test_results_md_lists_every_target():
   text = (BENCH / "RESULTS.md").read_text()
   rows = _table(BENCH / "RESULTS.md")
-  assert {r["bench"] for r in rows} == {"linear_attention", "dit_forward", "train_step", "dcae_decode", "sprint_sample",
-                                        "data_throughput"}
+  assert {r["bench"] for r in rows} - {"run_all"} == {"linear_attention", "dit_forward", "train_step", "dcae_decode",
+                                                      "sprint_sample", "data_throughput"}
   for needle in (">= 1.5x", "70% of the HBM roofline", "<= 0.4x diffusers eager", ">= 70% of the bf16 8192^3",
                  "utilisation >= 45%", "largest batch", "<= 0.5x diffusers eager", "SanaSprintPipeline",
                  ">= 50 images/s per CPU core"):
     assert needle in text
+
+
+PLAN_STEPS = ["linear_attention", "dit_forward", "dcae_decode", "sprint_sample", "train_step"]
+
+
+def test_run_all_budget_smoke_runs_the_plan_end_to_end(tmp_path):
+  """`bash benchmarks/run_all.sh --budget=420 --smoke --out=PATH`: the ceilings first, then every step
+  of the plan reported in order (all fit in 420 s here, so all ran), each step's rows before its
+  `run_all` row, diffusers beside every bench, one train-step batch with remat full, nothing written
+  into the repository's RESULTS.md."""
+  out = tmp_path / "RESULTS.md"
+  before = (BENCH / "RESULTS.md").read_bytes()
+  proc = subprocess.run(["bash", str(BENCH / "run_all.sh"), "--budget=420", "--smoke", f"--out={out}"],
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert (BENCH / "RESULTS.md").read_bytes() == before
+  text = out.read_text()
+  assert re.search(r"^## run_all.sh --budget=420 --smoke: cpu \(smoke\), \d{4}-\d\d-\d\d \d\d:\d\d UTC$", text, re.M)
+  ceilings = re.search(r"bf16 256\^3 matmul ([\d.]+) TFLOP/s; device copy of 4 MiB ([\d.]+) GB/s", text)
+  assert ceilings and float(ceilings.group(1)) > 0 and float(ceilings.group(2)) > 0
+  table = _table(out)
+  plan = [r for r in table if r["bench"] == "run_all"]
+  assert [r["case"] for r in plan] == ["ceilings"] + PLAN_STEPS
+  for r in plan[1:]:
+    assert re.fullmatch(r"ran in [\d.]+ s of a \d+ s slice", r["figure"]), r
+    assert float(r["median ms"]) > 0
+  benches = [r["bench"] for r in table if r["bench"] != "run_all"]
+  assert benches == sorted(benches, key=PLAN_STEPS.index)  # in the plan's order
+  for name in PLAN_STEPS:  # each bench's rows sit right before its plan row, diffusers among them
+    rows = [r for r in table if r["bench"] == name]
+    assert any(r["impl"].startswith("diffusers eager") for r in rows), name
+    assert not any("torch.compile" in r["impl"] for r in rows)  # eager only in the plan
+    assert table.index(rows[-1]) + 1 == table.index(next(p for p in plan if p["case"] == name))
+  impls = {r["impl"] for r in table if r["bench"] == "linear_attention"}
+  assert {"sanajax xla", "sanajax pallas_triton", "sanajax pallas_mosaic_gpu"} <= impls
+  trained = [r["case"] for r in table if r["impl"] == "sanajax adamw bf16"]
+  assert trained == ["512px B=1 remat=full (tiny DiT)"]  # one batch, remat full: no search
+  assert re.search(r"^Total \d+ s of the 420 s budget\.$", text, re.M)
+
+
+def test_run_plan_slices_skips_stops_and_failures(tmp_path):
+  """With fake scripts: a step that would not fit is skipped with the reason, a step that passes its
+  slice is stopped with none of its rows written, a failure is reported and the plan goes on."""
+  plan_mod = _script("run_plan")
+  Step = plan_mod.Step
+  # "slow" gets 0.1 / 3.1 of the ~18 s left after the ceilings: about half a second.
+  plan = (Step("fast", 1.0, 0, ()), Step("slow", 0.1, 0, ()), Step("broken", 1.0, 0, ()), Step("huge", 1.0, 1e6, ()))
+
+  class Fake:
+    def __init__(self, name):
+      self.name = name
+
+    def main(self, argv):
+      results = argv[argv.index("--results") + 1]
+      hx.append_rows(results, [hx.Row(self.name, "c", "sanajax", 1.0, "f", "t", "no")], device="d", versions_text="v")
+      if self.name == "slow":
+        time.sleep(30)  # SIGALRM stops it at its slice
+      if self.name == "broken":
+        raise RuntimeError("boom\nsecond line")
+
+  args = plan_mod.parse_args(["--budget=20", "--out", str(tmp_path / "R.md")])  # not smoke: the steps' minimums
+  start = time.monotonic()
+  assert plan_mod.run(args, plan=plan, load=Fake) == 1
+  assert time.monotonic() - start < 20  # "slow" did not sleep its 30 s
+  table = _table(tmp_path / "R.md")
+  status = {r["case"]: r["figure"] for r in table if r["bench"] == "run_all"}
+  assert re.fullmatch(r"ran in [\d.]+ s of a [\d.]+ s slice", status["fast"])
+  assert re.fullmatch(r"stopped at its \d+ s slice: no rows written in [\d.]+ s of a \d+ s slice", status["slow"])
+  assert status["broken"].startswith("failed: RuntimeError: boom in ")
+  assert status["huge"].startswith("skipped: needs ~")
+  assert [r["bench"] for r in table if r["bench"] != "run_all"] == ["fast"]  # stopped / failed steps wrote nothing
+  assert "- fast c (sanajax, 1.000 ms) misses `t`" in (tmp_path / "R.md").read_text()
+  # The slices: shares of the time left by weight, at least the minimum, at most what is left.
+  assert plan_mod.slice_for(plan, 0, 31.0, False) == (10.0, None)  # weight 1 of 3.1
+  two = (Step("a", 1.0, 60, ()), Step("b", 1.0, 0, ()))
+  assert plan_mod.slice_for(two, 0, 100.0, False) == (60.0, None)  # at least its minimum
+  assert plan_mod.slice_for(two, 0, 70.0, True) == (35.0, None)  # smoke: minimum 1 s
+  assert plan_mod.slice_for(two, 1, 5.0, False) == (5.0, None)  # at most what is left
+  assert plan_mod.slice_for(plan, 3, 0.2, False)[1] == "skipped: needs ~1000000 s, 0 s of the budget left"
+  assert plan_mod.slice_for(plan, 3, 0.2, True) == (0.0, "skipped: needs ~1 s, 0 s of the budget left")
 
 
 def test_remat_policies_of_the_benchmark_exist():
