@@ -36,8 +36,7 @@ if [[ " $* " == *" --budget"* ]]; then
   nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv || true
   status=0
   if [[ -n "${OUT:-}" ]]; then
-    $PY benchmarks/run_plan.py --t0="$START" "$@" 2>&1 | tee "$OUT/run_all.log" || status=1
-    cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+    $PY benchmarks/run_plan.py --t0="$START" "$@" 2>&1 | tee "$OUT/run_all.log" || status=1  # it copies --out to $OUT
   else
     $PY benchmarks/run_plan.py --t0="$START" "$@" || status=1
   fi

@@ -34,8 +34,10 @@ import argparse
 import datetime
 import gc
 import importlib.util
+import os
 import pathlib
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -186,7 +188,7 @@ def run(args, plan: Sequence[Step] = PLAN, load: Callable[[str], Any] = load_scr
        plan_row(device, versions, "ceilings", f"matmul {mm_ms:.3f} ms = {hx.fmt_tflops(mm)}; copy {cp_ms:.3f} ms "
                 f"= {cp / 1e9:.0f} GB/s", seconds=time.monotonic() - t))
 
-  status = 0
+  status, not_run = 0, 0
   measured: list[str] = []
   signal.signal(signal.SIGALRM, _on_alarm)
   with tempfile.TemporaryDirectory() as scratch_dir:
@@ -194,6 +196,7 @@ def run(args, plan: Sequence[Step] = PLAN, load: Callable[[str], Any] = load_scr
       slice_s, skipped = slice_for(plan, i, deadline - time.monotonic(), args.smoke)
       if skipped:
         emit(plan_row(device, versions, step.name, skipped))
+        not_run += 1
         continue
       scratch = pathlib.Path(scratch_dir) / f"{step.name}.md"
       argv = step_argv(step, args, scratch, slice_s)
@@ -213,6 +216,7 @@ def run(args, plan: Sequence[Step] = PLAN, load: Callable[[str], Any] = load_scr
         signal.setitimer(signal.ITIMER_REAL, 0)
       seconds = time.monotonic() - start
       rows = table_rows(scratch) if outcome == "ran" else []
+      not_run += outcome != "ran"
       measured += rows
       emit(*rows, plan_row(device, versions, step.name, f"{outcome} in {seconds:.1f} s of a {slice_s:.0f} s slice",
                            seconds=seconds))
@@ -220,8 +224,11 @@ def run(args, plan: Sequence[Step] = PLAN, load: Callable[[str], Any] = load_scr
       hx.release_torch_memory()
 
   misses = [line for line in (limit_line(r, ceilings) for r in measured) if line]
-  emit("", "Missed targets, against this run's ceilings:" if misses else "No target missed among the rows above.",
-       *misses, f"Total {time.monotonic() - args.t0:.0f} s of the {args.budget:.0f} s budget.")
+  emit("", "Missed targets, against this run's ceilings:" if misses else "No target missed among the figures above.",
+       *misses, f"Total {time.monotonic() - args.t0:.0f} s of the {args.budget:.0f} s budget; "
+       f"{len(plan) - not_run} of {len(plan)} steps ran.")
+  if out is not None and os.environ.get("OUT"):  # the device tool brings $OUT back
+    shutil.copy(out, pathlib.Path(os.environ["OUT"]) / "RESULTS.md")
   return status
 
 

@@ -239,7 +239,7 @@ def test_run_all_budget_smoke_runs_the_plan_end_to_end(tmp_path):
   assert {"sanajax xla", "sanajax pallas_triton", "sanajax pallas_mosaic_gpu"} <= impls
   trained = [r["case"] for r in table if r["impl"] == "sanajax adamw bf16"]
   assert trained == ["512px B=1 remat=full (tiny DiT)"]  # one batch, remat full: no search
-  assert re.search(r"^Total \d+ s of the 420 s budget\.$", text, re.M)
+  assert re.search(r"^Total \d+ s of the 420 s budget; 5 of 5 steps ran\.$", text, re.M)
 
 
 def test_run_plan_slices_skips_stops_and_failures(tmp_path):
@@ -273,7 +273,8 @@ def test_run_plan_slices_skips_stops_and_failures(tmp_path):
   assert status["broken"].startswith("failed: RuntimeError: boom in ")
   assert status["huge"].startswith("skipped: needs ~")
   assert [r["bench"] for r in table if r["bench"] != "run_all"] == ["fast"]  # stopped / failed steps wrote nothing
-  assert "- fast c (sanajax, 1.000 ms) misses `t`" in (tmp_path / "R.md").read_text()
+  text = (tmp_path / "R.md").read_text()
+  assert "- fast c (sanajax, 1.000 ms) misses `t`" in text and "budget; 1 of 4 steps ran." in text
   # The slices: shares of the time left by weight, at least the minimum, at most what is left.
   assert plan_mod.slice_for(plan, 0, 31.0, False) == (10.0, None)  # weight 1 of 3.1
   two = (Step("a", 1.0, 60, ()), Step("b", 1.0, 0, ()))
