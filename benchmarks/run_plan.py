@@ -157,11 +157,9 @@ def run(args, plan: Sequence[Step] = PLAN, load: Callable[[str], Any] = load_scr
   device, versions = hx.describe_device(args.smoke), hx.versions()
   out = pathlib.Path(args.out) if args.out else None
   stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-  lines: list[str] = []
 
   def emit(*new: str) -> None:
     """Prints and appends lines to --out at once (a stopped run keeps what finished)."""
-    lines.extend(new)
     print("\n".join(new), flush=True)
     if out is not None:
       with out.open("a") as f:
