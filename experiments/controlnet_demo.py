@@ -1,8 +1,8 @@
 """The ControlNet demo of docs/controlnet.md: control fidelity with and without the ControlNet on held-out
 shapes scenes, at 20-step Flow-DPM and (if a Sprint student is given) 1 and 2 sCM steps.
 
-    nice -n 10 python -m experiments.controlnet_demo --controlnet=/work/exp/controlnet/cn_tiny \
-        [--sprint=/work/exp/tiny_sprint] [--scenes=64] --json_out=/work/exp/controlnet/demo.json
+    nice -n 10 python -m experiments.controlnet_demo --controlnet=workdirs/cn_tiny \
+        [--sprint=workdirs/tiny_sprint] [--scenes=64] --json_out=workdirs/cn_demo.json
 
 The Sprint rows use the ControlNet trained on the teacher (the student's base), applied to the student.
 """

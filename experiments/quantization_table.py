@@ -1,6 +1,6 @@
 """GenEval-lite and CPU latency of a trained workdir's DiT at float32, bfloat16 and the qwix quantization modes.
 
-    python -m experiments.quantization_table --workdir=/work/exp/tiny_default --out=/work/exp/quantize/tiny_default
+    python -m experiments.quantization_table --workdir=workdirs/tiny_default --out=workdirs/quantize/tiny_default
     python -m experiments.quantization_table --workdir=SPRINT_DIR --out=OUT --sampler=scm --steps=1,2
 
 For each precision the held-out GenEval-lite prompts are sampled and scored by the evaluation training
