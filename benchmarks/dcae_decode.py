@@ -16,7 +16,6 @@ Smoke: configs/dcae_tiny.py (f8, 16 latent channels) at 64 px; torch in float32 
 from __future__ import annotations
 
 import _harness as hx  # first: sets the JAX allocator environment before jax is imported
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -21,7 +21,6 @@ bf16 convolutions take seconds), sanajax in bf16.
 from __future__ import annotations
 
 import _harness as hx  # first: sets the JAX allocator environment before jax is imported
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -22,10 +22,9 @@ configs/dcae_tiny.py's AE at 64 px; torch in float32 on CPU.
 """
 from __future__ import annotations
 
-import _harness as hx  # first: sets the JAX allocator environment before jax is imported
-
 import functools
 
+import _harness as hx  # first: sets the JAX allocator environment before jax is imported
 import flax.linen as nn
 import jax
 import jax.numpy as jnp

@@ -35,19 +35,17 @@ import os
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # let the batch search use the GPU
 
-import _harness as hx  # noqa: E402  (sets the JAX allocator environment before jax is imported)
-
 import functools  # noqa: E402
 import time  # noqa: E402
 
+import _harness as hx  # noqa: E402  (sets the JAX allocator environment before jax is imported)
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from sanajax import config_utils, resolution  # noqa: E402
-from sanajax.models import dit_facts  # noqa: E402
 from sanajax.diffusion import flow  # noqa: E402
-from sanajax.models import sana_dit  # noqa: E402
+from sanajax.models import dit_facts, sana_dit  # noqa: E402
 from sanajax.training.optim import build_optimizer  # noqa: E402
 from sanajax.training.state import apply_gradients, create_train_state  # noqa: E402
 

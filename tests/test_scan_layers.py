@@ -17,7 +17,6 @@ import pytest
 
 from sanajax import config_utils
 from sanajax.models import sana_dit, sana_dit_diffusers
-from sanajax.parallel import Plan
 from sanajax.training import loop as loop_lib
 from sanajax.training.optim import build_optimizer
 from sanajax.training.state import create_train_state
