@@ -270,7 +270,9 @@ def test_killed_distillation_resumes_exactly(teacher_dir, tmp_path, monkeypatch)
     class Wrapped:
       def __next__(self):
         count["n"] += 1
-        if count["n"] == 4:  # the batch of step 4, after the checkpoint at step 2.
+        # Batch 5: the loop's device prefetch (two batches in flight) reads it as step 3 starts, after the
+        # checkpoint at step 2.
+        if count["n"] == 5:
           raise Killed()
         return next(it)
 
