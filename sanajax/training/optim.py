@@ -36,6 +36,7 @@ import optax
 from sanajax.config_check import OPTIMIZERS, SCHEDULES  # the names a config may give (checked before a run)
 from sanajax.models.mmdit import FROZEN_PARAMS  # leaves that are buffers: never updated, never decayed
 from sanajax.models.sana_dit import STACKED_BLOCKS
+from sanajax.training.muon import grouped_muon
 
 # AdamW's epsilon unless train.adam_eps says otherwise: optax's default (and torch.optim.AdamW's).
 ADAM_EPS = 1e-8
@@ -192,12 +193,12 @@ def muon_dimension_numbers(params):
 
 def muon(learning_rate, *, b1: float = 0.9, b2: float = 0.999, beta: float = 0.95, eps: float = 1e-8,
          weight_decay: float = 0.0) -> optax.GradientTransformation:
-  """Muon (optax.contrib.muon: Nesterov momentum `beta`, 5 Newton-Schulz steps) on the weight
+  """Muon (optax.contrib.muon's rule: Nesterov momentum `beta`, 5 Newton-Schulz steps) on the weight
   matrices of `muon_dimension_numbers`, AdamW(b1, b2) on the rest, with one learning rate: the
-  orthogonalised updates are rescaled to RMS MUON_MATCHED_RMS, as Moonlight does."""
-  return optax.contrib.muon(learning_rate, beta=beta, eps=eps, weight_decay=weight_decay, adam_b1=b1, adam_b2=b2,
-                            adam_weight_decay=weight_decay, muon_weight_dimension_numbers=muon_dimension_numbers,
-                            consistent_rms=MUON_MATCHED_RMS)
+  orthogonalised updates are rescaled to RMS MUON_MATCHED_RMS, as Moonlight does. Same-shaped matrices
+  are orthogonalised together (sanajax.training.muon: optax's values and state, fewer operations)."""
+  return grouped_muon(learning_rate, muon_dimension_numbers, consistent_rms=MUON_MATCHED_RMS, beta=beta, eps=eps,
+                      weight_decay=weight_decay, adam_b1=b1, adam_b2=b2)
 
 
 def _field(config: Any, name: str, default: Any = None, *, required: bool = False) -> Any:
