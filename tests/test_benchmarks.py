@@ -12,6 +12,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -156,6 +157,17 @@ def test_train_step_smoke_flops_match_info(tmp_path):
   largest = next(r for r in rows if r.impl == "sanajax largest batch")
   assert largest.ms is None and "largest batch that fits: 1 (reached --max_batch=1)" in largest.figure
   assert [r.impl for r in rows[-2:]] == ["diffusers eager fp32", "diffusers torch.compile eager fp32"]
+
+
+def test_tiny_step_times_the_default_step_and_its_parts():
+  """benchmarks/tiny_step.py (docs/results.md#the-faster-step) on two optimizers: the tiny default's 0.709M
+  parameters and batch 32, and Muon's update costing more than AdamW's (its Newton-Schulz products)."""
+  module = _script("tiny_step")
+  muon = module.main(["--steps", "3", "--repeats", "1", "--warmup", "2"])
+  adamw = module.main(["--steps", "3", "--repeats", "1", "--warmup", "2", "--set", "train.optimizer=adamw"])
+  assert muon["params"] == adamw["params"] == 708_704 and muon["batch"] == 32
+  assert all(np.isfinite(v) and v > 0 for r in (muon, adamw) for v in r.values())
+  assert muon["update_ms"] > adamw["update_ms"]
 
 
 def test_batch_search_stops_at_out_of_memory():
