@@ -37,6 +37,13 @@ SLOW_FILES = ("test_learning.py", "test_sprint_distill.py", "test_parallel.py", 
               "test_controlnet_cli.py")
 
 
+@pytest.fixture(scope="session")
+def tiny_ae(tmp_path_factory):
+  """The AE workdir the DiT training tests share, trained once per run (tests/tiny_base.py)."""
+  import tiny_base  # here, not above: it imports jax, which must start after JAX_PLATFORMS and XLA_FLAGS are set
+  return tiny_base.trained_ae(tiny_base.run_dir(tmp_path_factory))
+
+
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 from flax import linen as nn
-from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
-from test_training import Killed, wrapped_iterator
+from test_training import killed_after_checkpoint  # tests/ is on sys.path
+from tiny_base import AE_OVERRIDES
 
 from sanajax import config_utils, convert
 from sanajax.config_check import ConfigError
@@ -26,13 +26,10 @@ RUN = {"train.num_steps": 4, "train.batch_size": 4, "train.log_every": 1, "train
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-  """A base workdir: the smallest model at 32 px with a 2-step AE and random DiT weights (step 0)."""
+def base(tmp_path_factory, tiny_ae):
+  """A base workdir: the smallest model at 32 px with the shared 2-step AE and random DiT weights (step 0)."""
   root = tmp_path_factory.mktemp("lora_base")
-  config = config_utils.load_config("configs/tiny.py", overrides={
-      "data.resolution": 32, "ae.workdir": str(root / "ae"), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
-      **SMALLEST_MODEL})
-  train_lib.ensure_ae(config, str(root / "ae"))
+  config = config_utils.load_config("configs/tiny.py", overrides={**AE_OVERRIDES, "ae.workdir": tiny_ae})
   prepare_workdir(str(root / "base"), config)
   params = init_dit_params(config, jax.random.PRNGKey(3))  # boxed, as the trainers save them
   convert._save_params(str(root / "base"), params)
@@ -44,21 +41,12 @@ def lora_config(base_dir, **overrides):
 
 
 @pytest.mark.slow  # ~45 s of CPU (3 training runs, 2 CLI subprocesses): over the new-tests budget (tests/conftest.py)
-def test_lora_trains_resumes_exports_and_samples(base, tmp_path, monkeypatch):
+def test_lora_trains_resumes_exports_and_samples(base, tmp_path):
   base_dir, base_params = base
   config = lora_config(base_dir)
   train_lib.train(config, str(tmp_path / "straight"))
-
-  def die_at_3(count, batch):
-    if count == 3:
-      raise Killed()
-    return batch
-
-  real = train_lib.make_train_iterator
-  monkeypatch.setattr(train_lib, "make_train_iterator", wrapped_iterator(real, die_at_3))
-  with pytest.raises(Killed):
+  with killed_after_checkpoint(tmp_path / "killed", 2):
     train_lib.train(config, str(tmp_path / "killed"))
-  monkeypatch.setattr(train_lib, "make_train_iterator", real)
   train_lib.train(config, str(tmp_path / "killed"))  # resumes from step 2
 
   a, b = (load_lora_workdir(str(tmp_path / d)) for d in ("straight", "killed"))

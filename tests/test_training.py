@@ -1,4 +1,5 @@
 """The trainer's promises: exact resume after a kill, the NaN guard, metrics, clear CLI errors."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -6,9 +7,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from small_configs import (
-  SMALLEST_MODEL,  # tests/small_configs.py (tests/ is on sys.path)
-)
+from tiny_base import AE_OVERRIDES  # tests/tiny_base.py (tests/ is on sys.path)
 
 from sanajax import config_utils
 from sanajax.parallel import Plan
@@ -23,20 +22,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def small_config(ae_dir, **overrides):
   """The tiny config shrunk to seconds: 32 px, the smallest model (tests/small_configs.py), batch 4."""
   base = {
-      "data.resolution": 32, "ae.workdir": str(ae_dir), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
-      "ae_train.log_every": 1, **SMALLEST_MODEL, "train.batch_size": 4,
+      **AE_OVERRIDES, "ae.workdir": str(ae_dir), "train.batch_size": 4,
       "train.num_steps": 6, "train.log_every": 1, "train.checkpoint_every": 3, "train.warmup_steps": 2,
       "eval.num_prompts": 12,
   }
   base.update(overrides)
   return config_utils.load_config("configs/tiny.py", overrides=base)
-
-
-@pytest.fixture(scope="module")
-def ae_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("ae")
-  train_lib.ensure_ae(small_config(d), str(d))
-  return d
 
 
 def final_params(workdir):
@@ -46,6 +37,24 @@ def final_params(workdir):
 
 class Killed(Exception):
   pass
+
+
+@contextlib.contextmanager
+def killed_after_checkpoint(workdir, step: int):
+  """The training run inside raises Killed right after it saves checkpoint `step` in `workdir` (the save
+  completes: the loop's `finally` waits for it), and the `with` block expects that. A kill between two steps
+  that does not depend on how many batches the loop's device prefetch reads ahead (loop.DevicePrefetch)."""
+  real = Checkpointer.save
+  directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+  def save(self, s, *args, **kwargs):
+    real(self, s, *args, **kwargs)
+    if s == step and self.directory == directory:
+      raise Killed()
+
+  with pytest.MonkeyPatch.context() as patch, pytest.raises(Killed):
+    patch.setattr(Checkpointer, "save", save)
+    yield
 
 
 def wrapped_iterator(make_iterator, on_batch):
@@ -73,23 +82,13 @@ def wrapped_iterator(make_iterator, on_batch):
 
 
 @pytest.mark.parametrize("latent_cache", [0, 16])
-def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch, latent_cache):
+def test_killed_run_resumes_exactly(tmp_path, tiny_ae, latent_cache):
   # latent_cache 16: the DiT reads AE latents encoded once at start-up (rebuilt on resume).
-  config = small_config(ae_dir, **{"data.latent_cache": latent_cache})
+  config = small_config(tiny_ae, **{"data.latent_cache": latent_cache})
   train_lib.train(config, str(tmp_path / "straight"))
 
-  # Kill the second run while it fetches batch 6, which the loop's device prefetch (two batches in
-  # flight) reads as step 4 starts: after the checkpoint at step 3.
-  def die_at_5(count, batch):
-    if count == 6:
-      raise Killed()
-    return batch
-
-  real_iterator = train_lib.make_train_iterator
-  monkeypatch.setattr(train_lib, "make_train_iterator", wrapped_iterator(real_iterator, die_at_5))
-  with pytest.raises(Killed):
+  with killed_after_checkpoint(tmp_path / "killed", 3):
     train_lib.train(config, str(tmp_path / "killed"))
-  monkeypatch.setattr(train_lib, "make_train_iterator", real_iterator)
   assert Checkpointer(str(tmp_path / "killed" / "checkpoints"), read_only=True).latest_step() == 3
   train_lib.train(config, str(tmp_path / "killed"))
 
@@ -107,8 +106,8 @@ def test_killed_run_resumes_exactly(tmp_path, ae_dir, monkeypatch, latent_cache)
     assert straight[s] == resumed[s]
 
 
-def test_nan_guard_names_step_and_quantity(tmp_path, ae_dir, monkeypatch):
-  config = small_config(ae_dir, **{"train.num_steps": 5, "train.checkpoint_every": 100})
+def test_nan_guard_names_step_and_quantity(tmp_path, tiny_ae, monkeypatch):
+  config = small_config(tiny_ae, **{"train.num_steps": 5, "train.checkpoint_every": 100})
 
   def poison_3(count, batch):
     if count == 3:
@@ -120,8 +119,8 @@ def test_nan_guard_names_step_and_quantity(tmp_path, ae_dir, monkeypatch):
     train_lib.train(config, str(tmp_path / "nan"))
 
 
-def test_metrics_jsonl_has_step_and_loss(tmp_path, ae_dir):
-  config = small_config(ae_dir, **{"train.num_steps": 2})
+def test_metrics_jsonl_has_step_and_loss(tmp_path, tiny_ae):
+  config = small_config(tiny_ae, **{"train.num_steps": 2})
   train_lib.train(config, str(tmp_path / "m"))
   rows = read_metrics(str(tmp_path / "m"))
   assert [r["step"] for r in rows] == [1, 2]
@@ -190,7 +189,7 @@ def test_changed_architecture_in_existing_workdir_is_refused(tmp_path):
     prepare_workdir(str(tmp_path), small_config(tmp_path / "ae", **{"model.depth": 3}))
 
 
-def test_cached_latents_give_the_loss_of_encoding_in_the_step(ae_dir):
+def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_ae):
   """The step's loss on a batch of cached latents equals its loss on the images they came from."""
   import jax.numpy as jnp
 
@@ -198,8 +197,8 @@ def test_cached_latents_give_the_loss_of_encoding_in_the_step(ae_dir):
   from sanajax.data.sources import make_source
   from sanajax.models.sana_dit import build_dit
   from sanajax.workdir.loaders import build_text_encoder, load_ae
-  config = small_config(ae_dir)
-  ae_model, ae_params, scaling, _ = load_ae(str(ae_dir))
+  config = small_config(tiny_ae)
+  ae_model, ae_params, scaling, _ = load_ae(tiny_ae)
   text = build_text_encoder(config)
   batch = next(make_train_iterator(make_source("shapes", 32, 0), batch_size=4, seed=0, tokenize_fn=text.tokenize))
   cached = dict(batch, latent=np.asarray(train_lib.make_encode_fn(ae_model, ae_params)(batch["image"])))
@@ -215,7 +214,7 @@ def test_cached_latents_give_the_loss_of_encoding_in_the_step(ae_dir):
   np.testing.assert_allclose(from_cache, from_images, rtol=1e-5)
 
 
-def test_training_on_a_folder_skips_corrupt_images(tmp_path, ae_dir):
+def test_training_on_a_folder_skips_corrupt_images(tmp_path, tiny_ae):
   from PIL import Image
   folder = tmp_path / "images"
   folder.mkdir()
@@ -225,14 +224,14 @@ def test_training_on_a_folder_skips_corrupt_images(tmp_path, ae_dir):
     (folder / f"img{i}.txt").write_text("a red circle\n")
   (folder / "broken.png").write_bytes(b"not a png at all")
   (folder / "broken.txt").write_text("a blue square\n")
-  config = small_config(ae_dir, **{"data.source": f"folder:{folder}", "train.num_steps": 3})
+  config = small_config(tiny_ae, **{"data.source": f"folder:{folder}", "train.num_steps": 3})
   train_lib.train(config, str(tmp_path / "run"))
   rows = read_metrics(str(tmp_path / "run"))
   assert rows[-1]["step"] == 3
   # 3 batches of 4 from 6 good images: the broken one comes up at least once per epoch.
   assert rows[-1]["skipped_images"] >= 1
   # With a latent cache the broken image is met (and counted) once, while the cache is built.
-  config = small_config(ae_dir, **{"data.source": f"folder:{folder}", "train.num_steps": 3, "data.latent_cache": 100})
+  config = small_config(tiny_ae, **{"data.source": f"folder:{folder}", "train.num_steps": 3, "data.latent_cache": 100})
   train_lib.train(config, str(tmp_path / "cached"))
   rows = read_metrics(str(tmp_path / "cached"))
   assert rows[-1]["step"] == 3 and rows[-1]["skipped_images"] == 1

@@ -187,18 +187,11 @@ def test_a_state_that_fits_no_checkpoint_raises_and_renames_nothing(tmp_path):
   assert sorted(os.listdir(directory)) == ["1", "2"]
 
 
-@pytest.fixture(scope="module")
-def ae_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("ae")
-  train_lib.ensure_ae(small_config(d), str(d))
-  return d
-
-
-def test_a_truncated_latest_checkpoint_resumes_and_samples_from_the_older_one(tmp_path, ae_dir, capsys):
+def test_a_truncated_latest_checkpoint_resumes_and_samples_from_the_older_one(tmp_path, tiny_ae, capsys):
   """Train to 6 (checkpoints 3 and 6), truncate 6, run again: it continues from 3 (exactly: the losses of
   4-6 repeat), metrics.jsonl holds each step once, and sampling falls back past a damaged latest step."""
   workdir = tmp_path / "run"
-  config = small_config(ae_dir)
+  config = small_config(tiny_ae)
   train_lib.train(config, str(workdir))
   first = {r["step"]: r["loss"] for r in read_metrics(str(workdir))}
   assert sorted(first) == [1, 2, 3, 4, 5, 6]
