@@ -280,9 +280,11 @@ def _check_mmdit(c: _Checker, kind: str) -> None:
   text = c.get("text.hidden_size")
   if _is_int(joint) and _is_int(text) and joint != text:
     c.bad("model.joint_attention_dim", joint, f"must equal the text encoder's width text.hidden_size={text}")
-  if kind == "sprint":
-    c.bad("model.name", "mmdit", "Sprint distillation of an MM-DiT is not built yet: distil a model.name='sana_dit' "
-          "teacher")
+  if kind == "sprint" and c.get("model.pooled_text") == "clip":
+    # The Sprint trainer embeds prompts with one text encoder (its states and their masked mean); SD3's
+    # CLIP-L + bigG + T5 stack gives a pooled vector it does not yet carry through sCM and LADD.
+    c.bad("model.pooled_text", "clip", "Sprint distils single-encoder MM-DiTs only: use a teacher trained with "
+          "model.pooled_text='masked_mean' (configs/mmdit_tiny.py)")
 
 
 def _check_resolution(c: _Checker, resolved: Any, kind: str) -> None:
@@ -311,12 +313,13 @@ def _check_distill(c: _Checker) -> None:
     elif not os.path.isdir(teacher):
       c.bad("teacher_workdir", teacher, "is not a folder: it must be the workdir of a trained teacher")
   ids = c.present("distill.head_block_ids", True)
-  depth = c.get("model.depth")
+  depth_field = "num_layers" if c.get("model.name") == "mmdit" else "depth"
+  depth = c.get(f"model.{depth_field}")
   if ids is not _MISSING:
     ok = isinstance(ids, (list, tuple)) and len(ids) > 0 and all(_is_int(i) and i >= 0 for i in ids)
     ok = ok and len(set(ids)) == len(ids) and (not _is_int(depth) or max(ids) < depth)
     if not ok:
-      bound = f" < model.depth={depth}" if _is_int(depth) else ""
+      bound = f" < model.{depth_field}={depth}" if _is_int(depth) else ""
       c.bad("distill.head_block_ids", ids, f"must be a non-empty tuple of distinct block indices >= 0{bound}")
   for field in ("scm_lambda", "adv_lambda", "disc_learning_rate", "tangent_norm_constant"):
     c.real_in(f"distill.{field}", 0.0, math.inf, hi_open=True, required=field.endswith("lambda"),

@@ -73,9 +73,9 @@ def test_mmdit_config_fields_are_checked():
   text = str(e.value)
   assert "model.caption_projection_dim=48: must equal num_attention_heads x attention_head_dim = 64" in text
   assert "model.joint_attention='flash'" in text
-  sprint = config_utils.load_config("mmdit_tiny", overrides={"model.name": "mmdit"})
-  with pytest.raises(ConfigError, match="Sprint distillation of an MM-DiT is not built yet"):
-    validate_config(sprint, "sprint")
+  sprint = config_utils.load_config("mmdit_tiny", overrides={"model.pooled_text": "clip"})
+  with pytest.raises(ConfigError, match="model.pooled_text='clip': Sprint distils single-encoder MM-DiTs only"):
+    validate_config(sprint, "sprint")  # tests/test_sprint_mmdit.py distils a masked-mean MM-DiT
 
 
 def test_info_counts_the_mmdit_as_diffusers_does():

@@ -42,6 +42,20 @@ def context_channels(model_config: Mapping[str, Any]) -> int:
   return int(c["joint_attention_dim"] if backbone_name(c) == "mmdit" else c["caption_channels"])
 
 
+def num_blocks(model_config: Mapping[str, Any]) -> int:
+  """The denoiser's block count (SANA: depth; MM-DiT: num_layers), e.g. the bound of Sprint's head_block_ids."""
+  c = dict(model_config)
+  return int(c["num_layers"] if backbone_name(c) == "mmdit" else c["depth"])
+
+
+def hidden_size(model_config: Mapping[str, Any]) -> int:
+  """Width of the image tokens and of the conditioning vector (MM-DiT: num_attention_heads x attention_head_dim)."""
+  c = dict(model_config)
+  if backbone_name(c) == "mmdit":
+    return int(c["num_attention_heads"]) * int(c["attention_head_dim"])
+  return int(c["hidden_size"])
+
+
 def masked_mean(context: jax.Array, mask: jax.Array | None) -> jax.Array:
   """(B, L, D) states, (B, L) 0/1 mask -> (B, D) float32 mean over the unmasked tokens."""
   context = context.astype(jnp.float32)
@@ -57,8 +71,12 @@ class MMDiTBackbone:
   mean of `context` (model.pooled_text), or `pooled=` given. init / apply take and return the
   MMDiT's own parameter tree, so converted SD3 weights load unchanged."""
   model: mmdit.MMDiT
-  guidance_embeds: bool = False  # no CFG embedding (a Sprint student) for MM-DiT yet
   pooled_text: str = "masked_mean"  # model.pooled_text (POOLED_TEXT)
+
+  @property
+  def guidance_embeds(self) -> bool:
+    """A Sprint student (the CFG embedding; apply takes guidance=), as SanaDiT.guidance_embeds."""
+    return self.model.guidance_embeds
 
   def _pooled(self, context, context_mask, pooled, init=False):
     if pooled is not None:
@@ -75,8 +93,6 @@ class MMDiTBackbone:
                            **kwargs)
 
   def apply(self, variables, x, t, context, context_mask=None, *, pooled=None, **kwargs):
-    if kwargs.pop("guidance", None) is not None:
-      raise ValueError("model.name='mmdit' has no guidance embedding (Sprint students are SANA DiTs for now).")
     return self.model.apply(variables, x, t, context, self._pooled(context, context_mask, pooled), context_mask,
                             **kwargs)
 

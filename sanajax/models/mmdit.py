@@ -179,13 +179,22 @@ class PooledTextEmbedder(nn.Module):
 
 
 class TimeTextEmbed(nn.Module):
-  """diffusers CombinedTimestepTextProjEmbeddings: timestep (B,) in 0..1000, pooled (B, P) -> temb (B, hidden)."""
+  """diffusers CombinedTimestepTextProjEmbeddings: timestep (B,) in 0..1000, pooled (B, P) -> temb (B, hidden).
+
+  guidance (B,) (a Sprint student's CFG scale, already times guidance_embeds_scale) adds a
+  `guidance_embedder` (the name of diffusers' CombinedTimestepGuidanceTextProjEmbeddings): the timestep
+  MLP with its last layer zero-initialised, as SANA-Sprint's cfg_embedder, so a student initialised
+  from its teacher computes the teacher's function until it is trained.
+  """
   hidden_size: int
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, timestep: jax.Array, pooled: jax.Array) -> jax.Array:
+  def __call__(self, timestep: jax.Array, pooled: jax.Array, guidance: jax.Array | None = None) -> jax.Array:
     t = TimestepEmbedder(self.hidden_size, dtype=self.dtype, name="timestep_embedder")(timestep_sinusoid(timestep))
+    if guidance is not None:
+      t = t + TimestepEmbedder(self.hidden_size, dtype=self.dtype, last_kernel_init=nn.initializers.zeros,
+                               name="guidance_embedder")(timestep_sinusoid(guidance))
     return t + PooledTextEmbedder(self.hidden_size, dtype=self.dtype, name="text_embedder")(pooled)
 
 
@@ -342,6 +351,10 @@ class MMDiT(nn.Module):
 
   features_at: block indices whose image-token outputs (B, N, hidden) are also returned (LADD
   discriminator taps); when non-empty, __call__ returns (prediction, [features]).
+  Sprint student options (as SanaDiT's; not in SD3Transformer2DModel, so such a model does not export
+  to diffusers): timestep_scale (the embedder sees 1000 t x timestep_scale; 0.001 is dense time) and
+  guidance_embeds (a CFG embedding: `guidance` (B,) raw CFG scale x guidance_embeds_scale, added to the
+  conditioning; see TimeTextEmbed).
   """
   sample_size: int = 128
   patch_size: int = 2
@@ -361,6 +374,9 @@ class MMDiT(nn.Module):
   joint_attention: str = "softmax"
   remat: str = "none"
   features_at: Sequence[int] = ()
+  timestep_scale: float = 1.0
+  guidance_embeds: bool = False
+  guidance_embeds_scale: float = 0.1
 
   @property
   def hidden_size(self) -> int:
@@ -368,9 +384,20 @@ class MMDiT(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, context: jax.Array, pooled: jax.Array,
-               context_mask: jax.Array | None = None, *, deterministic: bool = True):
-    """Flow velocity (B, H, W, out_channels) (and block features if features_at)."""
+               context_mask: jax.Array | None = None, *, guidance: jax.Array | None = None,
+               deterministic: bool = True):
+    """Flow velocity (B, H, W, out_channels) (and block features if features_at).
+
+    guidance: (B,) raw CFG scales (e.g. 4.5), required when guidance_embeds (init without it uses
+    zeros), refused otherwise.
+    """
     del deterministic  # No dropout in SD3; kept for the trainer's API.
+    if guidance is not None and not self.guidance_embeds:
+      raise ValueError("guidance= was given but this MMDiT has guidance_embeds=False (model.guidance_embeds).")
+    if self.guidance_embeds and guidance is None:
+      if not self.is_initializing():
+        raise ValueError("This MMDiT has guidance_embeds=True (a Sprint student): pass guidance=(B,) CFG scales.")
+      guidance = jnp.zeros(x.shape[:1], jnp.float32)
     h = self.hidden_size
     if self.caption_projection_dim != h:
       raise ValueError(f"model.caption_projection_dim={self.caption_projection_dim} must equal num_attention_heads x "
@@ -385,8 +412,12 @@ class MMDiT(nn.Module):
 
     tokens = SD3PatchEmbed(h, p, self.sample_size, self.pos_embed_max_size, self.dtype, name="pos_embed")(x)
     tokens = logical_constraint(tokens, ACT_AXES)
-    timestep = t.astype(jnp.float32) * 1000.0
-    temb = TimeTextEmbed(h, self.dtype, name="time_text_embed")(timestep, pooled.astype(jnp.float32))
+    # 1000 * timestep_scale is a Python float (exactly 1.0 for Sprint's dense 0.001).
+    timestep = t.astype(jnp.float32) * (1000.0 * self.timestep_scale)
+    g = None
+    if self.guidance_embeds:
+      g = jnp.broadcast_to(jnp.asarray(guidance, jnp.float32), x.shape[:1]) * self.guidance_embeds_scale
+    temb = TimeTextEmbed(h, self.dtype, name="time_text_embed")(timestep, pooled.astype(jnp.float32), g)
     self.sow("intermediates", "time_embedding", temb)  # For a LogVarHead (Sprint); free unless made mutable.
     ctx = dense(self.caption_projection_dim, ("caption", "embed"), dtype=self.dtype,
                 name="context_embedder")(context.astype(self.dtype))
@@ -443,7 +474,9 @@ def build_mmdit(model_config: Mapping[str, Any], dtype: str | None = None, **ove
   kwargs["qk_norm"] = kwargs["qk_norm"] or None
   kwargs.update(dtype=dtype_from_name(dtype or c.get("dtype", "float32"), "model.dtype"),
                 attn_impl=c.get("attn_impl", "xla"), joint_attention=c.get("joint_attention", "softmax"),
-                remat=c.get("remat", "none"))
+                remat=c.get("remat", "none"), timestep_scale=float(c.get("timestep_scale", 1.0)),
+                guidance_embeds=bool(c.get("guidance_embeds", False)),
+                guidance_embeds_scale=float(c.get("guidance_embeds_scale", 0.1)))
   kwargs.update(overrides)
   if kwargs["joint_attention"] not in JOINT_ATTENTION_KINDS:
     raise ValueError(f"model.joint_attention={kwargs['joint_attention']!r}: use one of {JOINT_ATTENTION_KINDS}.")

@@ -72,6 +72,9 @@ def mmdit_diffusers_config(model_config: Mapping[str, Any]) -> dict:
   if c.get("joint_attention", "softmax") != "softmax":
     raise ValueError(f"model.joint_attention={c['joint_attention']!r} has no diffusers counterpart "
                      f"(SD3Transformer2DModel attends with softmax); export a softmax MM-DiT.")
+  if c.get("guidance_embeds", False) or float(c.get("timestep_scale", 1.0)) != 1.0:
+    raise ValueError("model.guidance_embeds / model.timestep_scale (a Sprint MM-DiT student) have no "
+                     "SD3Transformer2DModel counterpart; export the teacher, or sample the student with sanajax.")
   out = {k: c[k] for k in mmdit.ARCH_FIELDS}
   out["dual_attention_layers"] = [int(i) for i in (out["dual_attention_layers"] or ())]
   out["qk_norm"] = out["qk_norm"] or None
@@ -144,6 +147,7 @@ def model_config_from_module(model: mmdit.MMDiT) -> dict:
   """The `model` config fields of an MMDiT instance (what build_mmdit would rebuild it from)."""
   mc = {f: getattr(model, f) for f in mmdit.ARCH_FIELDS}
   mc["joint_attention"] = model.joint_attention
+  mc.update(guidance_embeds=model.guidance_embeds, timestep_scale=model.timestep_scale)
   return mc
 
 

@@ -1,8 +1,11 @@
 """SANA-Sprint distillation (the library behind `python -m sanajax.distill_sprint`): sCM + LADD.
 
 A teacher run (sanajax.train; its config.json + EMA weights) is distilled into a student with the
-Sprint options of SanaDiT (CFG embedding, optionally dense time), initialised from the teacher so
-that it starts as the teacher (the CFG embedder's last layer is zero). One optimizer step of this
+Sprint options of its backbone (SanaDiT or the MM-DiT: CFG embedding, optionally dense time),
+initialised from the teacher so that it starts as the teacher (the CFG embedder's last layer is
+zero). The student has the teacher's architecture: a config written for the other backbone (e.g.
+configs/sprint_tiny.py, a SANA DiT, with an MM-DiT teacher) takes the teacher's `model` section and
+keeps only its Sprint fields (with_teacher_architecture). One optimizer step of this
 trainer is, on one batch:
 
   G (generator) update of the student DiT and the sCM log-variance head, with its own optimizer:
@@ -25,6 +28,7 @@ load it like any run (the distilled config.json names the teacher's AE as `ae.wo
 """
 from __future__ import annotations
 
+import copy
 import functools
 import os
 import time
@@ -44,7 +48,7 @@ from sanajax.data.sources import make_source_from_config
 from sanajax.diffusion import scm, trigflow
 from sanajax.diffusion.samplers import as_cfg_interval, guided_velocity
 from sanajax.dtypes import dtype_from_name
-from sanajax.models.backbones import build_backbone
+from sanajax.models.backbones import backbone_name, build_backbone, hidden_size, num_blocks
 from sanajax.models.discriminator import LaddHeads
 from sanajax.models.sana_dit import LogVarHead, student_params_from_teacher
 from sanajax.parallel import Plan
@@ -66,6 +70,9 @@ from sanajax.workdir.loaders import (
 # architecture field must match, or the teacher's weights would not initialise the student.
 SPRINT_MODEL_FIELDS = ("guidance_embeds", "guidance_embeds_scale", "timestep_scale", "qk_norm", "dtype", "attn_impl",
                        "remat")
+# The Sprint fields both backbones read with the same meaning: what a config written for one backbone
+# passes to a student of the other (dtype / attn_impl / remat / qk_norm take per-backbone values).
+CROSS_BACKBONE_FIELDS = ("guidance_embeds", "guidance_embeds_scale", "timestep_scale")
 
 
 @flax.struct.dataclass
@@ -90,6 +97,53 @@ class DistillState:
 
 
 # --- teacher -> student ---------------------------------------------------------------------------
+
+def spread_blocks(depth: int, n: int) -> tuple[int, ...]:
+  """n block indices spread over [0, depth), the last block included (the reference taps 2, 8, 14,
+  19 of 20; configs/sprint_tiny.py 0, 2, 3 of 4)."""
+  n = max(1, min(n, depth))
+  return tuple(sorted({int(round(depth - 1 - i * depth / n)) for i in range(n)}))
+
+
+def student_model_section(student_model: ml_collections.ConfigDict, teacher_model: ml_collections.ConfigDict,
+                          fields: tuple[str, ...]) -> ml_collections.ConfigDict:
+  """A copy of the teacher's `model` section with the `fields` that `student_model` sets (its Sprint options)."""
+  model = ml_collections.ConfigDict(teacher_model.to_dict())
+  for field in fields:
+    if field in student_model:
+      model[field] = student_model[field]
+  return model
+
+
+def fit_head_blocks(config: ml_collections.ConfigDict) -> None:
+  """distill.head_block_ids respread over the student's blocks (spread_blocks) when one is past its
+  last block (a teacher shallower than the config's 4 blocks); in place."""
+  ids = tuple(config.distill.head_block_ids)
+  depth = num_blocks(config.model)
+  if ids and max(ids) >= depth:
+    config.distill.head_block_ids = spread_blocks(depth, len(ids))
+
+
+def with_teacher_architecture(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """config unchanged when its model is the teacher's backbone (check_student_config then asks for the
+  same architecture); otherwise a copy whose model section is the teacher's with config.model's
+  CROSS_BACKBONE_FIELDS (the CFG embedding, the time scale), head blocks fitted to its depth. So
+  `--config=configs/sprint_tiny.py` (a SANA DiT) distils an MM-DiT teacher. A teacher_workdir without
+  a readable config.json is left to config_check / load_teacher to report."""
+  try:
+    teacher = load_workdir_config(config.get("teacher_workdir") or "")
+    if backbone_name(teacher.model) == backbone_name(config.model):
+      return config
+  except (OSError, ValueError, KeyError, AttributeError):
+    return config
+  config = copy.deepcopy(config)
+  config.model = student_model_section(config.model, teacher.model, CROSS_BACKBONE_FIELDS)
+  fit_head_blocks(config)
+  print(f"Note: the teacher is a model.name={backbone_name(teacher.model)!r}; the student takes its architecture "
+        f"(config.model = the teacher's + {CROSS_BACKBONE_FIELDS}), LADD heads on blocks "
+        f"{list(config.distill.head_block_ids)}.", flush=True)
+  return config
+
 
 def check_student_config(config: ml_collections.ConfigDict, teacher_config: ml_collections.ConfigDict) -> None:
   """Refuses a student whose architecture (or text encoder / data resolution) differs from the teacher's."""
@@ -158,7 +212,7 @@ class SprintDistiller:
       raise ValueError("distill.scm_lambda and distill.adv_lambda are both 0: nothing to train.")
     teacher_dtype = dtype_from_name(d.teacher_dtype, "distill.teacher_dtype")
     blocks = tuple(int(i) for i in d.head_block_ids)
-    depth = teacher_config.model.depth
+    depth = num_blocks(teacher_config.model)
     if not blocks or min(blocks) < 0 or max(blocks) >= depth:
       raise ValueError(f"distill.head_block_ids={list(blocks)} must be non-empty block indices < depth {depth}.")
     self.teacher = build_backbone(teacher_config.model, dtype=teacher_dtype)
@@ -356,7 +410,7 @@ class SprintDistiller:
   def init_state(self, student_params, key: jax.Array, batch: int = 1) -> DistillState:
     """Fresh state: the student (from the teacher), a fresh log-variance head and fresh heads."""
     k_logvar, k_heads, k_rng = jax.random.split(key, 3)
-    h = self.config.model.hidden_size
+    h = hidden_size(self.config.model)
     logvar_params = self.logvar_head.init(k_logvar, jnp.zeros((1, h), jnp.float32))["params"]
     c = self.config
     side = c.data.resolution // ae_downsample(c) // c.model.patch_size
@@ -461,12 +515,18 @@ def build_distiller(config, teacher_config, teacher_params, ae_model, ae_params,
   return distiller, frozen, state
 
 
-@guarded("sprint")  # the whole config checked, then the workdir locked, before any work
 def distill(config: ml_collections.ConfigDict, workdir: str, *,
             evaluate: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> dict:
   """Distils (or resumes) a Sprint student in workdir. evaluate(config, workdir) -> dict runs after the
   last step (sanajax.eval.after_training.evaluate_sprint_run: GenEval-lite at 1, 2 and 4 sCM steps);
-  its result is returned ({} without one)."""
+  its result is returned ({} without one). The student takes the teacher's backbone
+  (with_teacher_architecture) before the config is checked."""
+  return _distill(with_teacher_architecture(config), workdir, evaluate=evaluate)
+
+
+@guarded("sprint")  # the whole config checked, then the workdir locked, before any work
+def _distill(config: ml_collections.ConfigDict, workdir: str, *,
+             evaluate: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> dict:
   start_time = time.perf_counter()
   config, distiller, frozen, state = setup(config, workdir)
   n_student = sum(x.size for x in jax.tree.leaves(state.params))

@@ -11,7 +11,12 @@ import os
 import ml_collections
 
 from sanajax import config_utils
-from sanajax.training.sprint import SPRINT_MODEL_FIELDS
+from sanajax.training.sprint import (  # spread_blocks: re-exported (sprint_config.spread_blocks)
+  SPRINT_MODEL_FIELDS,
+  fit_head_blocks,
+  spread_blocks,  # noqa: F401
+  student_model_section,
+)
 from sanajax.workdir.checkpoint import latest_workdir_step
 from sanajax.workdir.files import ae_workdir, checkpoint_dir, load_workdir_config
 
@@ -31,13 +36,6 @@ def check_teacher(teacher_workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
-def spread_blocks(depth: int, n: int) -> tuple[int, ...]:
-  """n block indices spread over [0, depth), the last block included (the reference taps 2, 8, 14,
-  19 of 20; configs/sprint_tiny.py 0, 2, 3 of 4)."""
-  n = max(1, min(n, depth))
-  return tuple(sorted({int(round(depth - 1 - i * depth / n)) for i in range(n)}))
-
-
 def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: str, num_steps: int | None,
                    overrides: dict, base: str = "sprint_tiny") -> ml_collections.ConfigDict:
   """The Sprint config `base` (configs/sprint_tiny.py; or sprint_600m / sprint_1600m, whose distill and
@@ -49,13 +47,10 @@ def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: s
     # the presets would derive, and its resolution has no row.
     del config["resolution_presets"]
   teacher = ml_collections.ConfigDict(teacher_config.to_dict())
-  model = teacher.model
   # The Sprint options stay the student config's; q/k norms follow the teacher (a phase-1 teacher
   # has them), unless an override changes them.
-  for field in SPRINT_MODEL_FIELDS:
-    if field in config.model and field != "qk_norm":
-      model[field] = config.model[field]
-  config.model = model
+  config.model = student_model_section(config.model, teacher.model,
+                                       tuple(f for f in SPRINT_MODEL_FIELDS if f != "qk_norm"))
   for section in TEACHER_SECTIONS:
     config[section] = teacher[section]
   config.ae.workdir = os.path.abspath(ae_workdir(teacher_config, teacher_workdir))
@@ -67,9 +62,7 @@ def student_config(teacher_config: ml_collections.ConfigDict, teacher_workdir: s
   if num_steps is not None:
     config.train.num_steps = int(num_steps)
   config.train.checkpoint_every = min(config.train.checkpoint_every, int(config.train.num_steps))
-  ids = tuple(config.distill.head_block_ids)
-  if max(ids) >= model.depth:  # A shallower teacher than configs/tiny.py's 4 blocks.
-    config.distill.head_block_ids = spread_blocks(model.depth, len(ids))
+  fit_head_blocks(config)  # A shallower teacher than configs/tiny.py's 4 blocks.
   for key, value in overrides.items():
     config_utils.set_field(config, key, value)
   return config
