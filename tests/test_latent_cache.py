@@ -1,14 +1,17 @@
 """The latent cache: images encoded once, served through the same resumable pipeline."""
+import io
 import logging
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 from test_data_pipeline import FakeSource, R, byte_detokenize, byte_tokenize
 
+from sanajax.data.buckets import bucket_ids_of, bucket_table
 from sanajax.data.latent_cache import build_latent_cache
-from sanajax.data.pipeline import make_train_iterator
-from sanajax.data.sources import FolderSource
+from sanajax.data.pipeline import make_train_iterator, uint8_to_unit
+from sanajax.data.sources import FolderSource, make_source
 
 
 def toy_encode(images):
@@ -119,3 +122,56 @@ def test_empty_cache_is_a_clear_error():
       return {"image": None, "captions": ["x"], "scores": [], "path": f"/bad/{i}.png"}
   with pytest.raises(ValueError, match="no examples"):
     build_latent_cache(AllBad(n=5), toy_encode, num_examples=5, batch_size=8, log=lambda _: None)
+
+
+def pooled_encode(images):
+  """A per-image stand-in for an AE encoder at any size: (B, H, W, 3) -> (B, H/8, W/8, 4), 8x8 mean pooling then a
+  non-linear channel mix (so a latent depends on its own image only, at its own size)."""
+  b, h, w, _ = images.shape
+  pooled = images.reshape(b, h // 8, 8, w // 8, 8, 3).mean((2, 4))
+  return np.tanh(pooled @ np.asarray([[1.0, -0.5, 0.3, 2.0], [0.2, 1.5, -1.0, 0.1], [-0.7, 0.4, 0.9, 1.1]], np.float32))
+
+
+def test_bucketed_cache_encodes_each_image_at_its_bucket_and_batches_stay_one_bucket(tmp_path):
+  """data.latent_cache with data.buckets: every image encoded at its bucket's size in batches of one bucket, equal
+  to encoding it alone; the iterator over the cache, scheduled by the cache's bucket ids, gives batches of one
+  bucket (each batch's latents all cached latents of that bucket)."""
+  rng = np.random.default_rng(0)
+  for i in range(15):  # 5 each of 24x48, 48x24, 32x32
+    Image.fromarray(rng.integers(0, 255, [(24, 48, 3), (48, 24, 3), (32, 32, 3)][i % 3], np.uint8)).save(
+        tmp_path / f"{i:03d}.png")
+    (tmp_path / f"{i:03d}.txt").write_text(f"caption {i}\n")
+  buf = io.BytesIO()
+  Image.fromarray(rng.integers(0, 255, (24, 48, 3), np.uint8)).save(buf, "PNG")
+  (tmp_path / "broken.png").write_bytes(buf.getvalue()[:60])  # a header (so a bucket) over truncated data
+  (tmp_path / "unreadable.png").write_bytes(b"not an image")  # no header: no bucket
+  table = bucket_table("sana", 32, 8)
+  source = make_source(f"folder:{tmp_path}", 32, 0, buckets=table)
+  ids = bucket_ids_of(source, table)
+  shapes = []
+  cache = build_latent_cache(source, lambda x: shapes.append(x.shape) or pooled_encode(x), num_examples=100,
+                             batch_size=4, bucket_ids=ids, log=lambda _: None)
+  assert len(cache) == 15 and cache.skipped == 2  # broken.png (bucketed, undecodable), unreadable.png (no bucket)
+  cached_ids = cache.bucket_ids()
+  assert sorted(set(cached_ids.tolist())) == sorted(set(ids[ids >= 0].tolist())) and len(set(cached_ids)) == 3
+  # One bucket a batch: 2 batches of 4 (the second padded) for each bucket of 5.
+  assert len(shapes) == 6 and all(s[0] == 4 for s in shapes)
+  assert sorted(s[1:3] for s in shapes) == sorted(2 * [table.sizes[b] for b in set(cached_ids.tolist())])
+  index_of = {source[k]["path"]: k for k in range(len(source))}
+  for j in range(len(cache)):
+    i = index_of[cache[j]["path"]]
+    image = source[i]["image"]
+    assert image.shape[:2] == table.sizes[cached_ids[j]] and cached_ids[j] == ids[i]
+    assert cache[j]["captions"] == [f"caption {int(os.path.basename(cache[j]['path'])[:3])}"]
+    alone = pooled_encode(uint8_to_unit(image[None]))[0]  # encoded alone, not in a batch of its bucket
+    np.testing.assert_allclose(cache[j]["latent"], alone, rtol=1e-6, atol=1e-6)
+  bucket_of = {cache[j]["latent"].tobytes(): int(cached_ids[j]) for j in range(len(cache))}
+  it = make_train_iterator(cache, batch_size=2, seed=0, tokenize_fn=byte_tokenize, bucket_ids=cached_ids)
+  seen = set()
+  for _ in range(12):  # 2 epochs (6 batches of 2 from 5 + 5 + 5)
+    latents = next(it)["latent"]
+    (bucket,) = {bucket_of[x.tobytes()] for x in latents}  # every latent one of the cache's, all of one bucket
+    assert latents.shape[1:3] == (table.sizes[bucket][0] // 8, table.sizes[bucket][1] // 8)
+    seen.add(bucket)
+  assert seen == set(cached_ids.tolist())
+  it.close()

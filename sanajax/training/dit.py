@@ -240,15 +240,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   bucket_ids = None if table is None else bucket_ids_of(source, table)
   if bucket_ids is not None:
     print(describe_buckets(table, bucket_ids, int(config.train.batch_size)), flush=True)
-  if config.data.get("latent_cache", 0) and table is not None and not cache_dir:
-    print("data.latent_cache is not used with data.buckets (it holds one image size): the AE encodes in the step. "
-          "Cache latents per bucket on disk instead: python -m sanajax.data.cache (docs/data.md#cache).", flush=True)
-  if config.data.get("latent_cache", 0) and not cache_dir and table is None:
+  if config.data.get("latent_cache", 0) and not cache_dir:
     # No more images than the run will read (a short run, or a test, encodes only those).
     num_cached = min(int(config.data.latent_cache), int(config.train.num_steps) * int(config.train.batch_size))
-    source = build_latent_cache(source, make_encode_fn(ae_model, ae_params), num_cached,
-                                process_index=process_index, process_count=process_count)
-    process_index, process_count = 0, 1  # the cache already holds only this host's share.
+    if bucket_ids is None:
+      source = build_latent_cache(source, make_encode_fn(ae_model, ae_params), num_cached,
+                                  process_index=process_index, process_count=process_count)
+      process_index, process_count = 0, 1  # the cache already holds only this host's share.
+    else:  # each image encoded at its bucket's size; every host caches all, as every host schedules all.
+      source = build_latent_cache(source, make_encode_fn(ae_model, ae_params), num_cached, bucket_ids=bucket_ids)
+      bucket_ids = source.bucket_ids()
   data_iter = make_train_iterator(
       source, batch_size=host_batch, seed=config.seed, tokenize_fn=None if cache_dir else text_encoder.tokenize,
       caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
