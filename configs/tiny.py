@@ -28,7 +28,7 @@ def get_config(arg=None):
   # decompression-bomb limit (89.5 MP, 256 MiB decoded) rounded down, so PIL's limit stays unchanged.
   c.data.max_image_megapixels = 89.0
   # Images encoded once by the frozen AE before DiT training (sanajax.data.latent_cache; 0: encode
-  # in every step). Takes the AE encode out of the step; 20,000 images are ~11 epochs of 7,000 x 32
+  # in every step). Takes the AE encode out of the step; 20,000 images are ~14 epochs of 9,000 x 32
   # and encode in well under a minute (docs/results.md#latent-cache).
   c.data.latent_cache = 20000
   # Aspect-ratio buckets (docs/data.md#buckets): "" square crops (the shapes set is square), "sana" SANA's ratios.
@@ -114,10 +114,11 @@ def get_config(arg=None):
   c.diffusion.resolution_shift = False
 
   c.train = ml_collections.ConfigDict()
-  # The run is compute-bound, so the step count is what a ~10-15-minute first command allows: 7,000
-  # steps at 14-17 steps/s on 2 cores, ~7.5 min after the ~2.5-4.5 min AE; more steps keep helping
-  # (docs/results.md#steps-and-ema). At equal time batch 64 scores as batch 32 (docs/results.md#width-and-depth).
-  c.train.num_steps = 7000
+  # The run is compute-bound, so the step count is what a ~10-15-minute first command allows: 9,000
+  # steps at 13-19 steps/s on 2 cores after the ~2.5-4.5 min AE; 7,000 scored 0.633, 9,000 0.704
+  # and 16,000 0.829 (docs/results.md#steps-and-ema). At equal time batch 64 scores as batch 32
+  # (docs/results.md#width-and-depth).
+  c.train.num_steps = 9000
   c.train.batch_size = 32
   # Muon (optim.muon: orthogonalised momentum on the dense / conv kernels, update RMS matched to
   # AdamW's, AdamW on the rest) beats AdamW at the same rate (docs/results.md#optimizer).
@@ -126,7 +127,7 @@ def get_config(arg=None):
   c.train.adam_b2 = 0.999
   # Peak rate; 2e-3 and 8e-3 score lower, with Muon and with AdamW (docs/results.md#learning-rate-and-schedule).
   c.train.learning_rate = 4e-3
-  c.train.warmup_steps = 100  # short for a 7,000-step run (SANA: 2,000); not tuned.
+  c.train.warmup_steps = 100  # short for a 9,000-step run (SANA: 2,000); not tuned.
   # Cosine decay to 0 at num_steps beats a constant rate (docs/results.md#learning-rate-and-schedule).
   c.train.schedule = "cosine"  # constant | cosine
   c.train.weight_decay = 0.0  # as SANA.
