@@ -6,8 +6,9 @@ import os
 import jax
 import numpy as np
 import pytest
-from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
-from test_buckets import _mixed_folder
+from test_buckets import _mixed_folder  # tests/ is on sys.path
+from test_training import killed_after_checkpoint
+from tiny_base import AE_OVERRIDES
 
 from sanajax import config_utils
 from sanajax.config_check import ConfigError
@@ -20,30 +21,22 @@ from sanajax.training.metrics import read_metrics
 from sanajax.workdir.checkpoint import Checkpointer
 from sanajax.workdir.loaders import load_dit_params
 
-pytestmark = pytest.mark.slow  # a tiny AE, cache builds and 5 short DiT runs: 7-13 min on the shared 2-core machine (load ~14)
+pytestmark = pytest.mark.slow  # cache builds and 5 short DiT runs: 7-13 min on the shared 2-core machine (load ~14)
 
 
 def small_config(ae_dir, **overrides):
-  base = {"data.resolution": 32, "ae.workdir": str(ae_dir), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
-          "ae_train.log_every": 1, **SMALLEST_MODEL, "train.batch_size": 2, "train.num_steps": 4,
+  base = {**AE_OVERRIDES, "ae.workdir": str(ae_dir), "train.batch_size": 2, "train.num_steps": 4,
           "train.log_every": 1, "train.checkpoint_every": 2, "train.warmup_steps": 1, "eval.num_prompts": 0,
           "data.latent_cache": 0, "data.buckets": "sana"}
   base.update(overrides)
   return config_utils.load_config("configs/tiny.py", overrides=base)
 
 
-@pytest.fixture(scope="module")
-def ae_dir(tmp_path_factory):
-  d = tmp_path_factory.mktemp("ae")
-  train_lib.ensure_ae(small_config(d), str(d))
-  return d
-
-
-def test_cache_build_resume_refusal_and_training(tmp_path, ae_dir, monkeypatch):
+def test_cache_build_resume_refusal_and_training(tmp_path, tiny_ae, monkeypatch):
   folder = tmp_path / "images"
   folder.mkdir()
   _mixed_folder(folder)
-  config = small_config(ae_dir)
+  config = small_config(tiny_ae)
   cache = str(tmp_path / "cache")
 
   # Killed after the first of two shards: the rerun keeps it and writes only the second.
@@ -84,7 +77,7 @@ def test_cache_build_resume_refusal_and_training(tmp_path, ae_dir, monkeypatch):
 
   # Another CHI prompt, resolution or bucket table: refused, naming the field.
   for field, value in (("text.chi_prompt", "Describe: "), ("data.buckets", "")):
-    other = small_config(ae_dir, **{field: value, "data.source": f"cache:{cache}"})
+    other = small_config(tiny_ae, **{field: value, "data.source": f"cache:{cache}"})
     with pytest.raises(ConfigError, match=field.split(".")[1] if field != "data.buckets" else "buckets"):
       train_lib.train(other, str(tmp_path / f"refused_{field}"))
 
@@ -94,34 +87,12 @@ def test_cache_build_resume_refusal_and_training(tmp_path, ae_dir, monkeypatch):
 
   monkeypatch.setattr(text_encoder_lib.TextEncoder, "embed", no_text)
   monkeypatch.setattr(train_lib, "build_text_encoder", no_text)
-  cached = small_config(ae_dir, **{"data.source": f"cache:{cache}", "diffusion.resolution_shift": True})
+  cached = small_config(tiny_ae, **{"data.source": f"cache:{cache}", "diffusion.resolution_shift": True})
   train_lib.train(cached, str(tmp_path / "straight"))
 
-  class Killed(Exception):
-    pass
-
-  real_iterator = train_lib.make_train_iterator
-
-  def killing(*args, **kwargs):
-    it = real_iterator(*args, **kwargs)
-    count = [0]
-
-    class Wrapped:
-      def __next__(self):
-        count[0] += 1
-        if count[0] == 4:
-          raise Killed()
-        return next(it)
-
-      get_state, set_state = it.get_state, it.set_state
-
-    return Wrapped()
-
-  monkeypatch.setattr(train_lib, "make_train_iterator", killing)
-  with pytest.raises(Killed):
+  with killed_after_checkpoint(tmp_path / "killed", 2):
     train_lib.train(cached, str(tmp_path / "killed"))
-  monkeypatch.setattr(train_lib, "make_train_iterator", real_iterator)
-  train_lib.train(cached, str(tmp_path / "killed"))
+  train_lib.train(cached, str(tmp_path / "killed"))  # resumes from step 2
   a, b = (load_dit_params(str(tmp_path / run)) for run in ("straight", "killed"))
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
@@ -130,12 +101,12 @@ def test_cache_build_resume_refusal_and_training(tmp_path, ae_dir, monkeypatch):
   assert straight[3] == resumed[3] and straight[4] == resumed[4]
 
 
-def test_cascade_32_to_64_starts_from_the_previous_stage_ema(tmp_path, ae_dir):
+def test_cascade_32_to_64_starts_from_the_previous_stage_ema(tmp_path, tiny_ae):
   """Stage 2 at 64 px starts from stage 1's (32 px) EMA weights: train.init_from=WORKDIR."""
   stage1 = str(tmp_path / "s32")
-  train_lib.train(small_config(ae_dir, **{"data.buckets": "", "train.num_steps": 2}), stage1)
+  train_lib.train(small_config(tiny_ae, **{"data.buckets": "", "train.num_steps": 2}), stage1)
   stage2 = str(tmp_path / "s64")
-  config = small_config(ae_dir, **{"data.buckets": "", "data.resolution": 64, "train.num_steps": 1,
+  config = small_config(tiny_ae, **{"data.buckets": "", "data.resolution": 64, "train.num_steps": 1,
                                    "train.init_from": stage1, "train.checkpoint_every": 1, "train.ema_decay": 0.0})
   seen = {}
   real = train_lib.init_params_from

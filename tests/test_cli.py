@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
+from tiny_base import AE_OVERRIDES
 
 from sanajax import config_utils
 from sanajax.config_check import ConfigError, validate_config
@@ -329,13 +330,12 @@ def test_long_prompts_warn_which_end_is_kept(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-  """A DiT trained for 1 step on a 2-step AE (tests/small_configs.py sizes): what sample needs to run."""
+def trained_workdir(tmp_path_factory, tiny_ae):
+  """A DiT trained for 1 step on the shared 2-step AE (tests/tiny_base.py): what sample needs to run."""
   from sanajax.training.dit import train
   root = tmp_path_factory.mktemp("trained")
   config = config_utils.load_config("configs/tiny.py", overrides={
-      "data.resolution": 32, **SMALLEST_MODEL, "ae_train.num_steps": 2, "ae_train.batch_size": 4,
-      "ae_train.log_every": 1, "train.batch_size": 4, "train.num_steps": 1, "train.log_every": 1,
+      **AE_OVERRIDES, "ae.workdir": tiny_ae, "train.batch_size": 4, "train.num_steps": 1, "train.log_every": 1,
       "data.latent_cache": 0, "eval.num_prompts": 0})
   train(config, str(root / "w"))
   return str(root / "w")

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from small_configs import SMALLEST_MODEL  # tests/small_configs.py
-from test_cli import assert_user_error, run_cli  # tests/test_cli.py helpers
+from test_cli import assert_user_error, run_cli  # tests/test_cli.py helpers (tests/ is on sys.path)
+from tiny_base import AE_OVERRIDES
 
 from sanajax import config_utils
 from sanajax.generation import Generator
@@ -29,13 +29,13 @@ SMALL = ["--config.train.batch_size=4", "--config.train.log_every=1", "--config.
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  """{"base": a 2-block DiT trained 1 step, "cn": a ControlNet trained 2 steps on it by the CLI, "r": the run}."""
+def runs(tmp_path_factory, tiny_ae):
+  """{"base": a 2-block DiT trained 1 step (the shared AE), "cn": a ControlNet trained 2 steps on it by the CLI,
+  "r": the run}."""
   root = tmp_path_factory.mktemp("controlnet")
   config = config_utils.load_config("configs/tiny.py", overrides={
-      "data.resolution": 32, **SMALLEST_MODEL, "model.depth": 2, "ae_train.num_steps": 2, "ae_train.batch_size": 4,
-      "ae_train.log_every": 1, "train.batch_size": 4, "train.num_steps": 1, "train.log_every": 1,
-      "data.latent_cache": 0, "eval.num_prompts": 0})
+      **AE_OVERRIDES, "ae.workdir": tiny_ae, "model.depth": 2, "train.batch_size": 4, "train.num_steps": 1,
+      "train.log_every": 1, "data.latent_cache": 0, "eval.num_prompts": 0})
   base, cn = str(root / "base"), str(root / "cn")
   train(config, base)
   r = run_cli("sanajax.train", f"--config=configs/controlnet_tiny.py:{base}", f"--workdir={cn}",

@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from small_configs import (
-  SMALLEST_MODEL,  # tests/small_configs.py (tests/ is on sys.path)
-)
+from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
+from test_training import killed_after_checkpoint
 
 from sanajax import config_utils
 from sanajax.data.pipeline import make_train_iterator
@@ -29,11 +28,11 @@ SMALL = {"data.resolution": 32, **SMALLEST_MODEL, "train.batch_size": 4}  # test
 
 
 @pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  """A tiny teacher (32 px, 1 block, h 64) trained for 4 steps on its own 2-step AE."""
+def teacher_dir(tmp_path_factory, tiny_ae):
+  """A tiny teacher (32 px, 1 block, h 64) trained for 4 steps on the shared 2-step AE (tests/tiny_base.py)."""
   d = tmp_path_factory.mktemp("teacher")
   config = config_utils.load_config("configs/tiny.py", overrides={
-      **SMALL, "ae.workdir": str(d / "ae"), "ae_train.num_steps": 2, "ae_train.batch_size": 4,
+      **SMALL, "ae.workdir": tiny_ae, "ae_train.num_steps": 2, "ae_train.batch_size": 4,
       "ae_train.log_every": 1, "train.num_steps": 4, "train.log_every": 2, "train.checkpoint_every": 4,
       "train.warmup_steps": 1, "eval.num_prompts": 0, "sample.cfg_interval": (0.5, 1.0)})
   train_lib.train(config, str(d))
@@ -214,10 +213,6 @@ def test_teacher_guidance_interval(teacher_dir, tmp_path):
   assert np.abs(outs["full"][1] - outs["cond"][1]).max() > 1e-3
 
 
-class Killed(Exception):
-  pass
-
-
 def test_a_student_with_another_time_embedding_than_its_teacher_is_pointed_to_phase_1(teacher_dir, tmp_path,
                                                                                      capsys):
   sprint.setup(sprint_config(teacher_dir), str(tmp_path / "same"))
@@ -257,37 +252,12 @@ def test_phase_1_fine_tune_starts_from_a_teacher_without_qk_norm(teacher_dir):
     init_params_from(str(teacher_dir), init_dit_params(config, jax.random.PRNGKey(5)))
 
 
-def test_killed_distillation_resumes_exactly(teacher_dir, tmp_path, monkeypatch):
+def test_killed_distillation_resumes_exactly(teacher_dir, tmp_path):
   config = sprint_config(teacher_dir)
   sprint.distill(config, str(tmp_path / "straight"))
 
-  real_iterator = sprint.make_train_iterator
-  count = {"n": 0}
-
-  def dying_iterator(*args, **kwargs):
-    it = real_iterator(*args, **kwargs)
-
-    class Wrapped:
-      def __next__(self):
-        count["n"] += 1
-        # Batch 5: the loop's device prefetch (two batches in flight) reads it as step 3 starts, after the
-        # checkpoint at step 2.
-        if count["n"] == 5:
-          raise Killed()
-        return next(it)
-
-      def get_state(self):
-        return it.get_state()
-
-      def set_state(self, s):
-        it.set_state(s)
-
-    return Wrapped()
-
-  monkeypatch.setattr(sprint, "make_train_iterator", dying_iterator)
-  with pytest.raises(Killed):
+  with killed_after_checkpoint(tmp_path / "killed", 2):
     sprint.distill(sprint_config(teacher_dir), str(tmp_path / "killed"))
-  monkeypatch.setattr(sprint, "make_train_iterator", real_iterator)
   assert Checkpointer(str(tmp_path / "killed" / "checkpoints"), read_only=True).latest_step() == 2
   sprint.distill(sprint_config(teacher_dir), str(tmp_path / "killed"))
 
@@ -307,7 +277,7 @@ def test_killed_distillation_resumes_exactly(teacher_dir, tmp_path, monkeypatch)
   assert all(np.isfinite(v) for r in straight.values() for v in r.values())
 
 
-def test_cli_distills_and_writes_a_training_layout(teacher_dir, tmp_path):
+def test_cli_distills_and_writes_a_training_layout(teacher_dir, tiny_ae, tmp_path):
   out = tmp_path / "cli"
   r = subprocess.run([sys.executable, "-m", "sanajax.distill_sprint", "--config=configs/sprint_tiny.py",
                       f"--config.teacher_workdir={teacher_dir}", f"--workdir={out}", "--config.data.resolution=32",
@@ -320,7 +290,7 @@ def test_cli_distills_and_writes_a_training_layout(teacher_dir, tmp_path):
                      cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   cfg = json.load(open(out / "config.json"))
-  assert cfg["model"]["guidance_embeds"] is True and cfg["ae"]["workdir"] == str((teacher_dir / "ae").resolve())
+  assert cfg["model"]["guidance_embeds"] is True and cfg["ae"]["workdir"] == os.path.realpath(tiny_ae)
   rows = read_metrics(str(out))
   assert [x["step"] for x in rows] == [1, 2]
   assert Checkpointer(str(out / "checkpoints"), read_only=True).latest_step() == 2
@@ -335,7 +305,7 @@ def test_cli_distills_and_writes_a_training_layout(teacher_dir, tmp_path):
   assert r.returncode != 0 and "teacher_workdir" in r.stdout + r.stderr
 
 
-def test_frechet_distance_on_known_gaussians_and_ae_features(teacher_dir):
+def test_frechet_distance_on_known_gaussians_and_ae_features(tiny_ae):
   from sanajax.eval import fid_lite
   from sanajax.workdir.loaders import load_ae
   rng = np.random.default_rng(0)
@@ -344,7 +314,7 @@ def test_frechet_distance_on_known_gaussians_and_ae_features(teacher_dir):
   # Closed form for N(0, I) vs N(m, 4 I): |m|^2 + 3 (1 + 4 - 2 * 2) = 1 + 3 = 4.
   assert fid_lite.frechet_distance(a, b) == pytest.approx(4.0, rel=0.05)
   assert abs(fid_lite.frechet_distance(a, a)) < 1e-8
-  ae_model, ae_params, _, _ = load_ae(str(teacher_dir / "ae"))
+  ae_model, ae_params, _, _ = load_ae(tiny_ae)
   images = fid_lite.data_images("shapes", 32, 6)
   feats = fid_lite.encoder_features(ae_model, ae_params, images, pool=2)
   assert feats.shape == (6, 2 * 2 * config_utils.load_config("configs/dcae_tiny.py").ae.latent_channels) and np.all(np.isfinite(feats))
