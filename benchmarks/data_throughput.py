@@ -56,7 +56,13 @@ BENCH = "data_throughput"
 TARGET = ">= 50 img/s/core (1024-px JPEG)"
 TARGET_PER_CORE = 50.0
 TARGET_CACHE = ">= 2,000 samples/s (cache)"
-CACHE_ROWS = (102, 300)  # Gemma-2 rows kept: a 100-token prompt (docs/data.md#cache), the longest (max_length)
+# Cache records timed: (name, latent (h, w, c) float32, text length L, width D, rows kept). "shapes": the tiny config's
+# 64-px shapes runs (configs/tiny.py: an (8, 8, 8) latent of the tiny DC-AE, tiny Gemma-2 of width 64, max_length 20;
+# a 12-token caption); "1024": SANA-1600M at 1024 px (DC-AE f32c32 (32, 32, 32), Gemma-2 2304 wide, max_length
+# 300) with a 100-token prompt (102 rows, docs/data.md#cache) and the longest (300 rows).
+CACHE_CASES = (("shapes", (8, 8, 8), 20, 64, 12), ("1024", (32, 32, 32), 300, 2304, 102),
+               ("1024", (32, 32, 32), 300, 2304, 300))
+SMOKE_CACHE = ("smoke", (4, 4, 32), 16, 64, 16)
 # (width, height) at ~1 megapixel: square, 16:9, 4:3, 2:1 and their portraits.
 SHAPES_1024 = [(1024, 1024), (1365, 768), (768, 1365), (1182, 886), (886, 1182), (1448, 724), (724, 1448)]
 
@@ -101,18 +107,15 @@ def write_data(root: str, n: int, resolution: int) -> tuple[str, str, str, float
   return folder, shards, os.path.join(tars, "*.tar"), statistics.mean(sizes) / 1024
 
 
-def write_cache(root: str, n: int, resolution: int, rows: int, smoke: bool) -> str:
-  """A finished cache:DIR of n records shaped as SANA-1600M's at `resolution` (latent (R/32, R/32, 32) float32;
-  one caption of `rows` bf16 feature rows of L = 300, D = 2304; smoke: L = 16, D = 64, at most L rows), with
-  random values: reading costs what it costs for real features. Written with the cache's own record
-  encoder; its signature is empty (read unchecked, as make_source does)."""
-  length, dim = (16, 64) if smoke else (300, 2304)
-  rows = min(rows, length)
-  directory = os.path.join(root, f"cache{rows}")
+def write_cache(root: str, n: int, case: tuple) -> str:
+  """A finished cache:DIR of n records of `case` (CACHE_CASES: name, latent shape, L, D, rows kept), with random
+  values: reading costs what it costs for real features. Written with the cache's own record encoder; its
+  signature is empty (read unchecked, as make_source does)."""
+  name, latent_shape, length, dim, rows = case
+  directory = os.path.join(root, f"cache-{name}-{rows}")
   os.makedirs(directory)
   rng = np.random.default_rng(0)
-  side = max(1, resolution // 32)
-  latent = rng.normal(size=(side, side, 32)).astype(np.float32)
+  latent = rng.normal(size=latent_shape).astype(np.float32)
   context = rng.normal(size=(length, dim)).astype(np.float32)
   mask = (np.arange(length) < rows).astype(np.int32)  # right-padded, as the tokenizer gives
   path = records.shard_path(directory, 0, 1, feature_cache.PREFIX)
@@ -230,6 +233,7 @@ def main(argv=None) -> list[hx.Row]:
   p.add_argument("--sources", default="folder,arrayrecord,webdataset,cache", help="which sources to time")
   p.add_argument("--modes", default="crop,bucket", help="square crop and / or aspect-ratio bucketing")
   p.add_argument("--cache", default=None, help="an on-disk cache:DIR to time instead of the generated ones")
+  p.add_argument("--cache_cases", default="all", help="generated caches to time: all, or shapes and / or 1024")
   args = hx.finish_args(p.parse_args(argv), warmup=1, repeats=2)
   n = args.images or (8 if args.smoke else 56)
   res = args.resolution or (128 if args.smoke else 1024)
@@ -238,9 +242,10 @@ def main(argv=None) -> list[hx.Row]:
   table = bucket_table("sana", res, 32) if bucket_table is not None else None
   rows = []
   with tempfile.TemporaryDirectory(prefix="sanajax-data-bench-") as root:
-    folder, shards, tars, kb = write_data(root, n, res)
-    specs = {"folder": f"folder:{folder}", "arrayrecord": f"arrayrecord:{shards}", "webdataset": f"webdataset:{tars}"}
     names = [s.strip() for s in args.sources.split(",") if s.strip()]
+    if any(x != "cache" for x in names):  # the photos take a while to make: only when timed
+      folder, shards, tars, kb = write_data(root, n, res)
+      specs = {"folder": f"folder:{folder}", "arrayrecord": f"arrayrecord:{shards}", "webdataset": f"webdataset:{tars}"}
     for name in [x for x in names if x != "cache"]:
       for mode in [m.strip() for m in args.modes.split(",") if m.strip() and (m.strip() == "crop" or table)]:
         if mode == "bucket" and name == "cache":
@@ -263,16 +268,18 @@ def main(argv=None) -> list[hx.Row]:
                              hx.met(ok)))
         hx.print_rows(rows[-1 - len(workers):])
     if "cache" in names:
-      caches = [args.cache] if args.cache else [write_cache(root, 8 * (args.batches + 2), res, r, args.smoke)
-                                                for r in (CACHE_ROWS[:1] if args.smoke else CACHE_ROWS)]
+      cases = [c for c in CACHE_CASES if args.cache_cases == "all" or c[0] in args.cache_cases.split(",")]
+      caches = [args.cache] if args.cache else [write_cache(root, 8 * (args.batches + 2), c)
+                                                for c in ([SMOKE_CACHE] if args.smoke else cases)]
       for directory in caches:
         source = make_source(f"cache:{directory}", res, 0)
         ex = source[0]
         record_kb = sum(os.path.getsize(f) for f in source.shards) / len(source) / 1024
-        case = (f"cache {res}px: latent {tuple(ex['latent'].shape)} f32 + {len(ex['features'].rows(0)[0])} bf16 text "
+        side = 64 if "-shapes-" in directory else res
+        case = (f"cache {side}px: latent {tuple(ex['latent'].shape)} f32 + {len(ex['features'].rows(0)[0])} bf16 text "
                 f"rows, {record_kb:.0f} KB records")
         wall, per_cpu = cache_in_process(source, args.batches)
-        ok = per_cpu >= 2000 if res == 1024 else None
+        ok = per_cpu >= 2000 if not args.smoke else None
         rows.append(hx.Row(BENCH, case, "in-process, 1 read thread", 1e3 / per_cpu,
                            f"{per_cpu:.0f} samples per CPU-s; {wall:.0f} samples/s wall ({load_text()})", TARGET_CACHE,
                            hx.met(ok)))
@@ -281,7 +288,7 @@ def main(argv=None) -> list[hx.Row]:
           cpu_text = f"{per_cpu:.0f} samples per worker CPU-s; " if per_cpu is not None else ""
           rows.append(hx.Row(BENCH, case, f"grain workers={w}", 1e3 * w / wall,
                              f"{cpu_text}{wall:.0f} samples/s wall ({load_text()})", TARGET_CACHE,
-                             hx.met(wall >= 2000 if res == 1024 else None)))
+                             hx.met(wall >= 2000 if not args.smoke else None)))
         hx.print_rows(rows[-1 - len(workers):])
   device = f"{cpu_name()} x {os.cpu_count()} cores, shared{' (smoke)' if args.smoke else ''}"
   version = hx._version  # pylint: disable=protected-access

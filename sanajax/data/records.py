@@ -126,9 +126,9 @@ def index_path(shard: str) -> str:
   return shard[:-len(SHARD_SUFFIX)] + ".json"
 
 
-def read_manifest(directory: str) -> dict[str, Any] | None:
-  """DIR/build.json, or None when there is none."""
-  path = os.path.join(directory, MANIFEST)
+def read_manifest(directory: str, name: str = MANIFEST) -> dict[str, Any] | None:
+  """DIR/build.json (or DIR/`name`: a cache's cache.json), or None when there is none."""
+  path = os.path.join(directory, name)
   if not os.path.isfile(path):
     return None
   with open(path, encoding="utf-8") as f:
