@@ -20,12 +20,12 @@ R = 32
 L = 16
 
 
-def byte_tokenize(captions):
-  """Toy tokenizer: UTF-8 bytes + 1 (0 is padding), truncated/padded to L."""
-  ids = np.zeros((len(captions), L), np.int64)
-  mask = np.zeros((len(captions), L), np.int64)
+def byte_tokenize(captions, length=L):
+  """Toy tokenizer: UTF-8 bytes + 1 (0 is padding), truncated/padded to `length` (tests/test_data_sources.py: 12)."""
+  ids = np.zeros((len(captions), length), np.int64)
+  mask = np.zeros((len(captions), length), np.int64)
   for j, c in enumerate(captions):
-    b = np.frombuffer(c.encode()[:L], np.uint8).astype(np.int64) + 1
+    b = np.frombuffer(c.encode()[:length], np.uint8).astype(np.int64) + 1
     ids[j, :len(b)] = b
     mask[j, :len(b)] = 1
   return ids, mask

@@ -9,6 +9,7 @@ disjointly and completely, and skip, name and count what it cannot read.
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -20,6 +21,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import test_data_pipeline  # tests/ is on sys.path
 from PIL import Image
 
 from sanajax import config_check
@@ -45,15 +47,7 @@ SIZES = [(64, 48), (48, 64), (80, 40), (40, 80), (56, 56), (96, 54), (54, 96), (
          (60, 45), (45, 60)]
 
 
-def byte_tokenize(captions):
-  """Toy tokenizer: UTF-8 bytes + 1 (0 is padding), truncated/padded to L."""
-  ids = np.zeros((len(captions), L), np.int64)
-  mask = np.zeros((len(captions), L), np.int64)
-  for j, c in enumerate(captions):
-    b = np.frombuffer(c.encode()[:L], np.uint8).astype(np.int64) + 1
-    ids[j, :len(b)] = b
-    mask[j, :len(b)] = 1
-  return ids, mask
+byte_tokenize = functools.partial(test_data_pipeline.byte_tokenize, length=L)  # UTF-8 bytes + 1, L tokens
 
 
 def _photo(rng, w, h):
