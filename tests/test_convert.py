@@ -69,13 +69,17 @@ def _gemma_config():
 SPRINT_KW = dict(DIT_KW, guidance_embeds=True, guidance_embeds_scale=0.1, patch_size=1, interpolation_scale=None)
 
 
-def save_sana_pipeline(root, *, sprint: bool = False) -> types.SimpleNamespace:
+def save_sana_pipeline(root, *, sprint: bool = False, dit_kw: dict | None = None,
+                       ae_config=None) -> types.SimpleNamespace:
   """A diffusers SANA (sprint: SANA-Sprint) pipeline directory under `root` (transformer/ vae/ text_encoder/
-  tokenizer/ scheduler/ model_index.json) and its torch models; tests/test_notebooks.py samples these too."""
+  tokenizer/ scheduler/ model_index.json) and its torch models; tests/test_notebooks.py samples these too.
+  dit_kw: the transformer's kwargs (default DIT_KW / SPRINT_KW); ae_config: the DC-AE's sanajax config
+  (default test_dcae._odd_config("conv", "interpolate")). tests/test_mission_data.py passes both."""
   root = pathlib.Path(root)
-  dit = _randomise(diffusers.SanaTransformer2DModel(**(SPRINT_KW if sprint else DIT_KW)), seed=3 if sprint else 0)
+  dit_kw = dit_kw if dit_kw is not None else SPRINT_KW if sprint else DIT_KW
+  dit = _randomise(diffusers.SanaTransformer2DModel(**dit_kw), seed=3 if sprint else 0)
   dit.save_pretrained(root / "transformer")
-  ae_cfg = _odd_config("conv", "interpolate")
+  ae_cfg = ae_config if ae_config is not None else _odd_config("conv", "interpolate")
   ae = diffusers.AutoencoderDC(**dcae.diffusers_kwargs(ae_cfg))
   torch.manual_seed(1)
   with torch.no_grad():
