@@ -204,7 +204,6 @@ def keep_freed_memory() -> None:
     pass
 
 
-
 class CacheSource:
   """Random-access source over a finished cache (the pipeline's protocol, field "latent").
 
