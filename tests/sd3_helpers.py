@@ -3,12 +3,19 @@ tokenizers over a few words (tests/ is on sys.path: `from sd3_helpers import ...
 StableDiffusion3Pipeline. Used by tests/test_sd3_text.py, tests/test_sd3_pipeline.py and tests/test_sd3_finetune.py."""
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
+from tiny_base import build_once, run_dir  # tests/tiny_base.py (tests/ is on sys.path)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = ["a", "red", "blue", "cat", "dog", "square", "circle", "on", "the", "left", "of", "big"]
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -108,3 +115,27 @@ def sd3_pipeline(root, shift: float = 3.0):
       tokenizer_3=tok_t5)
   pipe.set_progress_bar_config(disable=True)
   return pipe
+
+
+def run_module(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+  """python -m ARGS in the repository on the CPU; asserts it succeeded (its output in the message)."""
+  r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=False)
+  assert r.returncode == 0, r.stdout + r.stderr
+  return r
+
+
+SHIFT = 3.0  # the shared pipeline's FlowMatchEulerDiscreteScheduler shift
+
+
+def converted_sd3(tmp_path_factory) -> tuple[str, str]:
+  """(pipeline, workdir): sd3_pipeline(shift SHIFT) saved with save_pretrained, and its conversion by
+  `python -m sanajax.convert --from=diffusers`. Built once per test run and shared by tests/test_sd3_pipeline.py
+  and tests/test_sd3_finetune.py (tests/tiny_base.build_once: also across xdist workers); both only read it."""
+  def build(path):
+    src, work = os.path.join(path, "pipeline"), os.path.join(path, "workdir")
+    sd3_pipeline(pathlib.Path(path), SHIFT).save_pretrained(src)
+    run_module("sanajax.convert", "--from=diffusers", f"--src={src}", f"--dst={work}")
+
+  path = build_once(run_dir(tmp_path_factory), "sd3", {"shift": SHIFT}, build)
+  return os.path.join(path, "pipeline"), os.path.join(path, "workdir")

@@ -11,8 +11,6 @@ one big batch, the stored position-embedding table neither trains nor decays, ad
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -21,9 +19,9 @@ import numpy as np
 import optax
 import pytest
 from PIL import Image
-from sd3_helpers import sd3_pipeline  # tests/sd3_helpers.py (tests/ on sys.path)
+from sd3_helpers import converted_sd3, run_module  # tests/sd3_helpers.py (tests/ on sys.path)
 
-from sanajax import config_utils, convert
+from sanajax import config_utils
 from sanajax.config_check import ConfigError, validate_config
 from sanajax.models.backbones import build_backbone
 from sanajax.parallel import Plan
@@ -44,27 +42,18 @@ PE = "pos_embed/pos_embed"  # mmdit.FROZEN_PARAMS: the stored sin-cos table, a d
 CAPTIONS = ["a red cat", "big dog on the left", "a blue square", "a circle"]
 
 
-def run_module(*args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
-                     check=False)
-  assert r.returncode == 0, r.stdout + r.stderr
-  return r
-
-
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
-  """{"src": the saved pipeline, "work": its converted workdir, "images": a captioned image folder}."""
-  root = tmp_path_factory.mktemp("sd3_ft")
-  src, work, images = root / "pipeline", root / "workdir", root / "images"
-  sd3_pipeline(root).save_pretrained(src)
-  convert.convert_diffusers(str(src), str(work))
+  """{"src": the saved pipeline, "work": its converted workdir (sd3_helpers.converted_sd3), "images": a captioned
+  image folder}."""
+  src, work = converted_sd3(tmp_path_factory)
+  images = tmp_path_factory.mktemp("sd3_ft") / "images"
   images.mkdir()
   rng = np.random.default_rng(0)
   for i in range(8):  # non-square: resized and centre-cropped to 16 px
     Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(images / f"{i}.png")
     (images / f"{i}.txt").write_text(CAPTIONS[i % 4])
-  return {"src": str(src), "work": str(work), "images": str(images)}
+  return {"src": src, "work": work, "images": str(images)}
 
 
 def overrides(sd3, **more):

@@ -1,8 +1,9 @@
 """A converted SD3 pipeline samples as diffusers' StableDiffusion3Pipeline does.
 
-A tiny random StableDiffusion3Pipeline (sd3_helpers.sd3_pipeline: 2-block SD3Transformer2DModel with QK RMSNorm and
-a dual-attention block, a 16-channel AutoencoderKL, CLIP-L / bigG / T5 with offline tokenizers) is saved with save_pretrained
-and converted with `python -m sanajax.convert --from=diffusers`; then, through the workdir's loaders
+A tiny random StableDiffusion3Pipeline (sd3_helpers.sd3_pipeline: 2-block SD3Transformer2DModel with QK RMSNorm
+and a dual-attention block, a 16-channel AutoencoderKL, CLIP-L / bigG / T5 with offline tokenizers) is saved with
+save_pretrained and converted with `python -m sanajax.convert --from=diffusers` (sd3_helpers.converted_sd3, shared
+with tests/test_sd3_finetune.py); then, through the workdir's loaders
 (build_text_encoder, load_dit_params), the prompt embeddings equal encode_prompt's, a 10-step Flow-Euler
 sample with CFG equals the pipeline's latents (same noise, output_type="latent"), and `python -m
 sanajax.sample` writes PNGs (the VAE decode with SD3's shift and scale).
@@ -12,15 +13,13 @@ from __future__ import annotations
 import functools
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from sd3_helpers import rel_err, sd3_pipeline  # tests/sd3_helpers.py (tests/ on sys.path)
+from sd3_helpers import SHIFT, converted_sd3, rel_err, run_module  # tests/sd3_helpers.py (tests/ on sys.path)
 
 from sanajax.diffusion import samplers
 from sanajax.generation import Generator, sample_latents
@@ -33,29 +32,18 @@ from sanajax.workdir.loaders import ae_shift_factor, build_text_encoder, load_ae
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cat on the left of a blue square", "big dog"]
-STEPS, CFG, SHIFT = 10, 4.0, 3.0
+STEPS, CFG = 10, 4.0
 LATENT_HW = (6, 10)  # non-square; the VAE downsamples 2x, so images are 12 x 20.
-
-
-def run_module(*args):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=180, env=env,
-                     check=False)
-  assert r.returncode == 0, r.stdout + r.stderr
-  return r
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-  """(pipeline, its directory, the converted workdir)."""
-  root = tmp_path_factory.mktemp("sd3_pipe")
-  pipe = sd3_pipeline(root, SHIFT)
-  src, work = root / "pipeline", root / "workdir"
-  pipe.save_pretrained(src)
-  run_module("sanajax.convert", "--from=diffusers", f"--src={src}", f"--dst={work}")
-  return pipe, str(src), str(work)
+  """(pipeline as loaded from its directory, that directory, the converted workdir): sd3_helpers.converted_sd3."""
+  src, work = converted_sd3(tmp_path_factory)
+  pipe = diffusers.StableDiffusion3Pipeline.from_pretrained(src)
+  pipe.set_progress_bar_config(disable=True)
+  return pipe, src, work
 
 
 def test_the_workdir_config(converted):
