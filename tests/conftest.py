@@ -22,19 +22,19 @@ os.environ["XLA_FLAGS"] = xla_env.with_fast_compile(os.environ.get("XLA_FLAGS", 
 # the wall time, so these are collected first and the short files fill in around them.
 # Added 2026-12-06 from single-file runs on loaded cores: test_controlnet_cli ~600 s (it trains its base),
 # test_mission_data ~600, test_cache ~500, test_benchmarks ~160, test_serve ~110, test_sd3_finetune ~220,
-# test_scan_layers ~95 s of CPU.
+# test_scan_layers ~95 s, test_sprint_mmdit ~125 s of CPU.
 LONGEST_FIRST = ("test_learning.py", "test_controlnet_cli.py", "test_mission_data.py", "test_cache.py",
                  "test_sprint_distill.py", "test_parallel.py", "test_training.py", "test_sprint_ablation.py",
                  "test_parallel_sprint.py", "test_sd3_finetune.py", "test_notebooks.py", "test_benchmarks.py",
                  "test_cli.py", "test_serve.py", "test_scan_layers.py", "test_mmdit_training.py",
-                 "test_sd3_pipeline.py", "test_mmdit.py")
+                 "test_sd3_pipeline.py", "test_mmdit.py", "test_sprint_mmdit.py")
 
 
 # Files marked `slow` (each over ~2 minutes on the 2-core machine: they train, distil or run the
 # 8-device and notebook scripts). `pytest -m "not slow"` is the quick suite (README "Tests"); CI runs all.
 SLOW_FILES = ("test_learning.py", "test_sprint_distill.py", "test_parallel.py", "test_sprint_ablation.py",
               "test_parallel_sprint.py", "test_notebooks.py", "test_mission_data.py", "test_cache.py",
-              "test_controlnet_cli.py")
+              "test_controlnet_cli.py", "test_sprint_mmdit.py")
 
 
 @pytest.fixture(scope="session")
