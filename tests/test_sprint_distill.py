@@ -63,33 +63,36 @@ def random_student():
   return dit, params, x, ctx, mask
 
 
-def test_jvp_tangent_matches_central_differences():
-  dit, params, x, ctx, mask = random_student()
-  cfg = jnp.array([4.0, 5.0])
-
-  F_fn = jax.jit(trigflow.flow_to_trigflow(
-      lambda x_f, t_f: dit.apply({"params": params}, x_f, t_f, ctx, mask, guidance=cfg)))
-
+def check_tangent_against_central_differences(F_fn, x, *, min_gap: float = 50.0, label: str = "") -> None:
+  """scm.student_tangent of F_fn (TrigFlow F(x / sigma_d, t)) at x_t = x sigma_d, t = (0.4, 1.2) equals the
+  same directional derivative by central differences (float32; h = 3e-3 balances truncation and rounding), and
+  dropping the time tangent moves it by more than `min_gap` x the error (the check can fail)."""
   sd = 0.5
   t = jnp.array([0.4, 1.2])
   x_t = x * sd
   dxt_dt = jax.random.normal(jax.random.PRNGKey(4), x.shape) * sd
   F, dF = scm.student_tangent(F_fn, x_t, t, dxt_dt, sd)
-  # The same directional derivative by central differences (float32; h = 3e-3 balances truncation
-  # and rounding): tangents (cos t sin t dx_t/dt / sigma_d, cos t sin t).
+  # Tangents (cos t sin t dx_t/dt / sigma_d, cos t sin t).
   cs = jnp.cos(t) * jnp.sin(t)
   vx, vt = cs[:, None, None, None] * dxt_dt / sd, cs
   h = 3e-3
   fd = (F_fn(x_t / sd + h * vx, t + h * vt) - F_fn(x_t / sd - h * vx, t - h * vt)) / (2 * h)
   np.testing.assert_allclose(np.asarray(F), np.asarray(F_fn(x_t / sd, t)), rtol=0, atol=1e-5)  # float32, |F| ~ 2
-  err = float(jnp.max(jnp.abs(dF - fd)))
-  scale = float(jnp.max(jnp.abs(fd)))
-  print(f"JVP vs central differences: max |diff| {err:.3g}, max |fd| {scale:.3g}")
-  assert err <= 2e-3 * scale, (err, scale)
-  # The time direction matters (the test can fail): dropping it moves the derivative far more.
+  err, scale = float(jnp.max(jnp.abs(dF - fd))), float(jnp.max(jnp.abs(fd)))
   fd_x_only = (F_fn(x_t / sd + h * vx, t) - F_fn(x_t / sd - h * vx, t)) / (2 * h)
-  print(f"without the time tangent: {float(jnp.max(jnp.abs(dF - fd_x_only))):.3g}")
-  assert float(jnp.max(jnp.abs(dF - fd_x_only))) > 50 * err
+  off = float(jnp.max(jnp.abs(dF - fd_x_only)))
+  print(f"{label}JVP vs central differences: max |diff| {err:.3g} of max |fd| {scale:.3g}; without the time "
+        f"tangent {off:.3g}")
+  assert err <= 2e-3 * scale, (err, scale)
+  assert off > min_gap * err, (off, err)
+
+
+def test_jvp_tangent_matches_central_differences():
+  dit, params, x, ctx, mask = random_student()
+  cfg = jnp.array([4.0, 5.0])
+  F_fn = jax.jit(trigflow.flow_to_trigflow(
+      lambda x_f, t_f: dit.apply({"params": params}, x_f, t_f, ctx, mask, guidance=cfg)))
+  check_tangent_against_central_differences(F_fn, x)
 
 
 def test_tangent_formula_and_normalisation():
