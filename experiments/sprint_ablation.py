@@ -70,23 +70,29 @@ def parse_sets(items: Sequence[str]) -> dict:
   return out
 
 
-def run_distillation(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Distils (or resumes, or skips a finished run); returns {"distill_seconds", "steps"} summed over calls."""
-  timing_path = os.path.join(workdir, "ablation_timing.json")
-  timing = {"distill_seconds": 0.0, "steps": 0}
+def run_timed(run, config: ml_collections.ConfigDict, workdir: str, timing_file: str, seconds_key: str) -> dict:
+  """run(config, workdir) (a trainer or distiller that resumes from its checkpoints) unless the workdir already
+  holds config.train.num_steps; returns {seconds_key, "steps"}, the seconds summed over calls and kept in
+  workdir/timing_file, so a driver restarted mid-run reports the whole run's time."""
+  timing_path = os.path.join(workdir, timing_file)
+  timing = {seconds_key: 0.0, "steps": 0}
   if os.path.exists(timing_path):
     with open(timing_path) as f:
       timing = json.load(f)
-  done = latest_workdir_step(workdir) or 0
-  if done >= config.train.num_steps:
+  if (latest_workdir_step(workdir) or 0) >= config.train.num_steps:
     return timing
   start = time.perf_counter()
-  distill(config, workdir)
-  timing["distill_seconds"] += time.perf_counter() - start
+  run(config, workdir)
+  timing[seconds_key] += time.perf_counter() - start
   timing["steps"] = int(config.train.num_steps)
   with open(timing_path, "w") as f:
     json.dump(timing, f, indent=2)
   return timing
+
+
+def run_distillation(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Distils (or resumes, or skips a finished run); returns {"distill_seconds", "steps"} summed over calls."""
+  return run_timed(distill, config, workdir, "ablation_timing.json", "distill_seconds")
 
 
 def fid_set(source: str, resolution: int, num: int, seed: int) -> tuple[list[str], np.ndarray]:

@@ -41,7 +41,7 @@ import matplotlib
 import ml_collections
 import numpy as np
 
-from experiments.sprint_ablation import fid_set, parse_sets
+from experiments.sprint_ablation import fid_set, parse_sets, run_timed
 from sanajax import config_utils
 from sanajax.cli import quiet_library_logs
 from sanajax.data import shapes
@@ -51,7 +51,7 @@ from sanajax.eval import geneval_lite
 from sanajax.generation import Generator
 from sanajax.models.backbones import apply_conditioned
 from sanajax.training.dit import make_encode_fn, train
-from sanajax.workdir.checkpoint import Checkpointer, latest_workdir_step
+from sanajax.workdir.checkpoint import Checkpointer
 from sanajax.workdir.files import checkpoint_dir, load_workdir_config
 from sanajax.workdir.loaders import init_dit_params
 
@@ -87,21 +87,9 @@ def study_config(name: str, *, steps: int | None, checkpoint_every: int, ae_work
 
 
 def run_training(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Trains (or resumes, or skips a finished run); returns {"train_seconds", "steps"} summed over calls."""
-  timing_path = os.path.join(workdir, "study_timing.json")
-  timing = {"train_seconds": 0.0, "steps": 0}
-  if os.path.exists(timing_path):
-    with open(timing_path) as f:
-      timing = json.load(f)
-  if (latest_workdir_step(workdir) or 0) >= config.train.num_steps:
-    return timing
-  start = time.perf_counter()
-  train(config, workdir)  # no evaluate callback: every checkpoint is scored below
-  timing["train_seconds"] += time.perf_counter() - start
-  timing["steps"] = int(config.train.num_steps)
-  with open(timing_path, "w") as f:
-    json.dump(timing, f, indent=2)
-  return timing
+  """Trains (or resumes, or skips a finished run); returns {"train_seconds", "steps"} summed over calls. No
+  evaluate callback: every checkpoint is scored by score_checkpoint."""
+  return run_timed(train, config, workdir, "study_timing.json", "train_seconds")
 
 
 def time_grid(num_times: int) -> np.ndarray:
