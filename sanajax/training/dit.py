@@ -241,14 +241,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   if bucket_ids is not None:
     print(describe_buckets(table, bucket_ids, int(config.train.batch_size)), flush=True)
   if config.data.get("latent_cache", 0) and not cache_dir:
-    # No more images than the run will read (a short run, or a test, encodes only those).
-    num_cached = min(int(config.data.latent_cache), int(config.train.num_steps) * int(config.train.batch_size))
     if bucket_ids is None:
+      # No more images than the run will read (a short run, or a test, encodes only those).
+      num_cached = min(int(config.data.latent_cache), int(config.train.num_steps) * int(config.train.batch_size))
       source = build_latent_cache(source, make_encode_fn(ae_model, ae_params), num_cached,
                                   process_index=process_index, process_count=process_count)
       process_index, process_count = 0, 1  # the cache already holds only this host's share.
     else:  # each image encoded at its bucket's size; every host caches all, as every host schedules all.
-      source = build_latent_cache(source, make_encode_fn(ae_model, ae_params), num_cached, bucket_ids=bucket_ids)
+      # Up to data.latent_cache images, not steps x batch: which images fill a bucket's batches depends on the
+      # buckets, and the first steps x batch images may fill none (a short run on a small set).
+      source = build_latent_cache(source, make_encode_fn(ae_model, ae_params), int(config.data.latent_cache),
+                                  bucket_ids=bucket_ids)
       bucket_ids = source.bucket_ids()
   data_iter = make_train_iterator(
       source, batch_size=host_batch, seed=config.seed, tokenize_fn=None if cache_dir else text_encoder.tokenize,
