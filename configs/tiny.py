@@ -114,7 +114,7 @@ def get_config(arg=None):
   c.diffusion.resolution_shift = False
 
   c.train = ml_collections.ConfigDict()
-  # The run is compute-bound, so the step count is what a ~10-15-minute first command allows: 9,000
+  # The run is compute-bound, so the step count is what an 11-21-minute first command allows: 9,000
   # steps at 11-19 steps/s on 2 cores after the ~2.5-5 min AE; 7,000 scored 0.633, 9,000 0.704
   # and 16,000 0.829 (docs/results.md#steps-and-ema). At equal time batch 64 scores as batch 32
   # (docs/results.md#width-and-depth).
