@@ -79,7 +79,10 @@ def get_config(arg=None):
   c.model.patch_size = 2
   c.model.caption_channels = c.text.get_ref("hidden_size")
   c.model.in_channels = c.ae.get_ref("latent_channels")
-  c.model.use_pe = False
+  # SANA's 512/1024-px configs drop the absolute sin-cos position embedding (the Mix-FFN conv carries
+  # position; its 2K/4K configs keep it). On the 4x4 token grid it raises position prompts 0.375 -> 0.600
+  # and overall 0.763 -> 0.812 at 10,000 steps (0.754 -> 0.782 over 960 prompts; docs/results.md#position-embedding).
+  c.model.use_pe = True
   c.model.attn_eps = 1e-15  # diffusers; the original code uses 1e-8.
   c.model.norm_eps = 1e-6  # SANA / diffusers.
   # SANA starts the caption RMSNorm scale at 0.01 for stability at scale; a short CPU run
@@ -97,6 +100,10 @@ def get_config(arg=None):
 
   # Sharding plan (docs/scaling.md): all 1 is one device; e.g. --config.mesh.fsdp=8.
   c.mesh = parallel.mesh_config()
+  # The batch over every device (-1). On a CPU-only host the cores become 2 JAX devices: the AE and DiT
+  # train 1.17x and 1.06x faster than on one (docs/results.md#two-cpu-devices).
+  c.mesh.data = -1
+  c.mesh.cpu_devices = 2
 
   c.diffusion = ml_collections.ConfigDict()
   c.diffusion.weighting = "logit_normal"  # logit_normal | mode | cosmap | uniform
@@ -114,11 +121,11 @@ def get_config(arg=None):
   c.diffusion.resolution_shift = False
 
   c.train = ml_collections.ConfigDict()
-  # The run is compute-bound, so the step count is what an 11-21-minute first command allows: 9,000
-  # steps at 11-19 steps/s on 2 cores after the ~2.5-5 min AE; 7,000 scored 0.633, 9,000 0.704
-  # and 16,000 0.829 (docs/results.md#steps-and-ema). At equal time batch 64 scores as batch 32
-  # (docs/results.md#width-and-depth).
-  c.train.num_steps = 9000
+  # The run is compute-bound, so the step count is what a ~15-minute first command allows: 10,000 steps
+  # at ~14 steps/s on 2 idle cores after the ~3.5 min AE; without the position embedding 7,000 scored
+  # 0.633, 9,000 0.704, 10,000 0.763 and 16,000 0.829 (docs/results.md#steps-and-ema). At equal time
+  # batch 64 scores as batch 32 (docs/results.md#width-and-depth).
+  c.train.num_steps = 10000
   c.train.batch_size = 32
   # Muon (optim.muon: orthogonalised momentum on the dense / conv kernels, update RMS matched to
   # AdamW's, AdamW on the rest) beats AdamW at the same rate (docs/results.md#optimizer).

@@ -30,7 +30,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sanajax import config_utils
+from sanajax import config_utils, parallel
 from sanajax.config_check import ConfigError
 from sanajax.parallel import distributed
 from sanajax.safetensors_io import WeightsError
@@ -124,7 +124,15 @@ def config_from_flags(name: str = "config") -> ml_collections.ConfigDict:
       config.keys()
     except Exception as e:  # whatever the user's config file raised
       raise UserError(f"--{name}={filename}: the config file did not load: {_one_line(e)}") from e
-  return config_utils.record_overrides(config, config_flags.get_override_values(flag))
+  config = config_utils.record_overrides(config, config_flags.get_override_values(flag))
+  if "mesh" in config:  # before anything starts JAX's devices: a CPU host split as the config asks
+    try:
+      note = parallel.use_cpu_devices(config.mesh)
+    except ValueError as e:
+      raise UserError(str(e)) from e
+    if note:
+      print(note, flush=True)
+  return config
 
 
 def default_workdir(name: str = "config") -> str:

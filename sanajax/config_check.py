@@ -202,6 +202,9 @@ def _check_mesh(c: _Checker) -> None:
     value = c.get(f"mesh.{name}")
     if value is not _MISSING and not (_is_int(value) and (value >= 1 or value == -1)):
       c.bad(f"mesh.{name}", value, "must be an integer >= 1, or -1 (the devices the other axes leave)")
+  cpu = c.get("mesh.cpu_devices")
+  if cpu is not _MISSING and not (_is_int(cpu) and cpu >= 0):
+    c.bad("mesh.cpu_devices", cpu, "must be an integer >= 0 (0: JAX's one CPU device)")
 
 
 def _check_sample_and_eval(c: _Checker) -> None:

@@ -88,7 +88,7 @@ def test_default_config_plans_one_device():
   """Every run has a plan (one sharding path); the default mesh (every axis 1) is one device."""
   from sanajax import config_utils
   from sanajax.parallel import Plan
-  for name in ("configs/tiny.py", "configs/dcae_tiny.py"):
+  for name in ("configs/tiny.py", "configs/dcae_tiny.py"):  # tiny's data=-1: every device, here one
     plan = Plan.from_config(config_utils.load_config(name))
     assert plan.num_devices == 1 and plan.batch_shards() == 1 and not plan.sequence_parallel
     assert dict(plan.mesh.shape) == {"data": 1, "fsdp": 1, "sequence": 1, "tensor": 1}
@@ -99,9 +99,9 @@ def test_ae_trained_by_the_dit_trainer_gets_the_dit_mesh():
   from sanajax import config_utils
   from sanajax.training.dit import ae_train_config
   ae = ae_train_config(config_utils.load_config("configs/tiny.py", overrides={"mesh.fsdp": 8}))
-  assert ae.mesh.fsdp == 8 and ae.mesh.data == 1 and ae.train.batch_size == 16
-  assert all(v == 1 for k, v in ae_train_config(config_utils.load_config("configs/tiny.py")).mesh.items()
-             if k != "rules")
+  assert ae.mesh.fsdp == 8 and ae.mesh.data == -1 and ae.mesh.cpu_devices == 2 and ae.train.batch_size == 16
+  tiny = config_utils.load_config("configs/tiny.py")
+  assert ae_train_config(tiny).mesh.to_dict() == tiny.mesh.to_dict()
 
 
 def test_info_per_device_bytes_follow_the_plan():

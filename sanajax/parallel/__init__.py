@@ -14,8 +14,9 @@ from sanajax.parallel.mesh import (
            make_mesh,
            mesh_config,
            mesh_shape,
+           use_cpu_devices,
 )
 from sanajax.parallel.plan import Plan
 
 __all__ = ["DEFAULT_RULES", "MESH_AXES", "Plan", "active_plan", "logical_to_mesh", "make_mesh", "mesh_config",
-           "mesh_shape", "use_plan"]
+           "mesh_shape", "use_cpu_devices", "use_plan"]

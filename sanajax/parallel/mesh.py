@@ -19,11 +19,13 @@ parameters over fsdp) whole, as MaxText's rule tables do.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 import numpy as np
+from jax._src import xla_bridge  # backends_are_initialized: jax_num_cpu_devices only works before the first device use
 
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
 
@@ -50,7 +52,32 @@ def mesh_config() -> ml_collections.ConfigDict:
   for name in MESH_AXES:
     c[name] = 1
   c.rules = DEFAULT_RULES
+  # On a host without an accelerator: JAX's CPU backend as this many devices (jax_num_cpu_devices),
+  # so a data axis of -1 runs the batch's parts side by side; 0 keeps JAX's one CPU device. No effect
+  # on GPU / TPU devices. Applied by the CLIs before JAX starts (use_cpu_devices).
+  c.cpu_devices = 0
   return c
+
+
+def use_cpu_devices(mesh: Any) -> str | None:
+  """Applies `mesh.cpu_devices` (see mesh_config) to this process; call before JAX's first device use.
+
+  XLA:CPU runs the tiny models' many small operations on one device with little parallelism; two
+  devices, each with half the batch, keep both cores busy (docs/results.md#two-cpu-devices). An
+  explicit --xla_force_host_platform_device_count in XLA_FLAGS wins. Returns a one-line note when the
+  request could not be applied (JAX already started with another CPU device count), else None.
+  """
+  n = mesh.get("cpu_devices", 0) if hasattr(mesh, "get") else getattr(mesh, "cpu_devices", 0)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ValueError(f"config.mesh.cpu_devices={n!r}: must be an integer >= 0 (0: JAX's default of one CPU device).")
+  if n == 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  if xla_bridge.backends_are_initialized():
+    have = len(jax.devices("cpu"))
+    return None if have == n else (f"config.mesh.cpu_devices={n} not applied: JAX had already started with {have} "
+                                   f"CPU device(s).")
+  jax.config.update("jax_num_cpu_devices", n)
+  return None
 
 
 def mesh_shape(mesh: Any, num_devices: int) -> tuple[int, ...]:
@@ -64,13 +91,13 @@ def mesh_shape(mesh: Any, num_devices: int) -> tuple[int, ...]:
   if sizes.count(-1) > 1:
     raise ValueError(f"config.mesh has more than one axis set to -1: {dict(zip(MESH_AXES, sizes))}.")
   known = math.prod(s for s in sizes if s != -1)
+  if known > num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {known} devices; {num_devices} are available.")
   if -1 in sizes:
     if num_devices % known:
       raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))}: {num_devices} devices are not a multiple of "
                        f"the fixed axes' product {known}.")
     sizes[sizes.index(-1)] = num_devices // known
-  elif known > num_devices:
-    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, sizes))} needs {known} devices; {num_devices} are available.")
   return tuple(sizes)
 
 
