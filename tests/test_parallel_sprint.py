@@ -158,7 +158,11 @@ def case_sprint() -> None:
   for part in ("params", "ema_params", "logvar_params", "disc_params", "opt_state", "disc_opt_state"):
     errors[part] = max_rel(jax.device_get(getattr(state, part)), jax.device_get(getattr(ref_state, part)))
   print("relative errors vs one device over 2 steps:", {k: f"{v:.2e}" for k, v in errors.items()}, flush=True)
-  bad = {k: v for k, v in errors.items() if v > (METRIC_RTOL if k in metrics[0] else SPRINT_RTOL)}
+  # The LADD heads: Adam's first steps move a weight by ~lr * sign(gradient), so a near-zero gradient that
+  # rounds to the other sign under the plan moves it by 2 lr (5.3e-5 of the largest head weight with the
+  # position embedding, 2026-12-07): twice SPRINT_RTOL, as the later case allows the parameters.
+  tol = {"disc_params": 2 * SPRINT_RTOL}
+  bad = {k: v for k, v in errors.items() if v > tol.get(k, METRIC_RTOL if k in metrics[0] else SPRINT_RTOL)}
   assert not bad, bad
 
   # The state is laid out as planned: student, EMA and the generator's AdamW moments split over

@@ -138,9 +138,10 @@ def with_teacher_architecture(config: ml_collections.ConfigDict) -> ml_collectio
     return config
   config = copy.deepcopy(config)
   config.model = student_model_section(config.model, teacher.model, CROSS_BACKBONE_FIELDS)
+  config.text = ml_collections.ConfigDict(teacher.text.to_dict())  # the frozen encoder the teacher was trained with
   fit_head_blocks(config)
   print(f"Note: the teacher is a model.name={backbone_name(teacher.model)!r}; the student takes its architecture "
-        f"(config.model = the teacher's + {CROSS_BACKBONE_FIELDS}), LADD heads on blocks "
+        f"and text encoder (config.model = the teacher's + {CROSS_BACKBONE_FIELDS}), LADD heads on blocks "
         f"{list(config.distill.head_block_ids)}.", flush=True)
   return config
 
