@@ -83,9 +83,6 @@ def get_config(arg=None):
   # position; its 2K/4K configs keep it). On the 4x4 token grid it raises position prompts 0.375 -> 0.600
   # and overall 0.763 -> 0.812 at 10,000 steps (0.754 -> 0.782 over 960 prompts; docs/results.md#position-embedding).
   c.model.use_pe = True
-  # The latent side at 64 px (f8 AE): the PE's base grid is sample_size / patch_size = 4 tokens, as diffusers'
-  # `sample_size` (so a converted model computes the same table; larger images interpolate positions).
-  c.model.sample_size = 8
   c.model.attn_eps = 1e-15  # diffusers; the original code uses 1e-8.
   c.model.norm_eps = 1e-6  # SANA / diffusers.
   # SANA starts the caption RMSNorm scale at 0.01 for stability at scale; a short CPU run

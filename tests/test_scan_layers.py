@@ -195,7 +195,8 @@ def test_diffusers_conversion_with_scan(tiny, tmp_path):
   model = sana_dit.build_dit(model_config)
   stacked = sana_dit.stack_layers(nn.unbox(boxed))
   out = model.apply({"params": stacked}, x, t, ctx, mask)
-  sana_dit_diffusers.save_diffusers(str(tmp_path / "transformer"), model, stacked)
+  # The PE's base grid is the input's (no model.sample_size): diffusers' sample_size says it, as in test_sana_dit.
+  sana_dit_diffusers.save_diffusers(str(tmp_path / "transformer"), model, stacked, sample_size=x.shape[1])
   ref = SanaTransformer2DModel.from_pretrained(str(tmp_path / "transformer")).eval()
   with torch.no_grad():
     got = ref(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2), encoder_hidden_states=torch.from_numpy(
