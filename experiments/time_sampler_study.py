@@ -286,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="Where the four run workdirs and the results go.")
   parser.add_argument("--ae_workdir", default=None,
                       help="A trained AE workdir all runs share, read only (default: OUT/ae, trained by the first run).")
-  parser.add_argument("--steps", type=int, default=None, help="Training steps per run (default the config's 7,000).")
+  parser.add_argument("--steps", type=int, default=None, help="Training steps per run (default the config's train.num_steps).")
   parser.add_argument("--checkpoint_every", type=int, default=250, help="Steps between the scored checkpoints.")
   parser.add_argument("--num_prompts", type=int, default=120, help="GenEval-lite prompts at intermediate checkpoints.")
   parser.add_argument("--final_prompts", type=int, default=240, help="GenEval-lite prompts at the last step.")
