@@ -69,7 +69,7 @@ def compile_table(sizes: Any = SIZES, **kwargs) -> list[dict[str, Any]]:
     for scan in (False, True):
       times = train_step_compile_seconds(config, scan_layers=scan, **kwargs)
       key = "scan" if scan else "unrolled"
-      row.update({f"{key}_{name}": value for name, value in times.items()})
+      row.update({f"{key}_{field}": seconds for field, seconds in times.items()})
     rows.append(row)
   return rows
 
