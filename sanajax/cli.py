@@ -10,7 +10,8 @@
       cli.run(main)
 
 Every CLI gets the same flags (--workdir, --verbose, the multi-host --coordinator / --num_processes /
---process_id / --distributed of sanajax.parallel.distributed), quiet library logs, jax.distributed
+--process_id / --distributed of sanajax.parallel.distributed), glibc's huge-page malloc tunable (a
+re-exec before the flags are parsed, sanajax.hugepage_malloc), quiet library logs, jax.distributed
 started before any other JAX call, the --config.* overrides recorded in config.cli_overrides, and
 one way to fail: a user error (a bad flag, an unknown config field, a ConfigError listing the bad
 fields, a missing workdir) prints ONE line to stderr and exits with code 2, no traceback; with
@@ -30,7 +31,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from sanajax import config_utils, parallel
+from sanajax import config_utils, hugepage_malloc, parallel
 from sanajax.config_check import ConfigError
 from sanajax.parallel import distributed
 from sanajax.safetensors_io import WeightsError
@@ -221,7 +222,11 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-  """app.run(main) with the shared start-up (quiet logs, jax.distributed) and the one-line user errors."""
+  """app.run(main) with the shared start-up (the huge-page tunable, quiet logs, jax.distributed) and the
+  one-line user errors."""
+  # First: it restarts the process (once) with GLIBC_TUNABLES set, so nothing before it may have started
+  # devices or done work; only the modules' imports and flag definitions run twice (~2 s).
+  hugepage_malloc.reexec_with_hugepage_malloc()
 
   def wrapped(argv: list[str]) -> Any:
     try:

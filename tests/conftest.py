@@ -8,10 +8,17 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import xla_env  # noqa: E402  (tests/xla_env.py)
 
+from sanajax import hugepage_malloc  # noqa: E402  (no jax: it must start after the variables below)
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Before any test starts jax's backend: XLA_FLAGS is read when the CPU client is created, and the
 # xdist workers and every subprocess inherit it. Why and what it costs: tests/xla_env.py.
 os.environ["XLA_FLAGS"] = xla_env.with_fast_compile(os.environ.get("XLA_FLAGS", ""))
+# glibc's huge-page malloc tunable, as the CLIs set it for themselves (sanajax/hugepage_malloc.py): the
+# xdist workers start after this and inherit it (XLA:CPU's per-step buffers stop faulting in page by
+# page), and the CLI subprocesses find it set, so they do not re-execute themselves.
+os.environ.update(hugepage_malloc.hugepage_environ(os.environ, hugepage_malloc.glibc_version(),
+                                                   hugepage_malloc.thp_mode()) or {})
 
 
 # The longest files, longest first (measured 2026-12-02, `--durations`, 2 xdist workers on the
