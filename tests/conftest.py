@@ -67,8 +67,10 @@ def pytest_configure(config):
   program again from a new function object (train() / distill() called several times for resume
   tests, CLI subprocesses sampling a workdir a test just trained), which jit's in-memory cache
   cannot see. The cache is keyed by the program, compile options, XLA_FLAGS and jax version, so a
-  hit is the executable a fresh compile would give. Programs compiling in under a second
-  (jax_persistent_cache_min_compile_time_secs) are not stored. A run that sets
+  hit is the executable a fresh compile would give. Every program is stored, also those compiling in
+  under jax's 1 s floor (jax_persistent_cache_min_compile_time_secs = 0): under FAST_COMPILE most of the
+  suite's programs are that small, and each CLI subprocess compiles them again (five CLI-heavy files,
+  2026-12-07, two interleaved pairs: 151 and 153 s with the floor, 146 and 146 s without). A run that sets
   JAX_COMPILATION_CACHE_DIR keeps its own; JAX_ENABLE_COMPILATION_CACHE=false turns it off.
   """
   config.addinivalue_line("markers", "slow: a test file over ~2 minutes on 2 cores (quick suite: -m 'not slow')")
@@ -78,9 +80,12 @@ def pytest_configure(config):
     return  # xdist workers inherit the controller's environment (they start after this hook).
   path = tempfile.mkdtemp(prefix="sanajax-jax-cache-")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   config._sanajax_jax_cache = path
-  if "jax" in sys.modules:  # jax reads the variable at import; a plugin may have imported it already.
+  if "jax" in sys.modules:  # jax reads the variables at import; a plugin may have imported it already.
     sys.modules["jax"].config.update("jax_compilation_cache_dir", path)
+    sys.modules["jax"].config.update("jax_persistent_cache_min_compile_time_secs",
+                                     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
 def pytest_unconfigure(config):
