@@ -66,7 +66,7 @@ def reexec_with_hugepage_malloc() -> None:
   Call it first thing in a CLI's start-up: the work done before it is done twice. The new process
   finds GLIBC_TUNABLES set and returns here, so it re-executes at most once."""
   environ = hugepage_environ(os.environ, glibc_version(), thp_mode())
-  if environ is None or not getattr(sys, "orig_argv", None):
+  if environ is None or not sys.executable or not getattr(sys, "orig_argv", None):
     return
   sys.stdout.flush()
   sys.stderr.flush()
