@@ -5,8 +5,9 @@ XLA:CPU allocates each step's temporary buffer with malloc; a block that large (
 it faults in again (~40,000 faults per AE step, ~11% of the default run's CPU time). glibc's
 MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_MAX_ do not change that;
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (glibc >= 2.35) does: malloc then advises its mappings to use
-transparent huge pages, 512x fewer faults per byte. Measured on the default: 17 min 9 s -> 15 min 57 s,
-identical scores (docs/results.md#the-default-run).
+transparent huge pages, 512x fewer faults per byte. Measured on the default, whole command, identical
+scores: 17 min 9 s -> 15 min 57 s on one machine, 16 min 16 s -> 14 min 12 s on another
+(docs/results.md#the-default-run).
 
 glibc reads tunables once, when the process starts, so a CLI that wants them re-executes itself with
 the variable set (`reexec_with_hugepage_malloc`, from sanajax.cli.run, before any flag is parsed or
