@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from sanajax import hugepage_malloc
 from sanajax.eval import control_fidelity as cf
 from sanajax.generation import Generator
 from sanajax.workdir.files import load_workdir_config
@@ -47,4 +48,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+  hugepage_malloc.reexec_with_hugepage_malloc()  # as the CLIs do (sanajax/hugepage_malloc.py); before any work
   main()

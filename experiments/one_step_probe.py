@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from sanajax import hugepage_malloc
 from sanajax.cli import quiet_library_logs
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.shapes import eval_prompt_set
@@ -137,4 +138,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  hugepage_malloc.reexec_with_hugepage_malloc()  # as the CLIs do (sanajax/hugepage_malloc.py); before any work
   sys.exit(main())

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from sanajax import hugepage_malloc
 from sanajax.cli import quiet_library_logs
 from sanajax.data.shapes import eval_prompt_set
 from sanajax.eval import after_training, geneval_lite
@@ -128,4 +129,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  hugepage_malloc.reexec_with_hugepage_malloc()  # as the CLIs do (sanajax/hugepage_malloc.py); before any work
   raise SystemExit(main())

@@ -37,6 +37,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from sanajax import hugepage_malloc
 from sanajax.cli import quiet_library_logs
 from sanajax.data import shapes
 from sanajax.data.sources import make_source
@@ -257,4 +258,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  hugepage_malloc.reexec_with_hugepage_malloc()  # as the CLIs do (sanajax/hugepage_malloc.py); before any work
   sys.exit(main())

@@ -91,3 +91,33 @@ def test_a_cli_keeps_the_users_tunables(tmp_path):
   lines = run_probe(tmp_path, GLIBC_TUNABLES="glibc.malloc.tcache_count=0")
   pid = lines[0][1]
   assert lines == [["started", pid], ["main", pid, "glibc.malloc.tcache_count=0", "kept"]]
+
+
+# Records each interpreter start (pid, GLIBC_TUNABLES) and ends a restarted one there, before the script's
+# imports: what is tested is that the script restarts, not what it then does.
+START_RECORDER = textwrap.dedent("""
+    import os
+    with open(os.environ["START_LOG"], "a") as f:
+      f.write(f"{os.getpid()} {os.environ.get('GLIBC_TUNABLES')}\\n")
+    if os.environ.get("GLIBC_TUNABLES"):
+      os._exit(0)
+""")
+EXPERIMENTS = ("controlnet_demo", "lora_new_colour", "one_step_probe", "quantization_table", "sprint_ablation",
+               "time_sampler_study")
+
+
+def test_the_experiment_scripts_restart_with_the_tunable_too(tmp_path):
+  """`python experiments/X.py` (argparse scripts, not built on cli.run) restarts itself as the CLIs do."""
+  (tmp_path / "sitecustomize.py").write_text(START_RECORDER)
+  env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
+  runs = {name: subprocess.Popen([sys.executable, os.path.join(REPO, "experiments", f"{name}.py"), "--help"],
+                                 cwd=REPO, env={**env, "START_LOG": str(tmp_path / name)},
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for name in EXPERIMENTS}
+  helps = hugepage_environ({}, hugepage_malloc.glibc_version(), hugepage_malloc.thp_mode()) is not None
+  for name, proc in runs.items():
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, (name, err[-3000:])
+    starts = [line.split() for line in (tmp_path / name).read_text().splitlines()]
+    pid = starts[0][0]
+    assert starts == ([[pid, "None"], [pid, TUNABLE]] if helps else [[pid, "None"]]), (name, starts)
