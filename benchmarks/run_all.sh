@@ -6,8 +6,8 @@
 #
 # Run through the device tool from the repository root, carrying the wheels (see README,
 # "Benchmarks"): run(command="benchmarks/run_all.sh dit_forward", carry=[".whl"]).
-# .whl/ holds diffusers 0.42.1 and the pure-Python packages sanajax needs that the GPU image
-# lacks (ml_collections, importlib_metadata); benchmarks/fetch_wheels.sh fills it on a machine
+# .whl/ holds the wheels of benchmarks/wheels.txt: diffusers 0.42.1 and what sanajax needs that the
+# GPU image (benchmarks/gpu_image/packages.txt) lacks; benchmarks/fetch_wheels.sh fills it on a machine
 # with a package index. Rows go to benchmarks/RESULTS.md; a copy of it and the logs go to $OUT
 # when the device tool sets it.
 #

@@ -4,6 +4,7 @@ stops cleanly at an out-of-memory error; the training loop reads device values o
 and checkpoint steps; the train step donates its state."""
 import datetime
 import importlib.util
+import os
 import pathlib
 import re
 import subprocess
@@ -219,15 +220,37 @@ def test_results_md_lists_every_target():
 PLAN_STEPS = ["linear_attention", "dit_forward", "dcae_decode", "sprint_sample", "train_step"]
 
 
+def gpu_image_env() -> dict:
+  """This environment held to the GPU image's packages and the carried wheels (benchmarks/gpu_image)."""
+  return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH / "gpu_image"),
+                                                                     os.environ.get("PYTHONPATH")]))}
+
+
+def test_the_training_clis_run_on_the_gpu_image_with_the_carried_wheels(tmp_path):
+  """What the device call carries also lets `python -m sanajax.train` / `distill_sprint` start there: their
+  imports (grain, array_record) and the metrics writer (tensorboardX); and the emulation hides the rest."""
+  code = ("import sys, importlib.util, sanajax.train, sanajax.training.sprint\n"
+          "from sanajax.training.metrics import MetricWriter\n"
+          "MetricWriter(sys.argv[1]).scalars(0, {'loss': 1.0})\n"
+          "print(importlib.util.find_spec('gradio'), importlib.util.find_spec('peft') is not None)")
+  r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                     check=False, env=gpu_image_env())
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert r.stdout.split() == ["None", "True"]  # gradio is not in the image (hidden), peft is
+  assert (tmp_path / "metrics.jsonl").read_text().strip() == '{"step": 0, "loss": 1.0}'
+  assert os.listdir(tmp_path / "tensorboard" / "train")
+
+
 def test_run_all_budget_smoke_runs_the_plan_end_to_end(tmp_path):
   """`bash benchmarks/run_all.sh --budget=420 --smoke --out=PATH`: the ceilings first, then every step
   of the plan reported in order (all fit in 420 s here, so all ran), each step's rows before its
   `run_all` row, diffusers beside every bench, one train-step batch with remat full, nothing written
-  into the repository's RESULTS.md."""
+  into the repository's RESULTS.md. Held to the GPU image's packages and the carried wheels
+  (benchmarks/gpu_image/sitecustomize.py): a step importing anything else would fail on the device too."""
   out = tmp_path / "RESULTS.md"
   before = (BENCH / "RESULTS.md").read_bytes()
   proc = subprocess.run(["bash", str(BENCH / "run_all.sh"), "--budget=420", "--smoke", f"--out={out}"],
-                        capture_output=True, text=True, timeout=300, check=False)
+                        capture_output=True, text=True, timeout=300, check=False, env=gpu_image_env())
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert (BENCH / "RESULTS.md").read_bytes() == before
   text = out.read_text()
