@@ -294,7 +294,7 @@ def test_the_progress_bar_rate_excludes_the_first_steps_compile(tmp_path, monkey
   monkeypatch.setattr(loop_lib, "tqdm", Recording)
 
   def step_fn(state, batch):
-    time.sleep(2.5 if int(state.step) == 0 else 0.01)  # the first call compiles
+    time.sleep(4.0 if int(state.step) == 0 else 0.01)  # the first call compiles
     return state.replace(step=state.step + 1), {"loss": jnp.float32(1.0)}
 
   loop = loop_lib.LoopConfig(num_steps=20, batch_size=1, log_every=100, checkpoint_every=100)
@@ -302,8 +302,10 @@ def test_the_progress_bar_rate_excludes_the_first_steps_compile(tmp_path, monkey
   loop_lib.run(loop, small_state(1.0), step_fn, FakeIterator(), ckpt, MetricWriter(str(tmp_path), tensorboard=False))
   # The rate the bar shows (and its ETA divides by): its running average, else steps since `initial` / elapsed.
   rate = seen["rate"] or (seen["n"] - seen["initial"]) / seen["elapsed"]
-  assert seen["n"] == 20 and seen["elapsed"] < 2.0, seen
-  assert rate > 10, seen  # ~1 step/s or less if the 2.5 s compile counted
+  # Counted, the 4 s compile would make elapsed >= 4 s and the rate <= 5 steps/s; not counted, 19 steps may
+  # take up to ~0.18 s each (a loaded 2-core machine) and pass.
+  assert seen["n"] == 20 and seen["elapsed"] < 3.5, seen
+  assert rate > 6, seen
 
 
 # --- what a user sees ----------------------------------------------------------------------------------------------
