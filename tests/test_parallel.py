@@ -12,6 +12,7 @@ case: sequence | plans | checkpoint | ae TMPDIR) in one subprocess with
 passed, and the tests look for those lines.
 """
 import functools
+import math
 import os
 import re
 import subprocess
@@ -404,7 +405,9 @@ def check_state_shardings(plan, mesh: dict, state, grads, optimizer: str = "adam
 
 def _hlo_groups(line: str, field: str):
   """The device groups of a collective's `replica_groups=` / `source_target_pairs=` in HLO text
-  (explicit {{0,1},{2,3}} or iota [2,4]<=[8]), or None when the line has none this can read."""
+  (explicit {{0,1},{2,3}}, iota [2,4]<=[8], or XLA's mesh form of jax >= 0.11,
+  mesh['data'=2,'sequence'=4] {'sequence'}: the mesh positions that differ only along the named axes),
+  or None when the line has none this can read."""
   m = re.search(field + r"=\{((?:\{[\d,]*\},?)*)\}", line)
   if m:
     return sorted(tuple(int(i) for i in g.split(",") if i) for g in re.findall(r"\{([\d,]*)\}", m.group(1)))
@@ -412,6 +415,14 @@ def _hlo_groups(line: str, field: str):
   if m:
     g, n = int(m.group(2)), int(m.group(3))
     return [tuple(range(i, i + g)) for i in range(0, n, g)]
+  m = re.search(field + r"=mesh\[([^\]]*)\] \{([^}]*)\}", line)
+  if m:
+    import numpy as np
+    axes = dict((name, int(size)) for name, size in re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+    reduced = [list(axes).index(name) for name in re.findall(r"'(\w+)'", m.group(2))]
+    ids = np.moveaxis(np.arange(math.prod(axes.values())).reshape(tuple(axes.values())), reduced,
+                      range(-len(reduced), 0))
+    return sorted(tuple(int(i) for i in g) for g in ids.reshape(-1, math.prod(ids.shape[-len(reduced):])))
   return None
 
 

@@ -28,6 +28,7 @@ jvp's primal inputs (as sCM's teacher/target branch does) or use impl="xla" ther
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -268,13 +269,29 @@ def linear_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1
   on GPU/TPU, logging once and using XLA if the kernel does not compile; XLA on CPU), or a
   specific backend: "pallas_triton", "pallas_mosaic_gpu", "pallas_tpu" (no fallback; these
   trace on any machine and lower for their platform, e.g. lowering_platforms=("cuda",) on a CPU
-  machine; compiling one for the CPU raises unless interpret=True). interpret: run the Pallas
+  machine, inside `abstract_gpu()` for the GPU kernels; compiling one for the CPU raises unless
+  interpret=True). interpret: run the Pallas
   kernel in the interpreter. Differentiable in forward (jax.jvp) and reverse (jax.grad) mode.
   """
   backend = _select_backend(impl, interpret, q, k, v, eps)
   if backend is None:
     return linear_attention_reference(q, k, v, eps=eps)
   return _la(q, k, v, _Config(backend, float(eps), bool(interpret)))
+
+
+@contextlib.contextmanager
+def abstract_gpu(device_kind: str = "NVIDIA H100 80GB HBM3"):
+  """Names the GPU that `jit(f).trace(...).lower(lowering_platforms=("cuda",))` targets on a machine without one.
+
+  jax >= 0.11 lowers a Pallas Triton kernel for the compute capability of the device it finds, and on a
+  CPU-only machine finds none ("No supported GPU devices found, please specify an abstract GPU device");
+  an abstract mesh carrying an abstract device of `device_kind` (a jax GPU device_kind string, e.g. "NVIDIA
+  A100-SXM4-80GB") supplies it. jax 0.10 needs no device but accepts the context, so lowering code can
+  use it on both. Lowering only: on a machine with a GPU, leave it out.
+  """
+  device = jax.sharding.AbstractDevice(device_kind=device_kind, num_cores=None, platform="gpu")
+  with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+    yield
 
 
 def linear_attention_vjp_only(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-15,
