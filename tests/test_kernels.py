@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sanajax.kernels import _common
 from sanajax.kernels import linear_attention_pallas_triton as triton_mod
@@ -92,6 +93,19 @@ def test_pallas_matches_reference_bf16(impl):
   # N = 100: small and not a power of two (Triton: one 128-token tile). H = 6: Triton packs 2 heads
   # per block, TPU 4 per 128 lanes with H padded to 8.
   _check_against_reference(impl, (1, 100, 6, 32), jnp.bfloat16, rel=2e-2)
+
+
+def test_mosaic_gpu_state_kernel_in_jax_s_interpreter_where_it_has_one():
+  """jax >= 0.11 interprets Mosaic GPU kernels on CPU: the state kernel (WGMMA over 2 packed heads, relu in
+  SMEM, fp32 accumulator across the sequential N steps) then equals the reference in bf16, with Triton's
+  output and backward passes interpreted around it. N = 100: two 64-token steps, the second padded; 3
+  heads: 2 blocks, the second half padding. jax 0.10 has no such interpreter: one clear error."""
+  if hasattr(plgpu, "force_gpu_interpret_mode"):
+    _check_against_reference("pallas_mosaic_gpu", (2, 100, 3, 32), jnp.bfloat16, rel=2e-2)
+  else:
+    (q, k, v), _, _ = _inputs((1, 8, 1, 32), jnp.bfloat16, dead_rows=False)
+    with pytest.raises(ValueError, match=r"no interpret mode in jax .* \(jax >= 0.11 has one\)"):
+      linear_attention(q, k, v, impl="pallas_mosaic_gpu", interpret=True)
 
 
 def test_grad_uses_backward_kernels_and_vjp_only_path():

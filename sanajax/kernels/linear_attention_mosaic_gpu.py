@@ -1,7 +1,9 @@
 """ReLU linear attention, state pass as a Pallas Mosaic GPU kernel (Hopper, sm_90+).
 
-UNVERIFIED ON A GPU: Mosaic GPU has no CPU interpreter, so the tests only lower this module for
-"cuda" at SANA's shapes (tests/test_kernels.py); its numerics wait for the first H100 run
+NOT YET RUN ON A GPU. The tests lower this module for "cuda" at SANA's shapes (tests/test_kernels.py).
+Its numerics: jax >= 0.11 has a Mosaic GPU interpreter on CPU (`interpret=True` here), in which the
+state pass equals the reference (tests/test_kernels.py, run under jax 0.11.2 on 2026-12-07); jax 0.10
+has none, so `interpret=True` is a clear error there. Its speed waits for the first H100 run
 (docs/benchmarks.md, "Kernels: what a GPU must measure"). `linear_attention(impl="auto" |
 "pallas")` does not pick it: on every GPU they use the Triton kernels (interpret-mode tested), a
 static choice with no compile attempt per shape. impl="pallas_mosaic_gpu" selects it explicitly.
@@ -25,6 +27,8 @@ Constraints: bn = 64; D and Dv padded to a power of two (<= 64) or a multiple of
 """
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
@@ -33,6 +37,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from sanajax.kernels import _common
 from sanajax.kernels import linear_attention_pallas_triton as _triton
 from sanajax.kernels._common import pad_axis, round_up
+
+try:
+  # jax >= 0.11 lowers pl.pallas_call only for Triton on GPU (no rule for Mosaic GPU compiler params);
+  # its Mosaic GPU pallas_call takes the same arguments (a plgpu.kernel over the parallel grid axes with
+  # plgpu.emit_pipeline over the sequential ones) and lowers to the same mosaic_gpu custom call.
+  from jax._src.pallas.mosaic_gpu.pallas_call import pallas_call as _mosaic_gpu_pallas_call
+except ImportError:  # jax 0.10: pl.pallas_call lowers Mosaic GPU compiler params itself.
+  _mosaic_gpu_pallas_call = None
 
 _F32 = jnp.float32
 BLOCK_N = 64
@@ -79,34 +91,33 @@ def _state(k, v, p):
   b, n, _ = k.shape
   w = p.width
   seq = plgpu.BlockSpec((None, BLOCK_N, w), lambda i, j, t: (i, t, j), transforms=_smem_transforms(w, k.dtype))
-  return pl.pallas_call(
-      _state_kernel,
-      grid=(b, p.blocks, n // BLOCK_N),
-      in_specs=[seq, seq],
-      out_specs=plgpu.BlockSpec((None, None, w, w), lambda i, j, t: (i, j, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((b, p.blocks, w, w), _F32),
-      scratch_shapes=[plgpu.ACC((w, w), _F32)],
-      compiler_params=plgpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "sequential"),
-          max_concurrent_steps=2),
-      name="linear_attention_state_mgpu",
-  )(k, v)
+  call = dict(grid=(b, p.blocks, n // BLOCK_N), in_specs=[seq, seq],
+              out_specs=plgpu.BlockSpec((None, None, w, w), lambda i, j, t: (i, j, 0, 0)),
+              out_shape=jax.ShapeDtypeStruct((b, p.blocks, w, w), _F32), scratch_shapes=[plgpu.ACC((w, w), _F32)],
+              compiler_params=plgpu.CompilerParams(dimension_semantics=("parallel", "parallel", "sequential"),
+                                                   max_concurrent_steps=2))
+  if _mosaic_gpu_pallas_call is not None:
+    return _mosaic_gpu_pallas_call(_state_kernel, **call)(k, v)
+  return pl.pallas_call(_state_kernel, name="linear_attention_state_mgpu", **call)(k, v)
 
 
 def forward(q: jax.Array, k: jax.Array, v: jax.Array, *, eps: float = 1e-15,
             interpret: bool = False, block_n: int | None = None):
   """Same contract as the Triton module's `forward`: (out, kv fp32, ksum fp32)."""
-  if interpret:
-    raise ValueError("Mosaic GPU kernels have no interpret mode; use the Triton backend.")
+  if interpret and not hasattr(plgpu, "force_gpu_interpret_mode"):
+    raise ValueError(f"Mosaic GPU kernels have no interpret mode in jax {jax.__version__} (jax >= 0.11 has one); "
+                     "use the Triton backend.")
   if supports(q.dtype, k.dtype, v.dtype) is not None:
-    return _triton.forward(q, k, v, eps=eps, block_n=block_n)
+    return _triton.forward(q, k, v, eps=eps, interpret=interpret, block_n=block_n)
   n = q.shape[1]
   p = packing(q.shape[2], q.shape[3], v.shape[3])
   n_pad = round_up(n, BLOCK_N)
   kp, vp = (pad_axis(_common.pack_heads(x, p), 1, n_pad) for x in (k, v))
   ksum = jnp.sum(jax.nn.relu(k.astype(_F32)), axis=1)  # (B, H, D)
-  kv, _ = _common.states_from_blocks(_state(kp, vp, p), jnp.zeros(kp.shape[:1] + (p.blocks, p.width), _F32), p)
-  out = _triton.output(q, kv, ksum, v.dtype, eps=eps, block_n=block_n)  # The Triton output pass.
+  with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams()) if interpret else contextlib.nullcontext():
+    blocks = _state(kp, vp, p)
+  kv, _ = _common.states_from_blocks(blocks, jnp.zeros(kp.shape[:1] + (p.blocks, p.width), _F32), p)
+  out = _triton.output(q, kv, ksum, v.dtype, eps=eps, interpret=interpret, block_n=block_n)  # Triton's output pass.
   return out, kv, ksum
 
 
