@@ -222,8 +222,8 @@ PLAN_STEPS = ["linear_attention", "dit_forward", "dcae_decode", "sprint_sample",
 
 def gpu_image_env() -> dict:
   """This environment held to the GPU image's packages and the carried wheels (benchmarks/gpu_image)."""
-  return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH / "gpu_image"),
-                                                                     os.environ.get("PYTHONPATH")]))}
+  return {**os.environ, "PYTHON": sys.executable,  # run_all.sh's interpreter: this one, activated or not
+          "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH / "gpu_image"), os.environ.get("PYTHONPATH")]))}
 
 
 def test_the_training_clis_run_on_the_gpu_image_with_the_carried_wheels(tmp_path):
