@@ -78,7 +78,7 @@ def _state_kernel(k_smem, v_smem, kv_ref, acc_ref):
   """k_smem, v_smem: (bn, W) SMEM tiles of G heads; acc_ref: (W, W) fp32 ACC (all head pairs)."""
   k_smem[...] = jnp.maximum(k_smem[...], jnp.zeros((), k_smem.dtype))  # relu in place.
   plgpu.commit_smem()  # Generic-proxy stores must be visible to the async (WGMMA) proxy.
-  plgpu.wgmma(acc_ref, plgpu.transpose_ref(k_smem, (1, 0)), v_smem)
+  plgpu.wgmma(acc_ref, k_smem.transpose((1, 0)), v_smem)
   plgpu.wgmma_wait(0)
 
   @pl.when(pl.program_id(2) == pl.num_programs(2) - 1)
