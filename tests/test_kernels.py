@@ -246,3 +246,30 @@ def test_dcae_attention_reaches_the_triton_kernel_in_bf16():
   with abstract_gpu():
     text = jax.jit(block.apply).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
   assert re.findall(r"custom_call @([\w$.]+)\(", text) == [_TARGETS["triton"]] * 2
+
+
+def test_sana_1600m_forward_and_train_gradient_lower_for_cuda_with_the_triton_kernels():
+  """What the device call's dit_forward and train_step steps compile, at their real shapes, from abstract
+  parameters (no array is made): the Sana-1600M DiT forward at 1024 and 4096 px (B 1, layers scanned, so
+  one state + one output kernel in the loop body), and the gradient at 1024 px, B 8, remat full (those
+  two again for the recomputed forward, and the two backward kernels)."""
+  import flax.linen as nn  # the model is needed only by this test
+
+  from sanajax import config_utils
+  from sanajax.models import dit_facts, sana_dit
+
+  for res, batch, grad in ((1024, 1, False), (4096, 1, False), (1024, 8, True)):
+    config = config_utils.load_config("sana_1600m", str(res), {"model.attn_impl": "pallas_triton", "model.remat": "full"})
+    facts = dit_facts.describe(config)
+    dit = sana_dit.build_dit(config.model)
+    x = jax.ShapeDtypeStruct((batch, *facts["latent_shape"]), jnp.bfloat16)
+    t = jax.ShapeDtypeStruct((batch,), jnp.float32)
+    ctx = jax.ShapeDtypeStruct((batch, facts["text_tokens"], config.model.caption_channels), jnp.bfloat16)
+    mask = jax.ShapeDtypeStruct((batch, facts["text_tokens"]), jnp.int32)
+    params = jax.eval_shape(lambda *a: nn.unbox(dit.init(jax.random.PRNGKey(0), *a))["params"], x, t, ctx, mask)
+    forward = lambda p, *a: dit.apply({"params": p}, *a)
+    fn = jax.grad(lambda p, *a: jnp.mean(jnp.square(forward(p, *a).astype(jnp.float32)))) if grad else forward
+    with abstract_gpu():
+      text = jax.jit(fn).trace(params, x, t, ctx, mask).lower(lowering_platforms=("cuda",)).as_text()
+    assert config.model.scan_layers
+    assert re.findall(r"custom_call @([\w$.]+)\(", text) == [_TARGETS["triton"]] * (6 if grad else 2), (res, grad)
