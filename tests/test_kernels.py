@@ -273,3 +273,24 @@ def test_sana_1600m_forward_and_train_gradient_lower_for_cuda_with_the_triton_ke
       text = jax.jit(fn).trace(params, x, t, ctx, mask).lower(lowering_platforms=("cuda",)).as_text()
     assert config.model.scan_layers
     assert re.findall(r"custom_call @([\w$.]+)\(", text) == [_TARGETS["triton"]] * (6 if grad else 2), (res, grad)
+
+
+def test_dcae_f32c32_decode_at_1024_px_lowers_for_cuda_with_the_triton_kernels():
+  """The device call's dcae_decode step at its real shape (bf16, 1024 px): every EfficientViT block's
+  linear attention (state + output kernels) lowers to Triton for cuda."""
+  import flax.linen as nn  # the model is needed only by this test
+
+  from sanajax import config_utils
+  from sanajax.models import dcae
+
+  c = config_utils.load_config("dcae_f32c32", overrides={"ae.attn_impl": "pallas_triton", "ae.dtype": "bfloat16"}).ae
+  model, f = dcae.build_dcae(c), dcae.downsample_factor(c)
+  images = jax.ShapeDtypeStruct((1, 1024, 1024, 3), jnp.float32)
+  params = jax.eval_shape(lambda im: nn.unbox(model.init(jax.random.PRNGKey(0), im))["params"], images)
+  z = jax.ShapeDtypeStruct((1, 1024 // f, 1024 // f, c.latent_channels), jnp.bfloat16)
+  with abstract_gpu():
+    text = jax.jit(lambda p, z: model.apply({"params": p}, z, method=model.decode)).trace(params, z).lower(
+        lowering_platforms=("cuda",)).as_text()
+  attention_blocks = sum(n for kind, n in zip(c.decoder_block_types, c.decoder_layers_per_block)
+                         if kind == "EfficientViTBlock")
+  assert re.findall(r"custom_call @([\w$.]+)\(", text) == [_TARGETS["triton"]] * (2 * attention_blocks)
