@@ -374,3 +374,33 @@ def test_loop_reads_the_device_only_at_log_and_checkpoint_steps(monkeypatch):
   loop_lib.run(config, state, step_fn, iter(range(100)), Ckpt(), writer)
   assert writer.logged == [5, 10, 12]
   assert set(synced_at) == {0, 5, 8, 10, 12}  # start, log steps, checkpoint steps, the last step
+
+
+def test_sprint_sample_step_lowers_for_cuda_at_its_real_shapes():
+  """The device call's sprint_sample step, its own jitted sampler (benchmarks/sprint_sample.py) at Sprint-1600M,
+  1 step at 1024 px with the Triton kernels, lowered for cuda from abstract parameters: the DiT's scanned body
+  (one state + output kernel pair) and the DC-AE decoder's EfficientViT blocks (one pair each)."""
+  import flax.linen as nn
+
+  from sanajax.kernels import abstract_gpu
+  from sanajax.models import dcae, sana_dit
+
+  module = _script("sprint_sample")
+  config = module.load_config(False, "pallas_triton")
+  dit, ae = sana_dit.build_dit(config.model), dcae.build_dcae(config.ae)
+  p, f = config.model.patch_size, dcae.downsample_factor(config.ae)
+  dit_params = jax.eval_shape(lambda *a: nn.unbox(dit.init(jax.random.PRNGKey(0), *a))["params"],
+                              *sana_dit.dummy_inputs(config.model, (p, p), 1))
+  ae_params = jax.eval_shape(lambda x: nn.unbox(ae.init(jax.random.PRNGKey(1), x))["params"],
+                             jax.ShapeDtypeStruct((1, 2 * f, 2 * f, config.ae.in_channels), jnp.float32))
+  bf16 = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), tree)
+  noise, ctx, mask = jax.eval_shape(lambda k: module.make_inputs(config, 1, k), jax.random.PRNGKey(0))
+  run = module.sanajax_sampler(config, float(config.ae.scaling_factor), steps=1)
+  with abstract_gpu():
+    text = run.trace(bf16(dit_params), bf16(ae_params), noise, ctx, mask, jax.random.PRNGKey(2)).lower(
+        lowering_platforms=("cuda",)).as_text()
+  assert noise.shape == (1, 1024 // f, 1024 // f, config.model.in_channels)
+  attention_blocks = sum(n for kind, n in zip(config.ae.decoder_block_types, config.ae.decoder_layers_per_block)
+                         if kind == "EfficientViTBlock")
+  calls = re.findall(r"custom_call @([\w$.]+)\(", text)
+  assert calls == ["__gpu$xla.gpu.triton"] * (2 + 2 * attention_blocks), calls
