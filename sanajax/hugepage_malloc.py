@@ -61,12 +61,17 @@ def hugepage_environ(environ: Mapping[str, str], glibc: tuple[int, int] | None,
   return {**environ, "GLIBC_TUNABLES": TUNABLE}
 
 
+def hugepage_environ_here(environ: Mapping[str, str]) -> dict[str, str] | None:
+  """hugepage_environ for this machine's glibc and transparent-huge-page mode."""
+  return hugepage_environ(environ, glibc_version(), thp_mode())
+
+
 def reexec_with_hugepage_malloc() -> None:
   """Replaces this process by the same command (same interpreter, flags, -m module, arguments and
   pid) with the tunable in its environment, when hugepage_environ says it helps; otherwise returns.
   Call it first thing in a CLI's start-up: the work done before it is done twice. The new process
   finds GLIBC_TUNABLES set and returns here, so it re-executes at most once."""
-  environ = hugepage_environ(os.environ, glibc_version(), thp_mode())
+  environ = hugepage_environ_here(os.environ)
   if environ is None or not sys.executable or not getattr(sys, "orig_argv", None):
     return
   sys.stdout.flush()

@@ -18,8 +18,7 @@ os.environ["XLA_FLAGS"] = xla_env.with_fast_compile(os.environ.get("XLA_FLAGS", 
 # xdist workers start after this and inherit it (XLA:CPU's per-step buffers stop faulting in page by
 # page), and the CLI subprocesses find it set, so they do not re-execute themselves. Five CLI-heavy files,
 # two interleaved pairs (2026-12-07): 152 / 145 s with it, 162 / 149 s without.
-os.environ.update(hugepage_malloc.hugepage_environ(os.environ, hugepage_malloc.glibc_version(),
-                                                   hugepage_malloc.thp_mode()) or {})
+os.environ.update(hugepage_malloc.hugepage_environ_here(os.environ) or {})
 
 
 # The longest files, longest first (measured 2026-12-02, `--durations`, 2 xdist workers on the

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from sanajax import hugepage_malloc
-from sanajax.hugepage_malloc import TUNABLE, hugepage_environ
+from sanajax.hugepage_malloc import TUNABLE, hugepage_environ, hugepage_environ_here
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,12 +64,19 @@ PROBE = textwrap.dedent("""
 """)
 
 
+def environ_without_tunable(tmp_path, **environ) -> dict[str, str]:
+  """The test run's environment without its GLIBC_TUNABLES, plus `environ`, on the CPU, with tmp_path (a
+  probe module or a sitecustomize) and the repository importable."""
+  env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+  env.update(environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
+  return env
+
+
 def run_probe(tmp_path, **environ):
   """`python -m probe_cli --word=kept` (a CLI built on sanajax.cli.run) with `environ` instead of the
   test run's GLIBC_TUNABLES; its stdout's lines, split."""
   (tmp_path / "probe_cli.py").write_text(PROBE)
-  env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
-  env.update(environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
+  env = environ_without_tunable(tmp_path, **environ)
   r = subprocess.run([sys.executable, "-m", "probe_cli", "--word=kept"], cwd=tmp_path, env=env, capture_output=True,
                      text=True, timeout=120, check=False)
   assert r.returncode == 0, r.stderr[-3000:]
@@ -78,7 +85,7 @@ def run_probe(tmp_path, **environ):
 
 def test_a_cli_restarts_itself_once_with_the_tunable(tmp_path):
   lines = run_probe(tmp_path)
-  helps = hugepage_environ({}, hugepage_malloc.glibc_version(), hugepage_malloc.thp_mode()) is not None
+  helps = hugepage_environ_here({}) is not None
   pid = lines[0][1]
   if helps:  # this machine: glibc >= 2.35 with THP in madvise or always mode
     # The module ran twice in one process (execve keeps the pid); main once, with the tunable and the flags.
@@ -109,12 +116,10 @@ EXPERIMENTS = ("controlnet_demo", "lora_new_colour", "one_step_probe", "quantiza
 def test_the_experiment_scripts_restart_with_the_tunable_too(tmp_path):
   """`python experiments/X.py` (argparse scripts, not built on cli.run) restarts itself as the CLIs do."""
   (tmp_path / "sitecustomize.py").write_text(START_RECORDER)
-  env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
   runs = {name: subprocess.Popen([sys.executable, os.path.join(REPO, "experiments", f"{name}.py"), "--help"],
-                                 cwd=REPO, env={**env, "START_LOG": str(tmp_path / name)},
+                                 cwd=REPO, env=environ_without_tunable(tmp_path, START_LOG=str(tmp_path / name)),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for name in EXPERIMENTS}
-  helps = hugepage_environ({}, hugepage_malloc.glibc_version(), hugepage_malloc.thp_mode()) is not None
+  helps = hugepage_environ_here({}) is not None
   for name, proc in runs.items():
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, (name, err[-3000:])
