@@ -13,6 +13,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import lowering  # tests/lowering.py (tests/ is on sys.path)
 import numpy as np
 import optax
 import pytest
@@ -382,7 +383,6 @@ def test_sprint_sample_step_lowers_for_cuda_at_its_real_shapes():
   (one state + output kernel pair) and the DC-AE decoder's EfficientViT blocks (one pair each)."""
   import flax.linen as nn
 
-  from sanajax.kernels import abstract_gpu
   from sanajax.models import dcae, sana_dit
 
   module = _script("sprint_sample")
@@ -396,11 +396,6 @@ def test_sprint_sample_step_lowers_for_cuda_at_its_real_shapes():
   bf16 = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.bfloat16), tree)
   noise, ctx, mask = jax.eval_shape(lambda k: module.make_inputs(config, 1, k), jax.random.PRNGKey(0))
   run = module.sanajax_sampler(config, float(config.ae.scaling_factor), steps=1)
-  with abstract_gpu():
-    text = run.trace(bf16(dit_params), bf16(ae_params), noise, ctx, mask, jax.random.PRNGKey(2)).lower(
-        lowering_platforms=("cuda",)).as_text()
+  calls = lowering.kernel_calls(run, bf16(dit_params), bf16(ae_params), noise, ctx, mask, jax.random.PRNGKey(2))
   assert noise.shape == (1, 1024 // f, 1024 // f, config.model.in_channels)
-  attention_blocks = sum(n for kind, n in zip(config.ae.decoder_block_types, config.ae.decoder_layers_per_block)
-                         if kind == "EfficientViTBlock")
-  calls = re.findall(r"custom_call @([\w$.]+)\(", text)
-  assert calls == ["__gpu$xla.gpu.triton"] * (2 + 2 * attention_blocks), calls
+  assert calls == [lowering.TRITON] * (2 + 2 * lowering.efficientvit_blocks(config.ae)), calls

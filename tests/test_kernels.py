@@ -5,11 +5,10 @@ Every kernel config is checked by one jitted function returning forward, the thr
 gradients and a JVP, so each shape costs one compile (interpret mode compiles slowly).
 The lowering tests use ShapeDtypeStructs, so no large array is ever made.
 """
-import contextlib
-import re
 
 import jax
 import jax.numpy as jnp
+import lowering  # tests/lowering.py (tests/ is on sys.path)
 import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -18,7 +17,6 @@ from sanajax.kernels import _common
 from sanajax.kernels import linear_attention_pallas_triton as triton_mod
 from sanajax.kernels import linear_attention_tpu as tpu_mod
 from sanajax.kernels.linear_attention import (
-  abstract_gpu,
   linear_attention,
   linear_attention_reference,
   linear_attention_vjp_only,
@@ -195,7 +193,7 @@ _REAL_SHAPES = {
     "DC-AE 512ch 128x128": (1, 16384, 32, 32),
     "small N": (1, 100, 70, 32),  # N < 128 and not a power of two.
 }
-_TARGETS = {"triton": "__gpu$xla.gpu.triton", "mosaic_gpu": "mosaic_gpu_v2", "tpu": "tpu_custom_call"}
+_TARGETS = {"triton": lowering.TRITON, "mosaic_gpu": lowering.MOSAIC_GPU, "tpu": lowering.MOSAIC_TPU}
 
 
 def _kernel_calls(impl, platform, shape, dtype):
@@ -208,9 +206,7 @@ def _kernel_calls(impl, platform, shape, dtype):
     return out, vjp(g), jax.jvp(attend, (q, k, v), (q, k, v))[1]
 
   s = jax.ShapeDtypeStruct(shape, dtype)
-  with abstract_gpu() if platform == "cuda" else contextlib.nullcontext():  # jax >= 0.11 asks which GPU
-    text = jax.jit(fwd_vjp_jvp).trace(s, s, s, s).lower(lowering_platforms=(platform,)).as_text()
-  return re.findall(r"custom_call @([\w$.]+)\(", text)
+  return lowering.kernel_calls(fwd_vjp_jvp, s, s, s, s, platform=platform)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
@@ -243,9 +239,7 @@ def test_dcae_attention_reaches_the_triton_kernel_in_bf16():
   block = MultiscaleLinearAttention(channels=64, attn_impl="pallas_triton", dtype=jnp.bfloat16)
   x = jax.ShapeDtypeStruct((1, 16, 16, 64), jnp.bfloat16)
   params = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)
-  with abstract_gpu():
-    text = jax.jit(block.apply).trace(params, x).lower(lowering_platforms=("cuda",)).as_text()
-  assert re.findall(r"custom_call @([\w$.]+)\(", text) == [_TARGETS["triton"]] * 2
+  assert lowering.kernel_calls(block.apply, params, x) == [lowering.TRITON] * 2
 
 
 def test_sana_1600m_forward_and_train_gradient_lower_for_cuda_with_the_triton_kernels():
@@ -269,10 +263,8 @@ def test_sana_1600m_forward_and_train_gradient_lower_for_cuda_with_the_triton_ke
     params = jax.eval_shape(lambda *a: nn.unbox(dit.init(jax.random.PRNGKey(0), *a))["params"], x, t, ctx, mask)
     forward = lambda p, *a: dit.apply({"params": p}, *a)
     fn = jax.grad(lambda p, *a: jnp.mean(jnp.square(forward(p, *a).astype(jnp.float32)))) if grad else forward
-    with abstract_gpu():
-      text = jax.jit(fn).trace(params, x, t, ctx, mask).lower(lowering_platforms=("cuda",)).as_text()
     assert config.model.scan_layers
-    assert re.findall(r"custom_call @([\w$.]+)\(", text) == [_TARGETS["triton"]] * (6 if grad else 2), (res, grad)
+    assert lowering.kernel_calls(fn, params, x, t, ctx, mask) == [lowering.TRITON] * (6 if grad else 2), (res, grad)
 
 
 def test_dcae_f32c32_decode_at_1024_px_lowers_for_cuda_with_the_triton_kernels():
@@ -288,9 +280,5 @@ def test_dcae_f32c32_decode_at_1024_px_lowers_for_cuda_with_the_triton_kernels()
   images = jax.ShapeDtypeStruct((1, 1024, 1024, 3), jnp.float32)
   params = jax.eval_shape(lambda im: nn.unbox(model.init(jax.random.PRNGKey(0), im))["params"], images)
   z = jax.ShapeDtypeStruct((1, 1024 // f, 1024 // f, c.latent_channels), jnp.bfloat16)
-  with abstract_gpu():
-    text = jax.jit(lambda p, z: model.apply({"params": p}, z, method=model.decode)).trace(params, z).lower(
-        lowering_platforms=("cuda",)).as_text()
-  attention_blocks = sum(n for kind, n in zip(c.decoder_block_types, c.decoder_layers_per_block)
-                         if kind == "EfficientViTBlock")
-  assert re.findall(r"custom_call @([\w$.]+)\(", text) == [_TARGETS["triton"]] * (2 * attention_blocks)
+  decode = lambda p, z: model.apply({"params": p}, z, method=model.decode)
+  assert lowering.kernel_calls(decode, params, z) == [lowering.TRITON] * (2 * lowering.efficientvit_blocks(c))
