@@ -9,6 +9,7 @@ docs/quantization.md's GenEval-lite table).
 from __future__ import annotations
 
 import re
+import sys
 
 import flax.linen as nn
 import jax
@@ -177,3 +178,16 @@ def test_sample_cli_quantized_end_to_end(random_workdir, tmp_path):
               "--quantize=int4")
   assert_user_error(r, "--quantize='int4'", "none, int8, int8_dynamic, fp8")
   assert not bad.exists()
+
+
+def test_without_qwix_the_float_model_samples_and_a_quantized_mode_is_one_clear_error(monkeypatch):
+  """A plain install (`pip install -e .`, no "quantize" extra) has no qwix: the training run's sampling
+  (mode none) must not import it, and asking for a quantized mode names the missing extra before any work."""
+  monkeypatch.setitem(sys.modules, "qwix", None)  # `import qwix` raises, find_spec finds nothing
+  with pytest.raises(ImportError):
+    import qwix  # noqa: F401  (the hiding works)
+  model, params = object(), {"kernel": 1}
+  assert quantize.quantize_backbone(model, params, "none", {}) == (model, params)
+  with pytest.raises(ValueError, match=re.escape("quantize=int8 needs qwix, which is not installed: "
+                                                 "pip install -e '.[quantize]'.")):
+    quantize.quantize_backbone(model, params, "int8", {})

@@ -31,6 +31,7 @@ is wrapped by `qwix.quantize_model`, the quantized parameter tree is derived fro
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -58,6 +59,8 @@ def check_mode(mode: str, name: str = "quantize", *, check_platform: bool = Fals
   check_platform, also fp8 where the devices have no FP8 tensor cores (fp8_device_error)."""
   if mode not in MODES:
     raise ValueError(f"{name}={mode!r}: choose one of {', '.join(MODES)} (none: the float model).")
+  if mode != "none" and importlib.util.find_spec("qwix") is None:
+    raise ValueError(f"{name}={mode} needs qwix, which is not installed: pip install -e '.[quantize]'.")
   if mode == "fp8" and check_platform and (error := fp8_device_error(name=name)):
     raise ValueError(error)
 
@@ -116,10 +119,10 @@ def quantize_backbone(model, params, mode: str, model_config: Mapping[str, Any],
   check_platform: refuse fp8 where the devices have no FP8 tensor cores (fp8_device_error).
   name: the flag or argument named in errors.
   """
-  import qwix  # Optional dependency (extra "quantize"): only quantized sampling needs it.
   check_mode(mode, name, check_platform=check_platform)
-  if mode == "none":
+  if mode == "none":  # before the import: a plain install (no "quantize" extra) samples unquantized
     return model, params
+  import qwix  # Optional dependency (extra "quantize"): only quantized sampling needs it.
   qmodel = quantize_model(model, mode, model_config)
   abstract = abstract_params(qmodel, model_config)
   qparams = jax.jit(lambda p: qwix.quantize_params(p, abstract))(nn.unbox(params))
