@@ -33,6 +33,7 @@ from ml_collections import config_flags
 
 from sanajax import config_utils, hugepage_malloc, parallel
 from sanajax.config_check import ConfigError
+from sanajax.extras import MissingPackageError
 from sanajax.parallel import distributed
 from sanajax.safetensors_io import WeightsError
 from sanajax.workdir.checkpoint import CheckpointSaveError
@@ -42,7 +43,7 @@ from sanajax.workdir.lock import WorkdirLockedError
 # What a user can fix by changing the command line, the config, the files it names (a truncated
 # weights file) or the machine (another run holds the workdir, the disk is full): one line, exit 2.
 USER_ERRORS = (app.UsageError, flags.Error, ConfigError, FileNotFoundError, NotADirectoryError, WorkdirLockedError,
-               WeightsError, CheckpointSaveError)
+               WeightsError, CheckpointSaveError, MissingPackageError)
 EXIT_USER_ERROR = 2
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 
+from sanajax import extras
 from sanajax.data.buckets import BUCKET_KINDS
 from sanajax.data.sources import expand_braces
 from sanajax.diffusion import flow, samplers
@@ -180,10 +181,16 @@ def _check_data(c: _Checker) -> None:
         c.bad("data.source", source, f"folder {path!r} does not exist (must be {DATA_SOURCES})")
     elif source.startswith("webdataset:"):
       pattern = source[len("webdataset:"):]
-      if not pattern or not any(glob.glob(p) for p in expand_braces(os.path.expanduser(pattern))):
+      matches = [m for p in expand_braces(os.path.expanduser(pattern)) for m in glob.glob(p)] if pattern else []
+      if not matches:
         c.bad("data.source", source, "matches no file: write webdataset:/path/to/shards/*.tar or {00000..00099}.tar")
+      elif not any(os.path.isfile(m) for m in matches):
+        c.bad("data.source", source, f"matches only folders: name the shards in them, e.g. "
+              f"webdataset:{os.path.join(pattern, '*.tar')}")
     elif source == "tfds:" or source.startswith("tfds::"):
       c.bad("data.source", source, "names no data set: write tfds:NAME or tfds:NAME:SPLIT")
+    elif source.startswith("tfds:") and (missing := extras.missing_package("tensorflow_datasets", "a tfds: source")):
+      c.bad("data.source", source, missing)
     elif source.startswith("cache:") and not os.path.isdir(os.path.expanduser(source[len("cache:"):])):
       c.bad("data.source", source, "names no cache folder: write one with python -m sanajax.data.cache --dst=DIR")
   c.one_of("data.buckets", BUCKET_KINDS, required=False)

@@ -24,6 +24,8 @@ from typing import Any, Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from sanajax import extras
+
 # safetensors dtype names -> numpy dtypes (ml_dtypes for bfloat16 / float8, which numpy lacks).
 _ST_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
               "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
@@ -147,11 +149,9 @@ def read_state_dict(directory: str) -> dict[str, np.ndarray]:
     return out
   bins = sorted(glob.glob(os.path.join(directory, "*.bin")))
   if bins:
-    try:
-      import torch  # Only legacy .bin (pickled torch) weights need torch, an optional heavy dependency.
-    except ImportError:
-      raise ImportError(f"{directory} holds only .bin weights, which need torch to read; install torch or "
-                        f"re-save them as safetensors.") from None
+    # Only legacy .bin (pickled torch) weights need torch, an optional heavy dependency.
+    extras.require("torch", f"Reading {directory}'s .bin weights (re-saved as safetensors they need nothing)")
+    import torch
     out = {}
     for p in bins:
       for k, v in torch.load(p, map_location="cpu", weights_only=True).items():

@@ -42,7 +42,7 @@ import numpy as np
 from absl import flags
 from PIL import Image, PngImagePlugin
 
-from sanajax import cli
+from sanajax import cli, extras
 from sanajax.data import buckets
 from sanajax.diffusion import samplers
 from sanajax.generation import Generator, truncation_warnings
@@ -604,6 +604,7 @@ def check_port(host: str, port: int) -> None:
 def main(argv):
   del argv  # cli.run refuses positional arguments.
   workdirs, host, port = flags.FLAGS.workdir, flags.FLAGS.host, flags.FLAGS.port
+  extras.require("gradio", "python -m sanajax.serve")  # before minutes of loading
   if not workdirs:
     raise cli.UserError("--workdir is required (repeat it to serve several models).")
   models = [ServedModel.open(w) for w in workdirs]

@@ -17,6 +17,7 @@ import lowering  # tests/lowering.py (tests/ is on sys.path)
 import numpy as np
 import optax
 import pytest
+from held import held_env  # tests/held.py
 
 from sanajax.models import dit_facts
 from sanajax.models.layers import remat_policy
@@ -221,12 +222,6 @@ def test_results_md_lists_every_target():
 PLAN_STEPS = ["linear_attention", "dit_forward", "dcae_decode", "sprint_sample", "train_step"]
 
 
-def gpu_image_env() -> dict:
-  """This environment held to the GPU image's packages and the carried wheels (benchmarks/gpu_image)."""
-  return {**os.environ, "PYTHON": sys.executable,  # run_all.sh's interpreter: this one, activated or not
-          "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH / "gpu_image"), os.environ.get("PYTHONPATH")]))}
-
-
 def test_the_training_clis_run_on_the_gpu_image_with_the_carried_wheels(tmp_path):
   """What the device call carries also lets `python -m sanajax.train` / `distill_sprint` start there: their
   imports (grain, array_record) and the metrics writer (tensorboardX); and the emulation hides the rest."""
@@ -235,7 +230,7 @@ def test_the_training_clis_run_on_the_gpu_image_with_the_carried_wheels(tmp_path
           "MetricWriter(sys.argv[1]).scalars(0, {'loss': 1.0})\n"
           "print(importlib.util.find_spec('gradio'), importlib.util.find_spec('peft') is not None)")
   r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
-                     check=False, env=gpu_image_env())
+                     check=False, env=held_env("gpu_image"))
   assert r.returncode == 0, r.stderr[-3000:]
   assert r.stdout.split() == ["None", "True"]  # gradio is not in the image (hidden), peft is
   assert (tmp_path / "metrics.jsonl").read_text().strip() == '{"step": 0, "loss": 1.0}'
@@ -247,11 +242,11 @@ def test_run_all_budget_smoke_runs_the_plan_end_to_end(tmp_path):
   of the plan reported in order (all fit in 420 s here, so all ran), each step's rows before its
   `run_all` row, diffusers beside every bench, one train-step batch with remat full, nothing written
   into the repository's RESULTS.md. Held to the GPU image's packages and the carried wheels
-  (benchmarks/gpu_image/sitecustomize.py): a step importing anything else would fail on the device too."""
+  (tests/held_site/sitecustomize.py): a step importing anything else would fail on the device too."""
   out = tmp_path / "RESULTS.md"
   before = (BENCH / "RESULTS.md").read_bytes()
   proc = subprocess.run(["bash", str(BENCH / "run_all.sh"), "--budget=420", "--smoke", f"--out={out}"],
-                        capture_output=True, text=True, timeout=300, check=False, env=gpu_image_env())
+                        capture_output=True, text=True, timeout=300, check=False, env=held_env("gpu_image"))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert (BENCH / "RESULTS.md").read_bytes() == before
   text = out.read_text()

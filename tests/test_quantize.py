@@ -21,6 +21,7 @@ from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on
 from test_cli import assert_user_error, run_cli  # tests/test_cli.py: one-line user errors, exit code 2
 
 from sanajax import config_utils
+from sanajax.extras import MissingPackageError
 from sanajax.generation import Generator
 from sanajax.models import dcae, quantize
 from sanajax.models.backbones import build_backbone, init_args
@@ -188,6 +189,6 @@ def test_without_qwix_the_float_model_samples_and_a_quantized_mode_is_one_clear_
     import qwix  # noqa: F401  (the hiding works)
   model, params = object(), {"kernel": 1}
   assert quantize.quantize_backbone(model, params, "none", {}) == (model, params)
-  with pytest.raises(ValueError, match=re.escape("quantize=int8 needs qwix, which is not installed: "
-                                                 "pip install -e '.[quantize]'.")):
+  with pytest.raises(MissingPackageError, match=re.escape("quantize=int8 needs qwix, which is not installed: "
+                                                          "pip install -e '.[quantize]'.")):
     quantize.quantize_backbone(model, params, "int8", {})

@@ -25,6 +25,7 @@ import numpy as np
 from array_record.python import array_record_data_source
 from PIL import Image, ImageOps
 
+from sanajax import extras
 from sanajax.data import records
 from sanajax.data.buckets import BucketTable, fit_to_bucket
 from sanajax.data.feature_cache import SOURCE_PREFIX as CACHE_PREFIX
@@ -518,7 +519,8 @@ class WebDatasetSource(_EncodedSource):
     self.resolution = int(resolution)
     self.buckets = buckets
     self.max_image_megapixels = _check_megapixels(max_image_megapixels)
-    self.tars = sorted({p for pat in expand_braces(os.path.expanduser(pattern)) for p in glob.glob(pat)})
+    self.tars = sorted({p for pat in expand_braces(os.path.expanduser(pattern)) for p in glob.glob(pat)
+                        if os.path.isfile(p)})  # a folder the glob matches is not a shard
     if not self.tars:
       raise FileNotFoundError(f"webdataset:{pattern} matches no file; write a glob of .tar shards, e.g. "
                               f"webdataset:/data/shards/*.tar or webdataset:/data/shards/{{00000..00099}}.tar")
@@ -639,12 +641,8 @@ class TfdsSource(_EncodedSource):
                max_image_megapixels: float = DEFAULT_MAX_IMAGE_MEGAPIXELS, *, image_key: str = "image",
                caption_key: str = "caption", score_key: str = "", data_dir: str = "",
                buckets: BucketTable | None = None):
-    try:
-      # Optional dependency (the 'data' extra), needed only by tfds: sources.
-      import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(f"data source tfds:{name} needs tensorflow-datasets: pip install 'sanajax[data]' "
-                        f"(or pip install tensorflow-datasets; TensorFlow itself is not needed).") from e
+    extras.require("tensorflow_datasets", f"data source tfds:{name}")  # the 'data' extra, needed only here
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     self.name, self.split = name, split
     self.resolution = int(resolution)
     self.buckets = buckets

@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from sanajax import extras
 from sanajax.models import text_encoder
 from sanajax.models.weights_util import abstract_params
 from sanajax.safetensors_io import check_tensors, read_json, read_state_dict, tensor_shapes
@@ -152,8 +153,6 @@ def has_tokenizer(path: str) -> bool:
 
 def load_tokenizer(path: str) -> HFTokenizer:
   """The tokenizer saved in `path` (tokenizer.json / tokenizer.model), via transformers.AutoTokenizer."""
-  try:
-    import transformers  # Optional heavy dependency: only real Gemma tokenizers need it.
-  except ImportError:
-    raise ImportError("Loading a Gemma tokenizer needs `transformers` (pip install transformers).") from None
+  extras.require("transformers", f"The tokenizer in {path}")  # optional and heavy: only real tokenizers need it
+  import transformers
   return HFTokenizer(transformers.AutoTokenizer.from_pretrained(path))

@@ -31,7 +31,6 @@ is wrapped by `qwix.quantize_model`, the quantized parameter tree is derived fro
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from typing import Any, Mapping
 
 import flax.linen as nn
@@ -39,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sanajax import extras
 from sanajax.models import weights_util
 from sanajax.models.backbones import MMDiTBackbone, backbone_name, build_backbone, init_args
 
@@ -56,11 +56,12 @@ FP8_MIN_COMPUTE_CAPABILITY = 8.9  # FP8 tensor cores: sm_89 (Ada) and sm_90 (Hop
 
 def check_mode(mode: str, name: str = "quantize", *, check_platform: bool = False) -> None:
   """ValueError naming `name` (a flag or field) and the choices when mode is not one of MODES; with
-  check_platform, also fp8 where the devices have no FP8 tensor cores (fp8_device_error)."""
+  check_platform, also fp8 where the devices have no FP8 tensor cores (fp8_device_error).
+  extras.MissingPackageError for a quantized mode without qwix (the "quantize" extra)."""
   if mode not in MODES:
     raise ValueError(f"{name}={mode!r}: choose one of {', '.join(MODES)} (none: the float model).")
-  if mode != "none" and importlib.util.find_spec("qwix") is None:
-    raise ValueError(f"{name}={mode} needs qwix, which is not installed: pip install -e '.[quantize]'.")
+  if mode != "none":
+    extras.require("qwix", f"{name}={mode}")
   if mode == "fp8" and check_platform and (error := fp8_device_error(name=name)):
     raise ValueError(error)
 

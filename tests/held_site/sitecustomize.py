@@ -1,14 +1,18 @@
-"""Holds a Python process to the distributions of the lent GPU machines' image plus the carried wheels.
+"""Holds a Python process to one set of installed distributions, as if the rest were not installed.
 
-With this folder on PYTHONPATH, Python imports this file at start-up (site's `sitecustomize` hook); from
-then on, a top-level module that only distributions outside packages.txt (the image) and ../wheels.txt (what
-the device call carries) provide is absent, as it is on that machine.
-Modules of no installed distribution (the standard library, benchmarks/) and sanajax itself (the checkout the
-call sends) pass.
-tests/test_benchmarks.py runs the prepared call's smoke plan under it, so a step that would fail on the GPU
-for a missing package fails in CI first:
+With this folder on PYTHONPATH, Python imports this file at start-up (site's `sitecustomize` hook); from then
+on, a top-level module that only distributions outside the held set provide is absent. `HELD_SITE` names the set:
 
-    PYTHONPATH=benchmarks/gpu_image bash benchmarks/run_all.sh --budget=420 --smoke --out=/tmp/R.md
+- `install`: what `pip install -e .` installs (sanajax's own requirements and theirs, no extra), plus pip and
+  setuptools. tests/test_learning.py runs the README's first command so: a module of an extra (qwix, torch,
+  gradio) imported on the default's path fails there as it would on a fresh machine.
+- `gpu_image`: the lent GPU machines' image (benchmarks/gpu_image/packages.txt and the image's own
+  dependencies) plus what the device call carries (benchmarks/wheels.txt). tests/test_benchmarks.py runs the
+  prepared call's smoke plan so, so a step that would fail on the GPU for a missing package fails in CI first:
+
+      PYTHONPATH=tests/held_site HELD_SITE=gpu_image bash benchmarks/run_all.sh --budget=420 --smoke --out=/tmp/R.md
+
+Modules of no installed distribution (the standard library, tests/, benchmarks/) and sanajax itself pass.
 """
 import importlib.abc
 import importlib.metadata
@@ -16,9 +20,9 @@ import os
 import re
 import sys
 
-from packaging.requirements import Requirement  # packaging is in the image
+from packaging.requirements import Requirement  # imported before anything is hidden (the image has it too)
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
+_BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "benchmarks")
 
 
 def _normalise(name: str) -> str:
@@ -60,10 +64,10 @@ class Hidden(importlib.abc.MetaPathFinder):
 
 
 def with_requirements(names: set[str]) -> set[str]:
-  """`names` and every installed distribution they require, transitively (extras left out).
+  """`names` and every installed distribution they require, transitively (extras left out), as found here.
 
-  The image comes with its packages' own dependencies, whose names and versions need not be this
-  environment's (huggingface_hub 2.x here needs httpx2, the image's 1.33 does not): those stay visible."""
+  For the GPU image: it comes with its packages' own dependencies, whose names and versions need not be this
+  environment's (huggingface_hub 2.x here needs httpx2, the image's 1.33 does not); those stay visible."""
   installed = {_normalise(d.metadata["Name"] or ""): d for d in importlib.metadata.distributions()}
   seen, todo = set(), [n for n in names if n in installed]
   while todo:
@@ -79,15 +83,22 @@ def with_requirements(names: set[str]) -> set[str]:
   return names | seen
 
 
-def _hide_the_rest() -> None:
-  # Only the image's requirements are followed: the wheels are installed without theirs (--no-deps), and
-  # sanajax's are what is being checked.
-  allowed = (with_requirements(_names(os.path.join(_HERE, "packages.txt")))
-             | _names(os.path.join(_HERE, "..", "wheels.txt")) | {"sanajax"})
+def held_set(name: str) -> set[str]:
+  """The distributions HELD_SITE=name leaves visible (normalised names)."""
+  if name == "install":  # sanajax's requirements are followed, its extras are not
+    return with_requirements({"sanajax"}) | {"pip", "setuptools"}
+  if name == "gpu_image":  # only the image's requirements are followed: the wheels go in with --no-deps
+    return (with_requirements(_names(os.path.join(_BENCHMARKS, "gpu_image", "packages.txt")))
+            | _names(os.path.join(_BENCHMARKS, "wheels.txt")) | {"sanajax"})
+  raise SystemExit(f"HELD_SITE={name!r}: must be 'install' or 'gpu_image' (tests/held_site/sitecustomize.py).")
+
+
+def hide_all_but(allowed: set[str]) -> None:
+  """Wraps every finder on sys.meta_path so that only `allowed` distributions (and no-distribution modules) exist."""
   modules = frozenset(module for module, owners in importlib.metadata.packages_distributions().items()
                       if not any(_normalise(owner) in allowed for owner in owners))
   distributions = frozenset(_normalise(d.metadata["Name"] or "") for d in importlib.metadata.distributions()) - allowed
   sys.meta_path[:] = [Hidden(finder, modules, distributions) for finder in sys.meta_path]
 
 
-_hide_the_rest()
+hide_all_but(held_set(os.environ.get("HELD_SITE", "")))
