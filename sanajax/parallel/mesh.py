@@ -59,9 +59,9 @@ def mesh_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _field(mesh: Any, name: str, default: Any) -> Any:
-  """mesh.name from a ConfigDict / dict (a saved config.json) or an attribute object, else `default`."""
-  return mesh.get(name, default) if hasattr(mesh, "get") else getattr(mesh, name, default)
+def config_field(section: Any, name: str, default: Any) -> Any:
+  """section.name from a ConfigDict / dict (a saved config.json) or an attribute object, else `default`."""
+  return section.get(name, default) if hasattr(section, "get") else getattr(section, name, default)
 
 
 def use_cpu_devices(mesh: Any) -> str | None:
@@ -72,7 +72,7 @@ def use_cpu_devices(mesh: Any) -> str | None:
   explicit --xla_force_host_platform_device_count in XLA_FLAGS wins. Returns a one-line note when the
   request could not be applied (JAX already started with another CPU device count), else None.
   """
-  n = _field(mesh, "cpu_devices", 0)
+  n = config_field(mesh, "cpu_devices", 0)
   if isinstance(n, bool) or not isinstance(n, int) or n < 0:
     raise ValueError(f"config.mesh.cpu_devices={n!r}: must be an integer >= 0 (0: JAX's default of one CPU device).")
   if n == 0 or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
@@ -89,7 +89,7 @@ def mesh_shape(mesh: Any, num_devices: int) -> tuple[int, ...]:
   """(data, fsdp, sequence, tensor) sizes; one -1 takes the devices the others leave."""
   sizes = []
   for name in MESH_AXES:
-    v = int(_field(mesh, name, 1))
+    v = int(config_field(mesh, name, 1))
     if v == 0 or v < -1:
       raise ValueError(f"config.mesh.{name}={v}: mesh axis sizes are positive integers or -1 (the rest).")
     sizes.append(v)

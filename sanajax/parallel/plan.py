@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from sanajax.parallel import context
 from sanajax.parallel.mesh import (
   DEFAULT_RULES,
+  config_field,
   describe_mesh,
   logical_to_mesh,
   make_mesh,
@@ -51,9 +52,8 @@ class Plan:
   def from_config(cls, config: Any, devices: Sequence[Any] | None = None) -> "Plan":
     """The plan of `config.mesh` (absent or every axis 1: a mesh of one device, so the single-device
     run is the same code as a pod's, with trivial shardings)."""
-    m = config.get("mesh") if hasattr(config, "get") else None
-    m = m or {}
-    return cls(make_mesh(m, devices), m.get("rules", DEFAULT_RULES))
+    m = config_field(config, "mesh", None) or {}
+    return cls(make_mesh(m, devices), config_field(m, "rules", DEFAULT_RULES))
 
   @classmethod
   def single_device(cls) -> "Plan":
