@@ -8,10 +8,14 @@ The Sprint rows use the ControlNet trained on the teacher (the student's base), 
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 import argparse
 import json
 
-from sanajax import hugepage_malloc
 from sanajax.eval import control_fidelity as cf
 from sanajax.generation import Generator
 from sanajax.workdir.files import load_workdir_config
@@ -48,5 +52,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  hugepage_malloc.reexec_with_hugepage_malloc()  # as the CLIs do (sanajax/hugepage_malloc.py); before any work
   main()

@@ -16,6 +16,11 @@
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 import argparse
 import dataclasses
 import json
@@ -26,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from sanajax import config_utils, hugepage_malloc
+from sanajax import config_utils
 from sanajax.cli import quiet_library_logs
 from sanajax.data import shapes
 from sanajax.eval import geneval_lite
@@ -123,5 +128,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-  hugepage_malloc.reexec_with_hugepage_malloc()  # as the CLIs do (sanajax/hugepage_malloc.py); before any work
   main()

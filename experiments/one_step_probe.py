@@ -14,6 +14,11 @@ targets) and is scored as training's final eval is. Writes OUT/one_step_probe.js
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 import argparse
 import json
 import os
@@ -27,7 +32,6 @@ import ml_collections
 import numpy as np
 import optax
 
-from sanajax import hugepage_malloc
 from sanajax.cli import quiet_library_logs
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.shapes import eval_prompt_set
@@ -138,5 +142,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  hugepage_malloc.reexec_with_hugepage_malloc()  # as the CLIs do (sanajax/hugepage_malloc.py); before any work
   sys.exit(main())

@@ -17,6 +17,11 @@ evaluation's images (same prompts and noise), in uint8 levels. Writes OUT/quanti
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 import argparse
 import json
 import os
@@ -25,7 +30,6 @@ from typing import Sequence
 
 import numpy as np
 
-from sanajax import hugepage_malloc
 from sanajax.cli import quiet_library_logs
 from sanajax.data.shapes import eval_prompt_set
 from sanajax.eval import after_training, geneval_lite
@@ -129,5 +133,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  hugepage_malloc.reexec_with_hugepage_malloc()  # as the CLIs do (sanajax/hugepage_malloc.py); before any work
   raise SystemExit(main())

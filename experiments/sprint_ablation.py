@@ -25,6 +25,11 @@
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 import argparse
 import ast
 import json
@@ -37,7 +42,6 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from sanajax import hugepage_malloc
 from sanajax.cli import quiet_library_logs
 from sanajax.data import shapes
 from sanajax.data.sources import make_source
@@ -258,5 +262,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  hugepage_malloc.reexec_with_hugepage_malloc()  # as the CLIs do (sanajax/hugepage_malloc.py); before any work
   sys.exit(main())

@@ -26,6 +26,11 @@
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 import argparse
 import functools
 import json
@@ -42,7 +47,7 @@ import ml_collections
 import numpy as np
 
 from experiments.sprint_ablation import fid_set, parse_sets, run_timed
-from sanajax import config_utils, hugepage_malloc
+from sanajax import config_utils
 from sanajax.cli import quiet_library_logs
 from sanajax.data import shapes
 from sanajax.data.pipeline import uint8_to_unit
@@ -311,5 +316,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  hugepage_malloc.reexec_with_hugepage_malloc()  # as the CLIs do (sanajax/hugepage_malloc.py); before any work
   sys.exit(main())

@@ -225,8 +225,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(main: Callable[[list[str]], Any]) -> None:
   """app.run(main) with the shared start-up (the huge-page tunable, quiet logs, jax.distributed) and the
   one-line user errors."""
-  # First: it restarts the process (once) with GLIBC_TUNABLES set, so nothing before it may have started
-  # devices or done work; only the modules' imports and flag definitions run twice (~2 s).
+  # Each CLI module restarts itself with GLIBC_TUNABLES set at its top, before its imports; this call is for a
+  # program built on cli.run that does not (nothing before it may have started devices or done work).
   hugepage_malloc.reexec_with_hugepage_malloc()
 
   def wrapped(argv: list[str]) -> Any:

@@ -42,6 +42,11 @@ give --ae and --text_encoder (converted workdirs) to complete it.
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 import json
 import os
 import shutil

@@ -10,6 +10,11 @@ student with `python -m sanajax.sample --workdir=WORKDIR --sampler=scm --steps=1
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 from sanajax import cli
 from sanajax.eval import after_training
 from sanajax.training.sprint import distill

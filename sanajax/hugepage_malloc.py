@@ -10,8 +10,9 @@ scores: 17 min 9 s -> 15 min 57 s on one machine, 16 min 16 s -> 14 min 12 s on 
 (docs/results.md#the-default-run).
 
 glibc reads tunables once, when the process starts, so a CLI that wants them re-executes itself with
-the variable set (`reexec_with_hugepage_malloc`, from sanajax.cli.run, before any flag is parsed or
-device started). It does nothing where it cannot help or where the user has chosen: GLIBC_TUNABLES
+the variable set (`reexec_with_hugepage_malloc`, at the top of each CLI module and experiment script under
+`if __name__ == "__main__"`, before its imports: done after them, the imports ran twice, ~1.5 s; sanajax.cli.run
+calls it too, for a program that does not). It does nothing where it cannot help or where the user has chosen: GLIBC_TUNABLES
 already in the environment (also the way to opt out: `GLIBC_TUNABLES= python -m sanajax.train ...`),
 a libc other than glibc >= 2.35, or transparent huge pages switched off (`never`).
 """

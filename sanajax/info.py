@@ -9,6 +9,11 @@ Counts the DiT only (not the text encoder or the autoencoder): sanajax.models.di
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 import jax
 from absl import flags
 

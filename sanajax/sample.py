@@ -35,6 +35,11 @@ the EMA weights of the latest checkpoint in DIR.
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 import math
 import os
 import sys

@@ -15,6 +15,11 @@ Multi-host (README "Scaling", launch/*.sh): one process per host with --coordina
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 from sanajax import cli
 from sanajax.eval import after_training, control_fidelity
 from sanajax.training.controlnet import train_controlnet

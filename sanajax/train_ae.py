@@ -13,6 +13,11 @@ or --distributed=auto (launch/*.sh), as sanajax.train.
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 from sanajax import cli
 from sanajax.training.autoencoder import train_ae
 

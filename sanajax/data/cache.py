@@ -12,6 +12,11 @@ A CLI module that lives beside the data code it writes for: tests/test_imports.p
 """
 from __future__ import annotations
 
+from sanajax import hugepage_malloc
+
+if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
+  hugepage_malloc.reexec_with_hugepage_malloc()
+
 import jax
 from absl import flags
 
