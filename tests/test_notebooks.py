@@ -1,6 +1,7 @@
 """notebooks/*.ipynb run end to end on CPU with tiny models (the notebooks are executed in tests on CPU).
 
-Each notebook's code cells run in order as one script in a fresh interpreter; right after the cell
+Each notebook's code cells run in order as one script in a fresh interpreter (the two that install only
+sanajax itself see only what that install has: tests/held_site); right after the cell
 tagged "parameters" the test adds one cell of its own that points the workdirs at a temporary
 directory and shrinks the run (the smallest model of tests/small_configs.py, a few steps). The
 checks are on what the notebook leaves on disk and prints, so a cell that silently does nothing
@@ -14,6 +15,7 @@ import sys
 
 import numpy as np
 import pytest
+from held import held_env  # tests/held.py (tests/ is on sys.path)
 from PIL import Image
 from small_configs import (
   SMALLEST_MODEL,  # tests/small_configs.py (tests/ is on sys.path)
@@ -73,7 +75,7 @@ def test_tpu_quickstart_runs_on_cpu(tmp_path):
   script = tmp_path / "notebook.py"
   script.write_text(notebook_script("tpu_quickstart.ipynb", test_cell))
   proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                        check=False)
+                        check=False, env=held_env("install"))  # the notebook's own `pip install -e sanajax`
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   out = proc.stdout
 
@@ -113,7 +115,7 @@ def test_own_data_runs_on_cpu(tmp_path):
   script = tmp_path / "notebook.py"
   script.write_text(notebook_script("own_data.ipynb", test_cell))
   proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                        check=False)
+                        check=False, env=held_env("install"))  # the notebook's own `pip install -e sanajax`
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
   out = proc.stdout
   assert "24 images in" in out and "(24 examples)" in out
