@@ -260,6 +260,10 @@ def convert_diffusers(src: str, dst: str, *, dtype: str = "float32", ae_workdir:
   if is_sd3_pipeline(src):
     return convert_sd3(src, dst, dtype=dtype)
   pipeline = os.path.exists(os.path.join(src, "model_index.json")) or os.path.isdir(os.path.join(src, "transformer"))
+  if not pipeline and not os.path.exists(os.path.join(src, "config.json")):
+    raise FileNotFoundError(f"{src} is neither a diffusers pipeline (model_index.json, transformer/, vae/, ...) nor "
+                            f"a transformer directory (config.json + safetensors): give the folder save_pretrained "
+                            f"or the Hub download wrote." if os.path.isdir(src) else f"{src} does not exist.")
   transformer_dir = os.path.join(src, "transformer") if pipeline else src
   dit, params, model = load_sana_transformer(transformer_dir, dtype=dtype, return_config=True)
   os.makedirs(dst, exist_ok=True)

@@ -8,6 +8,7 @@ latents, padded text masks).
 import json
 import os
 import pathlib
+import re
 import shutil
 import struct
 import subprocess
@@ -313,6 +314,18 @@ def test_cli_names_the_truncated_file_and_tensor(models, tmp_path):
   assert errors == [f"sanajax.convert: error: {weights}: tensor {name!r} needs bytes {start}..{end} but the file "
                     f"has {cut} bytes (truncated?)."], proc.stderr
   assert not os.path.exists(dst)
+
+
+def test_a_source_that_is_no_pipeline_nor_transformer_is_named(tmp_path):
+  """--src pointing at the wrong folder (say, the one above the pipeline) says what it should hold; writes nothing."""
+  (tmp_path / "downloads").mkdir()
+  with pytest.raises(FileNotFoundError, match=re.escape(
+      f"{tmp_path / 'downloads'} is neither a diffusers pipeline (model_index.json, transformer/, vae/, ...) nor a "
+      f"transformer directory (config.json + safetensors)")):
+    convert.convert_diffusers(str(tmp_path / "downloads"), str(tmp_path / "work"))
+  with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'absent'} does not exist.")):
+    convert.convert_diffusers(str(tmp_path / "absent"), str(tmp_path / "work"))
+  assert not (tmp_path / "work").exists()
 
 
 def test_cli_pipeline_to_workdir_sample_finetune_init_and_export(models, tmp_path):
