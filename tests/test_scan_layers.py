@@ -254,9 +254,17 @@ def test_layers_axis_under_an_8_device_plan():
 def test_compile_time_table_on_a_tiny_stand_in():
   """sanajax.info --compile's table, on configs/tiny.py at 2 and 5 blocks (the real sizes take minutes)."""
   from sanajax.training import compile_time
+  lines = []
   rows = compile_time.compile_table((("tiny 2", "tiny", {"depth": 2}), ("tiny 5", "tiny", {"depth": 5})),
-                                    latent_side=4, text_length=5)
+                                    progress=lines.append, latent_side=4, text_length=5)
   assert [r["depth"] for r in rows] == [2, 5]
+  # A line as each step starts and as it ends, with its own seconds (the real sizes take minutes each).
+  steps = [f"[{i + 1}/4] tiny {d}, {kind} blocks" for i, (d, kind) in
+           enumerate([(2, "unrolled"), (2, "scanned"), (5, "unrolled"), (5, "scanned")])]
+  assert lines[0::2] == [f"{s}: lowering and compiling the train step ..." for s in steps]
+  key = lambda i: f"{'scan' if i % 2 else 'unrolled'}"
+  assert lines[1::2] == [f"{s}: lowered in {rows[i // 2][key(i) + '_lower_s']:.1f} s, compiled in "
+                         f"{rows[i // 2][key(i) + '_compile_s']:.1f} s" for i, s in enumerate(steps)]
   assert all(r[f"{k}{unit}"] > 0 for r in rows for k in ("unrolled_lower", "unrolled_compile", "scan_lower", "scan_compile")
              for unit in ("_s", "_cpu_s"))
   table = compile_time.format_compile_table(rows)

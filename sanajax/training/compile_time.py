@@ -12,6 +12,7 @@ and compiles one block. docs/scaling.md#compile-time holds the measured table.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -59,16 +60,25 @@ def train_step_compile_seconds(config: ml_collections.ConfigDict, *, scan_layers
           "lower_cpu_s": lowered_cpu - start_cpu, "compile_cpu_s": done_cpu - lowered_cpu}
 
 
-def compile_table(sizes: Any = SIZES, **kwargs) -> list[dict[str, Any]]:
-  """One row per size: label, depth and the lower / compile wall and CPU seconds, unrolled and scanned."""
+def compile_table(sizes: Any = SIZES, progress: Callable[[str], None] | None = None,
+                  **kwargs) -> list[dict[str, Any]]:
+  """One row per size: label, depth and the lower / compile wall and CPU seconds, unrolled and scanned.
+
+  progress, if given, gets a line as each of the 2 x len(sizes) steps starts and ends (the real sizes take
+  minutes each on CPU: docs/scaling.md#compile-time)."""
   rows = []
-  for label, name, overrides in sizes:
+  for i, (label, name, overrides) in enumerate(sizes):
     config = config_utils.load_config(name)
     config.model.update(overrides)
     row = {"size": label, "depth": int(config.model.depth)}
     for scan in (False, True):
-      times = train_step_compile_seconds(config, scan_layers=scan, **kwargs)
       key = "scan" if scan else "unrolled"
+      step = f"[{2 * i + scan + 1}/{2 * len(sizes)}] {label}, {'scanned' if scan else 'unrolled'} blocks"
+      if progress:
+        progress(f"{step}: lowering and compiling the train step ...")
+      times = train_step_compile_seconds(config, scan_layers=scan, **kwargs)
+      if progress:
+        progress(f"{step}: lowered in {times['lower_s']:.1f} s, compiled in {times['compile_s']:.1f} s")
       row.update({f"{key}_{field}": seconds for field, seconds in times.items()})
     rows.append(row)
   return rows
