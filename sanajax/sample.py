@@ -264,7 +264,8 @@ def main(argv):
     generator.attach_controlnet(model, params)
     generator.set_control(control[None], _CONTROL_SCALE.value)
   images = generator.generate(prompts, sampler=sampler, steps=steps, cfg=cfg, seed=_SEED.value,
-                              height=_HEIGHT.value, width=_WIDTH.value, batch_size=_BATCH.value)
+                              height=_HEIGHT.value, width=_WIDTH.value, batch_size=_BATCH.value,
+                              progress="Sampling" if len(prompts) > _BATCH.value else None)  # a bar past one batch
   if jax.process_index() == 0:  # every process holds all images (Generator.generate); one writes them.
     write_images(images, _OUT.value)
     print(f"Wrote {len(images)} images and grid.png to {_OUT.value}", flush=True)

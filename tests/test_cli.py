@@ -6,6 +6,7 @@ Most tests run a CLI as a subprocess on a workdir that holds only config.json (s
 prepare_workdir): the checks under test come before any checkpoint is read, so no training is needed.
 """
 import os
+import re
 import subprocess
 import sys
 import time
@@ -339,6 +340,19 @@ def trained_workdir(tmp_path_factory, tiny_ae):
       "data.latent_cache": 0, "eval.num_prompts": 0})
   train(config, str(root / "w"))
   return str(root / "w")
+
+
+def test_sample_shows_a_progress_bar_past_one_batch(trained_workdir, tmp_path):
+  """More prompts than --batch_size: a bar on stderr counts the images (none for a single batch)."""
+  prompts = tmp_path / "prompts.txt"
+  prompts.write_text("a red circle\na blue square\na green triangle\n")
+  bars = {}
+  for batch in (2, 3):
+    r = run_cli("sanajax.sample", f"--workdir={trained_workdir}", f"--prompts_file={prompts}",
+                f"--out={tmp_path / str(batch)}", "--steps=1", f"--batch_size={batch}", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bars[batch] = re.findall(r"Sampling: +100%.*? 3/3 ", r.stderr.replace("\r", "\n"))
+  assert bars[2] and not bars[3], bars
 
 
 def test_sample_warns_on_a_long_prompt_and_samples_under_the_mesh_flag(trained_workdir, tmp_path):
