@@ -44,8 +44,7 @@ from __future__ import annotations
 
 from sanajax import hugepage_malloc
 
-if __name__ == "__main__":  # restart with the huge-page tunable before the imports below (they would run twice)
-  hugepage_malloc.reexec_with_hugepage_malloc()
+hugepage_malloc.reexec_if_main(__name__)  # before the imports below, which would otherwise run twice
 
 import json
 import os

@@ -10,9 +10,9 @@ scores: 17 min 9 s -> 15 min 57 s on one machine, 16 min 16 s -> 14 min 12 s on 
 (docs/results.md#the-default-run).
 
 glibc reads tunables once, when the process starts, so a CLI that wants them re-executes itself with
-the variable set (`reexec_with_hugepage_malloc`, at the top of each CLI module and experiment script under
-`if __name__ == "__main__"`, before its imports: done after them, the imports ran twice, ~1.5 s; sanajax.cli.run
-calls it too, for a program that does not). It does nothing where it cannot help or where the user has chosen: GLIBC_TUNABLES
+the variable set (`reexec_if_main(__name__)` at the top of each CLI module and experiment script, before its
+imports: done after them, the imports ran twice, ~1.5 s; sanajax.cli.run calls `reexec_with_hugepage_malloc`
+too, for a program that does not). It does nothing where it cannot help or where the user has chosen: GLIBC_TUNABLES
 already in the environment (also the way to opt out: `GLIBC_TUNABLES= python -m sanajax.train ...`),
 a libc other than glibc >= 2.35, or transparent huge pages switched off (`never`).
 """
@@ -78,3 +78,10 @@ def reexec_with_hugepage_malloc() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, environ)
+
+
+def reexec_if_main(module_name: str) -> None:
+  """reexec_with_hugepage_malloc when `module_name` (the caller's __name__) is "__main__", i.e. the module runs
+  as the program; a no-op when it is imported. Call it at the top of a CLI module, before its other imports."""
+  if module_name == "__main__":
+    reexec_with_hugepage_malloc()
