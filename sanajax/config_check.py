@@ -17,7 +17,6 @@ every layer above may use it; training.optim takes its optimizer and schedule na
 from __future__ import annotations
 
 import copy
-import glob
 import math
 import numbers
 import os
@@ -28,7 +27,7 @@ import jax
 
 from sanajax import extras
 from sanajax.data.buckets import BUCKET_KINDS
-from sanajax.data.sources import expand_braces
+from sanajax.data.sources import webdataset_matches
 from sanajax.diffusion import flow, samplers
 from sanajax.dtypes import DTYPES
 from sanajax.models.backbones import BACKBONES, POOLED_TEXT, build_backbone, init_args
@@ -181,7 +180,7 @@ def _check_data(c: _Checker) -> None:
         c.bad("data.source", source, f"folder {path!r} does not exist (must be {DATA_SOURCES})")
     elif source.startswith("webdataset:"):
       pattern = source[len("webdataset:"):]
-      matches = [m for p in expand_braces(os.path.expanduser(pattern)) for m in glob.glob(p)] if pattern else []
+      matches = webdataset_matches(pattern) if pattern else []
       if not matches:
         c.bad("data.source", source, "matches no file: write webdataset:/path/to/shards/*.tar or {00000..00099}.tar")
       elif not any(os.path.isfile(m) for m in matches):

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from held import held_env  # tests/held.py (tests/ is on sys.path)
+from test_cli import assert_user_error  # tests/test_cli.py: one-line user errors, exit code 2
 
 from sanajax import config_utils, extras
 from sanajax.config_check import ConfigError, validate_config
@@ -26,13 +27,6 @@ def run_held(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
   """python ARGS in the repository, seeing only a plain install's distributions."""
   return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                         check=False, env=held_env("install", {**os.environ, "JAX_PLATFORMS": "cpu"}))
-
-
-def one_error_line(r: subprocess.CompletedProcess) -> str:
-  """The CLI's one stderr line (exit code 2, no traceback)."""
-  lines = [line for line in r.stderr.splitlines() if line.strip()]
-  assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, (r.returncode, r.stderr[-3000:])
-  return lines[0]
 
 
 def test_a_plain_install_has_none_of_the_optional_packages_and_all_of_the_rest():
@@ -55,7 +49,7 @@ def test_a_plain_install_has_none_of_the_optional_packages_and_all_of_the_rest()
 
 def test_serve_without_gradio_is_one_line_before_loading(tmp_path):
   r = run_held("-m", "sanajax.serve", f"--workdir={tmp_path / 'not_loaded'}")
-  assert one_error_line(r) == ("sanajax.serve: error: python -m sanajax.serve needs gradio, which is not installed: "
+  assert assert_user_error(r) == ("sanajax.serve: error: python -m sanajax.serve needs gradio, which is not installed: "
                                "pip install -e '.[serve]'.")
 
 
@@ -64,7 +58,7 @@ def test_a_tfds_source_without_tensorflow_datasets_fails_the_config_check(tmp_pa
   workdir = tmp_path / "w"
   r = run_held("-m", "sanajax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
                "--config.data.source=tfds:mnist")
-  assert one_error_line(r) == (
+  assert assert_user_error(r) == (
       "sanajax.train: error: 1 bad config field: data.source='tfds:mnist': a tfds: source needs tensorflow-datasets, "
       "which is not installed: pip install -e '.[data]' (TensorFlow itself is not needed).")
   assert not workdir.exists()

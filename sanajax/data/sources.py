@@ -477,6 +477,11 @@ def expand_braces(pattern: str) -> list[str]:
   return out
 
 
+def webdataset_matches(pattern: str) -> list[str]:
+  """Every path (files and folders) that a webdataset: glob / brace pattern matches, sorted, ~ expanded."""
+  return sorted({p for pat in expand_braces(os.path.expanduser(pattern)) for p in glob.glob(pat)})
+
+
 def _json_captions(data: bytes) -> tuple[list[str], list[float]]:
   """Captions of a WebDataset sample's .json: "captions" (list, with optional "scores"), else
   "prompt" (SANA's key), "caption" or "text"; ([], []) when it has none."""
@@ -519,8 +524,7 @@ class WebDatasetSource(_EncodedSource):
     self.resolution = int(resolution)
     self.buckets = buckets
     self.max_image_megapixels = _check_megapixels(max_image_megapixels)
-    self.tars = sorted({p for pat in expand_braces(os.path.expanduser(pattern)) for p in glob.glob(pat)
-                        if os.path.isfile(p)})  # a folder the glob matches is not a shard
+    self.tars = [p for p in webdataset_matches(pattern) if os.path.isfile(p)]  # a folder it matches is not a shard
     if not self.tars:
       raise FileNotFoundError(f"webdataset:{pattern} matches no file; write a glob of .tar shards, e.g. "
                               f"webdataset:/data/shards/*.tar or webdataset:/data/shards/{{00000..00099}}.tar")
