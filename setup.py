@@ -51,6 +51,9 @@ setup(
         "quantize": ["qwix>=0.1.8,<0.2"],
         # python -m sanajax.serve (docs/serve.md): written for Gradio 6's API (theme and css at launch, buttons=).
         "serve": ["gradio>=6.0,<7"],
+        # Released models' tokenizers (Gemma-2, SD3's CLIP and T5) in a converted workdir: transformers loads them
+        # (sanajax.models.gemma2_transformers.load_tokenizer); the models themselves are sanajax's own.
+        "weights": ["transformers>=4.50"],
         "gpu": ["jax[cuda12]>=0.10,<0.12", "jax-triton"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],
     },

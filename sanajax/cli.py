@@ -37,13 +37,13 @@ from sanajax.extras import MissingPackageError
 from sanajax.parallel import distributed
 from sanajax.safetensors_io import WeightsError
 from sanajax.workdir.checkpoint import CheckpointSaveError
-from sanajax.workdir.files import run_outputs
+from sanajax.workdir.files import WorkdirConfigError, run_outputs
 from sanajax.workdir.lock import WorkdirLockedError
 
 # What a user can fix by changing the command line, the config, the files it names (a truncated
 # weights file) or the machine (another run holds the workdir, the disk is full): one line, exit 2.
 USER_ERRORS = (app.UsageError, flags.Error, ConfigError, FileNotFoundError, NotADirectoryError, WorkdirLockedError,
-               WeightsError, CheckpointSaveError, MissingPackageError)
+               WeightsError, CheckpointSaveError, MissingPackageError, WorkdirConfigError)
 EXIT_USER_ERROR = 2
 
 

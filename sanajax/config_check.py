@@ -31,6 +31,7 @@ from sanajax.data.sources import webdataset_matches
 from sanajax.diffusion import flow, samplers
 from sanajax.dtypes import DTYPES
 from sanajax.models.backbones import BACKBONES, POOLED_TEXT, build_backbone, init_args
+from sanajax.models.gemma2_transformers import missing_tokenizer_package
 from sanajax.models.layers import remat_policy
 from sanajax.models.lora import target_paths as lora_target_paths
 from sanajax.models.mmdit import JOINT_ATTENTION_KINDS
@@ -261,6 +262,8 @@ def _check_model(c: _Checker, kind: str) -> None:
   if scan is True and name == "mmdit":
     c.bad("model.scan_layers", scan, "is supported by the SANA DiT only; set it False for model.name='mmdit'")
   c.int_at_least("text.max_length", 2, required=False)
+  if missing := missing_tokenizer_package(c.get("text.kind")):
+    c.problems.append(missing.rstrip("."))
   c.dtype("text.dtype")
   probs = c.get("text.encoder_dropout")  # SD3's per-encoder caption dropout: one probability or (CLIP-L, bigG, T5)
   if probs is not _MISSING and not (_is_real(probs) and 0 <= probs <= 1) and not (

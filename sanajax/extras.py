@@ -15,7 +15,7 @@ PACKAGES = {
     "qwix": ("qwix", "pip install -e '.[quantize]'"),
     "gradio": ("gradio", "pip install -e '.[serve]'"),
     "tensorflow_datasets": ("tensorflow-datasets", "pip install -e '.[data]' (TensorFlow itself is not needed)"),
-    "transformers": ("transformers", "pip install transformers"),
+    "transformers": ("transformers", "pip install -e '.[weights]'"),
     "torch": ("torch", "pip install torch (the CPU build is enough)"),
 }
 

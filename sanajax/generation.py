@@ -18,9 +18,11 @@ from tqdm import tqdm
 
 from sanajax.data.buckets import check_sample_size
 from sanajax.diffusion import flow, samplers
+from sanajax.extras import MissingPackageError
 from sanajax.models.backbones import apply_conditioned, build_backbone
 from sanajax.models.controlnet import ControlledDiT, encode_control
 from sanajax.models.dcae_tiling import decode_latents
+from sanajax.models.gemma2_transformers import missing_tokenizer_package
 from sanajax.models.quantize import check_mode, quantize_backbone
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan
@@ -131,6 +133,8 @@ class Generator:
                    quantize: str = "none", loras: tuple[tuple[str, float], ...] = ()) -> Generator:
     check_mode(quantize, check_platform=True)  # before anything loads
     config = load_workdir_config(workdir)
+    if missing := missing_tokenizer_package(config.text.kind):
+      raise MissingPackageError(missing)
     params = load_dit_params(workdir, config, ema=ema)
     params = apply_adapters(params, loras)  # LoRAs (path, scale) merged in order: sanajax.models.lora
     ae_model, ae_params, scaling, ae_config = load_ae(ae_workdir(config, workdir))

@@ -19,6 +19,7 @@ from sanajax.data.sources import TfdsSource, WebDatasetSource
 from sanajax.models import quantize
 from sanajax.models.gemma2_transformers import load_tokenizer
 from sanajax.safetensors_io import read_state_dict
+from sanajax.workdir.files import prepare_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,7 +77,7 @@ def test_each_feature_names_its_package_and_goes_on_when_it_is_there(tmp_path, m
                               "pip install -e '.[data]' (TensorFlow itself is not needed)."),
       "transformers": (lambda: load_tokenizer(str(tmp_path)),
                        f"The tokenizer in {tmp_path} needs transformers, which is not installed: "
-                       "pip install transformers."),
+                       "pip install -e '.[weights]'."),
       "torch": (lambda: read_state_dict(str(tmp_path / "bins")),
                 f"Reading {tmp_path / 'bins'}'s .bin weights (re-saved as safetensors they need nothing) needs "
                 "torch, which is not installed: pip install torch (the CPU build is enough)."),
@@ -109,3 +110,23 @@ def test_a_webdataset_glob_matching_only_folders_names_the_shards_pattern(tmp_pa
     validate_config(config, "dit")
   with pytest.raises(FileNotFoundError, match="matches no file"):
     WebDatasetSource(f"{tmp_path}/shards", 32)
+
+
+def test_a_released_tokenizer_without_transformers_is_asked_for_before_loading(tmp_path, monkeypatch):
+  """A converted SANA / SD3 workdir's tokenizer needs transformers: sampling says so before the weights load (the
+  workdir here holds only its config.json, so getting as far as loading would be another error), and so does the
+  config check of a run."""
+  config = config_utils.load_config("configs/tiny.py", overrides={"text.kind": "gemma2"})
+  prepare_workdir(str(tmp_path / "converted"), config)
+  r = run_held("-m", "sanajax.sample", f"--workdir={tmp_path / 'converted'}", "--prompt=a cat", f"--out={tmp_path / 'o'}")
+  assert assert_user_error(r) == ("sanajax.sample: error: text.kind='gemma2' (a released model's tokenizer) needs "
+                                  "transformers, which is not installed: pip install -e '.[weights]'.")
+  for kind in ("gemma2", "sd3"):
+    with monkeypatch.context() as m:
+      m.setitem(sys.modules, "transformers", None)
+      with pytest.raises(ConfigError, match=re.escape(f"text.kind='{kind}' (a released model's tokenizer) needs "
+                                                      "transformers")):
+        validate_config(config_utils.load_config("configs/tiny.py", overrides={"text.kind": kind}), "dit")
+  with monkeypatch.context() as m:
+    m.setitem(sys.modules, "transformers", None)
+    validate_config(config_utils.load_config("configs/tiny.py"), "dit")  # the tiny encoder needs no tokenizer package

@@ -183,10 +183,29 @@ def test_train_cli_rejects_unknown_config_field(tmp_path):
 
 
 def test_changed_architecture_in_existing_workdir_is_refused(tmp_path):
-  from sanajax.workdir.files import prepare_workdir
+  from sanajax.workdir.files import WorkdirConfigError, load_workdir_config, prepare_workdir
   prepare_workdir(str(tmp_path), small_config(tmp_path / "ae"))
-  with pytest.raises(ValueError, match="different config.model"):
+  # No checkpoint yet, so nothing to resume: a corrected command (another AE, another depth) takes the workdir.
+  prepare_workdir(str(tmp_path), small_config(tmp_path / "ae2", **{"model.depth": 3}))
+  assert load_workdir_config(str(tmp_path)).model.depth == 3
+  ckpt = Checkpointer(os.path.join(tmp_path, "checkpoints"))
+  ckpt.save(1, {"w": np.zeros(3, np.float32)})
+  ckpt.wait()
+  with pytest.raises(WorkdirConfigError, match=r"different config.model \(fields \['depth'\]\)"):
+    prepare_workdir(str(tmp_path), small_config(tmp_path / "ae2", **{"model.depth": 2}))
+  with pytest.raises(WorkdirConfigError, match=r"different config.ae \(fields \['workdir'\]\)"):
     prepare_workdir(str(tmp_path), small_config(tmp_path / "ae", **{"model.depth": 3}))
+  prepare_workdir(str(tmp_path), small_config(tmp_path / "ae2", **{"model.depth": 3}))  # the same config resumes
+
+
+def test_train_without_an_ae_or_ae_train_writes_nothing(tmp_path):
+  """A config that cannot train its AE (the SANA configs) and no AE: one line naming the field, before the
+  workdir is written, so the corrected command is not refused as a different run."""
+  config = small_config(tmp_path / "no_ae")
+  del config["ae_train"]
+  with pytest.raises(FileNotFoundError, match="No AE checkpoint in .*no_ae. Set --config.ae.workdir"):
+    train_lib.train(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run" / "config.json")
 
 
 def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_ae):

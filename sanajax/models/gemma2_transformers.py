@@ -151,6 +151,18 @@ def has_tokenizer(path: str) -> bool:
   return any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model"))
 
 
+# config.text.kind values whose encoder loads a released tokenizer with load_tokenizer (Gemma-2's; SD3's CLIP and T5).
+RELEASED_TOKENIZER_KINDS = ("gemma2", "sd3")
+
+
+def missing_tokenizer_package(text_kind: str) -> str | None:
+  """The one-line error when a text encoder of `text_kind` could not load its tokenizer here (transformers is not
+  installed), else None: asked before a run or a sampler loads gigabytes of weights."""
+  if text_kind not in RELEASED_TOKENIZER_KINDS:
+    return None
+  return extras.missing_package("transformers", f"text.kind={text_kind!r} (a released model's tokenizer)")
+
+
 def load_tokenizer(path: str) -> HFTokenizer:
   """The tokenizer saved in `path` (tokenizer.json / tokenizer.model), via transformers.AutoTokenizer."""
   extras.require("transformers", f"The tokenizer in {path}")  # optional and heavy: only real tokenizers need it

@@ -179,17 +179,26 @@ def make_encode_fn(ae_model, ae_params):
   return lambda images: encode(ae_params, jnp.asarray(images))
 
 
-def ensure_ae(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Returns the AE workdir, training the AE first when it holds no checkpoint and the config allows."""
+def check_ae_available(config: ml_collections.ConfigDict, workdir: str) -> bool:
+  """Whether the DiT run must train its AE first (its AE workdir holds no trained AE). Reads only, so `train`
+  asks before it writes the workdir: a config with no `ae_train` section (the SANA configs: their DC-AE comes
+  converted) and no AE is a FileNotFoundError naming the fix, and the corrected command starts clean."""
   ae_dir = ae_workdir(config, workdir)
   if has_checkpoint(ae_dir) and os.path.exists(os.path.join(ae_dir, "ae_info.json")):
-    return ae_dir
+    return False
   if "ae_train" not in config:
     raise FileNotFoundError(
         f"No AE checkpoint in {ae_dir}. Set --config.ae.workdir to a trained AE (sanajax.train_ae) or to "
         f"converted released weights (sanajax.convert).")
-  print(f"No AE checkpoint in {ae_dir}: training the AE first.", flush=True)
-  train_ae(ae_train_config(config), ae_dir)
+  return True
+
+
+def ensure_ae(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Returns the AE workdir, training the AE first when it holds no checkpoint and the config allows."""
+  ae_dir = ae_workdir(config, workdir)
+  if check_ae_available(config, workdir):
+    print(f"No AE checkpoint in {ae_dir}: training the AE first.", flush=True)
+    train_ae(ae_train_config(config), ae_dir)
   return ae_dir
 
 
@@ -206,6 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   start_time = time.perf_counter()
   config = apply_resolution(config)
+  check_ae_available(config, workdir)  # before anything is written
   prepare_workdir(workdir, config)
   ae_model, ae_params, ae_scaling, ae_config = load_ae(ensure_ae(config, workdir))
   cache_dir = cache_path(config.data.source)

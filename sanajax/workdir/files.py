@@ -13,6 +13,8 @@ import os
 import jax
 import ml_collections
 
+from sanajax.workdir.checkpoint import latest_workdir_step
+
 CONFIG_FILE = "config.json"
 AE_INFO_FILE = "ae_info.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -27,24 +29,31 @@ def ae_workdir(config: ml_collections.ConfigDict, workdir: str) -> str:
   return config.ae.workdir or os.path.join(workdir, "ae")
 
 
+class WorkdirConfigError(ValueError):
+  """The workdir holds checkpoints of a run whose config.model, .ae or .text differs from the given config."""
+
+
 def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Creates workdir and writes config.json (what sample/eval rebuild the run from).
 
-  A resumed run must use the same config: a changed architecture field would make the
-  restore fail later with a much less readable message, so it is checked here.
+  A resumed run must use the same config: a changed architecture field would make the restore fail
+  later with a much less readable message, so when the workdir holds a checkpoint, the model, ae and
+  text sections are checked against its config.json (WorkdirConfigError). Without a checkpoint there is
+  nothing to resume: a run that stopped before its first one (a missing AE, a bad data path) leaves a
+  config.json that the corrected command replaces.
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
   new = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
+  if os.path.exists(path) and latest_workdir_step(workdir) is not None:
     with open(path) as f:
       old = json.load(f)
     for section in ("model", "ae", "text"):
       if section in old and section in new and old[section] != new[section]:
         changed = sorted(k for k in set(old[section]) | set(new[section])
                          if old[section].get(k) != new[section].get(k))
-        raise ValueError(f"{workdir} holds a run with a different config.{section} (fields {changed}); "
-                         f"use a new --workdir or the same config.")
+        raise WorkdirConfigError(f"{workdir} holds checkpoints of a run with a different config.{section} (fields "
+                                 f"{changed}); use a new --workdir or the same config.")
   if jax.process_index() == 0:
     with open(path, "w") as f:
       json.dump(new, f, indent=2, sort_keys=True)
