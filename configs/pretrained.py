@@ -22,7 +22,8 @@ def get_config(arg=None):
   workdir = os.path.abspath(arg)
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} does not exist: convert weights first with `python -m sanajax.convert`.")
+    raise FileNotFoundError(f"{workdir} holds no config.json: pass a workdir written by `python -m sanajax.convert` "
+                            f"(released weights) or `python -m sanajax.train`.")
   with open(path) as f:
     c = ml_collections.ConfigDict(json.load(f))
   c.init_from = workdir

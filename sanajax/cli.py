@@ -124,8 +124,8 @@ def config_from_flags(name: str = "config") -> ml_collections.ConfigDict:
       raise UserError(f"--{name}={filename}: no such config file (e.g. --{name}=configs/tiny.py).")
     try:
       config.keys()
-    except Exception as e:  # whatever the user's config file raised
-      raise UserError(f"--{name}={filename}: the config file did not load: {_one_line(e)}") from e
+    except Exception as e:  # whatever the user's config file raised (ml_collections wraps it: its __cause__)
+      raise UserError(f"--{name}={filename}: the config file did not load: {_one_line(e.__cause__ or e)}") from e
   config = config_utils.record_overrides(config, config_flags.get_override_values(flag))
   if "mesh" in config:  # before anything starts JAX's devices: a CPU host split as the config asks
     try:

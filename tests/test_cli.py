@@ -187,6 +187,10 @@ def test_bad_flags_and_unknown_fields_are_one_line(tmp_path):
                     "--config.train.no_such_field", "known fields of train:", "batch_size")
   assert_user_error(run_cli("sanajax.train", "--config.train.batch_size=abc"), "--config.train.batch_size=abc")
   assert_user_error(run_cli("sanajax.train", "--config=configs/no_such_config.py"), "no such config file")
+  # A config whose get_config(ARG) raises: its own words, without ml_collections' wrapper around them.
+  line = assert_user_error(run_cli("sanajax.train", f"--config=configs/lora.py:{tmp_path / 'no_base'}"))
+  assert line.endswith(f"the config file did not load: {tmp_path / 'no_base'} holds no config.json: pass a workdir "
+                       "written by `python -m sanajax.convert` (released weights) or `python -m sanajax.train`."), line
   assert_user_error(run_cli("sanajax.train", "stray"), "Unexpected arguments: ['stray']")
 
 
