@@ -19,6 +19,7 @@ fields, a missing workdir) prints ONE line to stderr and exits with code 2, no t
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import sys
@@ -84,8 +85,19 @@ def define_config_file(default: str, help_text: str, name: str = "config") -> An
   ml_collections applies the overrides on sys.argv while the flag is defined (at import), so an
   override naming no field fails here: one line naming it and the known fields, exit code 2.
   """
+  # configs/X.py names the repository's file from any working directory, as config_utils.load_config finds it.
+  default = config_utils.resolve_config_file(default)
+  for prefix in (f"--{name}=", f"-{name}="):
+    sys.argv[1:] = [prefix + config_utils.resolve_config_file(a[len(prefix):]) if a.startswith(prefix) else a
+                    for a in sys.argv[1:]]
   define = lambda: config_flags.DEFINE_config_file(name, default, help_text, lock_config=True)
-  return _define(define, name, lambda: config_utils.load_config(_argv_value(name) or default))
+  return _define(define, name, lambda: _load_config_file(_argv_value(name) or default))
+
+
+def _load_config_file(value: str) -> ml_collections.ConfigDict:
+  """The config of a --config value FILE[:ARG], without its command-line overrides."""
+  path, _, arg = value.partition(":")
+  return config_utils.load_config(path, arg or None)
 
 
 def define_config_dict(config: ml_collections.ConfigDict, help_text: str, name: str = "config") -> Any:
@@ -124,8 +136,8 @@ def config_from_flags(name: str = "config") -> ml_collections.ConfigDict:
       raise UserError(f"--{name}={filename}: no such config file (e.g. --{name}=configs/tiny.py).")
     try:
       config.keys()
-    except Exception as e:  # whatever the user's config file raised (ml_collections wraps it: its __cause__)
-      raise UserError(f"--{name}={filename}: the config file did not load: {_one_line(e.__cause__ or e)}") from e
+    except Exception as e:  # whatever the user's config file raised
+      raise UserError(_did_not_load(name, filename, e)) from e
   config = config_utils.record_overrides(config, config_flags.get_override_values(flag))
   if "mesh" in config:  # before anything starts JAX's devices: a CPU host split as the config asks
     try:
@@ -168,6 +180,11 @@ def fail(error: BaseException | str, *, message: str | None = None, verbose: boo
     message = _one_line(error) if isinstance(error, BaseException) else str(error)
   print(f"{_program()}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
   sys.exit(EXIT_USER_ERROR)
+
+
+def _did_not_load(name: str, value: str | None, error: BaseException) -> str:
+  """--NAME=VALUE's config file raised `error` (ml_collections wraps what it raised: the __cause__)."""
+  return f"--{name}={value}: the config file did not load: {_one_line(error.__cause__ or error)}"
 
 
 def _one_line(error: BaseException) -> str:
@@ -216,9 +233,20 @@ def parse_flags(argv: list[str]) -> list[str]:
       text = head.rstrip(": \n") + ": " + [line for line in trace.splitlines() if line.strip()][-1].strip()
     fail(e, message=f"{text} (--helpshort lists the flags)", verbose=_verbose(argv))
   except (AttributeError, KeyError, ValueError, TypeError) as e:  # a --NAME.* override ml_collections refused
-    loaders = {name: (lambda n=name: flags.FLAGS[n].value) for name in flags.FLAGS}
+    # A config file flag holds no value yet when its overrides fail at parse time (an explicit --config=FILE):
+    # its file is loaded again; a config dict flag's default is the config itself.
+    def load(name: str) -> Any:
+      flag = flags.FLAGS[name]
+      if isinstance(flag.value, ml_collections.ConfigDict):
+        return flag.value
+      source = _argv_value(name) or flag.default
+      return source if isinstance(source, ml_collections.ConfigDict) else _load_config_file(source)
+    loaders = {name: functools.partial(load, name) for name in flags.FLAGS}
     fail(e, message=_unknown_override(argv, loaders) or f"a --config.* override: {_one_line(e)}",
          verbose=_verbose(argv))
+  except OSError as e:  # an override applied to a config file that did not load (ml_collections' placeholder)
+    name = next((m.group(1) for a in argv[1:] if (m := _OVERRIDE.match(a)) and _argv_value(m.group(1))), "config")
+    fail(e, message=_did_not_load(name, _argv_value(name), e), verbose=_verbose(argv))
   raise AssertionError("unreachable")
 
 

@@ -24,13 +24,25 @@ def load_sibling(config_file: str, name: str):
 
 
 def config_path(name_or_path: str) -> str:
-  """Accepts 'tiny', 'configs/tiny.py' or any path to a config file."""
+  """Accepts 'tiny', 'configs/tiny.py' (from any working directory) or any path to a config file."""
   if os.path.exists(name_or_path):
     return name_or_path
-  candidate = os.path.join(REPO_CONFIG_DIR, name_or_path if name_or_path.endswith(".py") else name_or_path + ".py")
-  if os.path.exists(candidate):
-    return candidate
+  file = name_or_path if name_or_path.endswith(".py") else name_or_path + ".py"
+  for candidate in (os.path.join(REPO_CONFIG_DIR, file), os.path.join(os.path.dirname(REPO_CONFIG_DIR), file)):
+    if os.path.exists(candidate):
+      return candidate
   raise FileNotFoundError(f"No config file {name_or_path!r} (looked in the working directory and {REPO_CONFIG_DIR}).")
+
+
+def resolve_config_file(value: str) -> str:
+  """A --config value FILE[:ARG] with FILE found as config_path finds it (the working directory, then the
+  repository's configs/), so `--config=configs/tiny.py` works from any directory; unchanged when FILE is
+  nowhere (the caller says so)."""
+  path, sep, arg = value.partition(":")
+  try:
+    return os.path.abspath(config_path(path)) + sep + arg if not os.path.exists(path) else value
+  except FileNotFoundError:
+    return value
 
 
 def load_config(name_or_path: str, arg: str | None = None,

@@ -23,12 +23,12 @@ from sanajax.workdir.files import prepare_workdir
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args, devices: int | None = None, timeout: int = 120):
+def run_cli(*args, devices: int | None = None, timeout: int = 120, cwd: str = REPO):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   if devices:
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
   start = time.perf_counter()
-  r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+  r = subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                      env=env, check=False)
   r.seconds = time.perf_counter() - start
   return r
@@ -185,13 +185,35 @@ def test_bad_flags_and_unknown_fields_are_one_line(tmp_path):
   assert_user_error(run_cli("sanajax.train", "--no_such_flag=1"), "Unknown command line flag 'no_such_flag'")
   assert_user_error(run_cli("sanajax.train", "--config.train.no_such_field=3", f"--workdir={tmp_path}"),
                     "--config.train.no_such_field", "known fields of train:", "batch_size")
+  # With --config given the override fails at parse time, not at import: the same line.
+  assert_user_error(run_cli("sanajax.train", "--config=configs/tiny.py", "--config.train.no_such_field=3"),
+                    "--config.train.no_such_field", "known fields of train:", "batch_size")
   assert_user_error(run_cli("sanajax.train", "--config.train.batch_size=abc"), "--config.train.batch_size=abc")
   assert_user_error(run_cli("sanajax.train", "--config=configs/no_such_config.py"), "no such config file")
   # A config whose get_config(ARG) raises: its own words, without ml_collections' wrapper around them.
-  line = assert_user_error(run_cli("sanajax.train", f"--config=configs/lora.py:{tmp_path / 'no_base'}"))
-  assert line.endswith(f"the config file did not load: {tmp_path / 'no_base'} holds no config.json: pass a workdir "
-                       "written by `python -m sanajax.convert` (released weights) or `python -m sanajax.train`."), line
+  for overrides in ((), ("--config.train.num_steps=3",)):  # with an override it failed elsewhere (a traceback)
+    line = assert_user_error(run_cli("sanajax.train", f"--config=configs/lora.py:{tmp_path / 'no_base'}", *overrides))
+    assert line.endswith(f"the config file did not load: {tmp_path / 'no_base'} holds no config.json: pass a workdir "
+                         "written by `python -m sanajax.convert` (released weights) or `python -m sanajax.train`."), line
   assert_user_error(run_cli("sanajax.train", "stray"), "Unexpected arguments: ['stray']")
+
+
+def test_configs_are_found_from_any_working_directory(tmp_path, monkeypatch):
+  """--config=configs/X.py (and the CLIs' defaults) name the repository's file from another directory too, as
+  config_utils.load_config finds it; a file in the working directory comes first."""
+  assert config_utils.resolve_config_file("configs/pretrained.py:/ckpt") == "configs/pretrained.py:/ckpt"  # here
+  monkeypatch.chdir(tmp_path)
+  assert config_utils.resolve_config_file("configs/pretrained.py:/ckpt") == os.path.join(REPO, "configs",
+                                                                                          "pretrained.py:/ckpt")
+  r = run_cli("sanajax.info", "--config=configs/sana_600m.py", cwd=str(tmp_path))
+  assert r.returncode == 0 and "depth: 28  hidden: 1152" in r.stdout, r.stderr[-2000:]
+  r = run_cli("sanajax.info", cwd=str(tmp_path))  # the default, configs/tiny.py
+  assert r.returncode == 0 and "depth: 4  hidden: 96" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "sana_600m.py").write_text(
+      "import ml_collections\ndef get_config():\n  raise ValueError('the local file')\n")
+  assert_user_error(run_cli("sanajax.info", "--config=configs/sana_600m.py", cwd=str(tmp_path)), "the local file")
+  assert_user_error(run_cli("sanajax.info", "--config=configs/no_such.py", cwd=str(tmp_path)), "no such config file")
 
 
 def test_multihost_batch_split_is_checked_up_front(tmp_path):
