@@ -27,7 +27,7 @@ import jax
 
 from sanajax import extras
 from sanajax.data.buckets import BUCKET_KINDS
-from sanajax.data.sources import webdataset_matches
+from sanajax.data.sources import bare_folder_hint, webdataset_matches
 from sanajax.diffusion import flow, samplers
 from sanajax.dtypes import DTYPES
 from sanajax.models.backbones import BACKBONES, POOLED_TEXT, build_backbone, init_args
@@ -172,7 +172,8 @@ def _check_data(c: _Checker) -> None:
   if source is not _MISSING:
     if not isinstance(source, str) or not (source == "shapes" or source.startswith(
         ("folder:", "arrayrecord:", "webdataset:", "tfds:", "cache:"))):
-      c.bad("data.source", source, f"must be {DATA_SOURCES}")
+      c.bad("data.source", source, f"must be {DATA_SOURCES}" + (bare_folder_hint(source) if isinstance(source, str)
+                                                                  else ""))
     elif source.startswith(("folder:", "arrayrecord:")):
       kind, _, path = source.partition(":")
       if not path:

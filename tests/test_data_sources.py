@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import textwrap
@@ -24,7 +25,7 @@ import pytest
 import test_data_pipeline  # tests/ is on sys.path
 from PIL import Image
 
-from sanajax import config_check
+from sanajax import config_check, config_utils
 from sanajax.data import build as build_lib
 from sanajax.data import feature_cache, records
 from sanajax.data.buckets import bucket_table
@@ -271,6 +272,7 @@ def test_build_verify_leaves_out_what_does_not_decode(photos, tmp_path):
 def test_build_errors_are_one_line(photos, shards, tmp_path, capsys):
   folder = photos["folder"]
   cases = [([f"--src=arrayrecord:{shards}", f"--dst={tmp_path / 'a'}"], "already built"),
+           ([f"--src={folder}", f"--dst={tmp_path / 'a'}"], re.escape(f"(did you mean folder:{folder}?)")),
            ([f"--src=folder:{tmp_path / 'nope'}", f"--dst={tmp_path / 'b'}"], "is not a directory"),
            ([f"--src=webdataset:{tmp_path}/*.tar", f"--dst={tmp_path / 'c'}"], "matches no file"),
            ([f"--src=folder:{folder}", f"--dst={shards}", "--shards=2"], r"holds another build: shards 3 \(now 2\)"),
@@ -280,7 +282,15 @@ def test_build_errors_are_one_line(photos, shards, tmp_path, capsys):
     assert build_lib.main(argv) == 2, argv
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m sanajax.data.build: error: "), err
-    assert __import__("re").search(message, err[0]), (message, err[0])
+    assert re.search(message, err[0]), (message, err[0])
+
+
+def test_a_source_given_as_a_bare_folder_is_asked_with_its_kind(photos, shards):
+  """data.source=/path (no kind:) is refused by the config check, which names the source it probably means."""
+  for folder, kind in ((photos["folder"], "folder"), (shards, "arrayrecord")):
+    config = config_utils.load_config("configs/tiny.py", overrides={"data.source": str(folder)})
+    with pytest.raises(config_check.ConfigError, match=re.escape(f"(did you mean {kind}:{folder}?)")):
+      config_check.validate_config(config, "dit")
 
 
 # ---------------------------------------------------------------------------------------

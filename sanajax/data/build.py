@@ -35,7 +35,13 @@ from typing import Any
 from array_record.python import array_record_module
 
 from sanajax.data import records
-from sanajax.data.sources import DEFAULT_MAX_IMAGE_MEGAPIXELS, image_size, load_image, make_source
+from sanajax.data.sources import (
+  DEFAULT_MAX_IMAGE_MEGAPIXELS,
+  bare_folder_hint,
+  image_size,
+  load_image,
+  make_source,
+)
 
 # Source forms a build reads (an arrayrecord: source is already built).
 BUILD_SOURCES = ("folder:", "webdataset:", "tfds:")
@@ -121,7 +127,8 @@ def _ranges(n: int, num_shards: int) -> list[tuple[int, int]]:
 def _open_source(src: str, tfds: dict[str, str]):
   if not src.startswith(BUILD_SOURCES):
     raise BuildError(f"--src={src!r}: a build reads folder:DIR, webdataset:GLOB or tfds:NAME[:SPLIT]"
-                     + (" (an arrayrecord: directory is already built)" if src.startswith("arrayrecord:") else ""))
+                     + (" (an arrayrecord: directory is already built)" if src.startswith("arrayrecord:") else
+                        bare_folder_hint(src)))
   try:
     # The resolution is unused: a build stores the bytes and never decodes (except --verify).
     return make_source(src, _VERIFY_RESOLUTION, 0, **tfds)

@@ -482,6 +482,16 @@ def webdataset_matches(pattern: str) -> list[str]:
   return sorted({p for pat in expand_braces(os.path.expanduser(pattern)) for p in glob.glob(pat)})
 
 
+def bare_folder_hint(value: str) -> str:
+  """For a source written as a bare folder path (no kind: prefix): ' (did you mean folder:VALUE?)', or
+  arrayrecord:VALUE when it holds finished shards; '' for anything else."""
+  path = os.path.expanduser(value)
+  if not os.path.isdir(path):
+    return ""
+  kind = "arrayrecord" if any(name.endswith(records.SHARD_SUFFIX) for name in os.listdir(path)) else "folder"
+  return f" (did you mean {kind}:{value}?)"
+
+
 def _json_captions(data: bytes) -> tuple[list[str], list[float]]:
   """Captions of a WebDataset sample's .json: "captions" (list, with optional "scores"), else
   "prompt" (SANA's key), "caption" or "text"; ([], []) when it has none."""
