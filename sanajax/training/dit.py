@@ -179,10 +179,10 @@ def make_encode_fn(ae_model, ae_params):
   return lambda images: encode(ae_params, jnp.asarray(images))
 
 
-def check_ae_available(config: ml_collections.ConfigDict, workdir: str) -> bool:
+def ae_needs_training(config: ml_collections.ConfigDict, workdir: str) -> bool:
   """Whether the DiT run must train its AE first (its AE workdir holds no trained AE). Reads only, so `train`
-  asks before it writes the workdir: a config with no `ae_train` section (the SANA configs: their DC-AE comes
-  converted) and no AE is a FileNotFoundError naming the fix, and the corrected command starts clean."""
+  asks before it writes the workdir: no AE and no `ae_train` section to train one with (the SANA configs: their
+  DC-AE comes converted) is a FileNotFoundError naming the fix, and the corrected command starts clean."""
   ae_dir = ae_workdir(config, workdir)
   if has_checkpoint(ae_dir) and os.path.exists(os.path.join(ae_dir, "ae_info.json")):
     return False
@@ -196,7 +196,7 @@ def check_ae_available(config: ml_collections.ConfigDict, workdir: str) -> bool:
 def ensure_ae(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Returns the AE workdir, training the AE first when it holds no checkpoint and the config allows."""
   ae_dir = ae_workdir(config, workdir)
-  if check_ae_available(config, workdir):
+  if ae_needs_training(config, workdir):
     print(f"No AE checkpoint in {ae_dir}: training the AE first.", flush=True)
     train_ae(ae_train_config(config), ae_dir)
   return ae_dir
@@ -215,7 +215,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   start_time = time.perf_counter()
   config = apply_resolution(config)
-  check_ae_available(config, workdir)  # before anything is written
+  ae_needs_training(config, workdir)  # raises before anything is written when there is no AE to be had
   prepare_workdir(workdir, config)
   ae_model, ae_params, ae_scaling, ae_config = load_ae(ensure_ae(config, workdir))
   cache_dir = cache_path(config.data.source)
