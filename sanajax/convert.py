@@ -84,7 +84,14 @@ from sanajax.models.t5_transformers import load_t5_encoder
 from sanajax.models.weights_util import abstract_params, boxed_abstract_params, put_like
 from sanajax.safetensors_io import read_json
 from sanajax.workdir.checkpoint import Checkpointer
-from sanajax.workdir.files import AE_INFO_FILE, ae_workdir, checkpoint_dir, load_workdir_config, prepare_workdir
+from sanajax.workdir.files import (
+  AE_INFO_FILE,
+  ae_workdir,
+  checkpoint_dir,
+  load_model_workdir_config,
+  load_workdir_config,
+  prepare_workdir,
+)
 from sanajax.workdir.loaders import AUTOENCODER_KL, has_checkpoint, load_ae, load_lora_workdir
 
 # The Python API users call as sanajax.convert.X (README "Pretrained weights"); the rest is the CLI.
@@ -325,7 +332,7 @@ def export_sd3(workdir: str, dst: str, *, dtype: str = "float32", ema: bool = Tr
   pipeline's FlowMatchEulerDiscreteScheduler config with shift = diffusion.flow_shift), the text encoders and
   tokenizers copied from text.pretrained (text_encoder_3 / tokenizer_3 left out with text.use_t5 False), and
   model_index.json."""
-  config = load_workdir_config(workdir)
+  config = load_model_workdir_config(workdir)
   if config.text.get("kind") != "sd3":
     raise ValueError(f"{workdir}: text.kind={config.text.get('kind')!r}; a StableDiffusion3Pipeline needs SD3's "
                      f"text encoders (text.kind 'sd3'). Export the transformer alone with sanajax.convert."
@@ -370,7 +377,7 @@ def export_sd3(workdir: str, dst: str, *, dtype: str = "float32", ema: bool = Tr
 def export_diffusers(workdir: str, dst: str, *, dtype: str = "float32", ema: bool = True) -> None:
   """A sanajax workdir's latest DiT (EMA) weights -> DST/transformer, and its AE -> DST/vae. An MM-DiT workdir
   with SD3's text encoders becomes a whole StableDiffusion3Pipeline directory (export_sd3)."""
-  config = load_workdir_config(workdir)
+  config = load_model_workdir_config(workdir)
   if backbones.backbone_name(config.model) == "mmdit":
     return export_sd3(workdir, dst, dtype=dtype, ema=ema)
   model_cfg = dict(config.model, dtype="float32")

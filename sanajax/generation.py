@@ -27,7 +27,7 @@ from sanajax.models.quantize import check_mode, quantize_backbone
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan
 from sanajax.resolution import ae_downsample
-from sanajax.workdir.files import ae_workdir, load_workdir_config
+from sanajax.workdir.files import ae_workdir, load_model_workdir_config
 from sanajax.workdir.loaders import (
   ae_shift_factor,
   apply_adapters,
@@ -132,7 +132,7 @@ class Generator:
   def from_workdir(cls, workdir: str, *, ema: bool = True, plan: Plan | None = None,
                    quantize: str = "none", loras: tuple[tuple[str, float], ...] = ()) -> Generator:
     check_mode(quantize, check_platform=True)  # before anything loads
-    config = load_workdir_config(workdir)
+    config = load_model_workdir_config(workdir)
     if missing := missing_tokenizer_package(config.text.kind):
       raise MissingPackageError(missing)
     params = load_dit_params(workdir, config, ema=ema)

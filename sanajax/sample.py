@@ -59,7 +59,7 @@ from sanajax.models.quantize import MODES as QUANTIZE_MODES
 from sanajax.models.quantize import check_mode as check_quantize
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan, mesh_config
-from sanajax.workdir.files import load_workdir_config
+from sanajax.workdir.files import load_model_workdir_config, load_workdir_config
 from sanajax.workdir.loaders import is_controlnet_workdir, load_controlnet
 
 cli.define_flags("Training workdir (config.json + checkpoints).")
@@ -223,7 +223,7 @@ def main(argv):
   workdir, controlnet_dir = resolve_controlnet(flags.FLAGS.workdir)
   prompts = read_prompts(_PROMPTS_FILE.value, _PROMPT.value)
   interval = None if _CFG_INTERVAL.value is None else parse_cfg_interval(_CFG_INTERVAL.value)
-  config = load_workdir_config(workdir)  # config.json only: the options are checked before any model loads.
+  config = load_model_workdir_config(workdir)  # config.json only: the options are checked before any model loads.
   sample = config.sample
   sampler = _SAMPLER.value or sample.sampler
   steps = sample.steps if _STEPS.value is None else _STEPS.value

@@ -51,7 +51,7 @@ from sanajax.data import buckets
 from sanajax.diffusion import samplers
 from sanajax.generation import Generator, truncation_warnings
 from sanajax.models.text_encoder import TextEncoder
-from sanajax.workdir.files import checkpoint_dir, load_workdir_config
+from sanajax.workdir.files import checkpoint_dir, load_model_workdir_config
 from sanajax.workdir.loaders import has_checkpoint
 
 FLOW_SAMPLERS = ("flow_dpm", "flow_euler")
@@ -91,7 +91,7 @@ class ServedModel:
   @classmethod
   def open(cls, workdir: str) -> ServedModel:
     """FileNotFoundError (a CLI user error) for a folder that is not a workdir or has no checkpoint."""
-    config = load_workdir_config(workdir)
+    config = load_model_workdir_config(workdir)
     if not has_checkpoint(workdir):
       raise FileNotFoundError(f"--workdir={workdir}: no checkpoint under {checkpoint_dir(workdir)}; train or convert "
                               f"a model first (python -m sanajax.train / sanajax.convert).")

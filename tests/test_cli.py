@@ -16,9 +16,13 @@ import pytest
 from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
 from tiny_base import AE_OVERRIDES
 
-from sanajax import config_utils
+from sanajax import config_utils, convert
 from sanajax.config_check import ConfigError, validate_config
-from sanajax.workdir.files import prepare_workdir
+from sanajax.generation import Generator
+from sanajax.training.sprint import load_teacher
+from sanajax.training.sprint_config import check_teacher
+from sanajax.workdir.files import load_model_workdir_config, prepare_workdir
+from sanajax.workdir.loaders import check_init_source, load_dit_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -330,6 +334,43 @@ def test_sample_refuses_an_out_it_cannot_write(workdirs, tmp_path):
 
 def test_sample_missing_workdir_is_one_line(tmp_path):
   assert_user_error(sample(tmp_path / "nope", out=tmp_path / "o"), "does not exist")
+
+
+def test_an_autoencoders_workdir_is_refused_where_a_model_is_wanted_naming_its_run(tmp_path):
+  """WORKDIR/ae of the default run (or a train_ae workdir) passed where a model goes: the sampler, the web app,
+  distillation's teacher, a fine-tune's init_from and the export each say so in one line, before any weight or
+  the AE's training; the run that owns the AE is named."""
+  run, solo = tmp_path / "run", tmp_path / "solo_ae"
+  prepare_workdir(str(run), config_utils.load_config("configs/tiny.py", overrides={"data.resolution": 32,
+                                                                                    **SMALLEST_MODEL}))
+  for ae_dir in (run / "ae", solo):
+    prepare_workdir(str(ae_dir), config_utils.load_config("configs/dcae_tiny.py"))
+    (ae_dir / "checkpoints").mkdir()  # a trained AE's layout (its checkpoints are not read)
+  owned = f"'{run / 'ae'}' is an autoencoder's workdir, not a text-to-image model's; the model run it belongs to is {run}."
+  alone = (f"'{solo}' is an autoencoder's workdir, not a text-to-image model's: pass a DiT run's workdir (python -m "
+           f"sanajax.train) or a converted model's (python -m sanajax.convert).")
+  for call in (Generator.from_workdir, check_teacher, load_teacher, check_init_source, load_dit_params,
+               export_diffusers_with_dst(tmp_path / "export")):
+    for ae_dir, message in ((run / "ae", owned), (solo, alone)):
+      with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+        call(str(ae_dir))
+  assert not (tmp_path / "export").exists()
+  (tmp_path / "other").mkdir()
+  (tmp_path / "other" / "config.json").write_text('{"seed": 0}')
+  with pytest.raises(FileNotFoundError, match="has no model section in its config.json: it is not the workdir of a"):
+    load_model_workdir_config(str(tmp_path / "other"))
+  # The CLIs: one line each, exit 2; train refuses the init_from before its AE trains or its workdir is written.
+  assert assert_user_error(sample(run / "ae", out=tmp_path / "o")) == f"sanajax.sample: error: {owned}"
+  assert assert_user_error(run_cli("sanajax.serve", f"--workdir={solo}")) == f"sanajax.serve: error: {alone}"
+  assert_user_error(run_cli("sanajax.distill_sprint", f"--workdir={tmp_path / 's'}",
+                            f"--config.teacher_workdir={run / 'ae'}"), owned)
+  assert_user_error(run_cli("sanajax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / 't'}",
+                            f"--config.train.init_from={run / 'ae'}"), owned)
+  assert os.listdir(tmp_path / "t") == []  # the lock's folder only: no config.json, no AE trained
+
+
+def export_diffusers_with_dst(dst):
+  return lambda workdir: convert.export_diffusers(workdir, str(dst))
 
 
 def test_long_prompts_warn_which_end_is_kept(tmp_path):

@@ -40,6 +40,7 @@ from sanajax.workdir.files import ae_workdir, prepare_workdir
 from sanajax.workdir.loaders import (
   ae_shift_factor,
   build_text_encoder,
+  check_init_source,
   has_checkpoint,
   init_dit_params,
   init_params_from,
@@ -215,6 +216,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   """
   start_time = time.perf_counter()
   config = apply_resolution(config)
+  # config.init_from, or config.train.init_from (a stage of the resolution cascade, docs/data.md#cascade).
+  init_from = config.get("init_from") or config.train.get("init_from")
+  if init_from:
+    check_init_source(init_from)  # before the AE trains or the workdir is written
   ae_needs_training(config, workdir)  # raises before anything is written when there is no AE to be had
   prepare_workdir(workdir, config)
   ae_model, ae_params, ae_scaling, ae_config = load_ae(ensure_ae(config, workdir))
@@ -231,8 +236,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   print(f"DiT: {num_params / 1e6:.2f}M parameters; AE scaling factor {ae_scaling:.4f}."
         + (f" Sharding plan: {plan}." if plan.num_devices > 1 else ""), flush=True)
 
-  # config.init_from, or config.train.init_from (a stage of the resolution cascade, docs/data.md#cascade).
-  init_from = config.get("init_from") or config.train.get("init_from")
   if init_from:
     # Fine-tuning: start from converted or previously trained weights (sanajax.workdir.loaders.init_params_from);
     # a checkpoint of this run, restored below, still wins, so a resumed fine-tune continues.

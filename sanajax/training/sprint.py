@@ -57,7 +57,7 @@ from sanajax.training import loop as loop_lib
 from sanajax.training.guard import guarded
 from sanajax.training.optim import build_optimizer
 from sanajax.training.state import ema_update
-from sanajax.workdir.files import ae_workdir, load_workdir_config, prepare_workdir
+from sanajax.workdir.files import ae_workdir, load_model_workdir_config, load_workdir_config, prepare_workdir
 from sanajax.workdir.loaders import (
   build_text_encoder,
   init_dit_params,
@@ -179,7 +179,7 @@ def load_teacher(teacher_workdir: str) -> tuple[ml_collections.ConfigDict, Any]:
   """(teacher config, teacher EMA DiT params float32) from a training workdir."""
   if not teacher_workdir:
     raise ValueError("Set --config.teacher_workdir to the workdir of a trained teacher (python -m sanajax.train).")
-  teacher_config = load_workdir_config(teacher_workdir)
+  teacher_config = load_model_workdir_config(teacher_workdir)
   params = load_dit_params(teacher_workdir, teacher_config, ema=True)
   return teacher_config, params
 

@@ -18,7 +18,7 @@ from sanajax.training.sprint import (  # spread_blocks: re-exported (sprint_conf
   student_model_section,
 )
 from sanajax.workdir.checkpoint import latest_workdir_step
-from sanajax.workdir.files import ae_workdir, checkpoint_dir, load_workdir_config
+from sanajax.workdir.files import ae_workdir, checkpoint_dir, load_model_workdir_config
 
 # Sections of the teacher's config.json a student must share (sprint.check_student_config).
 TEACHER_SECTIONS = ("text", "ae", "diffusion")
@@ -27,7 +27,7 @@ TEACHER_SECTIONS = ("text", "ae", "diffusion")
 def check_teacher(teacher_workdir: str) -> ml_collections.ConfigDict:
   """The teacher's config; FileNotFoundError / ValueError saying what is wrong for a directory that
   is not a trained teacher run."""
-  config = load_workdir_config(teacher_workdir)
+  config = load_model_workdir_config(teacher_workdir)
   if latest_workdir_step(teacher_workdir) is None:
     raise FileNotFoundError(f"no checkpoint under {checkpoint_dir(teacher_workdir)}; train the teacher first "
                             f"(python -m sanajax.train --workdir={teacher_workdir}).")

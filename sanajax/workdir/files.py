@@ -70,6 +70,36 @@ def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(json.load(f))
 
 
+def load_model_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+  """load_workdir_config for a workdir that must hold a text-to-image model: a DiT or MM-DiT run, a Sprint
+  student, a converted release, a LoRA or ControlNet run (each config has a `model` section). Any other
+  workdir, above all the autoencoder's (WORKDIR/ae of the default run), is a FileNotFoundError naming the
+  workdir to pass instead, before anything reads a checkpoint."""
+  config = load_workdir_config(workdir)
+  if "model" in config:
+    return config
+  if "ae" not in config:
+    raise FileNotFoundError(f"{workdir!r} has no model section in its {CONFIG_FILE}: it is not the workdir of a "
+                            f"text-to-image model (python -m sanajax.train, sanajax.distill_sprint, sanajax.convert).")
+  what = f"{workdir!r} is an autoencoder's workdir, not a text-to-image model's"
+  owner = _run_owning_ae(workdir)
+  if owner:
+    raise FileNotFoundError(f"{what}; the model run it belongs to is {owner}.")
+  raise FileNotFoundError(f"{what}: pass a DiT run's workdir (python -m sanajax.train) or a converted model's "
+                          f"(python -m sanajax.convert).")
+
+
+def _run_owning_ae(ae_dir: str) -> str | None:
+  """The folder above ae_dir when it holds a model run whose AE workdir is ae_dir (the default layout)."""
+  parent = os.path.dirname(os.path.abspath(ae_dir))
+  try:
+    config = load_workdir_config(parent)
+    owns = "model" in config and os.path.abspath(ae_workdir(config, parent)) == os.path.abspath(ae_dir)
+  except (OSError, ValueError, AttributeError):  # no readable config.json above, or one without an ae section
+    return None
+  return parent if owns else None
+
+
 # What a finished run leaves in its workdir, in the order a user looks for it: (label, path).
 RUN_OUTPUTS = (
     ("sample grid", "samples/grid.png"),

@@ -37,7 +37,13 @@ from sanajax.models.weights_util import abstract_params, boxed_abstract_params, 
 from sanajax.resolution import ae_downsample
 from sanajax.safetensors_io import check_tensors, tensor_shapes
 from sanajax.workdir.checkpoint import Checkpointer, latest_workdir_step
-from sanajax.workdir.files import AE_INFO_FILE, CONFIG_FILE, checkpoint_dir, load_workdir_config
+from sanajax.workdir.files import (
+  AE_INFO_FILE,
+  CONFIG_FILE,
+  checkpoint_dir,
+  load_model_workdir_config,
+  load_workdir_config,
+)
 
 AUTOENCODER_KL = "autoencoder_kl"  # config.ae.name of SD3's VAE (models/autoencoder_kl.py)
 
@@ -99,14 +105,14 @@ def init_dit_params(config: ml_collections.ConfigDict, key: jax.Array):
 
 def load_dit_params(workdir: str, config: ml_collections.ConfigDict | None = None, *, ema: bool = True):
   """The (EMA) DiT parameters of a training workdir's latest checkpoint; a clear error if it has none."""
-  config = config or load_workdir_config(workdir)
+  config = config or load_model_workdir_config(workdir)
   if latest_workdir_step(workdir) is None:
     raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)}: train first with "
                             f"`python -m sanajax.train --config=... --workdir={workdir}`.")
   if "lora" in config:  # a LoRA run's checkpoints hold only the adapters (configs/lora.py)
     return load_lora_dit_params(workdir, config, ema=ema)
   # Restored in the layout the workdir was trained in, returned in `config`'s (model.scan_layers).
-  saved = load_workdir_config(workdir)
+  saved = load_model_workdir_config(workdir)
   want_scan = bool(config.model.get("scan_layers", False))
   if bool(saved.model.get("scan_layers", False)) != want_scan:
     config = ml_collections.ConfigDict(config.to_dict())
@@ -184,6 +190,15 @@ def load_text_encoder(path: str, text_config: Mapping[str, Any] | None = None,
   return TextEncoder(config, tokenizer=load_tokenizer(tok_dir), params=params)
 
 
+def check_init_source(path: str) -> None:
+  """What init_params_from can tell without reading weights, so a trainer asks before any work: `path` must be a
+  directory, and a sanajax workdir there must hold a model (an autoencoder's workdir is refused, naming the run)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"init_from={path!r} is not a directory.")
+  if _is_workdir(path):
+    load_model_workdir_config(path)
+
+
 def init_params_from(path: str, like: Any) -> Any:
   """DiT parameters to fine-tune from (`config.init_from`): the EMA weights of the latest checkpoint
   of a sanajax workdir (a converted one, or a finished run), or a diffusers transformer directory
@@ -193,11 +208,10 @@ def init_params_from(path: str, like: Any) -> Any:
   tree of arrays or ShapeDtypeStructs, with shardings where given); the result has its structure
   and shardings, float32.
   """
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"init_from={path!r} is not a directory.")
+  check_init_source(path)
   if _is_workdir(path):
     ckpt = Checkpointer(checkpoint_dir(path), read_only=True)
-    saved_model = load_workdir_config(path).model
+    saved_model = load_model_workdir_config(path).model
     saved = boxed_abstract_params(build_backbone(saved_model), *backbones.init_args(saved_model))
     stacked = is_stacked(nn.unbox(like))
     if is_stacked(nn.unbox(saved)) != stacked:  # saved in the other block layout (model.scan_layers)
@@ -245,7 +259,7 @@ def lora_abstract(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
 def load_lora_workdir(workdir: str, config: ml_collections.ConfigDict | None = None, *, ema: bool = True) -> dict:
   """The adapters of a LoRA training workdir's latest checkpoint as sanajax.models.lora's flat dict
   {path: {"a", "b", "alpha"}} (alpha = config.lora.lora_alpha)."""
-  config = config or load_workdir_config(workdir)
+  config = config or load_model_workdir_config(workdir)
   if latest_workdir_step(workdir) is None:
     raise FileNotFoundError(f"No checkpoint under {checkpoint_dir(workdir)}: train the LoRA first with "
                             f"`python -m sanajax.train --config=configs/lora.py:BASE --workdir={workdir}`.")
