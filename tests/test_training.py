@@ -1,6 +1,7 @@
 """The trainer's promises: exact resume after a kill, the NaN guard, metrics, clear CLI errors."""
 import contextlib
 import os
+import re
 import subprocess
 import sys
 
@@ -206,6 +207,21 @@ def test_train_without_an_ae_or_ae_train_writes_nothing(tmp_path):
   with pytest.raises(FileNotFoundError, match="No AE checkpoint in .*no_ae. Set --config.ae.workdir"):
     train_lib.train(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
+def test_a_models_workdir_given_as_the_ae_workdir_is_refused_naming_its_ae(tmp_path):
+  """--config.ae.workdir=A_DIT_RUN: one line naming that run's AE, before the new workdir is written (an AE would
+  otherwise be trained into the DiT's folder, to be refused there as a different run)."""
+  from sanajax.workdir.files import prepare_workdir
+  run = tmp_path / "run"
+  prepare_workdir(str(run), small_config(run / "ae"))
+  ckpt = Checkpointer(os.path.join(run, "checkpoints"))
+  ckpt.save(1, {"w": np.zeros(3, np.float32)})
+  ckpt.wait()
+  message = f"ae.workdir='{run}' is a text-to-image model's workdir, not an autoencoder's; its AE is {run / 'ae'}."
+  with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+    train_lib.train(small_config(run), str(tmp_path / "new"))
+  assert not os.path.exists(tmp_path / "new" / "config.json")
 
 
 def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_ae):

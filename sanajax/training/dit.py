@@ -36,7 +36,7 @@ from sanajax.training.state import (
   jit_step,
   micro_slice,
 )
-from sanajax.workdir.files import ae_workdir, prepare_workdir
+from sanajax.workdir.files import CONFIG_FILE, ae_workdir, load_workdir_config, prepare_workdir
 from sanajax.workdir.loaders import (
   ae_shift_factor,
   build_text_encoder,
@@ -187,6 +187,11 @@ def ae_needs_training(config: ml_collections.ConfigDict, workdir: str) -> bool:
   ae_dir = ae_workdir(config, workdir)
   if has_checkpoint(ae_dir) and os.path.exists(os.path.join(ae_dir, "ae_info.json")):
     return False
+  if has_checkpoint(ae_dir) and os.path.exists(os.path.join(ae_dir, CONFIG_FILE)):
+    saved = load_workdir_config(ae_dir)
+    if "model" in saved:  # a DiT run's folder: training an AE there would only be refused later, less clearly
+      raise FileNotFoundError(f"ae.workdir={ae_dir!r} is a text-to-image model's workdir, not an autoencoder's; "
+                              f"its AE is {ae_workdir(saved, ae_dir)}.")
   if "ae_train" not in config:
     raise FileNotFoundError(
         f"No AE checkpoint in {ae_dir}. Set --config.ae.workdir to a trained AE (sanajax.train_ae) or to "
