@@ -36,7 +36,7 @@ from sanajax.training.state import (
   jit_step,
   micro_slice,
 )
-from sanajax.workdir.files import CONFIG_FILE, ae_workdir, load_workdir_config, prepare_workdir
+from sanajax.workdir.files import AE_INFO_FILE, CONFIG_FILE, ae_workdir, load_workdir_config, prepare_workdir
 from sanajax.workdir.loaders import (
   ae_shift_factor,
   build_text_encoder,
@@ -185,7 +185,7 @@ def ae_needs_training(config: ml_collections.ConfigDict, workdir: str) -> bool:
   asks before it writes the workdir: no AE and no `ae_train` section to train one with (the SANA configs: their
   DC-AE comes converted) is a FileNotFoundError naming the fix, and the corrected command starts clean."""
   ae_dir = ae_workdir(config, workdir)
-  if has_checkpoint(ae_dir) and os.path.exists(os.path.join(ae_dir, "ae_info.json")):
+  if has_checkpoint(ae_dir) and os.path.exists(os.path.join(ae_dir, AE_INFO_FILE)):
     return False
   if has_checkpoint(ae_dir) and os.path.exists(os.path.join(ae_dir, CONFIG_FILE)):
     saved = load_workdir_config(ae_dir)
