@@ -224,6 +224,31 @@ def test_a_models_workdir_given_as_the_ae_workdir_is_refused_naming_its_ae(tmp_p
   assert not os.path.exists(tmp_path / "new" / "config.json")
 
 
+def test_a_model_run_and_its_autoencoder_do_not_take_each_others_workdir(tmp_path):
+  """train --workdir=RUN/ae and train_ae --workdir=RUN (the two folders swapped): one line each naming what the
+  folder holds, before any work, and neither config.json is overwritten (train_ae replaced the DiT's, then failed
+  on its checkpoint with orbax's tree mismatch)."""
+  from sanajax.training import autoencoder as ae_lib
+  from sanajax.workdir.files import WorkdirConfigError, prepare_workdir
+  run = tmp_path / "run"
+  config = small_config(run / "ae")
+  for folder, its_config in ((run, config), (run / "ae", train_lib.ae_train_config(config))):
+    prepare_workdir(str(folder), its_config)
+    ckpt = Checkpointer(os.path.join(folder, "checkpoints"))
+    ckpt.save(1, {"w": np.zeros(3, np.float32)})
+    ckpt.wait()
+  saved = {folder: (folder / "config.json").read_text() for folder in (run, run / "ae")}
+  with pytest.raises(WorkdirConfigError, match=f"^{re.escape(str(run / 'ae'))} holds checkpoints of an autoencoder's "
+                                               f"run, not of a text-to-image model's: give the model its own --workdir "
+                                               f"\\(the model run this AE belongs to is {re.escape(str(run))}\\)\\.$"):
+    train_lib.train(small_config(tmp_path / "another_ae"), str(run / "ae"))
+  with pytest.raises(WorkdirConfigError, match=f"^{re.escape(str(run))} holds checkpoints of a text-to-image model's "
+                                               f"run, not of an autoencoder's: give the autoencoder its own --workdir"):
+    ae_lib.train_ae(train_lib.ae_train_config(config), str(run))
+  assert {folder: (folder / "config.json").read_text() for folder in saved} == saved
+  assert not (tmp_path / "another_ae").exists()
+
+
 def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_ae):
   """The step's loss on a batch of cached latents equals its loss on the images they came from."""
   import jax.numpy as jnp

@@ -38,7 +38,8 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
 
   A resumed run must use the same config: a changed architecture field would make the restore fail
   later with a much less readable message, so when the workdir holds a checkpoint, the model, ae and
-  text sections are checked against its config.json (WorkdirConfigError). Without a checkpoint there is
+  text sections are checked against its config.json (WorkdirConfigError), and so is the kind of run (a model's
+  or an autoencoder's: the two are easily swapped, and the restore would fail on the other's state). Without a checkpoint there is
   nothing to resume: a run that stopped before its first one (a missing AE, a bad data path) leaves a
   config.json that the corrected command replaces.
   """
@@ -48,6 +49,8 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if os.path.exists(path) and latest_workdir_step(workdir) is not None:
     with open(path) as f:
       old = json.load(f)
+    if ("model" in old) != ("model" in new):  # a DiT run's folder and its AE's are easily swapped on the command line
+      raise WorkdirConfigError(_other_kind_of_run(workdir, holds_model="model" in old))
     for section in ("model", "ae", "text"):
       if section in old and section in new and old[section] != new[section]:
         changed = sorted(k for k in set(old[section]) | set(new[section])
@@ -57,6 +60,17 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if jax.process_index() == 0:
     with open(path, "w") as f:
       json.dump(new, f, indent=2, sort_keys=True)
+
+
+def _other_kind_of_run(workdir: str, *, holds_model: bool) -> str:
+  if holds_model:
+    return (f"{workdir} holds checkpoints of a text-to-image model's run, not of an autoencoder's: give the "
+            f"autoencoder its own --workdir (a DiT run trains its AE in WORKDIR/ae).")
+  owner = _run_owning_ae(workdir)
+  where = (f"the model run this AE belongs to is {owner}" if owner else
+           f"--config.ae.workdir={workdir} trains the model on this AE")
+  return (f"{workdir} holds checkpoints of an autoencoder's run, not of a text-to-image model's: give the model its "
+          f"own --workdir ({where}).")
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
