@@ -10,10 +10,9 @@ configs/sana_600m.py) is the run's config; `init_from` points at it so that trai
 its weights instead of a random init, and the AE and text encoder are read from it (absolute
 paths, so the new run's workdir can be anywhere).
 """
-import json
 import os
 
-import ml_collections
+from sanajax.workdir.files import load_model_workdir_config
 
 
 def get_config(arg=None):
@@ -24,8 +23,7 @@ def get_config(arg=None):
   if not os.path.exists(path):
     raise FileNotFoundError(f"{workdir} holds no config.json: pass a workdir written by `python -m sanajax.convert` "
                             f"(released weights) or `python -m sanajax.train`.")
-  with open(path) as f:
-    c = ml_collections.ConfigDict(json.load(f))
+  c = load_model_workdir_config(workdir)  # an autoencoder's workdir is refused, naming the run it belongs to
   c.init_from = workdir
   c.ae.workdir = c.ae.workdir if os.path.isabs(c.ae.workdir or "") else os.path.join(workdir, c.ae.workdir or "ae")
   pretrained = c.text.get("pretrained", "")

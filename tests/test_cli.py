@@ -355,6 +355,9 @@ def test_an_autoencoders_workdir_is_refused_where_a_model_is_wanted_naming_its_r
       with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
         call(str(ae_dir))
   assert not (tmp_path / "export").exists()
+  for config_file in ("pretrained", "lora", "controlnet_tiny", "sprint_phase1"):  # configs taking a base workdir
+    with pytest.raises(FileNotFoundError, match=f"^{re.escape(alone)}$"):
+      config_utils.load_config(f"configs/{config_file}.py", str(solo))
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "config.json").write_text('{"seed": 0}')
   with pytest.raises(FileNotFoundError, match="has no model section in its config.json: it is not the workdir of a"):
@@ -367,6 +370,8 @@ def test_an_autoencoders_workdir_is_refused_where_a_model_is_wanted_naming_its_r
   assert_user_error(run_cli("sanajax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / 't'}",
                             f"--config.train.init_from={run / 'ae'}"), owned)
   assert os.listdir(tmp_path / "t") == []  # the lock's folder only: no config.json, no AE trained
+  line = assert_user_error(run_cli("sanajax.train", f"--config=configs/lora.py:{run / 'ae'}", f"--workdir={tmp_path / 'l'}"))
+  assert line.endswith(f"the config file did not load: {owned}"), line
 
 
 def export_diffusers_with_dst(dst):
