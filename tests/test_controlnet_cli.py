@@ -72,6 +72,9 @@ def test_sample_with_a_control_image_of_the_wrong_size(runs, tmp_path):
     (("--workdir=CN",), ("--control=IMAGE",)),
     (("--workdir=CN", "--control=/nonexistent.png"), ("does not exist",)),
     (("--workdir=CN", "--controlnet=CN", "--control=C"), ("is a ControlNet workdir",)),
+    # A model's workdir as the ControlNet: said so (it was "No weights in BASE: expected *.safetensors ...").
+    (("--workdir=BASE", "--controlnet=BASE", "--control=C"), ("is a sanajax workdir of another kind of run",
+                                                            "pass a ControlNet workdir")),
 ])
 def test_sample_errors_are_one_line(runs, tmp_path, args, needles):
   control = tmp_path / "c.png"

@@ -309,6 +309,10 @@ def load_controlnet(path: str):
   if not os.path.isdir(path):
     raise FileNotFoundError(f"ControlNet {path!r} is not a directory (a ControlNet workdir or a diffusers one).")
   if not is_controlnet_workdir(path):
+    if _is_workdir(path):  # a model's or an autoencoder's run: its folder holds no diffusers weights either
+      raise FileNotFoundError(f"ControlNet {path!r} is a sanajax workdir of another kind of run (its config has no "
+                              f"controlnet section): pass a ControlNet workdir (python -m sanajax.train "
+                              f"--config=configs/controlnet_tiny.py:BASE) or a diffusers SanaControlNetModel directory.")
     model, params = load_sana_controlnet(path)
     return model, params, None
   config = load_workdir_config(path)
