@@ -60,7 +60,7 @@ from sanajax.models.quantize import check_mode as check_quantize
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan, mesh_config
 from sanajax.workdir.files import load_model_workdir_config, load_workdir_config
-from sanajax.workdir.loaders import is_controlnet_workdir, load_controlnet
+from sanajax.workdir.loaders import check_adapter_source, is_controlnet_workdir, load_controlnet
 
 cli.define_flags("Training workdir (config.json + checkpoints).")
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "Text file, one prompt per line (a \"<TAB>category\" "
@@ -212,6 +212,7 @@ def parse_loras(values: list[str]) -> tuple[tuple[str, float], ...]:
     if not os.path.exists(path):
       raise cli.UserError(f"--lora={text!r}: {path!r} does not exist (a LoRA workdir, or a directory holding "
                           f"pytorch_lora_weights.safetensors; DIR[:SCALE]).")
+    check_adapter_source(path)  # before the model loads: a model's workdir given as the LoRA is one line
     out.append((path, scale))
   return tuple(out)
 

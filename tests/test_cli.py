@@ -22,7 +22,7 @@ from sanajax.generation import Generator
 from sanajax.training.sprint import load_teacher
 from sanajax.training.sprint_config import check_teacher
 from sanajax.workdir.files import load_model_workdir_config, prepare_workdir
-from sanajax.workdir.loaders import check_init_source, load_dit_params
+from sanajax.workdir.loaders import check_adapter_source, check_init_source, load_adapter, load_dit_params
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -358,6 +358,14 @@ def test_an_autoencoders_workdir_is_refused_where_a_model_is_wanted_naming_its_r
   for config_file in ("pretrained", "lora", "controlnet_tiny", "sprint_phase1"):  # configs taking a base workdir
     with pytest.raises(FileNotFoundError, match=f"^{re.escape(alone)}$"):
       config_utils.load_config(f"configs/{config_file}.py", str(solo))
+  # Given as a LoRA: a model's or an autoencoder's workdir holds no adapters (it was "expected
+  # pytorch_lora_weights.safetensors ..., found none", after the model had loaded).
+  (run / "checkpoints").mkdir()
+  for folder in (run, run / "ae"):
+    for call in (check_adapter_source, load_adapter):
+      with pytest.raises(FileNotFoundError, match=f"^LoRA {re.escape(repr(str(folder)))} is a sanajax workdir of "
+                                                   f"another kind of run \\(its config has no lora section\\): pass a"):
+        call(str(folder))
   (tmp_path / "other").mkdir()
   (tmp_path / "other" / "config.json").write_text('{"seed": 0}')
   with pytest.raises(FileNotFoundError, match="has no model section in its config.json: it is not the workdir of a"):
@@ -370,6 +378,8 @@ def test_an_autoencoders_workdir_is_refused_where_a_model_is_wanted_naming_its_r
   assert_user_error(run_cli("sanajax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / 't'}",
                             f"--config.train.init_from={run / 'ae'}"), owned)
   assert os.listdir(tmp_path / "t") == []  # the lock's folder only: no config.json, no AE trained
+  assert_user_error(sample(run, "--lora=" + str(run / "ae") + ":0.5", out=tmp_path / "o"), "is a sanajax workdir of "
+                    "another kind of run")
   line = assert_user_error(run_cli("sanajax.train", f"--config=configs/lora.py:{run / 'ae'}", f"--workdir={tmp_path / 'l'}"))
   assert line.endswith(f"the config file did not load: {owned}"), line
 

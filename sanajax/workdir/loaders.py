@@ -272,15 +272,23 @@ def is_lora_workdir(path: str) -> bool:
   return _is_workdir(path) and "lora" in load_workdir_config(path)
 
 
-def load_adapter(path: str) -> dict:
-  """LoRA adapters from a LoRA training workdir, or a PEFT / diffusers LoRA (a directory holding
-  pytorch_lora_weights.safetensors, or the file; sanajax.models.lora_diffusers.load_lora)."""
-  if os.path.isdir(path) and is_lora_workdir(path):
-    return load_lora_workdir(path)
+def check_adapter_source(path: str) -> None:
+  """What load_adapter can tell without reading weights, so the sampler asks before the model loads: `path`
+  exists, and a sanajax workdir there is a LoRA run's (a model's or an autoencoder's holds no adapters)."""
   if not os.path.exists(path):
     raise FileNotFoundError(f"LoRA {path!r} does not exist (a LoRA workdir, or a directory holding "
                             f"{LORA_WEIGHT_NAME}).")
-  return load_lora(path)
+  if os.path.isdir(path) and _is_workdir(path) and "lora" not in load_workdir_config(path):
+    raise FileNotFoundError(f"LoRA {path!r} is a sanajax workdir of another kind of run (its config has no lora "
+                            f"section): pass a LoRA workdir (python -m sanajax.train --config=configs/lora.py:BASE) "
+                            f"or a directory holding {LORA_WEIGHT_NAME}.")
+
+
+def load_adapter(path: str) -> dict:
+  """LoRA adapters from a LoRA training workdir, or a PEFT / diffusers LoRA (a directory holding
+  pytorch_lora_weights.safetensors, or the file; sanajax.models.lora_diffusers.load_lora)."""
+  check_adapter_source(path)
+  return load_lora_workdir(path) if is_lora_workdir(path) else load_lora(path)
 
 
 def apply_adapters(params: Any, adapters: Sequence[tuple[str, float]]) -> Any:
