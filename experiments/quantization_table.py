@@ -34,7 +34,7 @@ from sanajax.data.shapes import eval_prompt_set
 from sanajax.eval import after_training, geneval_lite
 from sanajax.generation import Generator
 from sanajax.models.quantize import MODES
-from sanajax.workdir.files import CONFIG_FILE, load_workdir_config
+from sanajax.workdir.files import CONFIG_FILE, load_model_workdir_config, load_workdir_config
 
 PRECISIONS = ("fp32", "bf16", *MODES[1:])
 
@@ -95,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   unknown = [p for p in precisions if p not in PRECISIONS]
   if unknown:
     parser.error(f"--precisions: {unknown} not in {PRECISIONS}")
-  config = load_workdir_config(args.workdir)
+  config = load_model_workdir_config(args.workdir)
   sampler = args.sampler or config.sample.sampler
   steps_list = [int(s) for s in args.steps.split(",")] if args.steps else [int(config.sample.steps)]
   prompts = [p for p, _ in eval_prompt_set(args.latency_batch, seed=config.seed + 1)]
