@@ -346,7 +346,8 @@ def test_an_autoencoders_workdir_is_refused_where_a_model_is_wanted_naming_its_r
   for ae_dir in (run / "ae", solo):
     prepare_workdir(str(ae_dir), config_utils.load_config("configs/dcae_tiny.py"))
     (ae_dir / "checkpoints").mkdir()  # a trained AE's layout (its checkpoints are not read)
-  owned = f"'{run / 'ae'}' is an autoencoder's workdir, not a text-to-image model's; the model run it belongs to is {run}."
+  owned = (f"'{run / 'ae'}' is an autoencoder's workdir, not a text-to-image model's; the model run it belongs to "
+           f"is {run}.")
   alone = (f"'{solo}' is an autoencoder's workdir, not a text-to-image model's: pass a DiT run's workdir (python -m "
            f"sanajax.train) or a converted model's (python -m sanajax.convert).")
   for call in (Generator.from_workdir, check_teacher, load_teacher, check_init_source, load_dit_params,
@@ -380,7 +381,8 @@ def test_an_autoencoders_workdir_is_refused_where_a_model_is_wanted_naming_its_r
   assert os.listdir(tmp_path / "t") == []  # the lock's folder only: no config.json, no AE trained
   assert_user_error(sample(run, "--lora=" + str(run / "ae") + ":0.5", out=tmp_path / "o"), "is a sanajax workdir of "
                     "another kind of run")
-  line = assert_user_error(run_cli("sanajax.train", f"--config=configs/lora.py:{run / 'ae'}", f"--workdir={tmp_path / 'l'}"))
+  line = assert_user_error(run_cli("sanajax.train", f"--config=configs/lora.py:{run / 'ae'}",
+                                   f"--workdir={tmp_path / 'l'}"))
   assert line.endswith(f"the config file did not load: {owned}"), line
 
 

@@ -38,10 +38,10 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
 
   A resumed run must use the same config: a changed architecture field would make the restore fail
   later with a much less readable message, so when the workdir holds a checkpoint, the model, ae and
-  text sections are checked against its config.json (WorkdirConfigError), and so is the kind of run (a model's
-  or an autoencoder's: the two are easily swapped, and the restore would fail on the other's state). Without a checkpoint there is
-  nothing to resume: a run that stopped before its first one (a missing AE, a bad data path) leaves a
-  config.json that the corrected command replaces.
+  text sections are checked against its config.json (WorkdirConfigError), and so is the kind of run (a
+  model's or an autoencoder's: the two folders are easily swapped, and the restore would fail on the other's
+  state). Without a checkpoint there is nothing to resume: a run that stopped before its first one (a missing
+  AE, a bad data path) leaves a config.json that the corrected command replaces.
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)

@@ -278,7 +278,7 @@ def check_adapter_source(path: str) -> None:
   if not os.path.exists(path):
     raise FileNotFoundError(f"LoRA {path!r} does not exist (a LoRA workdir, or a directory holding "
                             f"{LORA_WEIGHT_NAME}).")
-  if os.path.isdir(path) and _is_workdir(path) and "lora" not in load_workdir_config(path):
+  if _is_workdir(path) and "lora" not in load_workdir_config(path):
     raise FileNotFoundError(f"LoRA {path!r} is a sanajax workdir of another kind of run (its config has no lora "
                             f"section): pass a LoRA workdir (python -m sanajax.train --config=configs/lora.py:BASE) "
                             f"or a directory holding {LORA_WEIGHT_NAME}.")
@@ -320,7 +320,8 @@ def load_controlnet(path: str):
     if _is_workdir(path):  # a model's or an autoencoder's run: its folder holds no diffusers weights either
       raise FileNotFoundError(f"ControlNet {path!r} is a sanajax workdir of another kind of run (its config has no "
                               f"controlnet section): pass a ControlNet workdir (python -m sanajax.train "
-                              f"--config=configs/controlnet_tiny.py:BASE) or a diffusers SanaControlNetModel directory.")
+                              f"--config=configs/controlnet_tiny.py:BASE) or a diffusers SanaControlNetModel "
+                              f"directory.")
     model, params = load_sana_controlnet(path)
     return model, params, None
   config = load_workdir_config(path)
