@@ -185,10 +185,10 @@ def ae_needs_training(config: ml_collections.ConfigDict, workdir: str) -> bool:
   asks before it writes the workdir: no AE and no `ae_train` section to train one with (the SANA configs: their
   DC-AE comes converted) is a FileNotFoundError naming the fix, and the corrected command starts clean."""
   ae_dir = ae_workdir(config, workdir)
-  if has_checkpoint(ae_dir) and os.path.exists(os.path.join(ae_dir, AE_INFO_FILE)):
-    return False
-  if has_checkpoint(ae_dir) and os.path.exists(os.path.join(ae_dir, CONFIG_FILE)):
-    saved = load_workdir_config(ae_dir)
+  if has_checkpoint(ae_dir):  # listed once: orbax opens the checkpoint folder for it
+    if os.path.exists(os.path.join(ae_dir, AE_INFO_FILE)):
+      return False
+    saved = load_workdir_config(ae_dir) if os.path.exists(os.path.join(ae_dir, CONFIG_FILE)) else {}
     if "model" in saved:  # a DiT run's folder: training an AE there would only be refused later, less clearly
       raise FileNotFoundError(f"ae.workdir={ae_dir!r} is a text-to-image model's workdir, not an autoencoder's; "
                               f"its AE is {ae_workdir(saved, ae_dir)}.")
