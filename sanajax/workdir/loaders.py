@@ -278,7 +278,7 @@ def check_adapter_source(path: str) -> None:
   if not os.path.exists(path):
     raise FileNotFoundError(f"LoRA {path!r} does not exist (a LoRA workdir, or a directory holding "
                             f"{LORA_WEIGHT_NAME}).")
-  if _is_workdir(path) and "lora" not in load_workdir_config(path):
+  if _is_workdir(path) and not is_lora_workdir(path):
     raise FileNotFoundError(f"LoRA {path!r} is a sanajax workdir of another kind of run (its config has no lora "
                             f"section): pass a LoRA workdir (python -m sanajax.train --config=configs/lora.py:BASE) "
                             f"or a directory holding {LORA_WEIGHT_NAME}.")
