@@ -38,7 +38,9 @@ ae/ (the DC-AE as an AE workdir: config.json, ae_info.json with the scaling fact
 and text_encoder/ (Gemma-2 as config.json + checkpoints, its tokenizer in text_encoder/tokenizer).
 config.text.pretrained is "text_encoder", relative to the workdir, so the workdir can be moved.
 A source directory with only transformer files (no model_index.json) converts the DiT alone;
-give --ae and --text_encoder (converted workdirs) to complete it.
+give --ae and --text_encoder (converted workdirs) to complete it. Each converter holds its destination's
+lock (sanajax.workdir.lock) while it writes, as a trainer does: a --dst that a training run or another
+convert is writing is refused in one line, before anything is written.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from sanajax import hugepage_malloc
 
 hugepage_malloc.reexec_if_main(__name__)  # before the imports below, which would otherwise run twice
 
+import contextlib
 import json
 import os
 import shutil
@@ -93,6 +96,7 @@ from sanajax.workdir.files import (
   prepare_workdir,
 )
 from sanajax.workdir.loaders import AUTOENCODER_KL, has_checkpoint, load_ae, load_lora_workdir
+from sanajax.workdir.lock import hold_workdir
 
 # The Python API users call as sanajax.convert.X (README "Pretrained weights"); the rest is the CLI.
 __all__ = ["convert_ae", "convert_diffusers", "convert_kl_ae", "convert_sd3", "convert_text_encoder", "export_diffusers", "export_lora", "export_sd3",
@@ -137,6 +141,17 @@ def _save_params(directory: str, params: Any) -> None:
   ckpt.close()
 
 
+@contextlib.contextmanager
+def _writing(*workdirs: str):
+  """Holds each workdir's lock (sanajax.workdir.lock; it creates the folder) while a converter writes there,
+  all taken before the first write: a destination a trainer or another convert is writing is refused before
+  anything is converted. The converters of the parts take their own again (the lock is reentrant)."""
+  with contextlib.ExitStack() as stack:
+    for workdir in workdirs:
+      stack.enter_context(hold_workdir(workdir))
+    yield
+
+
 def _base_config(resolution: int) -> ml_collections.ConfigDict:
   """The SANA config (configs/sana_600m.py) the training/sampling sections of a converted workdir use."""
   sana = config_utils.load_sibling(os.path.join(config_utils.REPO_CONFIG_DIR, "x.py"), "sana_600m")
@@ -157,11 +172,12 @@ def convert_text_encoder(src: str, dst: str, *, tokenizer_src: str | None = None
   if "max_length" not in text:
     text.max_length = 300  # SANA's model_max_length.
   c = ml_collections.ConfigDict({"text": text})
-  prepare_workdir(dst, c)
-  _save_params(dst, params)
   tok_src = tokenizer_src or (src if has_tokenizer(src) else None)
-  if tok_src:
-    load_tokenizer(tok_src).tokenizer.save_pretrained(os.path.join(dst, "tokenizer"))
+  with hold_workdir(dst):
+    prepare_workdir(dst, c)
+    _save_params(dst, params)
+    if tok_src:
+      load_tokenizer(tok_src).tokenizer.save_pretrained(os.path.join(dst, "tokenizer"))
   return text
 
 
@@ -170,10 +186,11 @@ def convert_ae(src: str, dst: str, *, dtype: str = "float32") -> ml_collections.
   model, params, ae = load_dcae(src, dtype=dtype, return_config=True)
   f = dcae.downsample_factor(ae)
   c = ml_collections.ConfigDict({"ae": ae, "data": {"resolution": f}})
-  prepare_workdir(dst, c)
-  _save_params(dst, put_like(boxed_abstract_params(model, jax.ShapeDtypeStruct((1, f, f, 3), jnp.float32)), params))
-  with open(os.path.join(dst, AE_INFO_FILE), "w") as f:
-    json.dump({"scaling_factor": float(model.scaling_factor), "source": os.path.abspath(src)}, f, indent=2)
+  with hold_workdir(dst):
+    prepare_workdir(dst, c)
+    _save_params(dst, put_like(boxed_abstract_params(model, jax.ShapeDtypeStruct((1, f, f, 3), jnp.float32)), params))
+    with open(os.path.join(dst, AE_INFO_FILE), "w") as fh:
+      json.dump({"scaling_factor": float(model.scaling_factor), "source": os.path.abspath(src)}, fh, indent=2)
   return ae
 
 
@@ -193,11 +210,12 @@ def convert_kl_ae(src: str, dst: str, *, dtype: str = "float32") -> ml_collectio
   ae.name = AUTOENCODER_KL
   f = model.downsample_factor
   c = ml_collections.ConfigDict({"ae": ae, "data": {"resolution": f}})
-  prepare_workdir(dst, c)
-  _save_params(dst, put_like(boxed_abstract_params(model, jax.ShapeDtypeStruct((1, f, f, 3), jnp.float32)), params))
-  with open(os.path.join(dst, AE_INFO_FILE), "w") as fh:
-    json.dump({"scaling_factor": float(model.scaling_factor), "shift_factor": float(model.shift_factor),
-               "source": os.path.abspath(src)}, fh, indent=2)
+  with hold_workdir(dst):
+    prepare_workdir(dst, c)
+    _save_params(dst, put_like(boxed_abstract_params(model, jax.ShapeDtypeStruct((1, f, f, 3), jnp.float32)), params))
+    with open(os.path.join(dst, AE_INFO_FILE), "w") as fh:
+      json.dump({"scaling_factor": float(model.scaling_factor), "shift_factor": float(model.shift_factor),
+                 "source": os.path.abspath(src)}, fh, indent=2)
   return ae
 
 
@@ -221,41 +239,41 @@ def convert_sd3(src: str, dst: str, *, dtype: str = "float32") -> ml_collections
   """
   _, params, model = load_sd3_transformer(os.path.join(src, "transformer"), dtype=dtype, return_config=True)
   model.pooled_text = "clip"
-  os.makedirs(dst, exist_ok=True)
-  ae = convert_kl_ae(os.path.join(src, "vae"), os.path.join(dst, "ae"), dtype=dtype)
-  f = 2 ** (len(ae.block_out_channels) - 1)
-  c = _base_config(int(model.sample_size) * f)
-  c.model = model
-  c.ae = ae
-  c.ae.workdir = ""  # WORKDIR/ae, the trainer's default.
-  if "ae_train" in c:
-    del c["ae_train"]
-  use_t5 = os.path.isdir(os.path.join(src, "text_encoder_3"))
-  tok = os.path.join(src, "tokenizer", "tokenizer_config.json")
-  clip_length = int(read_json(tok).get("model_max_length", 77)) if os.path.exists(tok) else 77
-  t5_length = 256  # StableDiffusion3Pipeline's max_sequence_length.
-  c.text = ml_collections.ConfigDict({"kind": "sd3", "pretrained": os.path.abspath(src), "use_t5": use_t5,
-                                      "t5_max_length": t5_length, "max_length": clip_length + t5_length,
-                                      "dtype": dtype, "seed": 0})
-  if c.model.in_channels != c.ae.latent_channels:
-    raise ValueError(f"The transformer takes {c.model.in_channels} latent channels but the VAE gives "
-                     f"{c.ae.latent_channels}.")
-  scheduler = os.path.join(src, "scheduler", "scheduler_config.json")
-  if os.path.exists(scheduler):
-    sched = read_json(scheduler)
-    if sched.get("use_dynamic_shifting"):
-      raise NotImplementedError(f"{scheduler}: use_dynamic_shifting (a resolution-dependent shift) is not supported.")
-    c.diffusion.flow_shift = float(sched.get("shift", 1.0))
-  c.sample.sampler, c.sample.steps, c.sample.cfg = "flow_euler", 28, 7.0
-  sd3 = config_utils.load_sibling(os.path.join(config_utils.REPO_CONFIG_DIR, "x.py"), "sd3_medium")
-  recipe = sd3.base_config(mmdit.SD3_MEDIUM)
-  for field in SD3_RECIPE:
-    c.train[field] = recipe.train[field]
-  c.text.encoder_dropout = recipe.text.encoder_dropout
-  prepare_workdir(dst, c)
-  bb = build_backbone(model)
-  _save_params(dst, put_like(boxed_abstract_params(bb, *backbones.init_args(model)), params))
-  return c
+  with _writing(dst, os.path.join(dst, "ae")):
+    ae = convert_kl_ae(os.path.join(src, "vae"), os.path.join(dst, "ae"), dtype=dtype)
+    f = 2 ** (len(ae.block_out_channels) - 1)
+    c = _base_config(int(model.sample_size) * f)
+    c.model = model
+    c.ae = ae
+    c.ae.workdir = ""  # WORKDIR/ae, the trainer's default.
+    if "ae_train" in c:
+      del c["ae_train"]
+    use_t5 = os.path.isdir(os.path.join(src, "text_encoder_3"))
+    tok = os.path.join(src, "tokenizer", "tokenizer_config.json")
+    clip_length = int(read_json(tok).get("model_max_length", 77)) if os.path.exists(tok) else 77
+    t5_length = 256  # StableDiffusion3Pipeline's max_sequence_length.
+    c.text = ml_collections.ConfigDict({"kind": "sd3", "pretrained": os.path.abspath(src), "use_t5": use_t5,
+                                        "t5_max_length": t5_length, "max_length": clip_length + t5_length,
+                                        "dtype": dtype, "seed": 0})
+    if c.model.in_channels != c.ae.latent_channels:
+      raise ValueError(f"The transformer takes {c.model.in_channels} latent channels but the VAE gives "
+                       f"{c.ae.latent_channels}.")
+    scheduler = os.path.join(src, "scheduler", "scheduler_config.json")
+    if os.path.exists(scheduler):
+      sched = read_json(scheduler)
+      if sched.get("use_dynamic_shifting"):
+        raise NotImplementedError(f"{scheduler}: use_dynamic_shifting (a resolution-dependent shift) is not supported.")
+      c.diffusion.flow_shift = float(sched.get("shift", 1.0))
+    c.sample.sampler, c.sample.steps, c.sample.cfg = "flow_euler", 28, 7.0
+    sd3 = config_utils.load_sibling(os.path.join(config_utils.REPO_CONFIG_DIR, "x.py"), "sd3_medium")
+    recipe = sd3.base_config(mmdit.SD3_MEDIUM)
+    for field in SD3_RECIPE:
+      c.train[field] = recipe.train[field]
+    c.text.encoder_dropout = recipe.text.encoder_dropout
+    prepare_workdir(dst, c)
+    bb = build_backbone(model)
+    _save_params(dst, put_like(boxed_abstract_params(bb, *backbones.init_args(model)), params))
+    return c
 
 
 def convert_diffusers(src: str, dst: str, *, dtype: str = "float32", ae_workdir: str = "",
@@ -271,54 +289,54 @@ def convert_diffusers(src: str, dst: str, *, dtype: str = "float32", ae_workdir:
                             f"a transformer directory (config.json + safetensors): give the folder save_pretrained "
                             f"or the Hub download wrote." if os.path.isdir(src) else f"{src} does not exist.")
   transformer_dir = os.path.join(src, "transformer") if pipeline else src
-  dit, params, model = load_sana_transformer(transformer_dir, dtype=dtype, return_config=True)
-  os.makedirs(dst, exist_ok=True)
-  if pipeline:
-    ae = convert_ae(os.path.join(src, "vae"), os.path.join(dst, "ae"), dtype=dtype)
-    ae_ref = ""  # WORKDIR/ae, the trainer's default.
-  elif ae_workdir:
-    ae, ae_ref = load_workdir_config(ae_workdir).ae, os.path.abspath(ae_workdir)
-  else:
+  if not pipeline and not ae_workdir:
     raise ValueError(f"{src} is a bare transformer directory: give --ae=AE_WORKDIR (a converted AutoencoderDC) "
                      f"and --text_encoder=TEXT_WORKDIR, or convert the whole pipeline directory.")
-  resolution = model.sample_size * dcae.downsample_factor(ae)
-  c = _base_config(resolution)
-  c.model = model
-  c.ae = ae
-  c.ae.workdir = ae_ref
-  c.ae.dtype = dtype
-  if "ae_train" in c:
-    del c["ae_train"]
-  text = c.text
-  if pipeline:
-    text_cfg = convert_text_encoder(os.path.join(src, "text_encoder"), os.path.join(dst, "text_encoder"),
-                                    tokenizer_src=os.path.join(src, "tokenizer"), dtype=dtype,
-                                    text_config={"max_length": text.max_length, "chi_prompt": text.chi_prompt})
-    text_ref = "text_encoder"
-  elif text_workdir:
-    text_cfg, text_ref = load_workdir_config(text_workdir).text, os.path.abspath(text_workdir)
-  else:
+  if not pipeline and not text_workdir:
     raise ValueError(f"{src} is a bare transformer directory: give --text_encoder=TEXT_WORKDIR too.")
-  new_text = gemma2_config_from_dict(text_cfg, dtype)
-  new_text.pretrained = text_ref
-  new_text.max_length = text.max_length
-  new_text.chi_prompt = text.chi_prompt
-  new_text.seed = text.seed
-  c.text = new_text
-  if c.model.caption_channels != c.text.hidden_size:
-    raise ValueError(f"The transformer reads captions of {c.model.caption_channels} channels but the text "
-                     f"encoder gives {c.text.hidden_size}.")
-  if c.model.in_channels != c.ae.latent_channels:
-    raise ValueError(f"The transformer takes {c.model.in_channels} latent channels but the AE gives "
-                     f"{c.ae.latent_channels}.")
-  if c.model.get("guidance_embeds"):  # SANA-Sprint: sCM, 2 steps, embedded guidance 4.5 (configs/sprint_600m.py).
-    c.sample.sampler, c.sample.steps, c.sample.cfg = "scm", 2, 4.5
-  scheduler = os.path.join(src, "scheduler", "scheduler_config.json")
-  if os.path.exists(scheduler):  # The released pipeline's flow_shift (3.0 for Sana 1024px).
-    c.diffusion.flow_shift = float(read_json(scheduler).get("flow_shift", c.diffusion.flow_shift))
-  prepare_workdir(dst, c)
-  _save_params(dst, put_like(boxed_abstract_params(dit, *dit_init_args(model)), params))
-  return c
+  dit, params, model = load_sana_transformer(transformer_dir, dtype=dtype, return_config=True)
+  with _writing(dst, *([os.path.join(dst, "ae"), os.path.join(dst, "text_encoder")] if pipeline else [])):
+    if pipeline:
+      ae = convert_ae(os.path.join(src, "vae"), os.path.join(dst, "ae"), dtype=dtype)
+      ae_ref = ""  # WORKDIR/ae, the trainer's default.
+    else:
+      ae, ae_ref = load_workdir_config(ae_workdir).ae, os.path.abspath(ae_workdir)
+    resolution = model.sample_size * dcae.downsample_factor(ae)
+    c = _base_config(resolution)
+    c.model = model
+    c.ae = ae
+    c.ae.workdir = ae_ref
+    c.ae.dtype = dtype
+    if "ae_train" in c:
+      del c["ae_train"]
+    text = c.text
+    if pipeline:
+      text_cfg = convert_text_encoder(os.path.join(src, "text_encoder"), os.path.join(dst, "text_encoder"),
+                                      tokenizer_src=os.path.join(src, "tokenizer"), dtype=dtype,
+                                      text_config={"max_length": text.max_length, "chi_prompt": text.chi_prompt})
+      text_ref = "text_encoder"
+    else:
+      text_cfg, text_ref = load_workdir_config(text_workdir).text, os.path.abspath(text_workdir)
+    new_text = gemma2_config_from_dict(text_cfg, dtype)
+    new_text.pretrained = text_ref
+    new_text.max_length = text.max_length
+    new_text.chi_prompt = text.chi_prompt
+    new_text.seed = text.seed
+    c.text = new_text
+    if c.model.caption_channels != c.text.hidden_size:
+      raise ValueError(f"The transformer reads captions of {c.model.caption_channels} channels but the text "
+                       f"encoder gives {c.text.hidden_size}.")
+    if c.model.in_channels != c.ae.latent_channels:
+      raise ValueError(f"The transformer takes {c.model.in_channels} latent channels but the AE gives "
+                       f"{c.ae.latent_channels}.")
+    if c.model.get("guidance_embeds"):  # SANA-Sprint: sCM, 2 steps, embedded guidance 4.5 (configs/sprint_600m.py).
+      c.sample.sampler, c.sample.steps, c.sample.cfg = "scm", 2, 4.5
+    scheduler = os.path.join(src, "scheduler", "scheduler_config.json")
+    if os.path.exists(scheduler):  # The released pipeline's flow_shift (3.0 for Sana 1024px).
+      c.diffusion.flow_shift = float(read_json(scheduler).get("flow_shift", c.diffusion.flow_shift))
+    prepare_workdir(dst, c)
+    _save_params(dst, put_like(boxed_abstract_params(dit, *dit_init_args(model)), params))
+    return c
 
 
 # What an exported SD3 pipeline copies from the pipeline directory its text.pretrained names (frozen in training).

@@ -328,6 +328,30 @@ def test_a_source_that_is_no_pipeline_nor_transformer_is_named(tmp_path):
   assert not (tmp_path / "work").exists()
 
 
+def test_a_destination_another_run_is_writing_is_refused_before_anything_is_written(models, tmp_path):
+  """One writer per workdir: a --dst (or its ae/ or text_encoder/) whose lock a live run holds is refused with
+  the lock's one-line message before any part is converted; convert's own locks are gone after a refusal
+  and after a success."""
+  from test_workdir import start_holder  # tests/test_workdir.py: another process holding a workdir's lock
+
+  from sanajax.workdir.lock import WorkdirLockedError
+  for held in ("", "ae", "text_encoder"):
+    dst = tmp_path / f"work_{held or 'root'}"
+    holder = start_holder(dst / held)
+    try:
+      with pytest.raises(WorkdirLockedError, match=rf"{re.escape(str(dst / held))} is in use by another run: "
+                                                   rf".*pid {holder.pid}"):
+        convert.convert_diffusers(models.root, str(dst))
+    finally:
+      holder.kill()
+      holder.wait()
+    assert [p for p in dst.rglob("*") if p.is_file()] == [dst / held / ".lock"]  # the holder's, nothing else
+  dst = tmp_path / "work_root"
+  with pytest.warns(UserWarning, match=r"stale lock .*is not running"):  # the killed holder's lock is taken over
+    convert.convert_diffusers(models.root, str(dst))
+  assert not any(p.name == ".lock" for p in dst.rglob("*"))
+
+
 def test_cli_pipeline_to_workdir_sample_finetune_init_and_export(models, tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   work, out, dst = str(tmp_path / "work"), str(tmp_path / "png"), str(tmp_path / "export")
