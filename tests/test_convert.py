@@ -351,6 +351,20 @@ def test_a_destination_another_run_is_writing_is_refused_before_anything_is_writ
     convert.convert_diffusers(models.root, str(dst))
   assert not any(p.name == ".lock" for p in dst.rglob("*"))
 
+  # A bare transformer directory needs the AE and text encoder as converted workdirs: said before anything is
+  # created; given both, the workdir points at them and holds the same DiT weights.
+  bare, ae, text = os.path.join(models.root, "transformer"), str(dst / "ae"), str(dst / "text_encoder")
+  for kwargs, missing in (({}, "give --ae=AE_WORKDIR"), ({"ae_workdir": ae}, "give --text_encoder=TEXT_WORKDIR too")):
+    with pytest.raises(ValueError, match=f"{re.escape(bare)} is a bare transformer directory: {missing}"):
+      convert.convert_diffusers(bare, str(tmp_path / "dit_only"), **kwargs)
+    assert not (tmp_path / "dit_only").exists()
+  c = convert.convert_diffusers(bare, str(tmp_path / "dit_only"), ae_workdir=ae, text_workdir=text)
+  assert (c.ae.workdir, c.text.pretrained) == (ae, text)
+  assert sorted(os.listdir(tmp_path / "dit_only")) == ["checkpoints", "config.json"]
+  like = jax.eval_shape(lambda: init_dit_params(c, jax.random.PRNGKey(0)))
+  jax.tree.map(np.testing.assert_array_equal, nn.unbox(init_params_from(str(tmp_path / "dit_only"), like)),
+               nn.unbox(init_params_from(str(dst), like)))
+
 
 def test_cli_pipeline_to_workdir_sample_finetune_init_and_export(models, tmp_path):
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
