@@ -37,6 +37,7 @@ from sanajax.config_check import ConfigError
 from sanajax.extras import MissingPackageError
 from sanajax.parallel import distributed
 from sanajax.safetensors_io import WeightsError
+from sanajax.training.interrupt import TrainingInterrupted
 from sanajax.workdir.checkpoint import CheckpointSaveError
 from sanajax.workdir.files import WorkdirConfigError, run_outputs
 from sanajax.workdir.lock import WorkdirLockedError
@@ -270,5 +271,8 @@ def run(main: Callable[[list[str]], Any]) -> None:
       return main(argv)
     except USER_ERRORS as e:
       fail(e)
+    except TrainingInterrupted as e:  # SIGTERM / Ctrl-C in a training loop: the step was saved
+      print(f"{_program()}: {e}", file=sys.stderr, flush=True)
+      sys.exit(e.exit_code)
 
   app.run(wrapped, flags_parser=parse_flags)

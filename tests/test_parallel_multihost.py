@@ -52,8 +52,12 @@ def test_two_processes_train_checkpoint_and_agree(tmp_path):
   # Process 0 alone wrote the metrics, with a finite loss at every step.
   with open(workdir / "metrics.jsonl") as f:
     rows = [json.loads(l) for l in f if '"loss"' in l]
-  assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows), rows
-  assert os.path.isdir(workdir / "checkpoints" / "3")
+  # Then SIGTERM to process 1 only: both stop after the same step (past the notice's step 5) with its checkpoint.
+  stopped = {int(re.search(r"STOPPED after step (\d+) by SIGTERM", out).group(1)) for out in outs}
+  assert len(stopped) == 1 and min(stopped) >= 5, outs
+  last = stopped.pop()
+  assert [r["step"] for r in rows] == list(range(1, last + 1)) and all(math.isfinite(r["loss"]) for r in rows), rows
+  assert os.path.isdir(workdir / "checkpoints" / "3") and os.path.isdir(workdir / "checkpoints" / str(last))
 
 
 def worker(coordinator: str, process_id: int, workdir: str) -> None:
@@ -93,10 +97,39 @@ def worker(coordinator: str, process_id: int, workdir: str) -> None:
   flat = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(params)])
   assert np.all(np.isfinite(flat))
   print(f"DIGEST {flat.size} {flat.sum():.9e} {np.abs(flat).sum():.9e} {flat[::97].sum():.9e}", flush=True)
+  stop_on_a_notice_to_one_process(restored, step, data_iter, workdir, process_id)
   # Both reach the end before either starts the runtime's shutdown barrier (which times out
   # when one process is minutes behind, e.g. on a loaded machine).
   multihost_utils.sync_global_devices("sanajax test done")
   jax.distributed.shutdown()
+
+
+def stop_on_a_notice_to_one_process(state, step, data_iter, workdir: str, process_id: int) -> None:
+  """A preemption notice (SIGTERM) to process 1 alone, in step 5 of a longer run: both processes stop at the
+  step JAX's preemption sync point agrees on, having saved it together (sanajax.training.interrupt)."""
+  import signal
+
+  from sanajax.training import loop as loop_lib
+  from sanajax.training.interrupt import TrainingInterrupted
+  from sanajax.training.metrics import MetricWriter
+  from sanajax.workdir.checkpoint import Checkpointer
+  calls = []
+
+  def step_with_notice(s, batch):
+    calls.append(None)
+    if process_id == 1 and len(calls) == 2:  # step 5 (the run resumes after step 3)
+      os.kill(os.getpid(), signal.SIGTERM)
+    return step(s, batch)
+
+  ckpt, writer = Checkpointer(os.path.join(workdir, "checkpoints")), MetricWriter(workdir)
+  loop = loop_lib.LoopConfig(num_steps=40, batch_size=4, log_every=1, checkpoint_every=1000, description="mh")
+  try:
+    loop_lib.run(loop, state, step_with_notice, data_iter, ckpt, writer)
+    raise AssertionError("the run was not stopped")
+  except TrainingInterrupted as stopped:
+    print(f"STOPPED after step {stopped.step} by {signal.Signals(stopped.signum).name}", flush=True)
+  ckpt.close()
+  writer.close()
 
 
 if __name__ == "__main__":

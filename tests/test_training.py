@@ -2,8 +2,11 @@
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -14,7 +17,8 @@ from sanajax import config_utils
 from sanajax.parallel import Plan
 from sanajax.training import dit as train_lib
 from sanajax.training import loop as loop_lib
-from sanajax.training.metrics import read_metrics
+from sanajax.training.interrupt import TrainingInterrupted
+from sanajax.training.metrics import MetricWriter, read_metrics
 from sanajax.workdir.checkpoint import Checkpointer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +111,45 @@ def test_killed_run_resumes_exactly(tmp_path, tiny_ae, latent_cache):
     assert straight[s] == resumed[s]
 
 
+def test_a_stop_signal_saves_the_step_it_arrives_in_and_the_rerun_resumes_exactly(tmp_path, tiny_ae, monkeypatch):
+  """SIGTERM (a preemption notice) in step 4, between the checkpoints of steps 3 and 6: the run finishes step 4,
+  saves it, and raises TrainingInterrupted; from then on the signals' handlers are the previous ones (a second
+  Ctrl-C stops at once), and after the run the lock is gone. The rerun resumes at step 4 and ends where an
+  uninterrupted run ends. (A kill with no checkpoint since step 3 would redo step 4.)"""
+  assert threading.current_thread() is threading.main_thread()  # Python delivers signals to the main thread only
+  config = small_config(tiny_ae, **{"data.latent_cache": 16})  # test_killed_run_resumes_exactly's programs
+  train_lib.train(config, str(tmp_path / "straight"))
+  previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+  real_scalars, seen = MetricWriter.scalars, {}
+
+  def scalars(self, step, row):
+    real_scalars(self, step, row)
+    if step == 4:
+      os.kill(os.getpid(), signal.SIGTERM)  # handled at once, in this thread
+      seen.update({s: signal.getsignal(s) for s in previous})
+
+  monkeypatch.setattr(MetricWriter, "scalars", scalars)
+  with pytest.raises(TrainingInterrupted) as stopped:
+    train_lib.train(config, str(tmp_path / "stopped"))
+  monkeypatch.undo()
+  assert seen == previous and {s: signal.getsignal(s) for s in previous} == previous
+  assert (stopped.value.step, stopped.value.exit_code) == (4, 143)
+  assert str(stopped.value) == (f"stopped by SIGTERM after step 4; its checkpoint is in "
+                                f"{tmp_path / 'stopped' / 'checkpoints'}. Run the same command again to resume from it.")
+  assert Checkpointer(str(tmp_path / "stopped" / "checkpoints"), read_only=True).all_steps() == [3, 4]
+  assert not (tmp_path / "stopped" / ".lock").exists()
+  train_lib.train(config, str(tmp_path / "stopped"))
+  abstract = jax.eval_shape(lambda: train_lib.init_dit_params(config, jax.random.PRNGKey(0)))
+  for ema in (False, True):
+    a = Checkpointer(str(tmp_path / "straight" / "checkpoints"), read_only=True).restore_params(abstract, ema=ema)
+    b = Checkpointer(str(tmp_path / "stopped" / "checkpoints"), read_only=True).restore_params(abstract, ema=ema)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  straight = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "straight"))}
+  resumed = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "stopped"))}
+  assert straight == resumed
+
+
 def test_nan_guard_names_step_and_quantity(tmp_path, tiny_ae, monkeypatch):
   config = small_config(tiny_ae, **{"train.num_steps": 5, "train.checkpoint_every": 100})
 
@@ -133,6 +176,34 @@ def test_metrics_jsonl_has_step_and_loss(tmp_path, tiny_ae):
 def run_cli(*args, cwd=REPO):
   return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True, timeout=300,
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_ctrl_c_stops_the_cli_with_a_checkpoint_and_one_line(tmp_path):
+  """Ctrl-C (SIGINT) in `sanajax.train_ae`, a long run with no checkpoint due: it exits 130, as a shell reports
+  an interrupted command, with one line naming the step saved and how to resume, and no traceback."""
+  workdir = tmp_path / "ae"
+  proc = subprocess.Popen([sys.executable, "-m", "sanajax.train_ae", "--config=configs/dcae_tiny.py",
+                           f"--workdir={workdir}", "--config.data.resolution=32", "--config.train.batch_size=4",
+                           "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
+                           "--config.train.num_steps=100000"], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  try:
+    deadline = time.time() + 240
+    while len(read_metrics(str(workdir)) if (workdir / "metrics.jsonl").exists() else []) < 2:
+      assert proc.poll() is None and time.time() < deadline, proc.communicate()
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    proc.kill()
+  step = Checkpointer(str(workdir / "checkpoints"), read_only=True).latest_step()
+  assert proc.returncode == 130 and step >= 2, (proc.returncode, step, err[-3000:])
+  assert "Traceback" not in err and "Done." not in out, err[-3000:]
+  assert err.strip().splitlines()[-1] == (
+      f"sanajax.train_ae: stopped by SIGINT after step {step}; its checkpoint is in {workdir / 'checkpoints'}. "
+      f"Run the same command again to resume from it."), err[-3000:]
+  assert "SIGINT received: stopping after this step with a checkpoint (Ctrl-C again stops at once" in err
+  # Resuming from it is the restore after any checkpoint (test_a_stop_signal_saves_..., above, resumes in-process).
 
 
 def test_sample_cli_errors_on_missing_workdir(tmp_path):

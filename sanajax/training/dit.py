@@ -199,10 +199,11 @@ def ae_needs_training(config: ml_collections.ConfigDict, workdir: str) -> bool:
   return True
 
 
-def ensure_ae(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Returns the AE workdir, training the AE first when it holds no checkpoint and the config allows."""
+def ensure_ae(config: ml_collections.ConfigDict, workdir: str, *, needs_training: bool | None = None) -> str:
+  """Returns the AE workdir, training the AE first when it holds no checkpoint and the config allows.
+  needs_training: ae_needs_training's answer where the caller has asked it already (None: asked here)."""
   ae_dir = ae_workdir(config, workdir)
-  if ae_needs_training(config, workdir):
+  if ae_needs_training(config, workdir) if needs_training is None else needs_training:
     print(f"No AE checkpoint in {ae_dir}: training the AE first.", flush=True)
     train_ae(ae_train_config(config), ae_dir)
   return ae_dir
@@ -225,9 +226,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
   init_from = config.get("init_from") or config.train.get("init_from")
   if init_from:
     check_init_source(init_from)  # before the AE trains or the workdir is written
-  ae_needs_training(config, workdir)  # raises before anything is written when there is no AE to be had
+  train_ae_first = ae_needs_training(config, workdir)  # raises before anything is written when there is no AE
   prepare_workdir(workdir, config)
-  ae_model, ae_params, ae_scaling, ae_config = load_ae(ensure_ae(config, workdir))
+  ae_model, ae_params, ae_scaling, ae_config = load_ae(ensure_ae(config, workdir, needs_training=train_ae_first))
   cache_dir = cache_path(config.data.source)
   table = table_from_config(config)  # aspect-ratio buckets (config.data.buckets; None: square crops)
   # From the on-disk cache the step runs no text encoder; it loads only if a sample grid is drawn.

@@ -7,8 +7,10 @@ NaN guard, periodic asynchronous checkpoints, and optional sample grids.
 What it survives: a second run on the workdir (the lock, sanajax.workdir.lock, refuses it); a
 damaged latest checkpoint (the resume falls back to the newest that restores); a failed
 asynchronous save (checked every step: the run stops at the step after it, naming the folder);
-the rows a killed run logged after its last checkpoint (dropped on resume, logged again). The
-bar's clock starts after the first step, whose call includes compiling it.
+the rows a killed run logged after its last checkpoint (dropped on resume, logged again); SIGTERM
+or Ctrl-C (the step in progress is finished and saved, then sanajax.training.interrupt's
+TrainingInterrupted ends the run). The bar's clock starts after the first step, whose call
+includes compiling it.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from absl import logging
 from tqdm import tqdm
 
 from sanajax.models.sana_dit import STACKED_BLOCKS, stack_layers, to_layout, unstack_layers
+from sanajax.training.interrupt import StopRequests
 from sanajax.training.loss_plot import LOSS_PLOT_FILE, write_loss_plot
 from sanajax.training.metrics import MetricWriter, read_metrics
 from sanajax.training.state import NAN_QUANTITIES
@@ -179,33 +182,38 @@ def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, d
   step = start
   metrics = {}
   try:
-    for step in range(start + 1, loop.num_steps + 1):
-      batch = next(data_iter)
-      state, metrics = step_fn(state, batch)
-      if step == start + 1:
-        restart_clock(bar)
-      bar.update(1)
-      ckpt.check_save()  # a failed asynchronous save stops the run at the next step, not the next save
-      if step % loop.log_every == 0 or step == loop.num_steps:
-        metrics = jax.device_get(metrics)
-        check_finite(state)
-        now = time.perf_counter()
-        steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
-        last_time, last_step = now, step
-        row = {k: float(np.asarray(v)) for k, v in metrics.items()}
-        row["steps_per_s"] = steps_per_s
-        row["images_per_s"] = steps_per_s * loop.batch_size
-        if loop.flops_per_step:
-          row["tflops_per_s"] = steps_per_s * loop.flops_per_step / 1e12
-        if extra_metrics is not None:
-          row.update(extra_metrics())
-        writer.scalars(step, row)
-        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", refresh=False)
-      if loop.sample_every and step % loop.sample_every == 0 and sample_fn is not None:
-        writer.image(step, "samples", sample_fn(state))
-      if step % loop.checkpoint_every == 0 or step == loop.num_steps:
-        check_finite(state)
-        ckpt.save(step, state, data_iter.get_state() if hasattr(data_iter, "get_state") else None)
+    with StopRequests(loop.description) as stop:  # SIGTERM / Ctrl-C: this step is saved, then TrainingInterrupted
+      for step in range(start + 1, loop.num_steps + 1):
+        batch = next(data_iter)
+        state, metrics = step_fn(state, batch)
+        if step == start + 1:
+          restart_clock(bar)
+        bar.update(1)
+        ckpt.check_save()  # a failed asynchronous save stops the run at the next step, not the next save
+        if step % loop.log_every == 0 or step == loop.num_steps:
+          metrics = jax.device_get(metrics)
+          check_finite(state)
+          now = time.perf_counter()
+          steps_per_s = (step - last_step) / max(now - last_time, 1e-9)
+          last_time, last_step = now, step
+          row = {k: float(np.asarray(v)) for k, v in metrics.items()}
+          row["steps_per_s"] = steps_per_s
+          row["images_per_s"] = steps_per_s * loop.batch_size
+          if loop.flops_per_step:
+            row["tflops_per_s"] = steps_per_s * loop.flops_per_step / 1e12
+          if extra_metrics is not None:
+            row.update(extra_metrics())
+          writer.scalars(step, row)
+          bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", refresh=False)
+        if loop.sample_every and step % loop.sample_every == 0 and sample_fn is not None:
+          writer.image(step, "samples", sample_fn(state))
+        stopping = stop.requested(step)  # asked every step, on every process (multi-process: a sync point)
+        if stopping or step % loop.checkpoint_every == 0 or step == loop.num_steps:
+          check_finite(state)
+          ckpt.save(step, state, data_iter.get_state() if hasattr(data_iter, "get_state") else None)
+        if stopping:
+          ckpt.wait()
+          raise stop.interrupted(step, ckpt.directory)
   finally:
     bar.close()
     ckpt.wait()

@@ -1,0 +1,87 @@
+"""Stopping a run without losing steps: SIGTERM (a scheduler's preemption notice, `kill`) or Ctrl-C.
+
+On the first signal the training loop finishes the step it is in, saves a checkpoint of that step (unless it
+has just saved it), waits for the save, and raises TrainingInterrupted; the CLIs turn that into one line and
+exit code 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a killed command.
+Restarting the same command resumes at that step exactly. The handlers are the previous ones again from the
+first signal on, so a second Ctrl-C stops at once (KeyboardInterrupt), giving up the checkpoint being made.
+
+    with StopRequests() as stop:
+      for step in ...:
+        ...one step...
+        if stop.requested(step):
+          ...save step...; raise stop.interrupted(step, checkpoint_directory)
+
+A multi-process run must stop every process at the same step, so there the step comes from JAX's
+preemption sync point (multihost_utils.reached_preemption_sync_point: the coordination service catches
+SIGTERM on any host and agrees on the next step all hosts reach) and no Python handler is installed.
+Outside the main thread (Python delivers signals there only) nothing is installed and nothing stops a run.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from typing import Self
+
+import jax
+from jax.experimental import multihost_utils
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class TrainingInterrupted(Exception):
+  """A stop signal ended the run after saving the checkpoint of `step` in `directory`."""
+
+  def __init__(self, step: int, signum: int, directory: str):
+    self.step, self.signum, self.directory = step, signum, directory
+    super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; its checkpoint is in {directory}. "
+                     f"Run the same command again to resume from it.")
+
+  @property
+  def exit_code(self) -> int:
+    return 128 + self.signum
+
+
+class StopRequests:
+  """Context manager: while it is entered, SIGTERM and SIGINT ask the loop to stop (requested(step))."""
+
+  def __init__(self, description: str = "train"):
+    self.description = description
+    self.signum: int | None = None
+    self._previous: dict[int, object] = {}
+    self._multiprocess = jax.process_count() > 1
+
+  def __enter__(self) -> Self:
+    if not self._multiprocess and threading.current_thread() is threading.main_thread():
+      self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._restore()
+
+  def _restore(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def _handle(self, signum: int, frame) -> None:
+    del frame
+    self.signum = signum
+    self._restore()  # a second signal does what it did before: Ctrl-C raises KeyboardInterrupt, SIGTERM ends it
+    print(f"\n{self.description}: {signal.Signals(signum).name} received: stopping after this step with a "
+          f"checkpoint" + (" (Ctrl-C again stops at once, without it)." if signum == signal.SIGINT else "."),
+          file=sys.stderr, flush=True)
+
+  def requested(self, step: int) -> bool:
+    """Whether the run should save `step` and stop (call it once per step, on every process)."""
+    if self._multiprocess:
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.signum = signal.SIGTERM
+      except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+        return False
+    return self.signum is not None
+
+  def interrupted(self, step: int, directory: str) -> TrainingInterrupted:
+    return TrainingInterrupted(step, self.signum, directory)
