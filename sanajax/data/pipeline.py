@@ -15,6 +15,7 @@ along the stream we are", which makes checkpointed resume exact.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -346,6 +347,14 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
+def _workers_ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
+  """grain's worker_init_fn: Ctrl-C in a terminal reaches every process of the job, and the trainer answers it
+  by finishing its step and saving (sanajax.training.interrupt); workers that died of it would print a traceback
+  each and leave the step without data. grain stops them when the trainer exits."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: TokenizeFn,
                         caption_threshold: float = 25.0, caption_temperature: float = 0.1,
                         process_index: int = 0, process_count: int = 1,
@@ -413,7 +422,8 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
       it_ds = it_ds.batch(batch_size, drop_remainder=True, batch_fn=stack)
   if num_workers > 0:
     _ensure_absl_flags_parsed()
-    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
+                              worker_init_fn=_workers_ignore_ctrl_c)
   meta = {"seed": int(seed), "batch_size": int(batch_size), "num_source": n,
           "process_index": int(process_index), "process_count": int(process_count),
           "num_workers": int(num_workers), "buckets": None if bucket_ids is None else len(schedule.counts)}

@@ -252,8 +252,12 @@ def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callab
                       log_every=train_config.log_every, checkpoint_every=train_config.checkpoint_every,
                       sample_every=int(train_config.get("sample_every", 0) or 0), flops_per_step=flops_per_step,
                       description=description)
-    state = run(loop, state, step_fn, data_iter, ckpt, writer, sample_fn=sample_fn,
-                extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
+    try:
+      state = run(loop, state, step_fn, data_iter, ckpt, writer, sample_fn=sample_fn,
+                  extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
+    finally:  # grain's worker processes (data.num_workers) stop here, also when the run ends by an exception
+      if callable(getattr(data_iter, "close", None)):
+        data_iter.close()
     if on_done is not None:
       on_done(state, writer)
     ckpt.close()
