@@ -64,6 +64,9 @@ def get_config(arg=None):
   t.log_every = 25
   t.checkpoint_every = 500
   t.keep_checkpoints = 2
+  # A jax.profiler trace of steps (first, last), e.g. (11, 13), into WORKDIR/tensorboard; () none
+  # (docs/scaling.md#profiling).
+  t.profile_steps = ()
 
   d = c.data = ml_collections.ConfigDict()
   d.source = "shapes"

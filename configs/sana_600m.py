@@ -151,6 +151,9 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   tr.checkpoint_every = 500  # save_model_steps.
   tr.keep_checkpoints = 2
   tr.sample_every = 500  # eval_sampling_steps.
+  # A jax.profiler trace of steps (first, last), e.g. (11, 13), into WORKDIR/tensorboard; () none
+  # (docs/scaling.md#profiling).
+  tr.profile_steps = ()
 
   s = c.sample = ml_collections.ConfigDict()
   s.sampler = "flow_dpm"  # SANA vis_sampler flow_dpm-solver: 20 steps, cfg 4.5.

@@ -140,6 +140,9 @@ def base_config(arch: dict, arg=None) -> ml_collections.ConfigDict:
   tr.checkpoint_every = 1000
   tr.keep_checkpoints = 2
   tr.sample_every = 1000
+  # A jax.profiler trace of steps (first, last), e.g. (11, 13), into WORKDIR/tensorboard; () none
+  # (docs/scaling.md#profiling).
+  tr.profile_steps = ()
 
   s = c.sample = ml_collections.ConfigDict()
   s.sampler = "flow_euler"  # the released scheduler/: FlowMatchEulerDiscreteScheduler, shift 3.0.

@@ -146,6 +146,9 @@ def get_config(arg=None):
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
   c.train.sample_every = 0  # 0: only at the end.
+  # A jax.profiler trace of steps (first, last), e.g. (11, 13), into WORKDIR/tensorboard; () none
+  # (docs/scaling.md#profiling).
+  c.train.profile_steps = ()
 
   c.sample = ml_collections.ConfigDict()
   c.sample.sampler = "flow_dpm"  # SANA vis_sampler flow_dpm-solver: 20 steps, cfg 4.5.

@@ -165,6 +165,12 @@ def _check_train(c: _Checker, section: str, *, with_captions: bool) -> None:
           f"batch_size / grad_accum_steps examples)")
   if with_captions:
     c.real_in(f"{section}.caption_dropout", 0.0, 1.0, required=False)
+  profile, steps = c.get(f"{section}.profile_steps"), c.get(f"{section}.num_steps")
+  if profile not in (_MISSING, None, (), []) and not (  # a config.json gives lists
+      isinstance(profile, (tuple, list)) and len(profile) == 2 and all(_is_int(s) for s in profile)
+      and 1 <= profile[0] <= profile[1] and (not _is_int(steps) or profile[1] <= steps)):
+    c.bad(f"{section}.profile_steps", profile, f"must be () or (first, last) with 1 <= first <= last <= "
+          f"{section}.num_steps, e.g. (11, 13)")
 
 
 def _check_data(c: _Checker) -> None:

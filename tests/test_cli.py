@@ -130,6 +130,14 @@ def test_resolution_must_fit_the_ae_and_the_patch():
   assert "No preset for data.resolution=333" in problems(sana, "dit")[0]
 
 
+def test_profile_steps_must_be_a_range_of_the_run():
+  validate_config(tiny(**{"train.profile_steps": (11, 13), "ae_train.profile_steps": (1, 1)}), "dit")
+  for bad in [(0, 3), (5, 4), (9_999, 10_001), (1, 2, 3), ("a", "b")]:
+    assert problems(tiny(**{"train.profile_steps": bad}), "dit") == [
+        f"train.profile_steps={bad!r}: must be () or (first, last) with 1 <= first <= last <= train.num_steps, "
+        f"e.g. (11, 13)"], bad
+
+
 def test_zero_evaluation_prompts_means_no_evaluation():
   validate_config(tiny(**{"eval.num_prompts": 0}), "dit")  # after_training skips it
 

@@ -1,5 +1,7 @@
 """The trainer's promises: exact resume after a kill, the NaN guard, metrics, clear CLI errors."""
 import contextlib
+import gzip
+import json
 import os
 import re
 import signal
@@ -148,6 +150,21 @@ def test_a_stop_signal_saves_the_step_it_arrives_in_and_the_rerun_resumes_exactl
   straight = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "straight"))}
   resumed = {r["step"]: r["loss"] for r in read_metrics(str(tmp_path / "stopped"))}
   assert straight == resumed
+
+
+def test_profile_steps_trace_those_steps_into_tensorboard(tmp_path, tiny_ae, capsys):
+  """train.profile_steps=(2, 3) of a 6-step run: one jax.profiler session in WORKDIR/tensorboard/plugins/profile
+  (TensorBoard's Profile tab) whose Perfetto trace holds the train step's call twice (steps 2 and 3)."""
+  workdir = tmp_path / "p"
+  train_lib.train(small_config(tiny_ae, **{"train.profile_steps": (2, 3), "eval.num_prompts": 0}), str(workdir))
+  sessions = list((workdir / "tensorboard" / "plugins" / "profile").iterdir())
+  assert len(sessions) == 1 and any(p.name.endswith(".xplane.pb") for p in sessions[0].iterdir()), sessions
+  with gzip.open(sessions[0] / "perfetto_trace.json.gz") as f:
+    trace = json.load(f)
+  calls = sorted((e["ts"], e["ts"] + e["dur"]) for e in trace["traceEvents"] if e.get("name") == "PjitFunction(step)")
+  outermost = [c for i, c in enumerate(calls) if not any(o[0] <= c[0] and c[1] <= o[1] for o in calls[:i])]
+  assert len(outermost) == 2, calls  # a call appears as an outer and an inner event
+  assert f"Profile of steps 2-3 (jax.profiler) in {workdir / 'tensorboard'}/plugins/profile" in capsys.readouterr().out
 
 
 def test_nan_guard_names_step_and_quantity(tmp_path, tiny_ae, monkeypatch):

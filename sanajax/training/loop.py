@@ -30,6 +30,7 @@ from sanajax.models.sana_dit import STACKED_BLOCKS, stack_layers, to_layout, uns
 from sanajax.training.interrupt import StopRequests
 from sanajax.training.loss_plot import LOSS_PLOT_FILE, write_loss_plot
 from sanajax.training.metrics import MetricWriter, read_metrics
+from sanajax.training.profile import StepProfiler
 from sanajax.training.state import NAN_QUANTITIES
 from sanajax.workdir.checkpoint import Checkpointer
 from sanajax.workdir.lock import hold_workdir
@@ -48,6 +49,8 @@ class LoopConfig:
   sample_every: int = 0
   flops_per_step: float | None = None  # model FLOPs of one training step (forward + backward).
   description: str = "train"
+  profile_steps: tuple[int, int] | None = None  # (first, last): a jax.profiler trace of these steps
+  profile_dir: str = ""  # where it goes (run_from_config: WORKDIR/tensorboard)
 
 
 def check_finite(state: Any) -> None:
@@ -181,11 +184,14 @@ def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, d
   last_time, last_step = time.perf_counter(), start
   step = start
   metrics = {}
+  profiler = StepProfiler(loop.profile_steps, loop.profile_dir)
   try:
     with StopRequests(loop.description) as stop:  # SIGTERM / Ctrl-C: this step is saved, then TrainingInterrupted
       for step in range(start + 1, loop.num_steps + 1):
+        profiler.before(step)
         batch = next(data_iter)
         state, metrics = step_fn(state, batch)
+        profiler.after(step, state)
         if step == start + 1:
           restart_clock(bar)
         bar.update(1)
@@ -215,6 +221,7 @@ def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, d
           ckpt.wait()
           raise stop.interrupted(step, ckpt.directory)
   finally:
+    profiler.close()
     bar.close()
     ckpt.wait()
   return state
@@ -231,7 +238,8 @@ def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callab
   from the latest one (restore_or_init, which also positions data_iter); metrics go to WORKDIR
   (MetricWriter), with the data's `skipped_images` count beside the step's; the loop runs to
   train_config.num_steps, logging every log_every and checkpointing every checkpoint_every
-  steps. step_fn: `run`'s (may be built from the fresh state: restoring keeps its layout).
+  steps, and traces train_config.profile_steps (if any) into WORKDIR/tensorboard. step_fn: `run`'s
+  (may be built from the fresh state: restoring keeps its layout).
   on_done(state, writer): called after the last step, before the writer is closed (e.g. to log
   an evaluation at the final step). shard_fn (e.g. Plan.shard_batch, which passes such batches
   through when step_fn applies it again): batches go to the devices two ahead (DevicePrefetch).
@@ -251,7 +259,8 @@ def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callab
     loop = LoopConfig(num_steps=train_config.num_steps, batch_size=train_config.batch_size,
                       log_every=train_config.log_every, checkpoint_every=train_config.checkpoint_every,
                       sample_every=int(train_config.get("sample_every", 0) or 0), flops_per_step=flops_per_step,
-                      description=description)
+                      description=description, profile_steps=tuple(train_config.get("profile_steps") or ()) or None,
+                      profile_dir=os.path.join(workdir, "tensorboard"))
     try:
       state = run(loop, state, step_fn, data_iter, ckpt, writer, sample_fn=sample_fn,
                   extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
