@@ -15,13 +15,15 @@ re-exec before the flags are parsed, sanajax.hugepage_malloc), quiet library log
 started before any other JAX call, the --config.* overrides recorded in config.cli_overrides, and
 one way to fail: a user error (a bad flag, an unknown config field, a ConfigError listing the bad
 fields, a missing workdir) prints ONE line to stderr and exits with code 2, no traceback; with
---verbose the traceback is printed first. Anything else is a bug and keeps its traceback.
+--verbose the traceback is printed first. Anything else is a bug and keeps its traceback. Ctrl-C
+is one line too, exit code 130 (in a training loop: sanajax.training.interrupt).
 """
 from __future__ import annotations
 
 import functools
 import os
 import re
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -274,5 +276,11 @@ def run(main: Callable[[list[str]], Any]) -> None:
     except TrainingInterrupted as e:  # SIGTERM / Ctrl-C in a training loop: the step was saved
       print(f"{_program()}: {e}", file=sys.stderr, flush=True)
       sys.exit(e.exit_code)
+    except KeyboardInterrupt as e:  # Ctrl-C outside a training loop, or a second one inside it
+      if _verbose():
+        traceback.print_exception(e)
+      print(f"{_program()}: interrupted (Ctrl-C); a training run resumes from its last saved checkpoint.",
+            file=sys.stderr, flush=True)
+      sys.exit(128 + signal.SIGINT)
 
   app.run(wrapped, flags_parser=parse_flags)

@@ -193,6 +193,20 @@ def test_verbose_shows_the_traceback(tmp_path):
   assert r.stderr.strip().splitlines()[-1].startswith("sanajax.train: error: 1 bad config field: train.batch_size=0")
 
 
+def test_ctrl_c_outside_a_training_loop_is_one_line_and_exit_130():
+  """A CLI built on cli.run interrupted by Ctrl-C (KeyboardInterrupt: sampling, loading, a second Ctrl-C in a
+  training loop) says so in one line and exits 130, as a shell reports it; --verbose adds the traceback."""
+  script = ("from sanajax import cli\n"
+            "def main(argv):\n  raise KeyboardInterrupt\n"
+            "cli.define_flags()\ncli.run(main)\n")
+  for verbose in (False, True):
+    r = subprocess.run([sys.executable, "-c", script, *(["--verbose"] if verbose else [])], cwd=REPO,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 130 and ("Traceback" in r.stderr) == verbose, r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        ": interrupted (Ctrl-C); a training run resumes from its last saved checkpoint."), r.stderr
+
+
 def test_bad_flags_and_unknown_fields_are_one_line(tmp_path):
   assert_user_error(run_cli("sanajax.train", "--no_such_flag=1"), "Unknown command line flag 'no_such_flag'")
   assert_user_error(run_cli("sanajax.train", "--config.train.no_such_field=3", f"--workdir={tmp_path}"),
