@@ -261,6 +261,41 @@ def test_build_resumes_after_a_kill(photos, shards, tmp_path):
     assert records.read_index(fresh) == records.read_index(resumed)
 
 
+def test_ctrl_c_stops_a_parallel_build_at_once_in_one_line_and_the_rerun_finishes_it(photos, shards, tmp_path):
+  """Ctrl-C in a terminal (SIGINT to the process group) while 2 worker processes write shards: the build exits 130
+  with one line and no traceback from any process; the rerun writes what is missing and equals an
+  uninterrupted build."""
+  dst = str(tmp_path / "interrupted")
+  args = [f"--src=folder:{photos['folder']}", f"--dst={dst}", "--shards=3", "--workers=2"]
+  # A script file, not -c: the spawned workers import it too (as __mp_main__), so its patch reaches them.
+  script = tmp_path / "ctrl_c_build.py"
+  script.write_text(textwrap.dedent(f"""
+      import os, signal
+      from sanajax.data import build
+      written = [0]
+      real = build._write_record
+      def write(writer, data):  # the 3rd record a worker writes: Ctrl-C, to the whole process group
+        written[0] += 1
+        if written[0] == 3:
+          os.killpg(os.getpgid(0), signal.SIGINT)
+        real(writer, data)
+      build._write_record = write
+      if __name__ == "__main__":
+        raise SystemExit(build.main({args!r}))
+  """))
+  proc = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        start_new_session=True)
+  assert proc.returncode == 130, proc.stderr
+  assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1] == (
+      "python -m sanajax.data.build: interrupted (Ctrl-C); the finished shards are kept: run the same command "
+      "again to write the rest."), proc.stderr
+  assert not records.read_manifest(dst).get("complete")
+  assert build_lib.build(f"folder:{photos['folder']}", dst, 3, 1, out=io.StringIO())["complete"]
+  assert not [f for f in os.listdir(dst) if ".tmp" in f]
+  a, b = ArrayRecordSource(shards, R), ArrayRecordSource(dst, R)
+  assert [a.raw(i).to_bytes() for i in range(len(a))] == [b.raw(i).to_bytes() for i in range(len(b))]
+
+
 def test_build_verify_leaves_out_what_does_not_decode(photos, tmp_path):
   dst = str(tmp_path / "verified")
   summary = build_lib.build(f"folder:{photos['folder']}", dst, 1, 1, verify=True, out=io.StringIO())

@@ -12,8 +12,9 @@ reads it, as with a folder.
 
 Shard k of N holds the source's examples [k n / N, (k+1) n / N) in source order. A shard is written
 to a temporary file, renamed when whole, and then its index JSON is written: a killed build rerun
-with the same command keeps every finished shard and writes only the others. Shards are written in
-parallel by worker processes (--workers, default: the CPU count).
+with the same command keeps every finished shard and writes only the others; Ctrl-C stops the build
+at once, in one line, with the same promise. Shards are written in parallel by worker processes
+(--workers, default: the CPU count).
 
 This module is the data layer's own command line (argparse, no absl flags: it imports only
 sanajax.data), so it stays usable where the training stack is not installed.
@@ -27,6 +28,7 @@ import glob
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -71,6 +73,8 @@ _SOURCE = None
 def _init_worker(source) -> None:
   global _SOURCE
   _SOURCE = source
+  # Ctrl-C in a terminal reaches the workers too: the main process answers it (it stops them; see build).
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _check_record(source, i: int, verify: bool) -> tuple[bytes | None, tuple[int, int] | None, str, str]:
@@ -206,11 +210,18 @@ def build(src: str, dst: str, num_shards: int | None = None, workers: int | None
   else:
     # spawn: a fresh interpreter per worker, safe whatever threads this process runs (grain, TFDS).
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                                initargs=(source,)) as pool:
+    pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                                  initargs=(source,))
+    try:
       futures = {pool.submit(write_shard, dst, k, num_shards, *ranges[k], verify): k for k in pending}
       for future in concurrent.futures.as_completed(futures):
         report(future.result())
+    except BaseException:  # Ctrl-C, or a shard that failed: the shards being written stop now, not when done
+      for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()  # a shard in progress leaves a temporary file, which the next build removes
+      pool.shutdown(wait=True, cancel_futures=True)
+      raise
+    pool.shutdown()
 
   indices = [records.read_index(records.shard_path(dst, k, num_shards)) for k in range(num_shards)]
   skipped = [s for ix in indices for s in ix["skipped"]]
@@ -253,6 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   except (BuildError, OSError) as e:
     print(f"{parser.prog}: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
     return 2
+  except KeyboardInterrupt:
+    print(f"{parser.prog}: interrupted (Ctrl-C); the finished shards are kept: run the same command again to "
+          f"write the rest.", file=sys.stderr, flush=True)
+    return 128 + signal.SIGINT
   return 0
 
 
