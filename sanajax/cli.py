@@ -35,7 +35,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sanajax import config_utils, hugepage_malloc, parallel
-from sanajax.config_check import ConfigError
+from sanajax.config_check import ConfigError, url_path_problem
 from sanajax.extras import MissingPackageError
 from sanajax.parallel import distributed
 from sanajax.safetensors_io import WeightsError
@@ -162,6 +162,8 @@ def workdir(default: str | None = None, *, announce: bool = True) -> str:
   path = flags.FLAGS.workdir or default
   if not path:
     raise UserError("--workdir is required.")
+  if problem := url_path_problem(path):
+    raise UserError(f"--workdir={path} {problem}.")
   if announce:
     print(f"Workdir: {os.path.abspath(path)}", flush=True)
   return path

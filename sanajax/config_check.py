@@ -20,6 +20,7 @@ import copy
 import math
 import numbers
 import os
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -44,6 +45,22 @@ OPTIMIZERS = ("adamw", "came", "muon")  # train.optimizer (sanajax.training.opti
 SCHEDULES = ("constant", "cosine")  # train.schedule
 DATA_SOURCES = ("'shapes', 'folder:DIR', 'arrayrecord:DIR' or 'cache:DIR' with DIR an existing folder, "
                 "'webdataset:GLOB' matching .tar shards, or 'tfds:NAME[:SPLIT]'")
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+# Config fields that name a workdir or folder of this machine (the data source is checked with its kind).
+PATH_FIELDS = ("ae.workdir", "teacher_workdir", "init_from", "train.init_from", "lora.base")
+
+
+def url_path_problem(path: Any) -> str | None:
+  """Why `path` cannot be a sanajax workdir or data folder, when it is a URL (gs://, s3://, ...), else None.
+
+  Workdirs are plain files (config.json, metrics.jsonl appended each log step, the lock, sample PNGs) written
+  through the file system, which would turn gs://b/x into a local folder gs:/b/x without a word."""
+  if isinstance(path, str) and _URL.match(path):
+    return ("is a URL: sanajax reads and writes its folders through the file system; mount the bucket (e.g. "
+            "gcsfuse, /gcs/BUCKET/...) or use a shared file system, and give that path")
+  return None
 
 
 class ConfigError(ValueError):
@@ -180,6 +197,9 @@ def _check_data(c: _Checker) -> None:
         ("folder:", "arrayrecord:", "webdataset:", "tfds:", "cache:"))):
       c.bad("data.source", source, f"must be {DATA_SOURCES}" + (bare_folder_hint(source) if isinstance(source, str)
                                                                   else ""))
+    elif url_path_problem(source.partition(":")[2]):
+      c.bad("data.source", source, f"names a folder that {url_path_problem(source.partition(':')[2])} (tfds: sets "
+            f"read gs:// themselves: data.tfds_data_dir)")
     elif source.startswith(("folder:", "arrayrecord:")):
       kind, _, path = source.partition(":")
       if not path:
@@ -440,6 +460,9 @@ def validate_config(config: Any, kind: str) -> None:
   c = _Checker(config)
   if not _is_int(c.get("seed")):
     c.bad("seed", c.get("seed"), "must be an integer")
+  for field in PATH_FIELDS:
+    if problem := url_path_problem(c.get(field)):
+      c.bad(field, c.get(field), problem)
   try:
     resolved = apply_resolution(copy.deepcopy(config))
   except (ValueError, KeyError) as e:  # no preset for this resolution, or a bad presets table

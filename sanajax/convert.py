@@ -62,6 +62,7 @@ import numpy as np
 from absl import app, flags
 
 from sanajax import cli, config_utils
+from sanajax.config_check import url_path_problem
 from sanajax.models import (
   autoencoder_kl,
   autoencoder_kl_diffusers,
@@ -438,6 +439,9 @@ def _convert(argv):
   f = flags.FLAGS
   if not f.src or not f.dst:
     raise app.UsageError("--src and --dst are required.")
+  for flag, path in (("src", f.src), ("dst", f.dst)):
+    if problem := url_path_problem(path):
+      raise app.UsageError(f"--{flag}={path} {problem}.")
   if not os.path.isdir(f.src):
     raise app.UsageError(f"--src {f.src!r} is not a directory.")
   if f.to == "diffusers-lora":

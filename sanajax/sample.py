@@ -50,6 +50,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from sanajax import cli
+from sanajax.config_check import url_path_problem
 from sanajax.data.buckets import check_sample_size
 from sanajax.data.conditions import load_control_image
 from sanajax.diffusion import samplers
@@ -133,6 +134,8 @@ def read_prompts(prompts_file: str | None, prompt: str | None) -> list[str]:
 
 def check_out_dir(out: str) -> None:
   """Creates `out` and writes a probe file in it, so an unwritable --out fails before sampling."""
+  if problem := url_path_problem(out):
+    raise cli.UserError(f"--out={out} {problem}.")
   try:
     os.makedirs(out, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out, prefix=".sanajax-write-test-"):

@@ -138,6 +138,26 @@ def test_profile_steps_must_be_a_range_of_the_run():
         f"e.g. (11, 13)"], bad
 
 
+def test_a_url_where_a_folder_goes_is_refused_with_the_mount_to_use_instead(tmp_path):
+  """gs://... as a workdir or data folder became a local folder named gs: (os.makedirs), silently: each host
+  of a pod wrote its own. Refused wherever sanajax takes such a path, before anything is written."""
+  why = ("is a URL: sanajax reads and writes its folders through the file system; mount the bucket (e.g. gcsfuse, "
+         "/gcs/BUCKET/...) or use a shared file system, and give that path")
+  got = problems(tiny(**{"ae.workdir": "gs://b/ae", "train.init_from": "s3://b/base",
+                         "data.source": "folder:gs://b/img"}), "dit")
+  assert got == [f"ae.workdir='gs://b/ae': {why}", f"train.init_from='s3://b/base': {why}",
+                 f"data.source='folder:gs://b/img': names a folder that {why} (tfds: sets read gs:// themselves: "
+                 f"data.tfds_data_dir)"], got
+  for args in (("sanajax.train", "--workdir=gs://b/run"), ("sanajax.convert", "--from=diffusers", "--src=x",
+                                                          "--dst=gs://b/run")):
+    line = assert_user_error(run_cli(*args, cwd=str(tmp_path)), f"{args[-1]} {why}.")
+    assert line.startswith(f"{args[0]}: error: "), line
+  assert os.listdir(tmp_path) == []  # no local gs: folder
+  from sanajax.sample import check_out_dir
+  with pytest.raises(Exception, match=re.escape(f"--out=gs://b/png {why}.")):
+    check_out_dir("gs://b/png")
+
+
 def test_zero_evaluation_prompts_means_no_evaluation():
   validate_config(tiny(**{"eval.num_prompts": 0}), "dit")  # after_training skips it
 
