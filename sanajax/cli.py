@@ -281,8 +281,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
     except KeyboardInterrupt as e:  # Ctrl-C outside a training loop, or a second one inside it
       if _verbose():
         traceback.print_exception(e)
-      print(f"{_program()}: interrupted (Ctrl-C); a training run resumes from its last saved checkpoint.",
-            file=sys.stderr, flush=True)
+      print(f"{_program()}: interrupted (Ctrl-C).", file=sys.stderr, flush=True)
       sys.exit(128 + signal.SIGINT)
 
   app.run(wrapped, flags_parser=parse_flags)

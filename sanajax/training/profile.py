@@ -27,6 +27,7 @@ class StepProfiler:
     self.first, self.last = (int(steps[0]), int(steps[1])) if steps else (0, -1)
     self.directory = directory
     self.active = False
+    self.started = 0  # the step the running trace started at
 
   def before(self, step: int) -> None:
     if not self.active and self.first <= step <= self.last:  # a resumed run starts past `first`
