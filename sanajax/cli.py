@@ -35,7 +35,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from sanajax import config_utils, hugepage_malloc, parallel
-from sanajax.config_check import ConfigError, url_path_problem
+from sanajax.config_check import ConfigError
+from sanajax.data.sources import url_path_problem
 from sanajax.extras import MissingPackageError
 from sanajax.parallel import distributed
 from sanajax.safetensors_io import WeightsError

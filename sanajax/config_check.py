@@ -20,7 +20,6 @@ import copy
 import math
 import numbers
 import os
-import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -28,7 +27,7 @@ import jax
 
 from sanajax import extras
 from sanajax.data.buckets import BUCKET_KINDS
-from sanajax.data.sources import bare_folder_hint, webdataset_matches
+from sanajax.data.sources import bare_folder_hint, url_path_problem, webdataset_matches
 from sanajax.diffusion import flow, samplers
 from sanajax.dtypes import DTYPES
 from sanajax.models.backbones import BACKBONES, POOLED_TEXT, build_backbone, init_args
@@ -47,20 +46,8 @@ DATA_SOURCES = ("'shapes', 'folder:DIR', 'arrayrecord:DIR' or 'cache:DIR' with D
                 "'webdataset:GLOB' matching .tar shards, or 'tfds:NAME[:SPLIT]'")
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Config fields that name a workdir or folder of this machine (the data source is checked with its kind).
 PATH_FIELDS = ("ae.workdir", "teacher_workdir", "init_from", "train.init_from", "lora.base")
-
-
-def url_path_problem(path: Any) -> str | None:
-  """Why `path` cannot be a sanajax workdir or data folder, when it is a URL (gs://, s3://, ...), else None.
-
-  Workdirs are plain files (config.json, metrics.jsonl appended each log step, the lock, sample PNGs) written
-  through the file system, which would turn gs://b/x into a local folder gs:/b/x without a word."""
-  if isinstance(path, str) and _URL.match(path):
-    return ("is a URL: sanajax reads and writes its folders through the file system; mount the bucket (e.g. "
-            "gcsfuse, /gcs/BUCKET/...) or use a shared file system, and give that path")
-  return None
 
 
 class ConfigError(ValueError):

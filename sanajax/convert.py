@@ -62,7 +62,7 @@ import numpy as np
 from absl import app, flags
 
 from sanajax import cli, config_utils
-from sanajax.config_check import url_path_problem
+from sanajax.data.sources import url_path_problem
 from sanajax.models import (
   autoencoder_kl,
   autoencoder_kl_diffusers,

@@ -50,9 +50,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from sanajax import cli
-from sanajax.config_check import url_path_problem
 from sanajax.data.buckets import check_sample_size
 from sanajax.data.conditions import load_control_image
+from sanajax.data.sources import url_path_problem
 from sanajax.diffusion import samplers
 from sanajax.eval.geneval_lite import read_prompts_file
 from sanajax.generation import Generator, truncation_warnings, write_images

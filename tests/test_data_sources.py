@@ -312,7 +312,9 @@ def test_build_errors_are_one_line(photos, shards, tmp_path, capsys):
            ([f"--src=webdataset:{tmp_path}/*.tar", f"--dst={tmp_path / 'c'}"], "matches no file"),
            ([f"--src=folder:{folder}", f"--dst={shards}", "--shards=2"], r"holds another build: shards 3 \(now 2\)"),
            ([f"--src=folder:{folder}", f"--dst={tmp_path / 'd'}", "--shards=99"], "must be between 1 and"),
-           ([f"--src=folder:{folder}", f"--dst={os.path.join(folder, 'rot.txt')}"], "is a file")]
+           ([f"--src=folder:{folder}", f"--dst={os.path.join(folder, 'rot.txt')}"], "is a file"),
+           ([f"--src=folder:{folder}", "--dst=gs://b/shards"], r"--dst=gs://b/shards is a URL: .* mount the bucket"),
+           (["--src=folder:gs://b/images", f"--dst={tmp_path / 'e'}"], r"the folder or shards is a URL")]
   for argv, message in cases:
     assert build_lib.main(argv) == 2, argv
     err = capsys.readouterr().err.strip().splitlines()

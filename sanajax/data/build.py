@@ -43,6 +43,7 @@ from sanajax.data.sources import (
   image_size,
   load_image,
   make_source,
+  url_path_problem,
 )
 
 # Source forms a build reads (an arrayrecord: source is already built).
@@ -133,6 +134,8 @@ def _open_source(src: str, tfds: dict[str, str]):
     raise BuildError(f"--src={src!r}: a build reads folder:DIR, webdataset:GLOB or tfds:NAME[:SPLIT]"
                      + (" (an arrayrecord: directory is already built)" if src.startswith("arrayrecord:") else
                         bare_folder_hint(src)))
+  if not src.startswith("tfds:") and (problem := url_path_problem(src.partition(":")[2])):
+    raise BuildError(f"--src={src}: the folder or shards {problem}.")
   try:
     # The resolution is unused: a build stores the bytes and never decodes (except --verify).
     return make_source(src, _VERIFY_RESOLUTION, 0, **tfds)
@@ -175,6 +178,8 @@ def build(src: str, dst: str, num_shards: int | None = None, workers: int | None
 
   Raises BuildError (one line) for a bad source, a bad destination or a --dst holding another build.
   """
+  if problem := url_path_problem(dst):
+    raise BuildError(f"--dst={dst} {problem}.")
   dst = os.path.abspath(os.path.expanduser(dst))
   source = _open_source(src, tfds or {})
   n = len(source)

@@ -20,6 +20,7 @@ import jax
 from absl import flags
 
 from sanajax import cli
+from sanajax.data.sources import url_path_problem
 from sanajax.training.cache_build import build_cache
 
 _CONFIG = cli.define_config_file("configs/tiny.py", "The training config the cache is for.")
@@ -37,6 +38,8 @@ def main(argv):
     raise cli.UserError("--src and --dst are required.")
   if _SHARDS.value < 0 or _BATCH.value < 1:
     raise cli.UserError("--shards must be >= 0 and --batch_size >= 1.")
+  if problem := url_path_problem(_DST.value):
+    raise cli.UserError(f"--dst={_DST.value} {problem}.")
   try:
     build_cache(cli.config_from_flags(), _SRC.value, _DST.value, workdir=flags.FLAGS.workdir or "",
                 shards=_SHARDS.value, batch_size=_BATCH.value, process_index=jax.process_index(),
