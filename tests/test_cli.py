@@ -156,6 +156,8 @@ def test_a_url_where_a_folder_goes_is_refused_with_the_mount_to_use_instead(tmp_
   from sanajax.sample import check_out_dir
   with pytest.raises(Exception, match=re.escape(f"--out=gs://b/png {why}.")):
     check_out_dir("gs://b/png")
+  with pytest.raises(FileNotFoundError, match=re.escape(f"Workdir gs://b/run {why}.")):  # sample, serve, ...
+    load_model_workdir_config("gs://b/run")
 
 
 def test_zero_evaluation_prompts_means_no_evaluation():

@@ -13,6 +13,7 @@ import os
 import jax
 import ml_collections
 
+from sanajax.data.sources import url_path_problem
 from sanajax.workdir.checkpoint import latest_workdir_step
 
 CONFIG_FILE = "config.json"
@@ -76,6 +77,8 @@ def _other_kind_of_run(workdir: str, *, holds_model: bool) -> str:
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` was trained with; a clear error if there is none."""
   path = os.path.join(workdir, CONFIG_FILE)
+  if problem := url_path_problem(workdir):
+    raise FileNotFoundError(f"Workdir {workdir} {problem}.")
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"Workdir {workdir!r} does not exist; pass the --workdir of a training run.")
   if not os.path.exists(path):
