@@ -36,9 +36,9 @@ from ml_collections import config_flags
 
 from sanajax import config_utils, hugepage_malloc, parallel
 from sanajax.config_check import ConfigError
-from sanajax.data.sources import url_path_problem
 from sanajax.extras import MissingPackageError
 from sanajax.parallel import distributed
+from sanajax.paths import url_path_problem
 from sanajax.safetensors_io import WeightsError
 from sanajax.training.interrupt import TrainingInterrupted
 from sanajax.workdir.checkpoint import CheckpointSaveError

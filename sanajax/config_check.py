@@ -27,7 +27,7 @@ import jax
 
 from sanajax import extras
 from sanajax.data.buckets import BUCKET_KINDS
-from sanajax.data.sources import bare_folder_hint, url_path_problem, webdataset_matches
+from sanajax.data.sources import bare_folder_hint, webdataset_matches
 from sanajax.diffusion import flow, samplers
 from sanajax.dtypes import DTYPES
 from sanajax.models.backbones import BACKBONES, POOLED_TEXT, build_backbone, init_args
@@ -37,6 +37,7 @@ from sanajax.models.lora import target_paths as lora_target_paths
 from sanajax.models.mmdit import JOINT_ATTENTION_KINDS
 from sanajax.models.weights_util import abstract_params
 from sanajax.parallel import MESH_AXES, Plan
+from sanajax.paths import url_path_problem
 from sanajax.resolution import ae_downsample, apply_resolution
 
 KINDS = ("dit", "ae", "sprint")

@@ -62,7 +62,6 @@ import numpy as np
 from absl import app, flags
 
 from sanajax import cli, config_utils
-from sanajax.data.sources import url_path_problem
 from sanajax.models import (
   autoencoder_kl,
   autoencoder_kl_diffusers,
@@ -86,6 +85,7 @@ from sanajax.models.sana_dit_diffusers import dit_init_args, load_sana_transform
 from sanajax.models.sd3_text import load_sd3_text_encoder
 from sanajax.models.t5_transformers import load_t5_encoder
 from sanajax.models.weights_util import abstract_params, boxed_abstract_params, put_like
+from sanajax.paths import url_path_problem
 from sanajax.safetensors_io import read_json
 from sanajax.workdir.checkpoint import Checkpointer
 from sanajax.workdir.files import (

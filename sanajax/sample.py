@@ -52,7 +52,6 @@ from ml_collections import config_flags
 from sanajax import cli
 from sanajax.data.buckets import check_sample_size
 from sanajax.data.conditions import load_control_image
-from sanajax.data.sources import url_path_problem
 from sanajax.diffusion import samplers
 from sanajax.eval.geneval_lite import read_prompts_file
 from sanajax.generation import Generator, truncation_warnings, write_images
@@ -60,6 +59,7 @@ from sanajax.models.quantize import MODES as QUANTIZE_MODES
 from sanajax.models.quantize import check_mode as check_quantize
 from sanajax.models.text_encoder import TextEncoder
 from sanajax.parallel import Plan, mesh_config
+from sanajax.paths import url_path_problem
 from sanajax.workdir.files import load_model_workdir_config, load_workdir_config
 from sanajax.workdir.loaders import check_adapter_source, is_controlnet_workdir, load_controlnet
 

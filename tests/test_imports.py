@@ -4,7 +4,7 @@ Every `import` / `from ... import` in sanajax/ and experiments/ is read with `as
 inside function bodies (a lazy import hides a cycle, it does not remove it). Layers, bottom to top:
 
   0 foundation   sanajax/kernels, sanajax/parallel, dtypes, safetensors_io, config_utils, hugepage_malloc,
-                 extras
+                 extras, paths
   1 building     sanajax/models, sanajax/diffusion, sanajax/data, resolution, config_check
   2 workdir      sanajax/workdir
   3 training     sanajax/training

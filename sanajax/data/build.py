@@ -17,7 +17,7 @@ at once, in one line, with the same promise. Shards are written in parallel by w
 (--workers, default: the CPU count).
 
 This module is the data layer's own command line (argparse, no absl flags: it imports only
-sanajax.data), so it stays usable where the training stack is not installed.
+sanajax.data and sanajax.paths), so it stays usable where the training stack is not installed.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from sanajax.data.sources import (
   image_size,
   load_image,
   make_source,
-  url_path_problem,
 )
+from sanajax.paths import url_path_problem
 
 # Source forms a build reads (an arrayrecord: source is already built).
 BUILD_SOURCES = ("folder:", "webdataset:", "tfds:")

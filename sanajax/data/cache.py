@@ -20,7 +20,7 @@ import jax
 from absl import flags
 
 from sanajax import cli
-from sanajax.data.sources import url_path_problem
+from sanajax.paths import url_path_problem
 from sanajax.training.cache_build import build_cache
 
 _CONFIG = cli.define_config_file("configs/tiny.py", "The training config the cache is for.")

@@ -482,20 +482,6 @@ def webdataset_matches(pattern: str) -> list[str]:
   return sorted({p for pat in expand_braces(os.path.expanduser(pattern)) for p in glob.glob(pat)})
 
 
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-
-
-def url_path_problem(path: Any) -> str | None:
-  """Why `path` cannot be a sanajax workdir or data folder, when it is a URL (gs://, s3://, ...), else None.
-
-  Workdirs are plain files (config.json, metrics.jsonl appended each log step, the lock, sample PNGs) written
-  through the file system, which would turn gs://b/x into a local folder gs:/b/x without a word."""
-  if isinstance(path, str) and _URL.match(path):
-    return ("is a URL: sanajax reads and writes its folders through the file system; mount the bucket (e.g. "
-            "gcsfuse, /gcs/BUCKET/...) or use a shared file system, and give that path")
-  return None
-
-
 def bare_folder_hint(value: str) -> str:
   """For a source written as a bare folder path (no kind: prefix): ' (did you mean folder:VALUE?)', or
   arrayrecord:VALUE when it holds finished shards; '' for anything else."""

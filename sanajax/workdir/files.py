@@ -13,7 +13,7 @@ import os
 import jax
 import ml_collections
 
-from sanajax.data.sources import url_path_problem
+from sanajax.paths import url_path_problem
 from sanajax.workdir.checkpoint import latest_workdir_step
 
 CONFIG_FILE = "config.json"
