@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -114,11 +115,28 @@ def assert_same_run(config, straight, resumed):
   assert set(losses[0]) == set(range(1, config.train.num_steps + 1)) and losses[0] == losses[1], losses
 
 
+def tensorboard_steps(directory, tag):
+  """The steps of scalar `tag` in the TensorBoard event files of `directory`, in file order (TFRecords of
+  tensorboardX's Event protos: length u64, its crc u32, the bytes, their crc u32)."""
+  from tensorboardX.proto import event_pb2
+  steps = []
+  for path in sorted(directory.glob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    i = 0
+    while i + 12 <= len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
+      steps += [event.step for v in event.summary.value if v.tag == tag]
+      i += 12 + n + 4
+  return steps
+
+
 def test_a_stop_signal_saves_the_step_it_arrives_in_and_the_rerun_resumes_exactly(tmp_path, tiny_ae, monkeypatch):
   """SIGTERM (a preemption notice) in step 4, between the checkpoints of steps 3 and 6: the run finishes step 4,
   saves it, and raises TrainingInterrupted; from then on the signals' handlers are the previous ones (a second
-  Ctrl-C stops at once), and after the run the lock is gone. The rerun resumes at step 4 and ends where an
-  uninterrupted run ends. (A kill with no checkpoint since step 3 would redo step 4.)"""
+  Ctrl-C stops at once), and after the run the lock is gone and TensorBoard's events are on disk. The rerun
+  resumes at step 4 and ends where an uninterrupted run ends. (A kill with no checkpoint since step 3 would redo
+  step 4.)"""
   assert threading.current_thread() is threading.main_thread()  # Python delivers signals to the main thread only
   config = small_config(tiny_ae, **{"data.latent_cache": 16})  # test_killed_run_resumes_exactly's programs
   train_lib.train(config, str(tmp_path / "straight"))
@@ -141,6 +159,7 @@ def test_a_stop_signal_saves_the_step_it_arrives_in_and_the_rerun_resumes_exactl
                                 f"{tmp_path / 'stopped' / 'checkpoints'}. Run the same command again to resume from it.")
   assert Checkpointer(str(tmp_path / "stopped" / "checkpoints"), read_only=True).all_steps() == [3, 4]
   assert not (tmp_path / "stopped" / ".lock").exists()
+  assert tensorboard_steps(tmp_path / "stopped" / "tensorboard" / "train", "loss") == [1, 2, 3, 4]  # flushed
   train_lib.train(config, str(tmp_path / "stopped"))
   assert_same_run(config, tmp_path / "straight", tmp_path / "stopped")
 

@@ -264,7 +264,10 @@ def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callab
     try:
       state = run(loop, state, step_fn, data_iter, ckpt, writer, sample_fn=sample_fn,
                   extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
-    finally:  # grain's worker processes (data.num_workers) stop here, also when the run ends by an exception
+    except BaseException:  # a stop signal, the NaN guard, a failed save: TensorBoard's buffered last events
+      writer.close()
+      raise
+    finally:  # grain's worker processes (data.num_workers) stop here, however the run ends
       if callable(getattr(data_iter, "close", None)):
         data_iter.close()
     if on_done is not None:
