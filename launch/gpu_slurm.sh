@@ -11,13 +11,16 @@
 # Put fsdp (or tensor) inside a node and data across nodes: the mesh's outer axis (data) is laid
 # over hosts, so only gradient all-reduces cross the network. The workdir must be on a file
 # system every node sees (Orbax writes each host's shards there); logs and metrics come from
-# process 0. Needs jax[cuda] installed on every node.
+# process 0. Needs jax[cuda] installed on every node. Five minutes before --time runs out SLURM sends
+# SIGTERM (--signal): every process finishes its step, they save it together and exit 143; submitting the
+# same command again resumes there (sanajax/training/interrupt.py).
 #SBATCH --job-name=sanajax
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=32
 #SBATCH --time=48:00:00
+#SBATCH --signal=TERM@300
 set -euo pipefail
 
 if [[ $# -eq 0 ]]; then
