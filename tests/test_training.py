@@ -12,6 +12,7 @@ import threading
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from tiny_base import AE_OVERRIDES  # tests/tiny_base.py (tests/ is on sys.path)
@@ -350,6 +351,29 @@ def test_a_model_run_and_its_autoencoder_do_not_take_each_others_workdir(tmp_pat
     ae_lib.train_ae(train_lib.ae_train_config(config), str(run))
   assert {folder: (folder / "config.json").read_text() for folder in saved} == saved
   assert not (tmp_path / "another_ae").exists()
+
+
+def test_a_converted_text_encoders_workdir_is_no_other_runs_workdir(tmp_path):
+  """The third kind of workdir, a converted text encoder (config.json with only `text`, as `convert
+  --from=transformers` writes it): an AE run there passed the model-or-not check and replaced its config.json."""
+  from sanajax.workdir.files import WorkdirConfigError, prepare_workdir
+  text, ae = tmp_path / "text_encoder", tmp_path / "ae"
+  config = small_config(ae)
+  for folder, its_config in ((text, ml_collections.ConfigDict({"text": config.text.to_dict()})),
+                             (ae, train_lib.ae_train_config(config))):
+    prepare_workdir(str(folder), its_config)
+    ckpt = Checkpointer(os.path.join(folder, "checkpoints"))
+    ckpt.save(0, {"w": np.zeros(3, np.float32)})
+    ckpt.wait()
+  saved = (text / "config.json").read_text()
+  cases = ((text, train_lib.ae_train_config(config), "a text encoder's", "an autoencoder's"),
+           (text, config, "a text encoder's", "a text-to-image model's"),
+           (ae, ml_collections.ConfigDict({"text": config.text.to_dict()}), "an autoencoder's", "a text encoder's"))
+  for folder, its_config, held, new in cases:
+    with pytest.raises(WorkdirConfigError, match=f"^{re.escape(str(folder))} holds checkpoints of {held} run, not of "
+                                                 f"{new}: give this run its own --workdir\.$"):
+      prepare_workdir(str(folder), its_config)
+  assert (text / "config.json").read_text() == saved
 
 
 def test_cached_latents_give_the_loss_of_encoding_in_the_step(tiny_ae):

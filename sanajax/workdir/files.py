@@ -40,9 +40,10 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   A resumed run must use the same config: a changed architecture field would make the restore fail
   later with a much less readable message, so when the workdir holds a checkpoint, the model, ae and
   text sections are checked against its config.json (WorkdirConfigError), and so is the kind of run (a
-  model's or an autoencoder's: the two folders are easily swapped, and the restore would fail on the other's
-  state). Without a checkpoint there is nothing to resume: a run that stopped before its first one (a missing
-  AE, a bad data path) leaves a config.json that the corrected command replaces.
+  model's, an autoencoder's or a converted text encoder's: a DiT run's folder and its ae/ are easily swapped,
+  and the restore would fail on the other's state after config.json was overwritten). Without a checkpoint
+  there is nothing to resume: a run that stopped before its first one (a missing AE, a bad data path) leaves
+  a config.json that the corrected command replaces.
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, CONFIG_FILE)
@@ -50,8 +51,8 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if os.path.exists(path) and latest_workdir_step(workdir) is not None:
     with open(path) as f:
       old = json.load(f)
-    if ("model" in old) != ("model" in new):  # a DiT run's folder and its AE's are easily swapped on the command line
-      raise WorkdirConfigError(_other_kind_of_run(workdir, holds_model="model" in old))
+    if _kind(old) != _kind(new):  # a DiT run's folder and its AE's are easily swapped on the command line
+      raise WorkdirConfigError(_other_kind_of_run(workdir, _kind(old), _kind(new)))
     for section in ("model", "ae", "text"):
       if section in old and section in new and old[section] != new[section]:
         changed = sorted(k for k in set(old[section]) | set(new[section])
@@ -63,15 +64,28 @@ def prepare_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
       json.dump(new, f, indent=2, sort_keys=True)
 
 
-def _other_kind_of_run(workdir: str, *, holds_model: bool) -> str:
-  if holds_model:
+# What a workdir's config.json says it holds: a model's run (a `model` section: DiT, MM-DiT, Sprint student,
+# LoRA, ControlNet, a converted release), an autoencoder's (`ae`, no model) or a converted text encoder's (only
+# `text`, sanajax.convert --from=transformers); the kinds' names as the messages say them.
+_KINDS = {"model": "a text-to-image model's", "ae": "an autoencoder's", "text": "a text encoder's"}
+
+
+def _kind(config: dict) -> str:
+  return next((kind for kind in _KINDS if kind in config), "")
+
+
+def _other_kind_of_run(workdir: str, held: str, new: str) -> str:
+  if (held, new) == ("model", "ae"):
     return (f"{workdir} holds checkpoints of a text-to-image model's run, not of an autoencoder's: give the "
             f"autoencoder its own --workdir (a DiT run trains its AE in WORKDIR/ae).")
-  owner = _run_owning_ae(workdir)
-  where = (f"the model run this AE belongs to is {owner}" if owner else
-           f"--config.ae.workdir={workdir} trains the model on this AE")
-  return (f"{workdir} holds checkpoints of an autoencoder's run, not of a text-to-image model's: give the model its "
-          f"own --workdir ({where}).")
+  if (held, new) == ("ae", "model"):
+    owner = _run_owning_ae(workdir)
+    where = (f"the model run this AE belongs to is {owner}" if owner else
+             f"--config.ae.workdir={workdir} trains the model on this AE")
+    return (f"{workdir} holds checkpoints of an autoencoder's run, not of a text-to-image model's: give the model "
+            f"its own --workdir ({where}).")
+  return (f"{workdir} holds checkpoints of {_KINDS.get(held, 'another kind of')} run, not of "
+          f"{_KINDS.get(new, 'this kind of')}: give this run its own --workdir.")
 
 
 def load_workdir_config(workdir: str) -> ml_collections.ConfigDict:
