@@ -178,6 +178,11 @@ def test_profile_steps_trace_those_steps_into_tensorboard(tmp_path, tiny_ae, cap
   outermost = [c for i, c in enumerate(calls) if not any(o[0] <= c[0] and c[1] <= o[1] for o in calls[:i])]
   assert len(outermost) == 2, calls  # a call appears as an outer and an inner event
   assert f"Profile of steps 2-3 (jax.profiler) in {workdir / 'tensorboard'}/plugins/profile" in capsys.readouterr().out
+  # A run resumed past them traces nothing, and says why (the loop prints this before its bar).
+  from sanajax.training.profile import StepProfiler
+  assert StepProfiler((2, 3), str(workdir)).skipped_by(3) == (
+      "train.profile_steps=(2, 3): this run resumes after step 3, so nothing is traced; choose later steps.")
+  assert StepProfiler((2, 3), str(workdir)).skipped_by(2) is None and StepProfiler(None, "").skipped_by(9) is None
 
 
 def test_nan_guard_names_step_and_quantity(tmp_path, tiny_ae, monkeypatch):

@@ -178,13 +178,15 @@ def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, d
   if start >= loop.num_steps:
     print(f"{loop.description}: already at step {start} >= num_steps {loop.num_steps}; nothing to do.", flush=True)
     return state
+  profiler = StepProfiler(loop.profile_steps, loop.profile_dir)
+  if (note := profiler.skipped_by(start)) and jax.process_index() == 0:
+    print(note, flush=True)
   bar = tqdm(total=loop.num_steps, initial=start, desc=loop.description, unit="step", dynamic_ncols=True,
              disable=jax.process_index() != 0, mininterval=2.0)
   bar.set_postfix_str("compiling the step", refresh=True)
   last_time, last_step = time.perf_counter(), start
   step = start
   metrics = {}
-  profiler = StepProfiler(loop.profile_steps, loop.profile_dir)
   try:
     with StopRequests(loop.description) as stop:  # SIGTERM / Ctrl-C: this step is saved, then TrainingInterrupted
       for step in range(start + 1, loop.num_steps + 1):

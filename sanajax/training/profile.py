@@ -29,6 +29,13 @@ class StepProfiler:
     self.active = False
     self.started = 0  # the step the running trace started at
 
+  def skipped_by(self, start: int) -> str | None:
+    """What to tell a run resumed at step `start` whose profile steps were all before it (nothing is traced)."""
+    if 0 < self.first and self.last <= start:
+      return (f"train.profile_steps=({self.first}, {self.last}): this run resumes after step {start}, so nothing "
+              f"is traced; choose later steps.")
+    return None
+
   def before(self, step: int) -> None:
     if not self.active and self.first <= step <= self.last:  # a resumed run starts past `first`
       jax.profiler.start_trace(self.directory, create_perfetto_trace=True)
