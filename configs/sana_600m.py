@@ -41,6 +41,15 @@ CHI_PROMPT = "\n".join([
 # use_pe / pe_interpolation), flow_shift (3.0; 6.0 at 4K, same converter and the 4096 yaml; note
 # Sana_600M_img1024.yaml itself says 4.0), and SANA's train_batch_size, which is PER GPU in SANA
 # (512ms: 128, 1024ms: 64, 2048ms/4096ms: 4); multiply by the device count to match a SANA run.
+# SANA's TrainingConfig.validation_prompts (NVlabs/Sana diffusion/utils/config.py): what its sample grids show.
+VALIDATION_PROMPTS = (
+    "dog",
+    "portrait photo of a girl, photograph, highly detailed face, depth of field",
+    "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k",
+    "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k",
+    "A photo of beautiful mountain with realistic sunset and blue lake, highly detailed, masterpiece",
+)
+
 RESOLUTION_PRESETS = {
     "512": dict(use_pe=False, pe_interpolation=1.0, flow_shift=3.0, batch_size=128),
     "1024": dict(use_pe=False, pe_interpolation=1.0, flow_shift=3.0, batch_size=64),
@@ -151,6 +160,7 @@ def base_config(arg=None) -> ml_collections.ConfigDict:
   tr.checkpoint_every = 500  # save_model_steps.
   tr.keep_checkpoints = 2
   tr.sample_every = 500  # eval_sampling_steps.
+  tr.sample_prompts = VALIDATION_PROMPTS  # the sample grid's prompts.
   # A jax.profiler trace of steps (first, last), e.g. (11, 13), into WORKDIR/tensorboard; () none
   # (docs/scaling.md#profiling).
   tr.profile_steps = ()

@@ -24,7 +24,7 @@ Sources, cited field by field:
 """
 import ml_collections
 
-from sanajax import parallel, resolution
+from sanajax import config_utils, parallel, resolution
 from sanajax.models import mmdit
 from sanajax.models.autoencoder_kl_diffusers import autoencoder_kl_config_from_diffusers
 from sanajax.models.clip_transformers import clip_config_from_transformers
@@ -140,6 +140,8 @@ def base_config(arch: dict, arg=None) -> ml_collections.ConfigDict:
   tr.checkpoint_every = 1000
   tr.keep_checkpoints = 2
   tr.sample_every = 1000
+  # The sample grid's prompts: the SANA reference's validation_prompts (configs/sana_600m.py); SD3's paper gives none.
+  tr.sample_prompts = config_utils.load_sibling(__file__, "sana_600m").VALIDATION_PROMPTS
   # A jax.profiler trace of steps (first, last), e.g. (11, 13), into WORKDIR/tensorboard; () none
   # (docs/scaling.md#profiling).
   tr.profile_steps = ()

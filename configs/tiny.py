@@ -146,6 +146,7 @@ def get_config(arg=None):
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 2
   c.train.sample_every = 0  # 0: only at the end.
+  c.train.sample_prompts = ()  # the TensorBoard grid's prompts; (): 16 held-out shapes prompts.
   # A jax.profiler trace of steps (first, last), e.g. (11, 13), into WORKDIR/tensorboard; () none
   # (docs/scaling.md#profiling).
   c.train.profile_steps = ()

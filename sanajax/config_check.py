@@ -170,6 +170,11 @@ def _check_train(c: _Checker, section: str, *, with_captions: bool) -> None:
           f"batch_size / grad_accum_steps examples)")
   if with_captions:
     c.real_in(f"{section}.caption_dropout", 0.0, 1.0, required=False)
+  prompts = c.get(f"{section}.sample_prompts")
+  if prompts is not _MISSING and prompts is not None and not (
+      isinstance(prompts, (tuple, list)) and all(isinstance(p, str) and p.strip() for p in prompts)):
+    c.bad(f"{section}.sample_prompts", prompts, "must be a tuple of non-empty prompts, or () for the held-out shapes "
+          "prompts")
   profile, steps = c.get(f"{section}.profile_steps"), c.get(f"{section}.num_steps")
   if profile not in (_MISSING, None, (), []) and not (  # a config.json gives lists
       isinstance(profile, (tuple, list)) and len(profile) == 2 and all(_is_int(s) for s in profile)

@@ -130,12 +130,16 @@ def test_resolution_must_fit_the_ae_and_the_patch():
   assert "No preset for data.resolution=333" in problems(sana, "dit")[0]
 
 
-def test_profile_steps_must_be_a_range_of_the_run():
-  validate_config(tiny(**{"train.profile_steps": (11, 13), "ae_train.profile_steps": (1, 1)}), "dit")
+def test_profile_steps_and_sample_prompts_are_checked():
+  validate_config(tiny(**{"train.profile_steps": (11, 13), "ae_train.profile_steps": (1, 1),
+                          "train.sample_prompts": ("a red circle",)}), "dit")
   for bad in [(0, 3), (5, 4), (9_999, 10_001), (1, 2, 3), ("a", "b")]:
     assert problems(tiny(**{"train.profile_steps": bad}), "dit") == [
         f"train.profile_steps={bad!r}: must be () or (first, last) with 1 <= first <= last <= train.num_steps, "
         f"e.g. (11, 13)"], bad
+  assert problems(tiny(**{"train.sample_prompts": ("a red circle", " ")}), "dit") == [
+      "train.sample_prompts=('a red circle', ' '): must be a tuple of non-empty prompts, or () for the held-out "
+      "shapes prompts"]
 
 
 def test_a_url_where_a_folder_goes_is_refused_with_the_mount_to_use_instead(tmp_path):

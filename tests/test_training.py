@@ -1,6 +1,7 @@
 """The trainer's promises: exact resume after a kill, the NaN guard, metrics, clear CLI errors."""
 import contextlib
 import gzip
+import io
 import json
 import os
 import re
@@ -116,20 +117,24 @@ def assert_same_run(config, straight, resumed):
   assert set(losses[0]) == set(range(1, config.train.num_steps + 1)) and losses[0] == losses[1], losses
 
 
-def tensorboard_steps(directory, tag):
-  """The steps of scalar `tag` in the TensorBoard event files of `directory`, in file order (TFRecords of
+def tensorboard_values(directory, tag):
+  """[(step, summary value)] of `tag` in the TensorBoard event files of `directory`, in file order (TFRecords of
   tensorboardX's Event protos: length u64, its crc u32, the bytes, their crc u32)."""
   from tensorboardX.proto import event_pb2
-  steps = []
+  values = []
   for path in sorted(directory.glob("events.out.tfevents.*")):
     data = path.read_bytes()
     i = 0
     while i + 12 <= len(data):
       (n,) = struct.unpack("<Q", data[i:i + 8])
       event = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
-      steps += [event.step for v in event.summary.value if v.tag == tag]
+      values += [(event.step, v) for v in event.summary.value if v.tag == tag]
       i += 12 + n + 4
-  return steps
+  return values
+
+
+def tensorboard_steps(directory, tag):
+  return [step for step, _ in tensorboard_values(directory, tag)]
 
 
 def test_a_stop_signal_saves_the_step_it_arrives_in_and_the_rerun_resumes_exactly(tmp_path, tiny_ae, monkeypatch):
@@ -183,6 +188,29 @@ def test_profile_steps_trace_those_steps_into_tensorboard(tmp_path, tiny_ae, cap
   assert StepProfiler((2, 3), str(workdir)).skipped_by(3) == (
       "train.profile_steps=(2, 3): this run resumes after step 3, so nothing is traced; choose later steps.")
   assert StepProfiler((2, 3), str(workdir)).skipped_by(2) is None and StepProfiler(None, "").skipped_by(9) is None
+
+
+def test_sample_grids_show_the_configured_prompts_every_sample_every_steps(tmp_path, tiny_ae):
+  """train.sample_every=3 with train.sample_prompts (SANA's validation_prompts): TensorBoard's grids at steps 3 and
+  6 are those prompts' samples of the EMA weights, as sampling the run's checkpoint gives them (before, the grid
+  always showed 16 shapes prompts: a SANA run on photos drew circles)."""
+  from PIL import Image
+
+  from sanajax.eval import after_training
+  from sanajax.generation import Generator, make_grid
+  prompts = ("a red circle", "two blue squares")
+  config = small_config(tiny_ae, **{"train.sample_every": 3, "train.sample_prompts": prompts, "sample.steps": 2,
+                                    "eval.num_prompts": 0})
+  workdir = tmp_path / "grids"
+  train_lib.train(config, str(workdir), make_sample_fn=after_training.make_grid_fn)
+  grids = {step: np.asarray(Image.open(io.BytesIO(v.image.encoded_image_string)).convert("RGB"))
+           for step, v in tensorboard_values(workdir / "tensorboard" / "train", "samples")}
+  assert sorted(grids) == [3, 6]
+  want = make_grid(Generator.from_workdir(str(workdir)).generate(list(prompts), sampler=config.sample.sampler, steps=2,
+                                                                 cfg=config.sample.cfg, seed=config.seed))
+  assert grids[6].shape == want.shape == (32, 64, 3)
+  assert np.abs(grids[6].astype(int) - want).max() <= 2, np.abs(grids[6].astype(int) - want).max()
+  assert np.abs(grids[3].astype(int) - want).max() > 2  # step 3's EMA weights are another model
 
 
 def test_nan_guard_names_step_and_quantity(tmp_path, tiny_ae, monkeypatch):

@@ -113,10 +113,12 @@ def evaluate_sprint_run(config: ml_collections.ConfigDict, workdir: str, steps=(
 
 
 def make_grid_fn(config, ae_model, ae_params, ae_scaling: float, text_encoder, plan, num_prompts: int = 16):
-  """state -> uint8 sample grid of the EMA weights on fixed held-out prompts, for TensorBoard every
+  """state -> uint8 sample grid of the EMA weights on fixed prompts, for TensorBoard every
   train.sample_every steps (the trainer calls this factory with its frozen parts and its sharding
-  plan, so the grid samples the state where it lies)."""
-  prompts = [p for p, _ in eval_prompt_set(num_prompts, seed=config.seed)]
+  plan, so the grid samples the state where it lies). The prompts are train.sample_prompts (SANA's
+  `validation_prompts`), else `num_prompts` held-out shapes prompts (the tiny configs' data)."""
+  prompts = list(config.train.get("sample_prompts") or ()) or [p for p, _ in eval_prompt_set(num_prompts,
+                                                                                             seed=config.seed)]
   generator = Generator(config, None, ae_model, ae_params, ae_scaling, text_encoder, ae_downsample(config), plan=plan)
 
   def grid(state) -> np.ndarray:
