@@ -190,9 +190,9 @@ def _check_data(c: _Checker) -> None:
         ("folder:", "arrayrecord:", "webdataset:", "tfds:", "cache:"))):
       c.bad("data.source", source, f"must be {DATA_SOURCES}" + (bare_folder_hint(source) if isinstance(source, str)
                                                                   else ""))
-    elif url_path_problem(source.partition(":")[2]):
-      c.bad("data.source", source, f"names a folder that {url_path_problem(source.partition(':')[2])} (tfds: sets "
-            f"read gs:// themselves: data.tfds_data_dir)")
+    elif problem := url_path_problem(source.partition(":")[2]):
+      c.bad("data.source", source, f"names a folder that {problem} (tfds: sets read gs:// themselves: "
+            f"data.tfds_data_dir)")
     elif source.startswith(("folder:", "arrayrecord:")):
       kind, _, path = source.partition(":")
       if not path:

@@ -264,18 +264,17 @@ def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callab
                       description=description, profile_steps=tuple(train_config.get("profile_steps") or ()) or None,
                       profile_dir=os.path.join(workdir, "tensorboard"))
     try:
-      state = run(loop, state, step_fn, data_iter, ckpt, writer, sample_fn=sample_fn,
-                  extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
-    except BaseException:  # a stop signal, the NaN guard, a failed save: TensorBoard's buffered last events
-      writer.close()
-      raise
-    finally:  # grain's worker processes (data.num_workers) stop here, however the run ends
-      if callable(getattr(data_iter, "close", None)):
-        data_iter.close()
-    if on_done is not None:
-      on_done(state, writer)
+      try:
+        state = run(loop, state, step_fn, data_iter, ckpt, writer, sample_fn=sample_fn,
+                    extra_metrics=lambda: {"skipped_images": getattr(data_iter, "skipped", 0)})
+      finally:  # grain's worker processes (data.num_workers) stop here, however the run ends
+        if callable(getattr(data_iter, "close", None)):
+          data_iter.close()
+      if on_done is not None:
+        on_done(state, writer)
+    finally:  # however the run ends (a stop signal, the NaN guard, a failed evaluation): TensorBoard's buffered
+      writer.close()  # events reach the disk
     ckpt.close()
-    writer.close()
     if jax.process_index() == 0 and os.path.exists(writer.path):
       write_loss_plot(read_metrics(workdir), os.path.join(workdir, LOSS_PLOT_FILE), title=f"{description} loss")
   return state
