@@ -28,7 +28,7 @@ def main(argv):
   if not config.get("teacher_workdir"):
     raise cli.UserError("--config.teacher_workdir is required: the workdir of a trained teacher (sanajax.train).")
   workdir = cli.workdir(default=cli.default_workdir())
-  distill(config, workdir, evaluate=after_training.evaluate_sprint_run)
+  distill(config, workdir, evaluate=after_training.evaluate_sprint_run, make_sample_fn=after_training.make_grid_fn)
   cli.print_run_summary(workdir)
 
 

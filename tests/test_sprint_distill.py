@@ -1,4 +1,5 @@
 """SANA-Sprint distillation: the JVP tangent, the sCM step, the LADD hinge loss, resume, the CLI."""
+import io
 import json
 import os
 import subprocess
@@ -9,12 +10,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
-from test_training import killed_after_checkpoint
+from PIL import Image
+from test_training import killed_after_checkpoint, tensorboard_values
 
 from sanajax import config_utils
 from sanajax.data.pipeline import make_train_iterator
 from sanajax.data.sources import make_source
 from sanajax.diffusion import scm, trigflow
+from sanajax.generation import Generator, make_grid
 from sanajax.models.backbones import build_backbone
 from sanajax.models.discriminator import LaddHeads, spectral_normalize
 from sanajax.training import dit as train_lib
@@ -281,7 +284,10 @@ def test_killed_distillation_resumes_exactly(teacher_dir, tmp_path):
 
 
 def test_cli_distills_and_writes_a_training_layout(teacher_dir, tiny_ae, tmp_path):
+  """The CLI distils, writes a workdir that samples like a training run, and draws the student's grid of
+  train.sample_prompts every train.sample_every steps (before, distill_sprint drew none whatever the config)."""
   out = tmp_path / "cli"
+  prompts = ("a red circle", "two blue squares")
   r = subprocess.run([sys.executable, "-m", "sanajax.distill_sprint", "--config=configs/sprint_tiny.py",
                       f"--config.teacher_workdir={teacher_dir}", f"--workdir={out}", "--config.data.resolution=32",
                       "--config.model.depth=1", "--config.model.hidden_size=64", "--config.text.num_layers=1",
@@ -289,7 +295,8 @@ def test_cli_distills_and_writes_a_training_layout(teacher_dir, tiny_ae, tmp_pat
                       "--config.eval.num_prompts=0", "--config.distill.head_block_ids=(0,)",
                       # sprint_config's warm-ups: the same programs as the runs above, which the
                       # suite's compilation cache (tests/conftest.py) then serves to this process.
-                      "--config.train.warmup_steps=1", "--config.distill.tangent_warmup_steps=2"],
+                      "--config.train.warmup_steps=1", "--config.distill.tangent_warmup_steps=2",
+                      "--config.train.sample_every=2", f"--config.train.sample_prompts={prompts!r}"],
                      cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
   cfg = json.load(open(out / "config.json"))
@@ -298,9 +305,16 @@ def test_cli_distills_and_writes_a_training_layout(teacher_dir, tiny_ae, tmp_pat
   assert [x["step"] for x in rows] == [1, 2]
   assert Checkpointer(str(out / "checkpoints"), read_only=True).latest_step() == 2
   # The distilled workdir samples like a training run (sanajax.sample --sampler=scm uses this).
-  from sanajax.generation import Generator
-  images = Generator.from_workdir(str(out)).generate(["a red circle"], sampler="scm", steps=1)
+  generator = Generator.from_workdir(str(out))
+  images = generator.generate(["a red circle"], sampler="scm", steps=1)
   assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
+  # The grid at step 2 is the student's EMA weights sampled as the config samples (sCM, 2 steps, guidance 4.5).
+  (step, value), = tensorboard_values(out / "tensorboard" / "train", "samples")
+  grid = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)).convert("RGB"))
+  want = make_grid(generator.generate(list(prompts), sampler="scm", steps=cfg["sample"]["steps"],
+                                      cfg=cfg["sample"]["cfg"], seed=cfg["seed"]))
+  assert step == 2 and grid.shape == want.shape == (32, 64, 3)
+  assert np.abs(grid.astype(int) - want).max() <= 2, np.abs(grid.astype(int) - want).max()
   # No teacher: a clear error.
   r = subprocess.run([sys.executable, "-m", "sanajax.distill_sprint", "--config=configs/sprint_tiny.py",
                       f"--workdir={tmp_path / 'x'}"], cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -329,7 +343,7 @@ def test_one_step_probe_regresses_the_teacher_onto_its_own_samples(teacher_dir, 
   """experiments.one_step_probe: the pairs are the teacher's own Flow-DPM-Solver samples of their
   noise, the regression lowers its loss on them, and the run writes its score."""
   from experiments import one_step_probe
-  from sanajax.generation import Generator, sample_latents
+  from sanajax.generation import sample_latents
   g = Generator.from_workdir(str(teacher_dir))
   pairs = one_step_probe.teacher_pairs(g, 6, batch=3)
   assert pairs["z"].shape == pairs["x0"].shape == (6, *g.latent_shape) and pairs["input_ids"].shape[0] == 6

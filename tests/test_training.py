@@ -404,7 +404,7 @@ def test_a_converted_text_encoders_workdir_is_no_other_runs_workdir(tmp_path):
            (ae, ml_collections.ConfigDict({"text": config.text.to_dict()}), "an autoencoder's", "a text encoder's"))
   for folder, its_config, held, new in cases:
     with pytest.raises(WorkdirConfigError, match=f"^{re.escape(str(folder))} holds checkpoints of {held} run, not of "
-                                                 f"{new}: give this run its own --workdir\.$"):
+                                                 rf"{new}: give this run its own --workdir\.$"):
       prepare_workdir(str(folder), its_config)
   assert (text / "config.json").read_text() == saved
 

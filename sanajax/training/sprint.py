@@ -517,17 +517,21 @@ def build_distiller(config, teacher_config, teacher_params, ae_model, ae_params,
 
 
 def distill(config: ml_collections.ConfigDict, workdir: str, *,
-            evaluate: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> dict:
+            evaluate: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+            make_sample_fn: Callable[..., Callable[[Any], np.ndarray]] | None = None) -> dict:
   """Distils (or resumes) a Sprint student in workdir. evaluate(config, workdir) -> dict runs after the
   last step (sanajax.eval.after_training.evaluate_sprint_run: GenEval-lite at 1, 2 and 4 sCM steps);
-  its result is returned ({} without one). The student takes the teacher's backbone
+  its result is returned ({} without one). make_sample_fn as sanajax.training.dit.train's: the
+  TensorBoard grid of the student's EMA weights every train.sample_every steps, sampled with
+  config.sample (sCM, its steps and embedded guidance). The student takes the teacher's backbone
   (with_teacher_architecture) before the config is checked."""
-  return _distill(with_teacher_architecture(config), workdir, evaluate=evaluate)
+  return _distill(with_teacher_architecture(config), workdir, evaluate=evaluate, make_sample_fn=make_sample_fn)
 
 
 @guarded("sprint")  # the whole config checked, then the workdir locked, before any work
 def _distill(config: ml_collections.ConfigDict, workdir: str, *,
-             evaluate: Callable[[ml_collections.ConfigDict, str], dict] | None = None) -> dict:
+             evaluate: Callable[[ml_collections.ConfigDict, str], dict] | None = None,
+             make_sample_fn: Callable[..., Callable[[Any], np.ndarray]] | None = None) -> dict:
   start_time = time.perf_counter()
   config, distiller, frozen, state = setup(config, workdir)
   n_student = sum(x.size for x in jax.tree.leaves(state.params))
@@ -542,7 +546,10 @@ def _distill(config: ml_collections.ConfigDict, workdir: str, *,
       caption_threshold=config.data.caption_clip_threshold, caption_temperature=config.data.caption_temperature,
       process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.data.get("num_workers", 0))
+  sample_fn = None if make_sample_fn is None else make_sample_fn(
+      config, distiller.ae_model, frozen["ae"], distiller.ae_scaling, distiller.text, distiller.plan)
   loop_lib.run_from_config(config.train, workdir, state, distiller.make_step(frozen, state), data_iter,
-                           description="sprint", shard_fn=distiller.plan.shard_batch)  # two batches ahead
+                           description="sprint", sample_fn=sample_fn,
+                           shard_fn=distiller.plan.shard_batch)  # two batches ahead
   print(f"Distillation done in {time.perf_counter() - start_time:.0f} s.", flush=True)
   return evaluate(config, workdir) if evaluate is not None else {}
