@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
 from PIL import Image
+from small_configs import SMALLEST_MODEL  # tests/small_configs.py (tests/ is on sys.path)
 from test_training import killed_after_checkpoint, tensorboard_values
 
 from sanajax import config_utils

@@ -241,35 +241,93 @@ def run_cli(*args, cwd=REPO):
                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
-def test_ctrl_c_stops_the_cli_with_a_checkpoint_and_one_line(tmp_path):
-  """Ctrl-C in a terminal (SIGINT to the whole process group: the trainer and its 2 grain worker processes) in
-  `sanajax.train_ae`, a long run with no checkpoint due: it exits 130, as a shell reports an interrupted command,
-  with one line naming the step saved and how to resume; no traceback (the workers ignore it), nothing leaked."""
-  workdir = tmp_path / "ae"
-  proc = subprocess.Popen([sys.executable, "-m", "sanajax.train_ae", "--config=configs/dcae_tiny.py",
+def start_train_ae_with_workers(workdir):
+  """`sanajax.train_ae` in its own process group, with 2 grain worker processes, long and with no checkpoint due."""
+  return subprocess.Popen([sys.executable, "-m", "sanajax.train_ae", "--config=configs/dcae_tiny.py",
                            f"--workdir={workdir}", "--config.data.resolution=32", "--config.train.batch_size=4",
                            "--config.train.log_every=1", "--config.train.checkpoint_every=100000",
                            "--config.train.num_steps=100000", "--config.data.num_workers=2"], cwd=REPO,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                           env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def wait_for_step(proc, workdir, step):
+  deadline = time.time() + 240
+  while max([r["step"] for r in read_metrics(str(workdir))] if (workdir / "metrics.jsonl").exists() else [0]) < step:
+    assert proc.poll() is None and time.time() < deadline, proc.communicate()
+    time.sleep(0.2)
+
+
+def stop_group(proc, sig):
+  """Sends sig to proc's whole process group (as a terminal's Ctrl-C or a scheduler's notice reaches every process
+  of the job); (stdout, stderr) once it exits."""
   try:
-    deadline = time.time() + 240
-    while len(read_metrics(str(workdir)) if (workdir / "metrics.jsonl").exists() else []) < 2:
-      assert proc.poll() is None and time.time() < deadline, proc.communicate()
-      time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    os.killpg(proc.pid, sig)
+    return proc.communicate(timeout=120)
   finally:
     with contextlib.suppress(ProcessLookupError):
       os.killpg(proc.pid, signal.SIGKILL)
+
+
+def check_one_stop_line(proc, out, err, workdir, sig):
+  """Exit 128 + signal, as a shell reports a command the signal stopped, with one line naming the step saved and how
+  to resume; no traceback (the workers leave the signal to the trainer), nothing leaked. The step saved."""
   step = Checkpointer(str(workdir / "checkpoints"), read_only=True).latest_step()
-  assert proc.returncode == 130 and step >= 2, (proc.returncode, step, err[-3000:])
+  assert proc.returncode == 128 + sig and step >= 2, (proc.returncode, step, err[-3000:])
   assert "Traceback" not in err and "leaked" not in err and "Done." not in out, err[-3000:]
   assert err.strip().splitlines()[-1] == (
-      f"sanajax.train_ae: stopped by SIGINT after step {step}; its checkpoint is in {workdir / 'checkpoints'}. "
+      f"sanajax.train_ae: stopped by {sig.name} after step {step}; its checkpoint is in {workdir / 'checkpoints'}. "
       f"Run the same command again to resume from it."), err[-3000:]
+  return step
+
+
+def test_ctrl_c_stops_the_cli_with_a_checkpoint_and_one_line(tmp_path):
+  """Ctrl-C in a terminal (SIGINT to the whole process group: the trainer and its 2 grain worker processes) in
+  `sanajax.train_ae`, a long run with no checkpoint due: it exits 130 with one line."""
+  workdir = tmp_path / "ae"
+  proc = start_train_ae_with_workers(workdir)
+  wait_for_step(proc, workdir, 2)
+  out, err = stop_group(proc, signal.SIGINT)
+  check_one_stop_line(proc, out, err, workdir, signal.SIGINT)
   assert "SIGINT received: stopping after this step with a checkpoint (Ctrl-C again stops at once" in err
   # Resuming from it is the restore after any checkpoint (test_a_stop_signal_saves_..., above, resumes in-process).
+
+
+def test_a_preemption_notice_to_every_process_saves_the_step_and_a_killed_trainer_leaves_no_workers(tmp_path):
+  """SIGTERM to every process of the job (SLURM's --signal, a TPU VM's shutdown): exit 143 with one line, as Ctrl-C.
+  Before, the grain workers died of it, leaving their shared memory behind ("leaked shared_memory objects"; and a
+  trainer waiting for their batch failed without saving). Then the resumed run's trainer alone is SIGKILLed (the
+  OOM killer): its workers exit within seconds; before, they spun forever on a queue nobody read."""
+  workdir = tmp_path / "ae"
+  proc = start_train_ae_with_workers(workdir)
+  wait_for_step(proc, workdir, 2)
+  out, err = stop_group(proc, signal.SIGTERM)
+  saved = check_one_stop_line(proc, out, err, workdir, signal.SIGTERM)
+
+  proc = start_train_ae_with_workers(workdir)
+  try:
+    wait_for_step(proc, workdir, saved + 2)
+    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and parent_and_state(int(p))[0] == proc.pid]
+    assert len(children) >= 2, children  # the two workers (and multiprocessing's resource tracker)
+    proc.kill()
+    proc.communicate()
+    deadline = time.time() + 30
+    while alive := [p for p in children if parent_and_state(p)[1] not in (None, "Z")]:
+      assert time.time() < deadline, f"workers left running without their trainer: {alive}"
+      time.sleep(0.2)
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGKILL)
+
+
+def parent_and_state(pid):
+  """(parent pid, state letter) of a process from /proc/PID/stat; (None, None) once it is gone."""
+  try:
+    stat = open(f"/proc/{pid}/stat").read()
+  except OSError:
+    return None, None
+  fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) "
+  return int(fields[1]), fields[0]
 
 
 def test_sample_cli_errors_on_missing_workdir(tmp_path):

@@ -14,8 +14,12 @@ along the stream we are", which makes checkpointed resume exact.
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -347,12 +351,28 @@ def _ensure_absl_flags_parsed() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def _workers_ignore_ctrl_c(worker_index: int, worker_count: int) -> None:
-  """grain's worker_init_fn: Ctrl-C in a terminal reaches every process of the job, and the trainer answers it
-  by finishing its step and saving (sanajax.training.interrupt); workers that died of it would print a traceback
-  each and leave the step without data. grain stops them when the trainer exits."""
+def _init_worker(trainer_pid: int, worker_index: int, worker_count: int) -> None:
+  """grain's worker_init_fn (bound to the trainer's pid): the workers leave stop signals to the trainer and end
+  with it.
+
+  Ctrl-C in a terminal, and a preemption notice (SIGTERM from SLURM's --signal, a TPU VM's shutdown), reach every
+  process of the job. The trainer answers them by finishing its step and saving (sanajax.training.interrupt), and
+  grain stops the workers when it closes the iterator. Workers that died of the signal instead would print a
+  traceback each, leave their shared memory behind, and fail a trainer that was waiting for their batch.
+  A trainer that dies without closing (SIGKILL, the OOM killer, a second signal) cannot stop them: each worker
+  watches its parent and exits when it is gone, instead of spinning on a queue nobody reads."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+  def exit_without_the_trainer() -> None:
+    while os.getppid() == trainer_pid:
+      time.sleep(_PARENT_POLL_S)
+    os._exit(1)
+  threading.Thread(target=exit_without_the_trainer, name="exit-without-the-trainer", daemon=True).start()
+
+
+_PARENT_POLL_S = 1.0  # how soon a worker notices that its trainer is gone
 
 
 def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: TokenizeFn,
@@ -423,7 +443,7 @@ def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: Toke
   if num_workers > 0:
     _ensure_absl_flags_parsed()
     it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers),
-                              worker_init_fn=_workers_ignore_ctrl_c)
+                              worker_init_fn=functools.partial(_init_worker, os.getpid()))
   meta = {"seed": int(seed), "batch_size": int(batch_size), "num_source": n,
           "process_index": int(process_index), "process_count": int(process_count),
           "num_workers": int(num_workers), "buckets": None if bucket_ids is None else len(schedule.counts)}
