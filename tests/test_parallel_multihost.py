@@ -52,8 +52,10 @@ def test_two_processes_train_checkpoint_and_agree(tmp_path):
   # Process 0 alone wrote the metrics, with a finite loss at every step.
   with open(workdir / "metrics.jsonl") as f:
     rows = [json.loads(l) for l in f if '"loss"' in l]
-  # Then SIGTERM to process 1 only: both stop after the same step (past the notice's step 5) with its checkpoint.
-  stopped = {int(re.search(r"STOPPED after step (\d+) by SIGTERM", out).group(1)) for out in outs}
+  # Then Ctrl-C to process 1 only: both stop after the same step (past the notice's step 5) with its checkpoint;
+  # process 1 names its SIGINT, process 0 the preemption notice it was passed on as.
+  stopped = {int(re.search(rf"STOPPED after step (\d+) by {name}", out).group(1))
+             for out, name in zip(outs, ("SIGTERM", "SIGINT"))}
   assert len(stopped) == 1 and min(stopped) >= 5, outs
   last = stopped.pop()
   assert [r["step"] for r in rows] == list(range(1, last + 1)) and all(math.isfinite(r["loss"]) for r in rows), rows
@@ -105,8 +107,10 @@ def worker(coordinator: str, process_id: int, workdir: str) -> None:
 
 
 def stop_on_a_notice_to_one_process(state, step, data_iter, workdir: str, process_id: int) -> None:
-  """A preemption notice (SIGTERM) to process 1 alone, in step 5 of a longer run: both processes stop at the
-  step JAX's preemption sync point agrees on, having saved it together (sanajax.training.interrupt)."""
+  """Ctrl-C (SIGINT) to process 1 alone, in step 5 of a longer run: process 1 passes it on as a preemption notice
+  (a SIGTERM to itself, which JAX's preemption service catches), and both processes stop at the step the
+  service's sync point agrees on, having saved it together (sanajax.training.interrupt). Before, Ctrl-C ended
+  the process at once without a checkpoint, and the other one hung in its next collective."""
   import signal
 
   from sanajax.training import loop as loop_lib
@@ -118,7 +122,7 @@ def stop_on_a_notice_to_one_process(state, step, data_iter, workdir: str, proces
   def step_with_notice(s, batch):
     calls.append(None)
     if process_id == 1 and len(calls) == 2:  # step 5 (the run resumes after step 3)
-      os.kill(os.getpid(), signal.SIGTERM)
+      os.kill(os.getpid(), signal.SIGINT)
     return step(s, batch)
 
   ckpt, writer = Checkpointer(os.path.join(workdir, "checkpoints")), MetricWriter(workdir)

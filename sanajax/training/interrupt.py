@@ -14,11 +14,14 @@ first signal on, so a second Ctrl-C stops at once (KeyboardInterrupt), giving up
 
 A multi-process run must stop every process at the same step, so there the step comes from JAX's
 preemption sync point (multihost_utils.reached_preemption_sync_point: the coordination service catches
-SIGTERM on any host and agrees on the next step all hosts reach) and no Python handler is installed.
+SIGTERM on any host and agrees on the next step all hosts reach), and SIGTERM gets no Python handler. Ctrl-C
+there (SIGINT, to one process or to each, e.g. launch/local_multiprocess.sh in a terminal) is passed on to that
+service as a SIGTERM of the process's own, so it too stops every process at one step with its checkpoint.
 Outside the main thread (Python delivers signals there only) nothing is installed and nothing stops a run.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -53,8 +56,12 @@ class StopRequests:
     self._multiprocess = jax.process_count() > 1
 
   def __enter__(self) -> Self:
-    if not self._multiprocess and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    if not self._multiprocess:
       self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+    elif jax.config.jax_enable_preemption_service:  # SIGTERM is the service's own (its handler is not Python's)
+      self._previous = {signal.SIGINT: signal.signal(signal.SIGINT, self._handle)}
     return self
 
   def __exit__(self, *exc) -> None:
@@ -72,16 +79,20 @@ class StopRequests:
     print(f"\n{self.description}: {signal.Signals(signum).name} received: stopping after this step with a "
           f"checkpoint" + (" (Ctrl-C again stops at once, without it)." if signum == signal.SIGINT else "."),
           file=sys.stderr, flush=True)
+    if self._multiprocess:  # the preemption service's SIGTERM handler tells every process (see the module doc)
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def requested(self, step: int) -> bool:
     """Whether the run should save `step` and stop (call it once per step, on every process)."""
-    if self._multiprocess:
-      try:
-        if multihost_utils.reached_preemption_sync_point(step):
-          self.signum = signal.SIGTERM
-      except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
-        return False
-    return self.signum is not None
+    if not self._multiprocess:
+      return self.signum is not None
+    try:
+      agreed = multihost_utils.reached_preemption_sync_point(step)
+    except RuntimeError:  # the preemption service is off (jax_enable_preemption_service)
+      return False
+    if agreed and self.signum is None:  # the notice came to another process, or as a SIGTERM
+      self.signum = signal.SIGTERM
+    return agreed
 
   def interrupted(self, step: int, directory: str) -> TrainingInterrupted:
     return TrainingInterrupted(step, self.signum, directory)
