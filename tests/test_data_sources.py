@@ -9,6 +9,7 @@ disjointly and completely, and skip, name and count what it cannot read.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import json
@@ -16,6 +17,7 @@ import logging
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -24,6 +26,7 @@ import numpy as np
 import pytest
 import test_data_pipeline  # tests/ is on sys.path
 from PIL import Image
+from processes import wait_until_gone
 
 from sanajax import config_check, config_utils
 from sanajax.data import build as build_lib
@@ -294,6 +297,50 @@ def test_ctrl_c_stops_a_parallel_build_at_once_in_one_line_and_the_rerun_finishe
   assert not [f for f in os.listdir(dst) if ".tmp" in f]
   a, b = ArrayRecordSource(shards, R), ArrayRecordSource(dst, R)
   assert [a.raw(i).to_bytes() for i in range(len(a))] == [b.raw(i).to_bytes() for i in range(len(b))]
+
+
+def test_a_build_killed_outright_leaves_no_worker_behind(photos, tmp_path):
+  """The build's main process SIGKILLed (the OOM killer) while 2 workers write shards: the workers exit within
+  seconds (sanajax.data.workers.exit_with_parent). Before, each finished its shard and then waited forever for
+  the next one."""
+  pids = tmp_path / "worker_pids"
+  script = tmp_path / "killed_build.py"  # a file, not -c: the spawned workers import it too, so its patch reaches them
+  script.write_text(textwrap.dedent(f"""
+      import os, signal, time
+      from sanajax.data import build
+      written, parent = [0], os.getppid()
+      real = build._write_record
+      def write(writer, data):  # a worker's 1st record: note its pid; its 3rd: SIGKILL the build once both
+        written[0] += 1         # workers are noted (the first worker there does it); then go on slowly
+        if written[0] == 1:
+          with open({str(pids)!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        if written[0] == 3:
+          while len(open({str(pids)!r}).read().split()) < 2:
+            time.sleep(0.05)
+          try:
+            os.close(os.open({str(pids) + ".killed"!r}, os.O_CREAT | os.O_EXCL))
+            os.kill(parent, signal.SIGKILL)
+          except FileExistsError:
+            pass
+        if written[0] >= 3:
+          time.sleep(0.5)
+        real(writer, data)
+      build._write_record = write
+      if __name__ == "__main__":
+        raise SystemExit(build.main({[f"--src=folder:{photos['folder']}", f"--dst={tmp_path / 'dst'}", "--shards=3",
+                                      "--workers=2"]!r}))
+  """))
+  proc = subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL, start_new_session=True)
+  try:
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    workers = [int(line) for line in pids.read_text().split()]
+    assert len(workers) == 2, workers
+    wait_until_gone(workers, 20, "build workers left without their build")
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_build_verify_leaves_out_what_does_not_decode(photos, tmp_path):

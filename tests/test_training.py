@@ -16,6 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from processes import children_of, wait_until_gone  # tests/processes.py (tests/ is on sys.path)
 from tiny_base import AE_OVERRIDES  # tests/tiny_base.py (tests/ is on sys.path)
 
 from sanajax import config_utils
@@ -307,27 +308,14 @@ def test_a_preemption_notice_to_every_process_saves_the_step_and_a_killed_traine
   proc = start_train_ae_with_workers(workdir)
   try:
     wait_for_step(proc, workdir, saved + 2)
-    children = [int(p) for p in os.listdir("/proc") if p.isdigit() and parent_and_state(int(p))[0] == proc.pid]
+    children = children_of(proc.pid)
     assert len(children) >= 2, children  # the two workers (and multiprocessing's resource tracker)
     proc.kill()
     proc.communicate()
-    deadline = time.time() + 30
-    while alive := [p for p in children if parent_and_state(p)[1] not in (None, "Z")]:
-      assert time.time() < deadline, f"workers left running without their trainer: {alive}"
-      time.sleep(0.2)
+    wait_until_gone(children, 30, "workers left without their trainer")
   finally:
     with contextlib.suppress(ProcessLookupError):
       os.killpg(proc.pid, signal.SIGKILL)
-
-
-def parent_and_state(pid):
-  """(parent pid, state letter) of a process from /proc/PID/stat; (None, None) once it is gone."""
-  try:
-    stat = open(f"/proc/{pid}/stat").read()
-  except OSError:
-    return None, None
-  fields = stat[stat.rindex(")") + 2:].split()  # after "pid (name) "
-  return int(fields[1]), fields[0]
 
 
 def test_sample_cli_errors_on_missing_workdir(tmp_path):

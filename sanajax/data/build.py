@@ -44,6 +44,7 @@ from sanajax.data.sources import (
   load_image,
   make_source,
 )
+from sanajax.data.workers import exit_with_parent
 from sanajax.paths import url_path_problem
 
 # Source forms a build reads (an arrayrecord: source is already built).
@@ -71,11 +72,12 @@ def _write_record(writer, data: bytes) -> None:
 _SOURCE = None
 
 
-def _init_worker(source) -> None:
+def _init_worker(source, parent_pid: int) -> None:
   global _SOURCE
   _SOURCE = source
   # Ctrl-C in a terminal reaches the workers too: the main process answers it (it stops them; see build).
   signal.signal(signal.SIGINT, signal.SIG_IGN)
+  exit_with_parent(parent_pid)  # a build killed outright (SIGKILL, the OOM killer) leaves no worker behind
 
 
 def _check_record(source, i: int, verify: bool) -> tuple[bytes | None, tuple[int, int] | None, str, str]:
@@ -216,7 +218,7 @@ def build(src: str, dst: str, num_shards: int | None = None, workers: int | None
     # spawn: a fresh interpreter per worker, safe whatever threads this process runs (grain, TFDS).
     context = multiprocessing.get_context("spawn")
     pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                                  initargs=(source,))
+                                                  initargs=(source, os.getpid()))
     try:
       futures = {pool.submit(write_shard, dst, k, num_shards, *ranges[k], verify): k for k in pending}
       for future in concurrent.futures.as_completed(futures):

@@ -18,8 +18,6 @@ import functools
 import logging
 import os
 import signal
-import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,6 +29,7 @@ from sanajax.data.buckets import BucketSchedule
 from sanajax.data.captions import pick_caption
 from sanajax.data.feature_cache import pad_rows
 from sanajax.data.sources import UNDECODABLE
+from sanajax.data.workers import exit_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -359,20 +358,12 @@ def _init_worker(trainer_pid: int, worker_index: int, worker_count: int) -> None
   process of the job. The trainer answers them by finishing its step and saving (sanajax.training.interrupt), and
   grain stops the workers when it closes the iterator. Workers that died of the signal instead would print a
   traceback each, leave their shared memory behind, and fail a trainer that was waiting for their batch.
-  A trainer that dies without closing (SIGKILL, the OOM killer, a second signal) cannot stop them: each worker
-  watches its parent and exits when it is gone, instead of spinning on a queue nobody reads."""
+  A trainer that dies without closing (SIGKILL, the OOM killer, a second signal) cannot stop them: they exit by
+  themselves (workers.exit_with_parent)."""
   del worker_index, worker_count
   signal.signal(signal.SIGINT, signal.SIG_IGN)
   signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-  def exit_without_the_trainer() -> None:
-    while os.getppid() == trainer_pid:
-      time.sleep(_PARENT_POLL_S)
-    os._exit(1)
-  threading.Thread(target=exit_without_the_trainer, name="exit-without-the-trainer", daemon=True).start()
-
-
-_PARENT_POLL_S = 1.0  # how soon a worker notices that its trainer is gone
+  exit_with_parent(trainer_pid)
 
 
 def make_train_iterator(source, *, batch_size: int, seed: int, tokenize_fn: TokenizeFn,
