@@ -40,7 +40,7 @@ from sanajax.extras import MissingPackageError
 from sanajax.parallel import distributed
 from sanajax.paths import url_path_problem
 from sanajax.safetensors_io import WeightsError
-from sanajax.training.interrupt import TrainingInterrupted
+from sanajax.training.interrupt import RunStopped
 from sanajax.workdir.checkpoint import CheckpointSaveError
 from sanajax.workdir.files import WorkdirConfigError, run_outputs
 from sanajax.workdir.lock import WorkdirLockedError
@@ -276,7 +276,9 @@ def run(main: Callable[[list[str]], Any]) -> None:
       return main(argv)
     except USER_ERRORS as e:
       fail(e)
-    except TrainingInterrupted as e:  # SIGTERM / Ctrl-C in a training loop: the step was saved
+    except RunStopped as e:  # SIGTERM / Ctrl-C in a training loop, or its data stopped: the steps done were saved
+      if _verbose():
+        traceback.print_exception(e)
       print(f"{_program()}: {e}", file=sys.stderr, flush=True)
       sys.exit(e.exit_code)
     except KeyboardInterrupt as e:  # Ctrl-C outside a training loop, or a second one inside it

@@ -4,6 +4,7 @@ import gzip
 import io
 import json
 import os
+import pathlib
 import re
 import signal
 import struct
@@ -316,6 +317,31 @@ def test_a_preemption_notice_to_every_process_saves_the_step_and_a_killed_traine
   finally:
     with contextlib.suppress(ProcessLookupError):
       os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_data_worker_killed_by_the_oom_killer_ends_the_cli_in_one_line_with_its_steps_saved(tmp_path):
+  """One of train_ae's 2 grain workers SIGKILLed (as the out-of-memory killer does): the trainer saves the last step
+  it completed and exits 1 with one line naming the cause and the step the same command resumes from. Before, a
+  traceback, and every step since the last checkpoint lost (here: all of them)."""
+  workdir = tmp_path / "ae"
+  proc = start_train_ae_with_workers(workdir)
+  try:
+    wait_for_step(proc, workdir, 2)
+    workers = [p for p in children_of(proc.pid)
+               if b"resource_tracker" not in pathlib.Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert len(workers) == 2, workers
+    os.kill(workers[0], signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    with contextlib.suppress(ProcessLookupError):
+      os.killpg(proc.pid, signal.SIGKILL)
+  saved = Checkpointer(str(workdir / "checkpoints"), read_only=True).latest_step()
+  assert proc.returncode == 1 and saved >= 2 and "Traceback" not in err, (proc.returncode, saved, err[-3000:])
+  # (multiprocessing's resource tracker then says it cleans up the killed worker's shared memory.)
+  line = (rf"sanajax\.train_ae: the data loader failed before step {saved + 1} \(RuntimeError: Worker process was "
+          rf"terminated unexpectedly with exit code -9\.[^\n]*\); the same command resumes from step {saved} \(its "
+          rf"checkpoint is in {re.escape(str(workdir / 'checkpoints'))}\)\.")
+  assert any(re.fullmatch(line, l) for l in err.splitlines()), err[-3000:]
 
 
 def test_sample_cli_errors_on_missing_workdir(tmp_path):

@@ -319,3 +319,56 @@ def test_opening_checkpoints_read_only_logs_no_orbax_warnings(tmp_path, caplog):
     absl_logging.warning("Given directory is a test=%s", 1)  # other absl warnings still pass
   messages = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert messages == ["Given directory is a test=1"], messages
+
+
+# --- data that stops coming ----------------------------------------------------------------------------------------
+
+class FailingData:
+  """Batches {"i": position} with grain's get_state / set_state; the read of position `fail_at` raises (once)."""
+
+  def __init__(self, fail_at):
+    self.position, self.fail_at = 0, fail_at
+
+  def __next__(self):
+    if self.position == self.fail_at:
+      self.fail_at = None
+      raise RuntimeError("Worker process was terminated unexpectedly with exit code -9. Search the logs above.")
+    self.position += 1
+    return {"i": self.position - 1}
+
+  def get_state(self):
+    return {"position": self.position}
+
+  def set_state(self, state):
+    self.position = state["position"]
+
+
+def test_data_that_stops_coming_saves_the_last_step_and_the_rerun_reads_on_from_it(tmp_path):
+  """The read of batch 5 fails (a grain worker killed by the OOM killer) in a run that checkpoints every 4 steps,
+  with two batches prefetched (the failure comes while step 4's batch is handed out): steps 1-5 run on batches
+  0-4, step 5 is saved with the data position after batch 4, and DataLoaderFailed names the cause and the step to
+  resume from. Before, the error's traceback ended the run in step 4 (the batch handed out with the failed
+  prefetch was lost) and steps 4 and 5 were not saved."""
+  workdir = str(tmp_path)
+  config = config_utils.load_config("configs/tiny.py", overrides={
+      "train.num_steps": 8, "train.log_every": 1, "train.checkpoint_every": 4, "train.batch_size": 1})
+  seen = []
+
+  def step_fn(state, batch):
+    seen.append(int(batch["i"]))
+    return state.replace(step=state.step + 1), {"loss": jnp.float32(batch["i"])}
+
+  data = FailingData(fail_at=5)
+  with pytest.raises(loop_lib.DataLoaderFailed) as failed:
+    loop_lib.run_from_config(config.train, workdir, small_state(1.0), step_fn, data, description="t",
+                             shard_fn=lambda b: b)
+  assert str(failed.value) == (
+      "the data loader failed before step 6 (RuntimeError: Worker process was terminated unexpectedly with exit "
+      f"code -9. Search the logs above.); the same command resumes from step 5 (its checkpoint is in "
+      f"{tmp_path / 'checkpoints'}).")
+  assert seen == [0, 1, 2, 3, 4]
+  assert Checkpointer(str(tmp_path / "checkpoints"), read_only=True).all_steps() == [4, 5]
+  loop_lib.run_from_config(config.train, workdir, small_state(1.0), step_fn, FailingData(fail_at=None),
+                           description="t", shard_fn=lambda b: b)
+  assert seen == [0, 1, 2, 3, 4, 5, 6, 7]  # the rerun reads on from batch 5
+  assert [r["loss"] for r in read_metrics(workdir)] == list(range(8))

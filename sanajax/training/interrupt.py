@@ -33,7 +33,12 @@ from jax.experimental import multihost_utils
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class TrainingInterrupted(Exception):
+class RunStopped(Exception):
+  """A run that ended early having kept its work: the CLIs print the message as one line and exit with exit_code."""
+  exit_code = 1
+
+
+class TrainingInterrupted(RunStopped):
   """A stop signal ended the run after saving the checkpoint of `step` in `directory`."""
 
   def __init__(self, step: int, signum: int, directory: str):
@@ -44,6 +49,19 @@ class TrainingInterrupted(Exception):
   @property
   def exit_code(self) -> int:
     return 128 + self.signum
+
+
+class DataLoaderFailed(RunStopped):
+  """The batch for `step` never came (a data worker process killed, e.g. by the out-of-memory killer; a read
+  error of a shard); `saved_step`: the checkpoint in `directory` the same command resumes from (the step before,
+  saved by the loop unless several processes run), None when there is none."""
+
+  def __init__(self, step: int, saved_step: int | None, directory: str, cause: BaseException):
+    self.step, self.saved_step, self.directory = step, saved_step, directory
+    why = (str(cause).strip().splitlines() or [""])[0]
+    resume = (f"the same command resumes from step {saved_step} (its checkpoint is in {directory})"
+              if saved_step is not None else "no checkpoint yet: the same command starts again")
+    super().__init__(f"the data loader failed before step {step} ({type(cause).__name__}: {why}); {resume}.")
 
 
 class StopRequests:

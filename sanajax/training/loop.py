@@ -9,8 +9,9 @@ damaged latest checkpoint (the resume falls back to the newest that restores); a
 asynchronous save (checked every step: the run stops at the step after it, naming the folder);
 the rows a killed run logged after its last checkpoint (dropped on resume, logged again); SIGTERM
 or Ctrl-C (the step in progress is finished and saved, then sanajax.training.interrupt's
-TrainingInterrupted ends the run). The bar's clock starts after the first step, whose call
-includes compiling it.
+TrainingInterrupted ends the run); data that stops coming (a data worker killed, a read error: the
+last step done is saved, then DataLoaderFailed names the cause). The bar's clock starts after the
+first step, whose call includes compiling it.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from absl import logging
 from tqdm import tqdm
 
 from sanajax.models.sana_dit import STACKED_BLOCKS, stack_layers, to_layout, unstack_layers
-from sanajax.training.interrupt import StopRequests
+from sanajax.training.interrupt import DataLoaderFailed, StopRequests
 from sanajax.training.loss_plot import LOSS_PLOT_FILE, write_loss_plot
 from sanajax.training.metrics import MetricWriter, read_metrics
 from sanajax.training.profile import StepProfiler
@@ -70,19 +71,25 @@ class DevicePrefetch:
 
   get_state() / set_state() keep the data position exact: the state saved with a checkpoint is the
   source's state right after the batch last handed out (not after the ones in flight), and
-  set_state drops the batches in flight. Other attributes (e.g. `skipped`) are the source's.
+  set_state drops the batches in flight. A source's error is raised once the batches read before it
+  are handed out, so get_state() then is still the position after the last good batch. Other
+  attributes (e.g. `skipped`) are the source's.
   """
 
   def __init__(self, source: Iterator, shard_fn: Callable[[Any], Any], size: int = 2):
     self.source, self.shard_fn, self.size = source, shard_fn, size
     self._queue: collections.deque = collections.deque()  # (device batch, source state after it)
     self._state = source.get_state() if hasattr(source, "get_state") else None
+    self._error: Exception | None = None  # the source's, once it failed
 
   def _fill(self) -> None:
-    while len(self._queue) < self.size:
+    while len(self._queue) < self.size and self._error is None:
       try:
         batch = next(self.source)
       except StopIteration:
+        return
+      except Exception as e:  # raised once the batches read before it are used (__next__)
+        self._error = e
         return
       state = self.source.get_state() if hasattr(self.source, "get_state") else None
       self._queue.append((self.shard_fn(batch), state))
@@ -93,6 +100,8 @@ class DevicePrefetch:
   def __next__(self):
     self._fill()
     if not self._queue:
+      if self._error is not None:
+        raise self._error
       raise StopIteration
     batch, self._state = self._queue.popleft()
     self._fill()  # the next batches' copies start now, while the caller's step runs
@@ -103,6 +112,7 @@ class DevicePrefetch:
 
   def set_state(self, state) -> None:
     self._queue.clear()
+    self._error = None
     self.source.set_state(state)
     self._state = state
 
@@ -191,7 +201,12 @@ def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, d
     with StopRequests(loop.description) as stop:  # SIGTERM / Ctrl-C: this step is saved, then TrainingInterrupted
       for step in range(start + 1, loop.num_steps + 1):
         profiler.before(step)
-        batch = next(data_iter)
+        try:
+          batch = next(data_iter)
+        except StopIteration:
+          raise
+        except Exception as e:  # a data worker killed (the OOM killer), a read error: keep the steps done
+          raise data_loader_failed(e, step, start, loop, state, data_iter, ckpt) from e
         state, metrics = step_fn(state, batch)
         profiler.after(step, state)
         if step == start + 1:
@@ -227,6 +242,20 @@ def run(loop: LoopConfig, state: Any, step_fn: Callable[[Any, Any], tuple[Any, d
     bar.close()
     ckpt.wait()
   return state
+
+
+def data_loader_failed(cause: Exception, step: int, start: int, loop: LoopConfig, state: Any, data_iter: Iterator,
+                       ckpt: Checkpointer) -> DataLoaderFailed:
+  """The error to raise when the batch of `step` cannot be read, after saving step - 1 where it is not saved yet
+  (one process only: a collective save would wait for processes whose data still flows). The data position
+  saved is the one after step - 1's batch (DevicePrefetch raises a source's error only when no batch read before
+  it is left), so the resumed run reads what this one would have."""
+  done = step - 1
+  if jax.process_count() == 1 and done > start and done % loop.checkpoint_every != 0:
+    check_finite(state)
+    ckpt.save(done, state, data_iter.get_state() if hasattr(data_iter, "get_state") else None)
+    ckpt.wait()
+  return DataLoaderFailed(step, ckpt.latest_step(), ckpt.directory, cause)
 
 
 def run_from_config(train_config: Any, workdir: str, state: Any, step_fn: Callable[[Any, Any], tuple[Any, dict]],
