@@ -440,6 +440,25 @@ def _check_lora(c: _Checker) -> None:
     c.problems.append(str(e).rstrip("."))
 
 
+def validate_model_fields(config: Any) -> None:
+  """Raises one ConfigError listing every bad field `sanajax.info` reads: the model, data.resolution (with its
+  presets and the AE's downsampling) and the mesh's axes. Not the data source, the teacher or the mesh against
+  this machine's devices: info describes a config for any machine and any plan."""
+  c = _Checker(config)
+  c.int_at_least("data.resolution", 1)
+  try:
+    resolved = apply_resolution(copy.deepcopy(config))
+  except (ValueError, KeyError) as e:
+    c.problems.append(f"data.resolution={_show(c.get('data.resolution'))}: {e}")
+    resolved = config
+  c.config = resolved
+  _check_mesh(c)
+  _check_model(c, "dit")
+  _check_resolution(c, resolved, "dit")
+  if c.problems:
+    raise ConfigError(c.problems)
+
+
 def validate_config(config: Any, kind: str) -> None:
   """Raises one ConfigError listing every bad field of `config` for a run of `kind`.
 

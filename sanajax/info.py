@@ -17,6 +17,7 @@ import jax
 from absl import flags
 
 from sanajax import cli
+from sanajax.config_check import validate_model_fields
 from sanajax.models.dit_facts import describe, format_description
 from sanajax.training import compile_time, memory
 
@@ -28,6 +29,7 @@ def main(argv):
     print(compile_time.format_compile_table(rows))
     return
   config = cli.config_from_flags()
+  validate_model_fields(config)  # e.g. model.depth=0 is one line (exit 2), not a table of zeros
   lines = format_description(describe(config)).splitlines()
   # Per-device bytes under config.mesh (a -1 axis takes this machine's device count).
   # A Sprint student config (a `distill` section) adds the teacher and the LADD heads.

@@ -131,3 +131,14 @@ def test_sprint_1600m_distillation_memory_fits_8_x_80_gb():
   assert mem["total"] == sum(mem[k] for k in rows)
   assert mem["total"] < 0.2 * 80 * 2 ** 30, mem["total"] / 2 ** 30  # 10.5 GiB of an 80 GB device
   assert "teacher" not in memory.plan_memory(config)
+
+
+def test_cli_refuses_a_bad_model_in_one_line_and_sizes_any_plan():
+  """info checks the fields it reads before describing them: model.depth=0 gave a table of zeros. It checks no
+  more: the mesh is not held against this machine's devices (fsdp=8 is sized on one CPU, above)."""
+  r = subprocess.run([sys.executable, "-m", "sanajax.info", "--config=configs/tiny.py", "--config.model.depth=0",
+                      "--config.data.resolution=60"], cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout, r.stderr)
+  assert r.stderr.strip().splitlines()[-1] == (
+      "sanajax.info: error: 2 bad config fields: model.depth=0: must be a positive integer; data.resolution=60: must "
+      "be a multiple of the AE downsampling 8 x model.patch_size 2 = 16"), r.stderr
