@@ -92,7 +92,7 @@ def test_finetune_cli_trains_and_a_killed_run_resumes_exactly(sd3, tmp_path, mon
   config = config_utils.load_config(PRETRAINED, sd3["work"], overrides=overrides(sd3))
   real = train_lib.make_train_iterator
 
-  class Killed(Exception):
+  class Killed(BaseException):  # a kill, which nothing answers (an Exception from the data is a data failure: saved)
     pass
 
   def dying(*args, **kwargs):
