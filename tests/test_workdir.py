@@ -372,3 +372,13 @@ def test_data_that_stops_coming_saves_the_last_step_and_the_rerun_reads_on_from_
                            description="t", shard_fn=lambda b: b)
   assert seen == [0, 1, 2, 3, 4, 5, 6, 7]  # the rerun reads on from batch 5
   assert [r["loss"] for r in read_metrics(workdir)] == list(range(8))
+
+  class Unreadable(FailingData):
+    def __next__(self):
+      raise OSError()  # no message
+
+  with pytest.raises(loop_lib.DataLoaderFailed) as failed:
+    loop_lib.run_from_config(config.train, str(tmp_path / "first"), small_state(1.0), step_fn, Unreadable(None),
+                             description="t", shard_fn=lambda b: b)
+  assert str(failed.value) == ("the data loader failed before step 1 (OSError); no checkpoint yet: the same command "
+                               "starts again.")

@@ -58,10 +58,10 @@ class DataLoaderFailed(RunStopped):
 
   def __init__(self, step: int, saved_step: int | None, directory: str, cause: BaseException):
     self.step, self.saved_step, self.directory = step, saved_step, directory
-    why = (str(cause).strip().splitlines() or [""])[0]
+    why = ": ".join([type(cause).__name__] + str(cause).strip().splitlines()[:1])  # its first line, if any
     resume = (f"the same command resumes from step {saved_step} (its checkpoint is in {directory})"
               if saved_step is not None else "no checkpoint yet: the same command starts again")
-    super().__init__(f"the data loader failed before step {step} ({type(cause).__name__}: {why}); {resume}.")
+    super().__init__(f"the data loader failed before step {step} ({why}); {resume}.")
 
 
 class StopRequests:
